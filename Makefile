@@ -1,0 +1,32 @@
+# Every target first runs scripts/setup.sh, which installs whatever is missing
+# (and nothing when all is there), so each works on a fresh Debian 12 machine.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+PYTEST := $(PYTHON) -m pytest
+
+.PHONY: setup demo test lint test-unit test-bpf test-integration clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(PYTHON) scripts/demo.py examples/it-hr.yaml
+
+lint: setup
+	$(PYTHON) -m ruff check control tests scripts
+	$(PYTHON) -m mypy
+
+test: lint
+	$(PYTEST) tests
+
+test-unit: setup
+	$(PYTEST) -m unit tests
+
+test-bpf: setup
+	$(PYTEST) -m bpf tests
+
+test-integration: setup
+	$(PYTEST) -m integration tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""isoebpf: isolation between overlay networks, enforced by eBPF."""

@@ -1,0 +1,57 @@
+"""Strict CIDR parsing: one spelling per network, so a typo is an error, not a surprise."""
+
+from __future__ import annotations
+
+import re
+
+import netaddr
+
+_IPV4_MAPPED = netaddr.IPNetwork("::ffff:0:0/96")
+_DECIMAL = re.compile(r"(0|[1-9][0-9]*)\Z")
+
+
+def parse_cidr(text: str) -> netaddr.IPNetwork:
+    """Parse `ADDR/LEN` (or a bare address, a host route) strictly.
+
+    Raises ValueError with a message that says what is wrong and, where it can
+    tell, what was meant.
+    """
+    address, slash, length = text.partition("/")
+    ip = _parse_address(text, address)
+    width = 32 if ip.version == 4 else 128
+    if not slash:
+        prefixlen = width
+    elif not _DECIMAL.match(length) or int(length) > width:
+        raise ValueError(f"'{text}': prefix length must be a number from 0 to {width}")
+    else:
+        prefixlen = int(length)
+    network = netaddr.IPNetwork(f"{ip}/{prefixlen}")
+    if network.ip != network.network:
+        raise ValueError(f"'{text}' has host bits set: did you mean {network.cidr}?")
+    if ip.version == 6 and network in _IPV4_MAPPED:
+        raise ValueError(
+            f"'{text}' is IPv4-mapped IPv6 space ({_IPV4_MAPPED}); write the IPv4 subnet instead"
+        )
+    return network.cidr
+
+
+def _parse_address(text: str, address: str) -> netaddr.IPAddress:
+    if "%" in address:
+        raise ValueError(f"'{text}': a zone index (%...) has no place in a subnet")
+    try:
+        # INET_PTON: exactly inet_pton(3)'s grammar, so '10.1' or '010.1.2.3'
+        # (octal to some parsers) are refused instead of guessed at.
+        return netaddr.IPAddress(address, flags=netaddr.INET_PTON)
+    except (netaddr.AddrFormatError, ValueError):
+        pass
+    if address.endswith("."):
+        hint = f": remove the trailing dot ('{address[:-1]}')"
+    elif re.search(r"(^|\.)0[0-9]", address):
+        hint = ": leading zeros are not allowed (some tools read them as octal)"
+    elif re.fullmatch(r"[0-9.]+", address) and address.count(".") != 3:
+        hint = ": an IPv4 address has four dot-separated numbers"
+    elif re.fullmatch(r"[0-9.]+", address):
+        hint = ": each IPv4 number must be 0 to 255"
+    else:
+        hint = ""
+    raise ValueError(f"'{text}' is not a valid CIDR{hint}")

@@ -1,0 +1,539 @@
+"""The policy file (version 1): YAML in, a validated `Policy` out.
+
+Every problem is collected and reported at once, located as FILE:LINE:COL, and
+nothing downstream ever sees an invalid policy. The contract is
+`shared/policy-format.md`; where it is silent the README says what we chose.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import netaddr
+import yaml
+
+from .cidr import parse_cidr
+from .errors import Diagnostic, PolicyError
+
+SUPPORTED_VERSIONS = (1,)
+RESERVED_PREFIXES = ("dcos-", "mesos-")
+OVERLAY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,23}\Z")
+# Linux interface names are at most IFNAMSIZ-1 = 15 bytes.
+IFACE_GLOB = re.compile(r"[A-Za-z0-9_.:@*?\[\]!-]{1,15}\Z")
+PORT_SPEC = re.compile(r"(tcp|udp)/(0|[1-9][0-9]*)(?:-(0|[1-9][0-9]*))?\Z")
+# Bounds the work an adversarial file (anchors that expand exponentially) can cause.
+MAX_NODES = 2_000_000
+
+DEFAULT_TIMEOUTS = {"tcp": 21600, "tcp_closing": 10, "udp": 60, "icmp": 30}
+
+
+@dataclass(frozen=True)
+class Location:
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class Overlay:
+    name: str
+    subnets: tuple[netaddr.IPNetwork, ...]
+    isolated: bool
+    where: Location
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A rule's `from` or `to`: a whole overlay, or one CIDR inside an overlay."""
+
+    text: str
+    overlay: str
+    cidrs: tuple[netaddr.IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """`tcp/80`, `udp/5000-5010`, `icmp` (ICMP and ICMPv6) or `any`."""
+
+    proto: str
+    low: int = 0
+    high: int = 0
+
+    def __str__(self) -> str:
+        if self.proto in ("icmp", "any"):
+            return self.proto
+        if self.low == self.high:
+            return f"{self.proto}/{self.low}"
+        return f"{self.proto}/{self.low}-{self.high}"
+
+
+ANY_PORT = PortSpec("any")
+
+
+@dataclass(frozen=True)
+class Exception_:
+    index: int
+    src: Endpoint
+    dst: Endpoint
+    where: Location
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    index: int
+    src: Endpoint
+    dst: Endpoint
+    ports: tuple[PortSpec, ...]  # (ANY_PORT,) when the file gives none
+    where: Location
+
+
+@dataclass(frozen=True)
+class Policy:
+    path: str
+    version: int
+    default: str  # "allow" | "deny"
+    deny_action: str  # "reject" | "drop"
+    overlays: tuple[Overlay, ...]
+    exceptions: tuple[Exception_, ...]
+    rules: tuple[AllowRule, ...]
+    interfaces: tuple[str, ...] | None
+    timeouts: dict[str, int]
+    warnings: tuple[Diagnostic, ...] = field(default=(), compare=False)
+
+    def overlay(self, name: str) -> Overlay:
+        return next(o for o in self.overlays if o.name == name)
+
+
+def load(path: str | Path) -> Policy:
+    """Read and validate a policy file; raise PolicyError with every error found."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolicyError([Diagnostic(path, 1, 1, "error", f"cannot read policy: {err}")]) from err
+    return loads(text, path)
+
+
+def loads(text: str, path: str = "<policy>") -> Policy:
+    """Validate policy text; `path` only names the file in messages."""
+    checker = _Checker(path)
+    policy = checker.check(text)
+    errors = [d for d in checker.diagnostics if d.severity == "error"]
+    if errors or policy is None:
+        raise PolicyError(sorted(checker.diagnostics))
+    # Lints need the compiled form (what shadows what); imported here because
+    # the compiler imports this module's model.
+    from .compiler import compile_policy, lint
+
+    warnings = sorted(checker.diagnostics + lint(policy, compile_policy(policy)))
+    return Policy(**{**policy.__dict__, "warnings": tuple(warnings)})
+
+
+def _where(node: yaml.Node) -> Location:
+    return Location(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return {
+        "tag:yaml.org,2002:int": "a number",
+        "tag:yaml.org,2002:float": "a number",
+        "tag:yaml.org,2002:bool": "a boolean",
+        "tag:yaml.org,2002:null": "empty",
+        "tag:yaml.org,2002:str": "a string",
+    }.get(node.tag, node.tag)
+
+
+class _Checker:
+    """Walks the composed YAML tree, keeping each node's position for messages."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.diagnostics: list[Diagnostic] = []
+        self._constructor = yaml.constructor.SafeConstructor()
+        # Every overlay subnet with its owner and node, for the overlap check.
+        self._subnet_nodes: list[tuple[netaddr.IPNetwork, str, yaml.Node]] = []
+
+    def error(self, node: yaml.Node | Location, message: str) -> None:
+        self._say(node, "error", message)
+
+    def warn(self, node: yaml.Node | Location, message: str) -> None:
+        self._say(node, "warning", message)
+
+    def _say(self, node: yaml.Node | Location, severity: str, message: str) -> None:
+        at = node if isinstance(node, Location) else _where(node)
+        self.diagnostics.append(Diagnostic(self.path, at.line, at.column, severity, message))
+
+    # -- YAML shapes ---------------------------------------------------------
+
+    def scalar(self, node: yaml.Node) -> Any:
+        return self._constructor.construct_object(node, deep=True)
+
+    def string(self, node: yaml.Node, what: str) -> str | None:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            return str(node.value)
+        self.error(node, f"{what} must be a string, not {_kind(node)}")
+        return None
+
+    def mapping(
+        self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Keys to (key node, value node); flags duplicates and unknown keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, f"{what} must be a mapping, not {_kind(node)}")
+            return {}
+        seen: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.error(key_node, "merge keys (<<) are not supported in a policy")
+                continue
+            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag.endswith(":str")):
+                self.error(key_node, f"keys of {what} must be strings, not {_kind(key_node)}")
+                continue
+            key = str(key_node.value)
+            if key in seen:
+                first = _where(seen[key][0])
+                self.error(key_node, f"duplicate key '{key}' in {what} (first at line {first.line})")
+                continue
+            if allowed is not None and key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f": did you mean '{close[0]}'?" if close else f" (known: {', '.join(allowed)})"
+                self.error(key_node, f"unknown key '{key}' in {what}{hint}")
+                continue
+            seen[key] = (key_node, value_node)
+        return seen
+
+    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        self.error(node, f"{what} must be a list, not {_kind(node)}")
+        return []
+
+    # -- the policy ----------------------------------------------------------
+
+    def check(self, text: str) -> Policy | None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            at = Location(mark.line + 1, mark.column + 1) if mark else Location(1, 1)
+            self.error(at, f"not valid YAML: {err.problem or err.context}")
+            return None
+        except yaml.YAMLError as err:
+            self.error(Location(1, 1), f"not valid YAML: {err}")
+            return None
+        if root is None:
+            self.error(Location(1, 1), "the policy file is empty")
+            return None
+        if _size(root, {}) > MAX_NODES:
+            self.error(root, f"the policy expands to more than {MAX_NODES} YAML nodes")
+            return None
+        top = self.mapping(
+            root,
+            "the policy",
+            (
+                "version", "default", "deny_action", "overlays", "exceptions",
+                "allow", "interfaces", "timeouts",
+            ),
+        )
+        if not top and not isinstance(root, yaml.MappingNode):
+            return None
+
+        version = self.version(top.get("version"), root)
+        default = self.choice(top.get("default"), "default", ("allow", "deny"), "allow")
+        deny_action = self.choice(top.get("deny_action"), "deny_action", ("reject", "drop"), "reject")
+        overlays = self.overlays(top.get("overlays"), root)
+        index = _OverlayIndex(overlays)
+        exceptions = self.exceptions(top.get("exceptions"), index)
+        rules = self.rules(top.get("allow"), index)
+        interfaces = self.interfaces(top.get("interfaces"))
+        timeouts = self.timeouts(top.get("timeouts"))
+        if any(d.severity == "error" for d in self.diagnostics):
+            return None
+        assert version is not None
+        return Policy(
+            self.path, version, default, deny_action, tuple(overlays), tuple(exceptions),
+            tuple(rules), interfaces, timeouts,
+        )
+
+    def version(self, entry: tuple[yaml.Node, yaml.Node] | None, root: yaml.Node) -> int | None:
+        if entry is None:
+            self.error(root, "missing 'version' (this tool reads 'version: 1')")
+            return None
+        node = entry[1]
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if type(value) is not int or value not in SUPPORTED_VERSIONS:
+            shown = node.value if isinstance(node, yaml.ScalarNode) else _kind(node)
+            self.error(node, f"unknown version {shown!s}: this tool reads version 1")
+            return None
+        return value
+
+    def choice(
+        self, entry: tuple[yaml.Node, yaml.Node] | None, what: str, allowed: tuple[str, ...],
+        default: str,
+    ) -> str:
+        if entry is None:
+            return default
+        node = entry[1]
+        if isinstance(node, yaml.ScalarNode) and node.value in allowed:
+            return str(node.value)
+        shown = node.value if isinstance(node, yaml.ScalarNode) else _kind(node)
+        self.error(node, f"{what} must be {' or '.join(allowed)}, not '{shown}'")
+        return default
+
+    def overlays(self, entry: tuple[yaml.Node, yaml.Node] | None, root: yaml.Node) -> list[Overlay]:
+        if entry is None:
+            self.error(root, "missing 'overlays': a policy needs at least one overlay")
+            return []
+        key_node, node = entry
+        found = self.mapping(node, "overlays", None)
+        if isinstance(node, yaml.MappingNode) and not node.value:
+            self.error(node, "'overlays' is empty: a policy needs at least one overlay")
+        overlays: list[Overlay] = []
+        for name, (name_node, body) in found.items():
+            if not OVERLAY_NAME.match(name):
+                self.error(
+                    name_node,
+                    f"overlay name '{name}' must be 1-24 characters of a-z 0-9 _ -, "
+                    "starting with a letter",
+                )
+            elif name.startswith(RESERVED_PREFIXES):
+                self.error(name_node, f"overlay name '{name}' is reserved (dcos- and mesos- are DC/OS's)")
+            fields = self.mapping(body, f"overlay '{name}'", ("subnets", "isolated"))
+            subnets = self.overlay_subnets(fields.get("subnets"), name, name_node)
+            isolated = False
+            if "isolated" in fields:
+                flag = fields["isolated"][1]
+                if isinstance(flag, yaml.ScalarNode) and flag.tag.endswith(":bool"):
+                    isolated = bool(self.scalar(flag))
+                else:
+                    self.error(flag, f"'isolated' must be true or false, not {_kind(flag)}")
+            overlays.append(Overlay(name, tuple(s for s, _ in subnets), isolated, _where(name_node)))
+            self._subnet_nodes.extend((s, name, n) for s, n in subnets)
+        self.check_overlap()
+        return overlays
+
+    def overlay_subnets(
+        self, entry: tuple[yaml.Node, yaml.Node] | None, name: str, name_node: yaml.Node
+    ) -> list[tuple[netaddr.IPNetwork, yaml.Node]]:
+        if entry is None:
+            self.error(name_node, f"overlay '{name}' needs 'subnets' (at least one)")
+            return []
+        items = self.sequence(entry[1], f"subnets of '{name}'")
+        if isinstance(entry[1], yaml.SequenceNode) and not items:
+            self.error(entry[1], f"overlay '{name}' needs at least one subnet")
+        subnets: list[tuple[netaddr.IPNetwork, yaml.Node]] = []
+        for item in items:
+            text = self.string(item, "a subnet")
+            if text is None:
+                continue
+            try:
+                subnets.append((parse_cidr(text), item))
+            except ValueError as err:
+                self.error(item, str(err))
+        return subnets
+
+    def check_overlap(self) -> None:
+        """Subnets of different overlays must be disjoint; report each clash once."""
+        entries = sorted(
+            self._subnet_nodes,
+            key=lambda e: (e[0].version, e[0].first, -e[0].last),
+        )
+        open_: tuple[netaddr.IPNetwork, str, yaml.Node] | None = None
+        for entry in entries:
+            net, name, node = entry
+            if open_ is not None and open_[0].version == net.version and net.first <= open_[0].last:
+                other, other_name, _ = open_
+                if other_name != name:
+                    self.error(
+                        node,
+                        f"subnet {net} of overlay '{name}' overlaps {other} of overlay '{other_name}'",
+                    )
+                else:
+                    self.warn(node, f"subnet {net} lies inside {other}, already in overlay '{name}'")
+                continue
+            open_ = entry
+
+    def endpoint(self, node: yaml.Node, what: str, index: _OverlayIndex) -> Endpoint | None:
+        text = self.string(node, what)
+        if text is None:
+            return None
+        if text in index.by_name:
+            overlay = index.by_name[text]
+            return Endpoint(text, overlay.name, overlay.subnets)
+        if not re.search(r"[.:/]", text):
+            close = difflib.get_close_matches(text, list(index.by_name), n=1)
+            hint = f": did you mean '{close[0]}'?" if close else ""
+            self.error(node, f"{what} '{text}' is neither an overlay nor a CIDR{hint}")
+            return None
+        try:
+            net = parse_cidr(text)
+        except ValueError as err:
+            self.error(node, str(err))
+            return None
+        owner = index.owner(net)
+        if owner is None:
+            wider = index.covered_by(net)
+            if wider:
+                self.error(
+                    node,
+                    f"{what} {net} is wider than overlay '{wider}': name the overlay or narrow the CIDR",
+                )
+            else:
+                self.error(node, f"{what} {net} lies in no overlay, so this can never match")
+            return None
+        return Endpoint(text, owner, (net,))
+
+    def pair_entries(
+        self, entry: tuple[yaml.Node, yaml.Node] | None, what: str, keys: tuple[str, ...]
+    ) -> Iterator[tuple[int, yaml.Node, dict[str, tuple[yaml.Node, yaml.Node]]]]:
+        if entry is None:
+            return
+        for i, item in enumerate(self.sequence(entry[1], what)):
+            fields = self.mapping(item, f"{what}[{i}]", keys)
+            for needed in ("from", "to"):
+                if isinstance(item, yaml.MappingNode) and needed not in fields:
+                    if not any(k.value == needed for k, _ in item.value):
+                        self.error(item, f"{what}[{i}] needs '{needed}'")
+            yield i, item, fields
+
+    def exceptions(
+        self, entry: tuple[yaml.Node, yaml.Node] | None, index: _OverlayIndex
+    ) -> list[Exception_]:
+        found: list[Exception_] = []
+        for i, item, fields in self.pair_entries(entry, "exceptions", ("from", "to")):
+            src = self.endpoint(fields["from"][1], "from", index) if "from" in fields else None
+            dst = self.endpoint(fields["to"][1], "to", index) if "to" in fields else None
+            if src and dst:
+                found.append(Exception_(i, src, dst, _where(item)))
+        return found
+
+    def rules(self, entry: tuple[yaml.Node, yaml.Node] | None, index: _OverlayIndex) -> list[AllowRule]:
+        found: list[AllowRule] = []
+        for i, item, fields in self.pair_entries(entry, "allow", ("from", "to", "ports")):
+            src = self.endpoint(fields["from"][1], "from", index) if "from" in fields else None
+            dst = self.endpoint(fields["to"][1], "to", index) if "to" in fields else None
+            ports = self.ports(fields["ports"][1]) if "ports" in fields else (ANY_PORT,)
+            if src and dst and ports:
+                found.append(AllowRule(i, src, dst, ports, _where(item)))
+        return found
+
+    def ports(self, node: yaml.Node) -> tuple[PortSpec, ...]:
+        items = self.sequence(node, "ports")
+        if isinstance(node, yaml.SequenceNode) and not items:
+            self.error(node, "'ports' is empty: omit it to allow every protocol and port")
+        specs: list[PortSpec] = []
+        ok = True
+        for item in items:
+            if isinstance(item, yaml.ScalarNode) and item.tag.endswith(":int"):
+                self.error(item, f"port {item.value} needs a protocol: write 'tcp/{item.value}' or 'udp/{item.value}'")
+                ok = False
+                continue
+            text = self.string(item, "a port")
+            spec = self.port(item, text) if text is not None else None
+            if spec is None:
+                ok = False
+            elif spec in specs:
+                self.warn(item, f"'{spec}' is listed twice")
+            else:
+                specs.append(spec)
+        if ANY_PORT in specs and len(specs) > 1:
+            self.warn(node, "'any' already covers every protocol and port; the others add nothing")
+        return tuple(specs) if ok else ()
+
+    def port(self, node: yaml.Node, text: str) -> PortSpec | None:
+        if text in ("icmp", "any"):
+            return PortSpec(text)
+        match = PORT_SPEC.match(text)
+        if not match:
+            self.error(
+                node,
+                f"'{text}' is not a port: write tcp/N, udp/N, tcp/N-M, udp/N-M, icmp or any",
+            )
+            return None
+        proto, low_text, high_text = match.groups()
+        low = int(low_text)
+        high = int(high_text) if high_text is not None else low
+        for value in (low, high):
+            if not 1 <= value <= 65535:
+                self.error(node, f"port {value} in '{text}' is out of range (1-65535)")
+                return None
+        if low > high:
+            self.error(node, f"'{text}': the range must run low to high ({proto}/{high}-{low})")
+            return None
+        return PortSpec(proto, low, high)
+
+    def interfaces(self, entry: tuple[yaml.Node, yaml.Node] | None) -> tuple[str, ...] | None:
+        if entry is None:
+            return None
+        globs: list[str] = []
+        for item in self.sequence(entry[1], "interfaces"):
+            text = self.string(item, "an interface glob")
+            if text is None:
+                continue
+            if not IFACE_GLOB.match(text):
+                self.error(item, f"'{text}' is not an interface name or glob (at most 15 characters, no / or spaces)")
+            else:
+                globs.append(text)
+        return tuple(globs)
+
+    def timeouts(self, entry: tuple[yaml.Node, yaml.Node] | None) -> dict[str, int]:
+        timeouts = dict(DEFAULT_TIMEOUTS)
+        if entry is None:
+            return timeouts
+        for key, (_, node) in self.mapping(entry[1], "timeouts", tuple(DEFAULT_TIMEOUTS)).items():
+            value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+            if type(value) is not int or not 1 <= value <= 86400 * 30:
+                self.error(node, f"timeouts.{key} must be a whole number of seconds from 1 to 2592000")
+            else:
+                timeouts[key] = value
+        return timeouts
+
+
+class _OverlayIndex:
+    """Which overlay holds a CIDR, in one dict probe per distinct subnet length."""
+
+    def __init__(self, overlays: list[Overlay]) -> None:
+        self.by_name = {o.name: o for o in overlays}
+        self._by_prefix: dict[tuple[int, int], dict[int, str]] = {}
+        for overlay in overlays:
+            for net in overlay.subnets:
+                self._by_prefix.setdefault((net.version, net.prefixlen), {})[net.first] = overlay.name
+        self._lengths = sorted(self._by_prefix)
+
+    def owner(self, net: netaddr.IPNetwork) -> str | None:
+        width = 32 if net.version == 4 else 128
+        for version, length in self._lengths:
+            if version != net.version or length > net.prefixlen:
+                continue
+            mask = ((1 << length) - 1) << (width - length)
+            owner = self._by_prefix[(version, length)].get(net.first & mask)
+            if owner is not None:
+                return owner
+        return None
+
+    def covered_by(self, net: netaddr.IPNetwork) -> str | None:
+        for overlay in self.by_name.values():
+            if any(s.version == net.version and s in net for s in overlay.subnets):
+                return overlay.name
+        return None
+
+
+def _size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in the tree with aliases expanded, computed without expanding them."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a cycle counts once instead of recursing forever
+        if isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_size(k, memo) + _size(v, memo) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_size(v, memo) for v in node.value)
+        memo[key] = min(memo[key], MAX_NODES + 1)
+    return memo[key]

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Brings a fresh Debian 12 machine to the point where every make target runs.
+# Idempotent: a second run checks, changes nothing and takes seconds.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv="$here/.venv"
+say() { printf 'setup: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  say "run as root: it installs Debian packages, mounts bpffs and loads eBPF programs" >&2
+  exit 1
+fi
+
+# Debian packages, each for a reason:
+#   python3-bpfcc       bcc: compiles and loads the C at run time (not on PyPI)
+#   python3-venv        the venv over /usr/bin/python3, the only Python bcc imports into
+#   linux-headers-amd64 bcc's clang needs kernel headers (see the link below)
+#   iproute2 ethtool    testbed namespaces, veth, bridges, offload switches
+#   iptables ipset      the iptables backend
+#   nftables            the nftables peer in bench/
+#   conntrack           inspecting and cutting connection-tracking entries
+#   iperf3 socat        real traffic in the integration tests and benchmarks
+packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
+          iptables ipset nftables conntrack iperf3 socat)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build. A kernel without its own
+# headers gets Debian's: XDP and TC programs use only the stable UAPI, so a
+# version gap between those headers and the running kernel does no harm.
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$hdr" ] || [ -z "$common" ]; then
+    say "no kernel headers under /usr/src: bcc cannot compile" >&2
+    exit 1
+  fi
+  say "kernel $(uname -r) has no headers: linking $kdir/build -> $hdr (UAPI only is used)"
+  mkdir -p "$kdir"
+  ln -sfn "$hdr" "$kdir/build"
+  ln -sfn "$common" "$kdir/source"
+fi
+
+# Pins live in bpffs; a machine without systemd does not mount it.
+if ! mountpoint -q /sys/fs/bpf; then
+  say "mounting bpffs at /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# pip runs only when pyproject.toml changed since the last install.
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating $venv over /usr/bin/python3 (bcc is importable only there)"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp="$venv/.installed"
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+  say "installing isoebpf and its test dependencies into $venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -e "$here[test]"
+  touch "$stamp"
+fi
