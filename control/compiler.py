@@ -94,9 +94,10 @@ class _ClassTree:
 
 
 def _endpoints(policy: Policy) -> Iterator[Endpoint]:
-    for pair in (*policy.exceptions, *policy.rules):
-        yield pair.src
-        yield pair.dst
+    for exc in policy.exceptions:
+        yield from (exc.src, exc.dst)
+    for rule in policy.rules:
+        yield from (rule.src, rule.dst)
 
 
 def compile_policy(policy: Policy) -> IR:

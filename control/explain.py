@@ -74,9 +74,9 @@ def _deciding_ports(classifier: Classifier, question: Question) -> list[int | No
     src, _ = classifier.address_class(question.src)
     dst, _ = classifier.address_class(question.dst)
     proto = PROTO_CODES[question.proto]
-    ports = {1}
+    ports: set[int | None] = {1}
     for entry in classifier.ir.allowed:
         if (entry.src_class, entry.dst_class, entry.proto) == (src, dst, proto):
             size = 1 << (PORT_BITS - (entry.match_bits - PROTO_BITS))
             ports.update(p for p in (entry.port, entry.port + size) if 1 <= p <= 65535)
-    return sorted(ports)
+    return sorted(ports, key=lambda p: p or 0)

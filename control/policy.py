@@ -269,9 +269,11 @@ class _Checker:
             return None
         node = entry[1]
         value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
-        if type(value) is not int or value not in SUPPORTED_VERSIONS:
-            shown = node.value if isinstance(node, yaml.ScalarNode) else _kind(node)
-            self.error(node, f"unknown version {shown!s}: this tool reads version 1")
+        if type(value) is not int:
+            self.error(node, f"version must be the number 1, not {_kind(node)}")
+            return None
+        if value not in SUPPORTED_VERSIONS:
+            self.error(node, f"unknown version {value}: this tool reads version 1")
             return None
         return value
 
@@ -292,7 +294,7 @@ class _Checker:
         if entry is None:
             self.error(root, "missing 'overlays': a policy needs at least one overlay")
             return []
-        key_node, node = entry
+        node = entry[1]
         found = self.mapping(node, "overlays", None)
         if isinstance(node, yaml.MappingNode) and not node.value:
             self.error(node, "'overlays' is empty: a policy needs at least one overlay")
@@ -400,17 +402,22 @@ class _Checker:
             fields = self.mapping(item, f"{what}[{i}]", keys)
             for needed in ("from", "to"):
                 if isinstance(item, yaml.MappingNode) and needed not in fields:
-                    if not any(k.value == needed for k, _ in item.value):
-                        self.error(item, f"{what}[{i}] needs '{needed}'")
+                    self.error(item, f"{what}[{i}] needs '{needed}'")
             yield i, item, fields
+
+    def ends(
+        self, fields: dict[str, tuple[yaml.Node, yaml.Node]], what: str, index: _OverlayIndex
+    ) -> tuple[Endpoint | None, Endpoint | None]:
+        src = self.endpoint(fields["from"][1], f"{what}.from", index) if "from" in fields else None
+        dst = self.endpoint(fields["to"][1], f"{what}.to", index) if "to" in fields else None
+        return src, dst
 
     def exceptions(
         self, entry: tuple[yaml.Node, yaml.Node] | None, index: _OverlayIndex
     ) -> list[Exception_]:
         found: list[Exception_] = []
         for i, item, fields in self.pair_entries(entry, "exceptions", ("from", "to")):
-            src = self.endpoint(fields["from"][1], "from", index) if "from" in fields else None
-            dst = self.endpoint(fields["to"][1], "to", index) if "to" in fields else None
+            src, dst = self.ends(fields, f"exceptions[{i}]", index)
             if src and dst:
                 found.append(Exception_(i, src, dst, _where(item)))
         return found
@@ -418,8 +425,7 @@ class _Checker:
     def rules(self, entry: tuple[yaml.Node, yaml.Node] | None, index: _OverlayIndex) -> list[AllowRule]:
         found: list[AllowRule] = []
         for i, item, fields in self.pair_entries(entry, "allow", ("from", "to", "ports")):
-            src = self.endpoint(fields["from"][1], "from", index) if "from" in fields else None
-            dst = self.endpoint(fields["to"][1], "to", index) if "to" in fields else None
+            src, dst = self.ends(fields, f"allow[{i}]", index)
             ports = self.ports(fields["ports"][1]) if "ports" in fields else (ANY_PORT,)
             if src and dst and ports:
                 found.append(AllowRule(i, src, dst, ports, _where(item)))
