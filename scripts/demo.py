@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import netaddr
+
 from isoebpf import policy
 from isoebpf.compiler import compile_policy
 from isoebpf.explain import Question, explain

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 import netaddr
+
 from isoebpf.evaluate import ICMP_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN, Packet
 from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from isoebpf.policy import Policy, PortSpec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from isoebpf import policy
 from isoebpf.compiler import compile_policy, port_prefixes
 from isoebpf.ir import PROTO_TCP, PROTO_UDP, RULE_DEFAULT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netaddr
 import pytest
+
 from isoebpf import policy
 from isoebpf.compiler import compile_policy
 from isoebpf.evaluate import (

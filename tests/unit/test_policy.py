@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import netaddr
+
 from isoebpf import policy
 from isoebpf.policy import ANY_PORT, PortSpec
 

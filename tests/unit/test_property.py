@@ -6,10 +6,10 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from isoebpf import policy
 from isoebpf.compiler import compile_policy
 from isoebpf.evaluate import Classifier, decide
-
 from tests.policygen import naive_verdict, random_first_packet, random_policy
 
 POLICIES = 250

@@ -1,0 +1,146 @@
+"""Interfaces and attachments over netlink (pyroute2), in any named namespace.
+
+The control plane stays in the root namespace (where bpffs and the pins are)
+and reaches a namespace's interfaces through a netlink socket opened inside
+it, because `ip netns exec` remounts /sys and hides /sys/fs/bpf.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute, NetlinkError, NetNS
+
+from ..errors import BackendError
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_MODE_FLAGS = {"xdp": XDP_FLAGS_DRV_MODE, "xdpgeneric": XDP_FLAGS_SKB_MODE}
+
+CLSACT_INGRESS = "ffff:fff2"
+# Our filter's place on clsact ingress: a fixed priority and handle, so we find
+# (and only ever remove) our own filter among other tools' filters.
+TC_PRIO = 7
+TC_HANDLE = 0x150E
+TC_NAME = "isoebpf"
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    kind: str  # "veth", "vxlan", "bridge", ...; "" for a physical device
+
+
+@contextmanager
+def netlink(netns: str | None) -> Iterator[Any]:
+    """A netlink socket in the given namespace (None: our own)."""
+    try:
+        sock = IPRoute() if netns is None else NetNS(netns, flags=0)
+    except (OSError, NetlinkError) as err:
+        raise BackendError(f"cannot open network namespace '{netns}': {err} "
+                           "(does 'ip netns list' show it?)") from err
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def links(sock: Any) -> list[Link]:
+    found = []
+    for msg in sock.get_links():
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        found.append(Link(msg.get_attr("IFLA_IFNAME"), msg["index"], kind or ""))
+    return found
+
+
+def matching(sock: Any, globs: Sequence[str]) -> list[Link]:
+    """Interfaces whose names match any glob; never the loopback."""
+    return [link for link in links(sock)
+            if link.name != "lo" and any(fnmatch.fnmatchcase(link.name, g) for g in globs)]
+
+
+def xdp_state(sock: Any, index: int) -> tuple[int, str | None]:
+    """(program id, mode) of the XDP program on an interface; (0, None) if none."""
+    (msg,) = sock.get_links(index)
+    xdp = msg.get_attr("IFLA_XDP")
+    if not xdp:
+        return 0, None
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+    return int(xdp.get_attr("IFLA_XDP_PROG_ID") or 0), attached or None
+
+
+def attach_xdp(sock: Any, link: Link, prog_fd: int, mode: str, replace: bool) -> None:
+    """Attach in `mode` ("xdp" native or "xdpgeneric"); refuse to displace another
+    program unless `replace` (ours being updated, or --force)."""
+    flags = XDP_MODE_FLAGS[mode] | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
+    try:
+        sock.link("set", index=link.index,
+                  xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)]})
+    except NetlinkError as err:
+        if err.code == errno.EBUSY:
+            raise BackendError(f"{link.name} already has an XDP program that is not isoebpf's; "
+                               "remove it or load with --force") from err
+        raise BackendError(f"cannot attach XDP ({mode}) to {link.name}: {err}") from err
+
+
+def detach_xdp(sock: Any, link: Link, mode: str) -> None:
+    try:
+        sock.link("set", index=link.index,
+                  xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_MODE_FLAGS[mode])]})
+    except NetlinkError as err:
+        if err.code != errno.ENODEV:
+            raise BackendError(f"cannot detach XDP from {link.name}: {err}") from err
+
+
+def _our_filters(sock: Any, index: int) -> list[Any]:
+    try:
+        found = sock.get_filters(index=index, parent=CLSACT_INGRESS)
+    except NetlinkError:
+        return []
+    return [f for f in found if f.get_attr("TCA_KIND") == "bpf"
+            and (f.get_attr("TCA_OPTIONS") or {}).get("attrs") is not None
+            and dict(f.get_attr("TCA_OPTIONS")["attrs"]).get("TCA_BPF_NAME") == TC_NAME]
+
+
+def has_clsact(sock: Any, index: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in sock.get_qdiscs(index=index))
+
+
+def attach_tc(sock: Any, link: Link, prog_fd: int) -> bool:
+    """Put our filter on clsact ingress (direct action); True if we added clsact."""
+    added = False
+    try:
+        if not has_clsact(sock, link.index):
+            sock.tc("add", "clsact", link.index)
+            added = True
+        sock.tc("replace-filter", "bpf", link.index, TC_HANDLE, fd=prog_fd, name=TC_NAME,
+                parent=CLSACT_INGRESS, prio=TC_PRIO, classid=1, direct_action=True)
+    except NetlinkError as err:
+        raise BackendError(f"cannot attach TC ingress to {link.name}: {err}") from err
+    return added
+
+
+def has_our_tc(sock: Any, index: int) -> bool:
+    return bool(_our_filters(sock, index))
+
+
+def detach_tc(sock: Any, link: Link, remove_clsact: bool) -> None:
+    """Remove our filter; the clsact qdisc too if we added it and nothing else uses it."""
+    try:
+        if _our_filters(sock, link.index):
+            sock.tc("del-filter", "bpf", link.index, TC_HANDLE, parent=CLSACT_INGRESS,
+                    prio=TC_PRIO)
+        if remove_clsact and has_clsact(sock, link.index) and not sock.get_filters(
+                index=link.index, parent=CLSACT_INGRESS):
+            sock.tc("del", "clsact", link.index)
+    except NetlinkError as err:
+        if err.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+            raise BackendError(f"cannot detach TC from {link.name}: {err}") from err

@@ -1,0 +1,171 @@
+"""Real sockets for the testbed: servers that answer, clients that report what they saw.
+
+Run inside a network namespace (`ip netns exec NS python -m isoebpf.probe ...`).
+A client prints one JSON line: the outcome a user would see
+("connected", "refused", "unreachable" or "timeout") and how long it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+
+GREETING = b"isoebpf-probe\n"
+ICMP_ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
+ICMP_ECHO_REPLY = {socket.AF_INET: 0, socket.AF_INET6: 129}
+ICMP_UNREACHABLE = {socket.AF_INET: 3, socket.AF_INET6: 1}
+UNREACHABLE_ERRNOS = (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM)
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def serve(tcp_ports: list[int], udp_ports: list[int]) -> None:
+    """TCP: greet and close. UDP: echo. Until killed."""
+    sockets = []
+    for port in tcp_ports:
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+            s.listen(128)
+            sockets.append(s)
+    for port in udp_ports:
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+            sockets.append(s)
+    print("ready", flush=True)
+    while True:
+        readable, _, _ = select.select(sockets, [], [])
+        for s in readable:
+            if s.type == socket.SOCK_STREAM:
+                conn, _ = s.accept()
+                threading.Thread(target=_greet, args=(conn,), daemon=True).start()
+            else:
+                data, peer = s.recvfrom(2048)
+                s.sendto(data, peer)
+
+
+def _greet(conn: socket.socket) -> None:
+    with conn:
+        conn.sendall(GREETING)
+
+
+def connect_tcp(address: str, port: int, timeout: float) -> str:
+    with socket.socket(_family(address), socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((address, port))
+            return "connected" if s.recv(64) == GREETING else "no-greeting"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+        except OSError as err:
+            if err.errno in UNREACHABLE_ERRNOS:
+                return "unreachable"
+            raise
+
+
+def connect_udp(address: str, port: int, timeout: float) -> str:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((address, port))
+        payload = os.urandom(8)
+        try:
+            s.send(payload)
+            return "connected" if s.recv(64) == payload else "garbled"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+        except OSError as err:
+            if err.errno in UNREACHABLE_ERRNOS:
+                return "unreachable"
+            raise
+
+
+def ping(address: str, timeout: float) -> str:
+    """One echo request over a raw socket; an ICMP unreachable quoting it counts."""
+    family = _family(address)
+    proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
+    ident = os.getpid() & 0xFFFF
+    with socket.socket(family, socket.SOCK_RAW, proto) as s:
+        header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST[family], 0, 0, ident, 1)
+        payload = b"isoebpf"
+        checksum = _checksum(header + payload) if family == socket.AF_INET else 0
+        # The kernel fills in ICMPv6 checksums itself (they cover a pseudo-header).
+        packet = struct.pack("!BBHHH", ICMP_ECHO_REQUEST[family], 0, checksum, ident, 1) + payload
+        s.sendto(packet, (address, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([s], [], [], left)[0]:
+                break
+            data = s.recv(2048)
+            icmp = data[(data[0] & 0x0F) * 4:] if family == socket.AF_INET else data
+            kind = icmp[0]
+            if kind == ICMP_ECHO_REPLY[family] and struct.unpack("!H", icmp[4:6])[0] == ident:
+                return "connected"
+            if kind == ICMP_UNREACHABLE[family] and _quotes_echo(icmp[8:], family, ident):
+                return "unreachable"
+        return "timeout"
+
+
+def _quotes_echo(quoted: bytes, family: socket.AddressFamily, ident: int) -> bool:
+    offset = (quoted[0] & 0x0F) * 4 if family == socket.AF_INET else 40
+    inner = quoted[offset:offset + 8]
+    return len(inner) >= 6 and struct.unpack("!H", inner[4:6])[0] == ident
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m isoebpf.probe")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("serve")
+    server.add_argument("--tcp", type=int, action="append", default=[])
+    server.add_argument("--udp", type=int, action="append", default=[])
+    client = sub.add_parser("connect")
+    client.add_argument("proto", choices=["tcp", "udp", "icmp"])
+    client.add_argument("address")
+    client.add_argument("port", type=int, nargs="?", default=0)
+    client.add_argument("--timeout", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.tcp, args.udp)
+        return 0
+    started = time.monotonic()
+    if args.proto == "tcp":
+        outcome = connect_tcp(args.address, args.port, args.timeout)
+    elif args.proto == "udp":
+        outcome = connect_udp(args.address, args.port, args.timeout)
+    else:
+        outcome = ping(args.address, args.timeout)
+    elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+    print(json.dumps({"outcome": outcome, "ms": elapsed_ms}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Where enforcement state lives, and the lock that serializes commands.
+
+One state root per network namespace ("scope"): eBPF pins under bpffs, and a
+small JSON record (what was loaded, when, where it is attached) under /run.
+Both live as long as the kernel does, which is as long as the enforcement they
+describe. The lock file is never deleted, so two commands can never hold
+different locks for the same scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError
+
+# Bumped whenever pins or the record change shape; older state is torn down, never reused.
+LAYOUT = 1
+BPFFS = Path(os.environ.get("ISOEBPF_BPFFS", "/sys/fs/bpf/isoebpf"))
+RUN_DIR = Path(os.environ.get("ISOEBPF_RUN_DIR", "/run/isoebpf"))
+NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The state root of one network namespace (None: the one we run in)."""
+
+    netns: str | None
+
+    def __post_init__(self) -> None:
+        if self.netns is not None and (not NETNS_NAME.match(self.netns) or self.netns in (".", "..")):
+            raise StateError(f"'{self.netns}' is not a network namespace name")
+
+    @property
+    def name(self) -> str:
+        return "root" if self.netns is None else f"netns-{self.netns}"
+
+    @property
+    def pin_dir(self) -> Path:
+        return BPFFS / self.name
+
+    @property
+    def record_path(self) -> Path:
+        return RUN_DIR / self.name / "state.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return RUN_DIR / f"{self.name}.lock"
+
+    def read(self) -> dict[str, Any] | None:
+        """The record of what is loaded here, or None."""
+        try:
+            record: dict[str, Any] = json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise StateError(f"{self.record_path} is unreadable ({err}); "
+                             "'isoebpf unload' removes it and whatever it described") from err
+        return record
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Replace the record atomically: readers see the old one or the new one."""
+        self.record_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.record_path.parent, prefix=".state.")
+        with os.fdopen(fd, "w") as out:
+            json.dump({**record, "layout": LAYOUT}, out, indent=1, sort_keys=True)
+        os.replace(tmp, self.record_path)
+
+    def forget(self) -> None:
+        self.record_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: someone else's files; leave them
+            self.record_path.parent.rmdir()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the scope's lock for the duration; waits for a concurrent command."""
+        RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf when nothing is mounted there (no systemd does it here)."""
+    mount_point = Path("/sys/fs/bpf")
+    if os.path.ismount(mount_point):
+        return
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "bpf", "bpf", str(mount_point)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise StateError(f"cannot mount bpffs at {mount_point}: {done.stderr.strip()}")
