@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo test lint test-unit test-bpf test-integration clean
+.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test-bpf: setup
 
 test-integration: setup
 	$(PYTEST) -m integration tests
+
+# The kernel-facing suite (pytest marker `vm`) inside each kernel of vagrant/kernels.txt.
+test-vm: setup
+	@bash scripts/test-vm.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -61,8 +61,30 @@ def serve(tcp_ports: list[int], udp_ports: list[int]) -> None:
 
 
 def _greet(conn: socket.socket) -> None:
+    """Greet, then echo until the client closes: long-lived sessions need a partner."""
     with conn:
         conn.sendall(GREETING)
+        while data := conn.recv(2048):
+            conn.sendall(data)
+
+
+def session_tcp(address: str, port: int, timeout: float) -> None:
+    """Open a connection, say "open", then on each line of stdin send it and say what came back."""
+    with socket.socket(_family(address), socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((address, port))
+        if s.recv(64) != GREETING:
+            raise SystemExit("no greeting")
+        print(json.dumps({"outcome": "open"}), flush=True)
+        for line in sys.stdin:
+            try:
+                s.sendall(line.encode())
+                outcome = "echoed" if s.recv(2048) == line.encode() else "garbled"
+            except (ConnectionResetError, BrokenPipeError):
+                outcome = "reset"
+            except TimeoutError:
+                outcome = "timeout"
+            print(json.dumps({"outcome": outcome}), flush=True)
 
 
 def connect_tcp(address: str, port: int, timeout: float) -> str:
@@ -151,9 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("address")
     client.add_argument("port", type=int, nargs="?", default=0)
     client.add_argument("--timeout", type=float, default=2.0)
+    session = sub.add_parser("session")
+    session.add_argument("address")
+    session.add_argument("port", type=int)
+    session.add_argument("--timeout", type=float, default=2.0)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.tcp, args.udp)
+        return 0
+    if args.command == "session":
+        session_tcp(args.address, args.port, args.timeout)
         return 0
     started = time.monotonic()
     if args.proto == "tcp":

@@ -134,6 +134,19 @@ class Testbed:
         answer: dict[str, object] = json.loads(done.stdout)
         return answer
 
+    def session(self, client: str, target: str, port: int, timeout: float = 2.0) -> Session:
+        """A TCP connection from `client` that stays open until the Session is closed."""
+        address = target if any(c in target for c in ".:") else self.host(target).address
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns(client), sys.executable, "-m", "isoebpf.probe",
+             "session", address, str(port), "--timeout", str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        opened = Session(process)
+        if opened.read() != "open":
+            opened.close()
+            raise RuntimeError(f"{client} could not open a session to {target}:{port}")
+        return opened
+
     def close(self) -> None:
         for server in self._servers:
             server.kill()
@@ -144,6 +157,32 @@ class Testbed:
         for name in reversed(self._made):
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
         self._made.clear()
+
+
+@dataclass
+class Session:
+    """A live TCP connection driven from a probe process."""
+
+    process: subprocess.Popen[str]
+
+    def read(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        return str(json.loads(line)["outcome"]) if line else "closed"
+
+    def exchange(self) -> str:
+        """Send a line on the open connection: "echoed", "reset", "timeout" or "closed"."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("ping\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream:
+                stream.close()
 
 
 def _ip(*args: str) -> None:
