@@ -10,11 +10,13 @@ from typing import Any
 import click
 import netaddr
 
+from . import backend
 from . import policy as policy_mod
 from .compiler import compile_policy
 from .errors import IsoebpfError, PolicyError
 from .explain import Question, explain
 from .ir import IR
+from .state import Scope
 
 
 class _Group(click.Group):
@@ -98,6 +100,134 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
     click.echo(f"{src} ({src_where}) -> {dst} ({dst_where}) {what}: {answer['action']}")
     line = f", line {answer['line']}" if answer["line"] else ""
     click.echo(f"  decided by {answer['rule']} ({answer['rule_text']}{line}): {answer['reason']}")
+
+
+@main.command()
+@click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
+@click.option("--backend", "backend_name", type=click.Choice(["auto", *backend.BACKENDS]),
+              default="auto", show_default=True)
+@click.option("--mode", type=click.Choice(["auto", "xdp", "tc"]), default="auto", show_default=True,
+              help="eBPF attach mode; auto chooses per interface and says why.")
+@click.option("--iface", "ifaces", multiple=True, metavar="GLOB",
+              help="Interfaces to enforce on (overrides the policy's 'interfaces').")
+@click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+@click.option("--force", is_flag=True, help="Replace another tool's XDP program.")
+def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
+         netns: str | None, dry_run: bool, force: bool) -> None:
+    """Start enforcing POLICY, or atomically replace the policy enforced."""
+    _, ir = _load(policy_file)
+    globs = list(ifaces) or list(ir.interfaces or ())
+    scope = Scope(netns)
+    where = f"namespace {netns}" if netns else "this namespace"
+    chosen, why = backend.choose(backend_name)
+    click.echo(f"backend {chosen}: {why}")
+    if dry_run:
+        click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
+                   f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
+        return
+    previous = backend.switch_from(scope, chosen)
+    if previous:
+        click.echo(f"removed the {previous} backend's enforcement first")
+    report = backend.module(chosen).load(ir, scope, globs, mode, policy_file, force=force)
+    if report.replaced_layout:
+        click.echo(f"removed older state ({report.replaced_layout}) instead of reusing it")
+    click.echo(f"enforcing {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where}, "
+               f"generation {report.generation}")
+    if report.compiled:
+        click.echo(f"compiled the program in {report.compile_seconds:.2f} s")
+    click.echo(f"applied in {report.apply_seconds * 1000:.0f} ms")
+    for a in report.attachments:
+        click.echo(f"  {a.ifname:15} {a.mode:10} {a.reason}")
+
+
+@main.command()
+@click.option("--netns", metavar="NAME", help="The network namespace to report on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(netns: str | None, as_json: bool) -> None:
+    """Everything loaded in one view: policy, attachments, per-rule counters, connections, maps."""
+    scope = Scope(netns)
+    current = backend.loaded(scope)
+    record = backend.module(current).status(scope) if current else None
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True))
+        return
+    if record is None:
+        click.echo("nothing loaded" + (f" in namespace {netns}" if netns else ""))
+        return
+    click.echo(f"backend {record['backend']}, policy {record['policy']} "
+               f"(digest {record['digest'][:12]}), generation {record['generation']}, "
+               f"loaded {record['loaded_at']}")
+    click.echo("interfaces:")
+    for a in record["attachments"]:
+        click.echo(f"  {a['ifname']:15} {a['mode']:10} {a['state']:10} {a['reason']}")
+    click.echo(f"  {'rule':16} {'packets':>10} {'bytes':>12}  meaning")
+    for c in record.get("counters", []):
+        click.echo(f"  {c['rule']:16} {c['packets']:>10} {c['bytes']:>12}  {c['text']}")
+    click.echo(f"tracked connections: {record.get('connections', 0)}")
+    for name, fill in sorted(record.get("maps", {}).items()):
+        click.echo(f"  map {name:14} {fill['entries']:>8} / {fill['max_entries']}")
+
+
+@main.command()
+@click.option("--netns", metavar="NAME", help="The network namespace to clean up.")
+def unload(netns: str | None) -> None:
+    """Remove every program, pin, chain and set isoebpf made; safe to repeat."""
+    scope = Scope(netns)
+    removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
+    for what in removed:
+        click.echo(f"removed {what}")
+    click.echo("unloaded" if removed else "nothing was loaded")
+
+
+@main.command()
+@click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
+@click.option("--backend", "backend_name", type=click.Choice(["auto", *backend.BACKENDS]),
+              default="auto", show_default=True)
+@click.option("--mode", type=click.Choice(["auto", "xdp", "tc"]), default="auto", show_default=True)
+@click.option("--iface", "ifaces", multiple=True, metavar="GLOB",
+              help="Interfaces to enforce on, now and as they appear.")
+@click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
+@click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on HOST:PORT.")
+@click.option("--repair-interval", type=click.FloatRange(0.1, 3600), default=1.0,
+              show_default=True, help="Seconds between drift checks.")
+def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
+          netns: str | None, metrics: str | None, repair_interval: float) -> None:
+    """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
+
+    SIGTERM ends the agent and leaves enforcement in place ('isoebpf unload' removes it).
+    """
+    import signal
+    import threading
+
+    from .agent import Agent
+    from .backends import links
+
+    runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if metrics:
+        _serve_metrics(metrics, runner)
+    runner.run(stop, lambda until: links.new_links(netns, until))
+
+
+def _serve_metrics(address: str, runner: Any) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from .metrics import StatusCollector
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise click.UsageError(f"--metrics takes HOST:PORT, not '{address}'")
+    registry = CollectorRegistry()
+
+    def current() -> dict[str, Any] | None:
+        name = backend.loaded(runner.scope)
+        return backend.module(name).status(runner.scope) if name else None
+
+    registry.register(StatusCollector(current, runner.stats, lambda: runner.default_action))
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class Host:
 @dataclass
 class Testbed:
     networks: Sequence[Network]
-    hosts: Sequence[Host]
+    hosts: list[Host]
     prefix: str = field(default_factory=lambda: f"iso{os.getpid() % 100000}")
     _servers: list[subprocess.Popen[str]] = field(default_factory=list)
     _made: list[str] = field(default_factory=list)
@@ -83,25 +83,33 @@ class Testbed:
             if net.gateway6:
                 _ip("-n", self.router, "addr", "add", net.gateway6, "dev", bridge, "nodad")
             _ip("-n", self.router, "link", "set", bridge, "up")
-        gateways = {n.name: n for n in self.networks}
         for host in self.hosts:
-            ns = self.netns(host.name)
-            self._add_netns(ns)
-            net = gateways[host.network]
-            _ip("-n", self.router, "link", "add", self.veth(host.name), "type", "veth",
-                "peer", "name", "eth0", "netns", ns)
-            _ip("-n", self.router, "link", "set", self.veth(host.name), "master",
-                f"br-{net.name}", "up")
-            prefixlen = netaddr.IPNetwork(net.gateway).prefixlen
-            _ip("-n", ns, "addr", "add", f"{host.address}/{prefixlen}", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "route", "add", "default", "via", net.gateway.split("/")[0])
-            if host.address6 and net.gateway6:
-                length6 = netaddr.IPNetwork(net.gateway6).prefixlen
-                _ip("-n", ns, "addr", "add", f"{host.address6}/{length6}", "dev", "eth0", "nodad")
-                _ip("-n", ns, "-6", "route", "add", "default", "via", net.gateway6.split("/")[0])
-            self._start_server(host)
+            self._plug(host)
+
+    def add_host(self, host: Host) -> None:
+        """Plug one more host in while the testbed runs (a container starting)."""
+        self.hosts = [*self.hosts, host]
+        self._plug(host)
+
+    def _plug(self, host: Host) -> None:
+        gateways = {n.name: n for n in self.networks}
+        ns = self.netns(host.name)
+        self._add_netns(ns)
+        net = gateways[host.network]
+        _ip("-n", self.router, "link", "add", self.veth(host.name), "type", "veth",
+            "peer", "name", "eth0", "netns", ns)
+        _ip("-n", self.router, "link", "set", self.veth(host.name), "master",
+            f"br-{net.name}", "up")
+        prefixlen = netaddr.IPNetwork(net.gateway).prefixlen
+        _ip("-n", ns, "addr", "add", f"{host.address}/{prefixlen}", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("-n", ns, "route", "add", "default", "via", net.gateway.split("/")[0])
+        if host.address6 and net.gateway6:
+            length6 = netaddr.IPNetwork(net.gateway6).prefixlen
+            _ip("-n", ns, "addr", "add", f"{host.address6}/{length6}", "dev", "eth0", "nodad")
+            _ip("-n", ns, "-6", "route", "add", "default", "via", net.gateway6.split("/")[0])
+        self._start_server(host)
 
     def _add_netns(self, name: str) -> None:
         _ip("netns", "add", name)

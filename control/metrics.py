@@ -1,0 +1,70 @@
+"""Prometheus metrics for the agent, read from the backend's status on every scrape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .agent import Stats
+
+# The action each fixed rule stands for; policy rules (exception, hairpin, allow)
+# all allow, and `default` takes the policy's default action.
+FIXED_ACTIONS = {"unfiltered": "allow", "established": "allow", "fragment": "drop",
+                 "malformed": "drop"}
+
+
+class StatusCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any] | None], stats: Stats,
+                 default_action: Callable[[], str]) -> None:
+        self._status = status
+        self._stats = stats
+        self._default_action = default_action
+
+    def collect(self) -> Iterator[Any]:
+        record = self._status() or {}
+        packets = CounterMetricFamily("isoebpf_rule_packets", "Packets decided by each rule",
+                                      labels=["rule"])
+        octets = CounterMetricFamily("isoebpf_rule_bytes", "Bytes decided by each rule",
+                                     labels=["rule"])
+        verdicts = CounterMetricFamily("isoebpf_verdicts", "Packets by action", labels=["action"])
+        by_action: dict[str, int] = {}
+        for counter in record.get("counters", []):
+            packets.add_metric([counter["rule"]], counter["packets"])
+            octets.add_metric([counter["rule"]], counter["bytes"])
+            rule = counter["rule"]
+            action = FIXED_ACTIONS.get(rule) or (
+                self._default_action() if rule == "default" else "allow")
+            by_action[action] = by_action.get(action, 0) + counter["packets"]
+        for action, count in sorted(by_action.items()):
+            verdicts.add_metric([action], count)
+        yield from (packets, octets, verdicts)
+
+        yield GaugeMetricFamily("isoebpf_tracked_connections", "Connections tracked now",
+                                value=record.get("connections", 0))
+        fill = GaugeMetricFamily("isoebpf_map_entries", "Entries in each map", labels=["map"])
+        capacity = GaugeMetricFamily("isoebpf_map_capacity", "Capacity of each map",
+                                     labels=["map"])
+        for name, entry in sorted(record.get("maps", {}).items()):
+            fill.add_metric([name], entry["entries"])
+            capacity.add_metric([name], entry["max_entries"])
+        yield from (fill, capacity)
+
+        yield CounterMetricFamily("isoebpf_reconciles", "Interfaces enforced as they appeared",
+                                  value=self._stats.reconciles)
+        repairs = CounterMetricFamily("isoebpf_repairs", "Drift found and repaired",
+                                      labels=["what"])
+        for what, count in sorted(self._stats.repairs.items()):
+            repairs.add_metric([what], count)
+        applies = CounterMetricFamily("isoebpf_applies", "Policy applies by result",
+                                      labels=["result"])
+        for result, count in sorted(self._stats.applies.items()):
+            applies.add_metric([result], count)
+        yield from (repairs, applies)
+        yield GaugeMetricFamily("isoebpf_last_apply_timestamp_seconds",
+                                "When the policy was last applied",
+                                value=self._stats.last_apply_time)
+        yield GaugeMetricFamily("isoebpf_last_apply_success", "1 if the last apply worked",
+                                value=1 if self._stats.last_apply_ok else 0)
