@@ -1,0 +1,154 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Connection and fragment state: keys, expiry, and how a packet advances a
+ * connection. Mirrors control/evaluate.py's Conntrack (flow_key, _expired,
+ * _advance) and its fragment table. Whether a connection is still allowed
+ * after a policy change is the classifier's question (classify.h).
+ */
+#ifndef ISOEBPF_CONNTRACK_H
+#define ISOEBPF_CONNTRACK_H
+
+#include "abi.h"
+#include "maps.h"
+#include "parse.h"
+
+/*
+ * The connection a packet belongs to, seen from its sender (evaluate.flow_key).
+ * Returns 0 when the packet cannot be tracked: ICMP other than echo.
+ */
+static __always_inline int flow_key_of(const struct packet *pkt, struct flow_key *key)
+{
+	if (is_icmp(pkt->proto)) {
+		if (!is_icmp_echo(pkt->proto, pkt->icmp_type))
+			return 0;
+		/* Echo request and reply share the identifier: it is both "ports". */
+		key->sport = pkt->icmp_id;
+		key->dport = pkt->icmp_id;
+	} else {
+		/* Ports are 0 for protocols without them, as the parser left them. */
+		key->sport = pkt->sport;
+		key->dport = pkt->dport;
+	}
+	key->family = pkt->family;
+	key->proto = pkt->proto;
+	__builtin_memcpy(key->src, pkt->src, 16);
+	__builtin_memcpy(key->dst, pkt->dst, 16);
+	return 1;
+}
+
+/* The flow of the packet an ICMP error quotes; 0 when untrackable. */
+static __always_inline int quoted_flow_key(const struct packet *pkt, struct flow_key *key)
+{
+	const struct quoted_packet *q = &pkt->inner;
+
+	if (is_icmp(q->proto)) {
+		if (!is_icmp_echo(q->proto, q->icmp_type))
+			return 0;
+		key->sport = q->icmp_id;
+		key->dport = q->icmp_id;
+	} else {
+		key->sport = q->sport;
+		key->dport = q->dport;
+	}
+	key->family = pkt->family;
+	key->proto = q->proto;
+	__builtin_memcpy(key->src, q->src, 16);
+	__builtin_memcpy(key->dst, q->dst, 16);
+	return 1;
+}
+
+static __always_inline void flow_reverse(const struct flow_key *key, struct flow_key *rev)
+{
+	rev->family = key->family;
+	rev->proto = key->proto;
+	rev->sport = key->dport;
+	rev->dport = key->sport;
+	__builtin_memcpy(rev->src, key->dst, 16);
+	__builtin_memcpy(rev->dst, key->src, 16);
+}
+
+/* evaluate.Conntrack._expired: idle longer than the timeout for its state. */
+static __always_inline int flow_expired(const struct flow_key *key, const struct flow_state *state,
+					const struct params *p, __u64 now)
+{
+	__u64 timeout;
+
+	if (state->flags & FLOW_CLOSING)
+		timeout = p->tcp_closing_timeout_ns;
+	else if (key->proto == IPPROTO_TCP)
+		timeout = p->tcp_timeout_ns;
+	else if (is_icmp(key->proto))
+		timeout = p->icmp_timeout_ns;
+	else
+		timeout = p->udp_timeout_ns;
+	/* A clock read on another CPU may trail last_seen: that is not idleness. */
+	return now > state->last_seen_ns && now - state->last_seen_ns > timeout;
+}
+
+static __always_inline void flow_start(const struct flow_key *key, __u32 gen, __u64 now)
+{
+	struct flow_state state = { .last_seen_ns = now, .gen = gen };
+
+	conntrack.update((struct flow_key *)key, &state);
+}
+
+/*
+ * A packet of a live connection passed (evaluate.Conntrack._advance).
+ * `from_opener`: the packet travels in the connection's first direction.
+ */
+static __always_inline void flow_advance(struct flow_state *state, __u8 proto,
+					 const struct packet *pkt, int from_opener, __u64 now)
+{
+	__u8 flags = state->flags;
+
+	state->last_seen_ns = now;
+	if (proto != IPPROTO_TCP)
+		return;
+	if (pkt->tcp_flags & TCP_FLAGS_RST) {
+		flags |= FLOW_CLOSING;
+	} else if (pkt->tcp_flags & TCP_FLAGS_FIN) {
+		flags |= from_opener ? FLOW_FIN_ORIG : FLOW_FIN_REPLY;
+		/* As the reference does: closing is "FIN seen both ways" from here on. */
+		if ((flags & (FLOW_FIN_ORIG | FLOW_FIN_REPLY)) == (FLOW_FIN_ORIG | FLOW_FIN_REPLY))
+			flags |= FLOW_CLOSING;
+		else
+			flags &= ~FLOW_CLOSING;
+	}
+	state->flags = flags;
+}
+
+static __always_inline void fragment_key_of(const struct packet *pkt, struct fragment_key *key)
+{
+	key->family = pkt->family;
+	key->proto = pkt->proto;
+	key->id = pkt->frag_id;
+	__builtin_memcpy(key->src, pkt->src, 16);
+	__builtin_memcpy(key->dst, pkt->dst, 16);
+}
+
+/* Remember a first fragment's verdict for the fragments that follow it. */
+static __always_inline void fragment_remember(const struct packet *pkt, __u8 action, __u32 rule,
+					      __u64 now)
+{
+	struct fragment_key key = {};
+	struct fragment_verdict verdict = { .seen_ns = now, .rule = rule, .action = action };
+
+	fragment_key_of(pkt, &key);
+	fragments.update(&key, &verdict);
+}
+
+/* The first fragment's verdict, if seen within the lifetime; NULL otherwise. */
+static __always_inline struct fragment_verdict *fragment_recall(const struct packet *pkt,
+								 const struct params *p, __u64 now)
+{
+	struct fragment_key key = {};
+	struct fragment_verdict *verdict;
+
+	fragment_key_of(pkt, &key);
+	verdict = fragments.lookup(&key);
+	if (verdict && now > verdict->seen_ns && now - verdict->seen_ns > p->fragment_timeout_ns)
+		return NULL;
+	return verdict;
+}
+
+#endif /* ISOEBPF_CONNTRACK_H */

@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * isoebpf: isolation between overlay networks.
+ *
+ * Two entry points share one classifier (classify.h) and one exit
+ * (record_verdict, stats.h): xdp_isoebpf for XDP, tc_isoebpf for TC clsact
+ * ingress. control/backends/program.py compiles this file with bcc, and
+ * tests/bpf runs both programs through BPF_PROG_TEST_RUN against the
+ * reference evaluator.
+ *
+ * bcc rewrites map accesses (map.lookup(...)) only in the file it compiles,
+ * so program.py inlines the local headers below into one source, with #line
+ * markers that keep diagnostics pointing at the headers.
+ */
+#include <uapi/linux/pkt_cls.h>
+
+#include "abi.h"
+#include "maps.h"
+#include "parse.h"
+#include "conntrack.h"
+#include "classify.h"
+#include "reject.h"
+#include "stats.h"
+
+/* Headers a TC parse may need linear: Ethernet, VLAN, IPv6 and extensions, a quote. */
+#define TC_PARSE_BYTES 256
+
+int xdp_isoebpf(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 frame_len = data_end - data;
+	__u64 now = bpf_ktime_get_ns();
+	struct packet pkt = {};
+	struct verdict v = {};
+	int frame;
+	int ret;
+
+	frame = parse_frame(data, data_end, &pkt);
+	classify(frame, &pkt, now, &v);
+	if (v.action == ACTION_ALLOW)
+		ret = XDP_PASS;
+	else if (v.action == ACTION_REJECT && !xdp_reply(ctx, &pkt, frame_len))
+		ret = XDP_TX;
+	else
+		ret = XDP_DROP;
+	record_verdict(ctx, ctx->ingress_ifindex, frame_len, &pkt, &v, now);
+	return ret;
+}
+
+int tc_isoebpf(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 skb_len = skb->len;
+	__u64 now = bpf_ktime_get_ns();
+	struct packet pkt = {};
+	struct verdict v = {};
+	int frame;
+	int ret;
+
+	frame = parse_frame(data, data_end, &pkt);
+	if (parse_wants_more(frame, &pkt) && data_end - data < skb_len) {
+		/* Headers reach into a nonlinear skb's fragments: pull them in, parse again. */
+		bpf_skb_pull_data(skb, skb_len < TC_PARSE_BYTES ? skb_len : TC_PARSE_BYTES);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		__builtin_memset(&pkt, 0, sizeof(pkt));
+		frame = parse_frame(data, data_end, &pkt);
+	}
+	classify(frame, &pkt, now, &v);
+	/*
+	 * UNSPEC rather than OK for "allow": filters of other tools after ours on
+	 * the same hook still get their say.
+	 */
+	if (v.action == ACTION_ALLOW)
+		ret = TC_ACT_UNSPEC;
+	else if (v.action == ACTION_REJECT && !tc_reply(skb, &pkt))
+		ret = bpf_redirect(skb->ifindex, 0);
+	else
+		ret = TC_ACT_SHOT;
+	record_verdict(skb, skb->ifindex, skb_len, &pkt, &v, now);
+	return ret;
+}

@@ -1,0 +1,130 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every map of the program. Key and value layouts are in abi.h.
+ *
+ * Generations: the policy tables hold up to two policies at once, told apart
+ * by the generation that leads every key. control/backends/program.py writes
+ * generation g+1 beside g, flips `config`, then deletes g's entries; the
+ * program reads the generation once per packet, so each packet is judged
+ * wholly by one policy. Table sizes therefore count both generations.
+ *
+ * Sizes are ISOEBPF_MAX_* constants, overridable at compile time
+ * (-DISOEBPF_MAX_...=N, see program.compile_program).
+ */
+#ifndef ISOEBPF_MAPS_H
+#define ISOEBPF_MAPS_H
+
+#include "abi.h"
+
+#ifndef ISOEBPF_MAX_CLASSES
+#define ISOEBPF_MAX_CLASSES 16384
+#endif
+#ifndef ISOEBPF_MAX_EXCEPTIONS
+#define ISOEBPF_MAX_EXCEPTIONS 16384
+#endif
+#ifndef ISOEBPF_MAX_HAIRPINS
+#define ISOEBPF_MAX_HAIRPINS 2048
+#endif
+#ifndef ISOEBPF_MAX_ALLOWED
+#define ISOEBPF_MAX_ALLOWED 131072
+#endif
+#ifndef ISOEBPF_MAX_CONNECTIONS
+#define ISOEBPF_MAX_CONNECTIONS 131072
+#endif
+#ifndef ISOEBPF_MAX_FRAGMENTS
+#define ISOEBPF_MAX_FRAGMENTS 8192
+#endif
+
+/*
+ * The active generation, at index 0. Written by program.activate (one word,
+ * so the flip is atomic), read once per packet. 0 = nothing loaded yet: no
+ * table has generation 0 entries, so every packet passes as unfiltered.
+ */
+BPF_ARRAY(config, __u32, 1);
+
+/*
+ * Per-generation scalars (timeouts, default action), index gen & 1: the
+ * active generation and the one being written never share a slot. Written by
+ * program.write_generation before the flip, read per filtered packet.
+ */
+BPF_ARRAY(params, struct params, 2);
+
+/*
+ * IPv4 address -> (class, overlay) of the longest policy CIDR holding it
+ * (IR.classes). Missing: in no overlay, unfiltered. Written by
+ * write_generation, read twice per IP packet. Size: classes of two
+ * generations; an LPM trie allocates only what it holds.
+ */
+BPF_F_TABLE("lpm_trie", struct class_v4_key, struct class_value, classes_v4, ISOEBPF_MAX_CLASSES,
+	    BPF_F_NO_PREALLOC);
+
+/* IPv6 twin of classes_v4. */
+BPF_F_TABLE("lpm_trie", struct class_v6_key, struct class_value, classes_v6, ISOEBPF_MAX_CLASSES,
+	    BPF_F_NO_PREALLOC);
+
+/*
+ * (src class, dst class) -> the exception rule that leaves the pair
+ * unfiltered (IR.exceptions). Written by write_generation, read per packet
+ * between overlays. Size: class pairs the exceptions expand to, two
+ * generations.
+ */
+BPF_HASH(exceptions, struct exception_key, struct rule_value, ISOEBPF_MAX_EXCEPTIONS);
+
+/*
+ * Overlay -> its hairpin rule, only for overlays that are not isolated
+ * (IR.overlays). Written by write_generation, read per new connection inside
+ * one overlay. Size: overlays of two generations.
+ */
+BPF_HASH(hairpins, struct hairpin_key, struct rule_value, ISOEBPF_MAX_HAIRPINS);
+
+/*
+ * (src class, dst class, protocol, port prefix) -> the first allow rule in
+ * file order that allows it (IR.allowed, already resolved for longest-prefix
+ * reading by the compiler). Written by write_generation, read per new
+ * connection. Size: a port range costs up to 30 entries per class pair.
+ */
+BPF_F_TABLE("lpm_trie", struct allow_key, struct rule_value, allowed, ISOEBPF_MAX_ALLOWED,
+	    BPF_F_NO_PREALLOC);
+
+/*
+ * Tracked connections, under their first packet's flow. Written by the
+ * program (new connection, refresh, FIN/RST, lazy revocation) and by
+ * program.activate (deletes connections a new policy forbids); read per
+ * filtered packet. LRU: when full, the longest idle connection goes first,
+ * and its next packet is judged afresh (fails closed). Size: concurrent
+ * connections between overlays.
+ */
+BPF_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, ISOEBPF_MAX_CONNECTIONS);
+
+/*
+ * First fragments' verdicts, for the fragments that follow. Written and read
+ * by the program only; entries live fragment_timeout_ns. LRU: a lost entry
+ * drops the datagram's later fragments (fails closed). Size: datagrams in
+ * reassembly at once.
+ */
+BPF_TABLE("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
+	  ISOEBPF_MAX_FRAGMENTS);
+
+/*
+ * Packets and bytes per rule, index (gen & 1) * ISOEBPF_MAX_RULES + rule.
+ * Per-CPU so that counting needs no atomics; program.read_counters sums the
+ * CPUs. write_generation zeroes a slot before its generation goes live.
+ */
+BPF_PERCPU_ARRAY(counters, struct counter, 2 * ISOEBPF_MAX_RULES);
+
+/*
+ * Verdict events for `isoebpf trace`, one perf ring per CPU (bcc sizes it to
+ * the CPUs). Read by the trace command; nothing is sent unless it asks.
+ */
+BPF_PERF_OUTPUT(events);
+
+/*
+ * Events per second each CPU may send, index 0; 0 (the default) sends none.
+ * Written by the trace command (program.set_event_rate), read per packet.
+ */
+BPF_ARRAY(event_rate, __u32, 1);
+
+/* Each CPU's token bucket for events. The program's own state. */
+BPF_PERCPU_ARRAY(event_tokens, struct token_bucket, 1);
+
+#endif /* ISOEBPF_MAPS_H */
