@@ -255,8 +255,7 @@ static __always_inline void judge_filtered(const struct packet *pkt, const struc
 	}
 	judge_by_policy(gen, p, ends, pkt->proto, pkt->dport, v);
 	/* Contract 3: allowed packets open connections, except a TCP reset, which ends one. */
-	if (v->action == ACTION_ALLOW && !is_icmp_error_about_flow(pkt->proto, pkt->icmp_type) &&
-	    flow_key_of(pkt, &candidates[0]) &&
+	if (v->action == ACTION_ALLOW && flow_key_of(pkt, &candidates[0]) &&
 	    !(pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAGS_RST)))
 		flow_start(&candidates[0], gen, now);
 }

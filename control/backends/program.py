@@ -114,32 +114,32 @@ def compile_program(sizes: Mapping[str, int] | None = None) -> CompiledProgram:
     cflags = ["-Wall", "-Werror", f"-I{BPF_DIR}", *size_flags(sizes)]
     started = time.monotonic()
     try:
-        bpf = BPF(text=source(), cflags=cflags)
+        bpf = BPF(text=source().encode(), cflags=cflags)
     except Exception as err:  # bcc raises a bare Exception; clang's messages went to stderr
         raise BackendError(f"bcc could not compile {SOURCE} ({err}); the compiler's messages "
                            "are above. Are kernel headers installed (scripts/setup.sh)?") from err
     try:
-        xdp = bpf.load_func(XDP_NAME, BPF.XDP)
-        tc = bpf.load_func(TC_NAME, BPF.SCHED_CLS)
+        xdp = bpf.load_func(XDP_NAME.encode(), BPF.XDP)
+        tc = bpf.load_func(TC_NAME.encode(), BPF.SCHED_CLS)
     except Exception as err:  # the verifier's log went to stderr
         bpf.cleanup()
         raise BackendError(f"the kernel refused the program ({err}); the verifier's log is "
                            "above") from err
     elapsed = time.monotonic() - started
-    map_fds = {name: int(bpf.get_table(name).map_fd) for name in MAP_NAMES}
+    map_fds = {name: int(bpf.get_table(name.encode()).map_fd) for name in MAP_NAMES}
     return CompiledProgram(bpf, {"xdp": int(xdp.fd), "tc": int(tc.fd)}, map_fds, elapsed)
 
 
 def probe_compile() -> None:
     """Can bcc compile and the kernel load an XDP program here? Raise BackendError if not."""
-    probe = "int isoebpf_probe(struct xdp_md *ctx) { return XDP_PASS; }"
+    probe = b"int isoebpf_probe(struct xdp_md *ctx) { return XDP_PASS; }"
     try:
         bpf = BPF(text=probe, cflags=["-Wall", "-Werror"])
     except Exception as err:
         raise BackendError(f"bcc cannot compile a trivial program ({err}): are kernel headers "
                            "installed (scripts/setup.sh)?") from err
     try:
-        bpf.load_func("isoebpf_probe", BPF.XDP)
+        bpf.load_func(b"isoebpf_probe", BPF.XDP)
     except Exception as err:
         raise BackendError(f"the kernel refused a trivial XDP program ({err}): run as root "
                            "(or with CAP_BPF and CAP_NET_ADMIN)") from err

@@ -1,0 +1,167 @@
+"""Driving the compiled program through BPF_PROG_TEST_RUN, and what to expect of it.
+
+One `Datapath` wraps one compiled program for a whole test session: policies
+are swapped in by generation (the no-recompile update path), state is cleared
+between scenarios, and every run reports the verdict and the frame the program
+left (a REJECT reply). `expected` says, from a frame alone, what the reference
+evaluator requires of it. Benchmarks import both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from isoebpf import abi
+from isoebpf.backends import bpfsys, program
+from isoebpf.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack
+from isoebpf.ir import IR, PROTO_ICMP, PROTO_TCP, RULE_MALFORMED, RULE_UNFILTERED
+from tests.packets import Parsed, parse, parse_reply
+
+XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+TC_ACT_UNSPEC, TC_ACT_SHOT, TC_ACT_REDIRECT = 0xFFFFFFFF, 2, 7
+VERDICTS = {
+    "xdp": {XDP_PASS: "pass", XDP_DROP: "drop", XDP_TX: "tx"},
+    "tc": {TC_ACT_UNSPEC: "pass", TC_ACT_SHOT: "drop", TC_ACT_REDIRECT: "tx"},
+}
+PROGRAMS = ("xdp", "tc")
+ICMPV4_ERRORS = {3, 4, 5, 11, 12}  # RFC 1122 3.2.2: never answered with an error
+
+
+@dataclass(frozen=True)
+class Run:
+    verdict: str  # "pass" | "drop" | "tx"
+    frame: bytes  # as the program left it: the reply when verdict is "tx"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    verdict: str
+    rule: int
+    action: str  # the evaluator's action: "allow" | "drop" | "reject"
+
+
+class Datapath:
+    """One compiled program, reused across policies by writing new generations."""
+
+    def __init__(self, compiled: program.CompiledProgram) -> None:
+        self.compiled = compiled
+        self.maps = compiled.map_fds
+        self.gen = program.active_generation(self.maps)
+
+    def load(self, ir: IR, *, sweep: bool = True) -> None:
+        """Replace the policy as the backend does. `sweep=False` flips the config
+        word only, leaving revocation to the datapath's lazy re-judging."""
+        new = self.gen + 1
+        program.write_generation(self.maps, ir, new)
+        if sweep:
+            program.activate(self.maps, ir, new)
+        else:
+            bpfsys.map_update(self.maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(new))
+        if self.gen:
+            program.purge_generation(self.maps, self.gen)
+        self.gen = new
+
+    def clear_state(self) -> None:
+        program.clear(self.maps, "conntrack")
+        program.clear(self.maps, "fragments")
+
+    @staticmethod
+    def runs(prog: str, frame: bytes) -> bool:
+        """Whether BPF_PROG_TEST_RUN takes the frame: never under 14 bytes, and for
+        TC (the kernel checks this since 6.x) not when an IPv4/IPv6 ethertype is
+        followed by less than a base IP header."""
+        if len(frame) < 14:
+            return False
+        if prog == "tc":
+            minimum = {b"\x08\x00": 14 + 20, b"\x86\xdd": 14 + 40}.get(frame[12:14], 14)
+            return len(frame) >= minimum
+        return True
+
+    def run(self, prog: str, frame: bytes) -> Run:
+        result = bpfsys.prog_test_run(self.compiled.prog_fds[prog], frame)
+        verdict = VERDICTS[prog].get(result.retval, f"retval {result.retval:#x}")
+        return Run(verdict, result.data)
+
+    def counter(self, rule: int) -> tuple[int, int]:
+        return program.read_counter(self.maps, self.gen, rule)
+
+
+def answerable(parsed: Parsed) -> bool:
+    """Whether the datapath answers a REJECT (bpf/reject.h reply_allowed)."""
+    pkt = parsed.packet
+    assert pkt is not None
+    def group(addr_first_byte: int) -> bool:
+        return addr_first_byte >= 224 if pkt.src.version == 4 else addr_first_byte == 0xFF
+    if parsed.link_multicast or group(pkt.src.packed[0]) or group(pkt.dst.packed[0]):
+        return False
+    if pkt.proto == PROTO_TCP:
+        return not pkt.tcp_flags & TCP_RST
+    if pkt.proto == PROTO_ICMP:
+        return pkt.icmp_type not in ICMPV4_ERRORS
+    if pkt.proto == IPPROTO_ICMPV6:
+        return pkt.icmp_type >= 128
+    return True
+
+
+def expected(frame: bytes, *, conntrack: Conntrack | None = None, classifier: Classifier | None = None,
+             now: float = 0.0) -> tuple[Parsed, Expectation]:
+    """What the evaluator requires for `frame`, applying the packet's effects to `conntrack`."""
+    parsed = parse(frame)
+    if parsed.kind == "not-ip":
+        return parsed, Expectation("pass", RULE_UNFILTERED, "allow")
+    if parsed.kind == "malformed":
+        return parsed, Expectation("drop", RULE_MALFORMED, "drop")
+    assert parsed.packet is not None and conntrack is not None and classifier is not None
+    decision = conntrack.step(classifier, parsed.packet, now)
+    if decision.action == "allow":
+        verdict = "pass"
+    elif decision.action == "reject" and answerable(parsed):
+        verdict = "tx"
+    else:
+        verdict = "drop"
+    return parsed, Expectation(verdict, decision.rule, decision.action)
+
+
+def reply_problems(sent: Parsed, frame_in: bytes, reply_frame: bytes) -> list[str]:
+    """What is wrong with a REJECT reply to `frame_in` (empty: nothing)."""
+    pkt = sent.packet
+    assert pkt is not None
+    reply = parse_reply(reply_frame)
+    problems = list(reply.notes)
+    if (reply.src_mac, reply.dst_mac) != (frame_in[:6], frame_in[6:12]):
+        problems.append("MAC addresses not swapped")
+    tagged = frame_in[12:14] == b"\x81\x00"
+    if reply.vlan != (int.from_bytes(frame_in[14:16], "big") if tagged else None):
+        problems.append(f"VLAN tag {reply.vlan} is not the request's")
+    if (reply.src, reply.dst) != (pkt.dst, pkt.src):
+        problems.append(f"addressed {reply.src} -> {reply.dst}")
+    if reply.ttl != abi.REPLY_HOP_LIMIT:
+        problems.append(f"TTL {reply.ttl}")
+    if pkt.proto == PROTO_TCP:
+        if reply.tcp is None:
+            return [*problems, "not a TCP reset"]
+        sport, dport, seq, ack, flags = reply.tcp
+        if (sport, dport) != (pkt.dport, pkt.sport):
+            problems.append(f"ports {sport}->{dport}")
+        if pkt.tcp_flags & TCP_ACK:
+            want = (sent.tcp_ack, 0, TCP_RST)
+        else:
+            payload = max(0, sent.ip_len - (sent.l4_off - sent.l3_off) - sent.tcp_header_len)
+            occupied = payload + bool(pkt.tcp_flags & TCP_SYN) + bool(pkt.tcp_flags & TCP_FIN)
+            want = (0, (sent.tcp_seq + occupied) % 2**32, TCP_RST | TCP_ACK)
+        if (seq, ack if flags & TCP_ACK else 0, flags) != want:
+            problems.append(f"seq/ack/flags {seq}/{ack}/{flags:#x}, want {want}")
+        return problems
+    want_icmp = (3, 13) if pkt.src.version == 4 else (1, 1)
+    if reply.icmp != want_icmp:
+        problems.append(f"ICMP type/code {reply.icmp}")
+    limit = abi.REPLY_MAX_IPV4 if pkt.src.version == 4 else abi.REPLY_MAX_IPV6
+    original = frame_in[sent.l3_off:][: sent.ip_len]
+    fits = limit - (20 if pkt.src.version == 4 else 40) - 8
+    if reply.quote != original[:fits]:
+        problems.append(f"the quote ({len(reply.quote)} bytes) is not the first "
+                        f"{min(fits, len(original))} bytes of the offending packet")
+    if reply.ip_total > limit:
+        problems.append(f"reply of {reply.ip_total} bytes exceeds {limit}")
+    return problems
