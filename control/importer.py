@@ -22,7 +22,7 @@ import netaddr
 
 from . import policy as policy_mod
 from .cidr import parse_cidr
-from .errors import Diagnostic, IsoebpfError
+from .errors import Diagnostic, IsoebpfError, PolicyError
 from .iptables_layout import NET, NET_NET, NET_PORT_NET, SET_PREFIX, TAG
 
 LIST_SET = "list:set"
@@ -397,6 +397,9 @@ def _read_family(imp: _Importer, chains: dict[str, list[Rule]], where: str, note
         if _classify(rule) in ("hairpin", "endpoints"):
             for match in rule.sets:
                 imp.overlay_for(match.name, where, rule.line)
+    for name, known in imp.sets.items():
+        if any(name.startswith(f"{prefix}.") for prefix in SET_PREFIX.values()):
+            imp.overlay_for(name, imp.set_file, known.line)  # isoebpf's own: one per overlay
     if overlays is not None:
         _check_overlays(imp, overlays, jump, where)
     for match in jump.sets:
@@ -445,7 +448,7 @@ def _check_overlays(imp: _Importer, name: str, jump: Rule, where: str) -> None:
                                                        f"set: imported as overlay '{fresh}'")
     for known in imp.overlays.values():
         for subnet in known.subnets:
-            if not any(subnet in net for net in covered):
+            if subnet.version == saved.version and not any(subnet in net for net in covered):
                 imp.notes.warn(imp.set_file, saved.line, f"set '{name}' is missing {subnet} "
                                                          f"(overlay '{known.name}'): its traffic "
                                                          "is not filtered today")
@@ -647,10 +650,15 @@ def _read_endpoints(imp: _Importer, rule: Rule, where: str) -> None:
 
 def _loose(text: str) -> netaddr.IPNetwork | None:
     """What ipset makes of a CIDR with host bits set; None if it is not a CIDR at all."""
+    address, _, length = text.partition("/")
     try:
-        return netaddr.IPNetwork(text, flags=netaddr.INET_PTON).cidr
+        ip = netaddr.IPAddress(address, flags=netaddr.INET_PTON)
     except (netaddr.AddrFormatError, ValueError):
         return None
+    width = 32 if ip.version == 4 else 128
+    if length and not (length.isdigit() and int(length) <= width):
+        return None
+    return netaddr.IPNetwork(f"{ip}/{length or width}").cidr
 
 
 def _cidr_text(net: netaddr.IPNetwork) -> str:
@@ -659,9 +667,15 @@ def _cidr_text(net: netaddr.IPNetwork) -> str:
 
 def _policy_text(imp: _Importer, sources: list[str],
                  notes: _Notes) -> tuple[str, list[Diagnostic]]:
+    for overlay in [o for o in imp.overlays.values() if not o.subnets]:
+        notes.warn(imp.set_file, 1, f"overlay '{overlay.name}' has no subnets; it and the rules "
+                                    "naming it are left out")
+        del imp.overlays[overlay.name]
+        imp.allows = [a for a in imp.allows if overlay.name not in (a.src, a.dst)]
+        imp.exceptions = [e for e in imp.exceptions if overlay.name not in e]
     if not imp.overlays:
-        raise LayoutError("the layout names no overlay: no hash:net set is used for hairpins, "
-                          "rules or in the overlays set")
+        raise LayoutError("the layout names no overlay with subnets: no hash:net set used for "
+                          "hairpins or rules, or listed in the overlays set, has any")
     default = imp.default or "allow"
     lines = [f"# Imported by 'isoebpf import' from {', '.join(sources)}.",
              "# Where this differs from what those rules do today, the import said so.",
@@ -671,9 +685,6 @@ def _policy_text(imp: _Importer, sources: list[str],
         lines.append(f"deny_action: {default}")
     lines.append("overlays:")
     for overlay in imp.overlays.values():
-        if not overlay.subnets:
-            notes.warn(imp.set_file, 1, f"overlay '{overlay.name}' has no subnets; left out")
-            continue
         lines += [f"  {overlay.name}:",
                   f"    subnets: [{', '.join(_cidr_text(n) for n in overlay.subnets)}]"]
         if not overlay.hairpin:
@@ -687,5 +698,10 @@ def _policy_text(imp: _Importer, sources: list[str],
             ports = f", ports: [{', '.join(rule.ports)}]" if rule.ports else ""
             lines.append(f"  - {{from: {rule.src}, to: {rule.dst}{ports}}}")
     text = "\n".join(lines) + "\n"
-    loaded = policy_mod.loads(text, "<imported>")
+    try:
+        loaded = policy_mod.loads(text, "<imported>")
+    except PolicyError as err:
+        numbered = "".join(f"{i:4}  {line}\n" for i, line in enumerate(text.splitlines(), 1))
+        raise LayoutError(f"the layout does not make a valid policy:\n{err}\n"
+                          f"the policy it made:\n{numbered}") from err
     return text, notes.found + list(loaded.warnings)
