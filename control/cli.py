@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import netaddr
@@ -113,8 +113,11 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
 @click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
 @click.option("--force", is_flag=True, help="Replace another tool's XDP program.")
+@click.option("--chain", metavar="NAME",
+              help="iptables backend: the isolation chain [default: the one in force, "
+                   "else dcos-isolation].")
 def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
-         netns: str | None, dry_run: bool, force: bool) -> None:
+         netns: str | None, dry_run: bool, force: bool, chain: str | None) -> None:
     """Start enforcing POLICY, or atomically replace the policy enforced."""
     _, ir = _load(policy_file)
     globs = list(ifaces) or list(ir.interfaces or ())
@@ -122,6 +125,8 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     where = f"namespace {netns}" if netns else "this namespace"
     chosen, why = backend.choose(backend_name)
     click.echo(f"backend {chosen}: {why}")
+    if chain and chosen != "iptables":
+        raise click.UsageError(f"--chain names the iptables backend's chain, not {chosen}'s")
     if dry_run:
         click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
                    f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
@@ -129,7 +134,8 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     previous = backend.switch_from(scope, chosen)
     if previous:
         click.echo(f"removed the {previous} backend's enforcement first")
-    report = backend.module(chosen).load(ir, scope, globs, mode, policy_file, force=force)
+    report = backend.module(chosen).load(ir, scope, globs, mode, policy_file, force=force,
+                                         **({"chain": chain} if chain else {}))
     if report.replaced_layout:
         click.echo(f"removed older state ({report.replaced_layout}) instead of reusing it")
     click.echo(f"enforcing {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where}, "
@@ -139,6 +145,61 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     click.echo(f"applied in {report.apply_seconds * 1000:.0f} ms")
     for a in report.attachments:
         click.echo(f"  {a.ifname:15} {a.mode:10} {a.reason}")
+
+
+@main.command()
+@click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
+@click.option("--backend", "backend_name", type=click.Choice(["iptables"]), default="iptables",
+              show_default=True, help="The backend whose input to print.")
+@click.option("--chain", default="dcos-isolation", show_default=True,
+              help="The isolation chain's name.")
+@click.option("--layout", "layout_kind", type=click.Choice(["auto", "full", "degraded"]),
+              default="auto", show_default=True,
+              help="auto: the layout this kernel's ipset types allow (asks the kernel, as root).")
+def render(policy_file: str, backend_name: str, chain: str, layout_kind: str) -> None:
+    """Print the ipset and iptables-restore input that loading POLICY would apply."""
+    from . import iptables_layout
+
+    _, ir = _load(policy_file)
+    if layout_kind == "auto":
+        found, hidden = backend.module(backend_name).set_types()
+    else:
+        found, hidden = (iptables_layout.SET_TYPES if layout_kind == "full"
+                         else (iptables_layout.NET,)), ()
+    ipset_text, v4, v6 = iptables_layout.render(ir, chain, found)
+    kind = iptables_layout.layout_kind(found)
+    missing = [t for t in iptables_layout.SET_TYPES if t not in found]
+    why = (f": {'hidden' if hidden else 'this kernel has no'} {', '.join(missing)}"
+           if layout_kind == "auto" and missing else "")
+    click.echo(f"# {kind} layout{why}")
+    for header, text in (("ipset restore", ipset_text), ("iptables-restore --noflush", v4),
+                         ("ip6tables-restore --noflush", v6)):
+        click.echo(f"# {header}")
+        click.echo(text or "# (nothing: the policy has no subnets of this family)\n", nl=False)
+
+
+@main.command(name="import")
+@click.option("--iptables-save", "v4_file", type=click.File("r", encoding="utf-8"),
+              help="iptables-save output (or an iptables-restore file).")
+@click.option("--ip6tables-save", "v6_file", type=click.File("r", encoding="utf-8"),
+              help="ip6tables-save output, for a layout with IPv6 overlays.")
+@click.option("--ipset-save", "set_file", required=True, type=click.File("r", encoding="utf-8"),
+              help="ipset save output (or an ipset restore file).")
+def import_cmd(v4_file: TextIO | None, v6_file: TextIO | None, set_file: TextIO) -> None:
+    """Turn a hand-built DC/OS-style layout into a policy file, printed on stdout.
+
+    Warnings (stderr) say where the layout does something else today: rules
+    after a terminal REJECT, an empty or incomplete overlays set, malformed entries.
+    """
+    from .importer import import_layout
+
+    rule_files = [(f.name, version, f.read()) for f, version in ((v4_file, 4), (v6_file, 6)) if f]
+    if not rule_files:
+        raise click.UsageError("give --iptables-save FILE, --ip6tables-save FILE or both")
+    imported = import_layout(rule_files, (set_file.name, set_file.read()))
+    for warning in imported.warnings:
+        click.echo(str(warning), err=True)
+    click.echo(imported.text, nl=False)
 
 
 @main.command()
@@ -165,6 +226,11 @@ def status(netns: str | None, as_json: bool) -> None:
     for c in record.get("counters", []):
         click.echo(f"  {c['rule']:16} {c['packets']:>10} {c['bytes']:>12}  {c['text']}")
     click.echo(f"tracked connections: {record.get('connections', 0)}")
+    if record.get("iptables_layout"):
+        click.echo(f"iptables-{record['flavour']}: chain {record['chain']}, "
+                   f"{record['iptables_layout']} layout")
+    for name, info in sorted(record.get("sets", {}).items()):
+        click.echo(f"  set {name:24} {info['entries']:>8} / {info['max_entries']}  {info['type']}")
     for name, fill in sorted(record.get("maps", {}).items()):
         click.echo(f"  map {name:14} {fill['entries']:>8} / {fill['max_entries']}")
 

@@ -1,0 +1,597 @@
+"""The iptables backend: the policy as the DC/OS guide's iptables + ipset layout.
+
+For nodes that cannot run the eBPF program. Everything runs inside the scope's
+network namespace (`ip netns exec`, argument lists only), under the scope's
+lock, and touches only what is ours: our chain, our two FORWARD rules (found by
+their `isoebpf` comments) and our sets (found by their `dcos-`/`dcos6-` names).
+
+Load, and every update, is atomic per address family (a packet is judged wholly
+by the old or wholly by the new policy):
+- only rules changed: one `iptables-restore --noflush` replaces our chain's
+  rules and our FORWARD rules in one transaction;
+- sets changed too: the new contents are filled into temporary sets, one
+  transaction switches the rules over to them (the new policy is now in force,
+  whole), the named sets are refilled through `ipset swap`, and a second
+  transaction switches back to the names, so operators' runbooks keep them.
+Then connection-tracking entries of connections the new policy does not allow
+are deleted, so their next packets are judged afresh (contract, semantics 6).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import netaddr
+from pyroute2 import Conntrack, NetlinkError
+from pyroute2.ipset import IPSet
+from pyroute2.netlink.exceptions import IPSetError
+
+from ..backend import Attachment, LoadReport
+from ..errors import BackendError, StateError
+from ..evaluate import ICMP_ECHO_REQUEST, TCP_SYN, Classifier, Packet
+from ..importer import SavedSet, _Notes, parse_ipset_save
+from ..iptables_layout import (
+    DEFAULT_CHAIN,
+    FORWARDED,
+    JUMP,
+    ROLES,
+    SET_PREFIX,
+    SET_TYPES,
+    TAG,
+    IpSet,
+    Layout,
+    build,
+    ipset_restore,
+    iptables_restore,
+    rename_sets,
+)
+from ..ir import IR
+from ..state import Scope
+
+BACKEND = "iptables"
+TMP_PREFIX = "isoebpf-tmp-"
+# For tests: ipset types to treat as missing even when the kernel has them
+# (space-separated), so the degraded layout can be exercised anywhere.
+TEST_MISSING_TYPES = "ISOEBPF_TEST_MISSING_SET_TYPES"
+LOCK_WAIT_SECONDS = "10"  # -w: wait this long for the xtables lock (legacy iptables)
+IPSET_ERR_FIND_TYPE = 4098  # the kernel has no such set type
+IP_VERSIONS = {4: "iptables", 6: "ip6tables"}
+NOT_MEASURED = ("fragment", "malformed")  # the kernel's defrag and parsers decide these
+OUR_SET = re.compile(
+    rf"(dcos6?-({'|'.join(ROLES)})|dcos6?\.[a-z][a-z0-9_-]{{0,23}}|{TMP_PREFIX}\d+)\Z")
+SAVED_RULE = re.compile(r"\[(\d+):(\d+)\] -A (\S+) (.*)\Z")
+BRIDGE_SYSCTL = {4: "net.bridge.bridge-nf-call-iptables", 6: "net.bridge.bridge-nf-call-ip6tables"}
+
+
+@dataclass(frozen=True)
+class _Tools:
+    """iptables, ipset and friends, run in one network namespace."""
+
+    netns: str | None
+    flavour: str  # "nft" or "legacy"
+
+    @property
+    def where(self) -> str:
+        return f"namespace '{self.netns}'" if self.netns else "this namespace"
+
+    def run(self, args: Sequence[str], stdin: str | None = None) -> str:
+        command = ["ip", "netns", "exec", self.netns, *args] if self.netns else list(args)
+        try:
+            done = subprocess.run(command, input=stdin, capture_output=True, text=True,
+                                  check=False)
+        except FileNotFoundError as err:
+            raise BackendError(f"{args[0]} is not installed: run scripts/setup.sh") from err
+        if done.returncode != 0:
+            raise BackendError(f"{' '.join(args[:2])} failed in {self.where}: "
+                               f"{(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def tool(self, version: int, verb: str) -> str:
+        """`iptables-nft-save` and the like; the plain name where only that exists."""
+        flavoured = f"{IP_VERSIONS[version]}-{self.flavour}-{verb}"
+        return flavoured if shutil.which(flavoured) else f"{IP_VERSIONS[version]}-{verb}"
+
+    def save(self, version: int) -> str:
+        return self.run([self.tool(version, "save"), "-c", "-t", "filter"])
+
+    def restore(self, version: int, text: str) -> None:
+        self.run([self.tool(version, "restore"), "-w", LOCK_WAIT_SECONDS, "--noflush"], text)
+
+    def ipset(self, text: str) -> None:
+        if text:
+            self.run(["ipset", "restore"], text)
+
+    def sets(self) -> dict[str, SavedSet]:
+        return parse_ipset_save(self.run(["ipset", "save"]), "ipset save", _Notes())
+
+
+def flavour() -> str:
+    """'nft' or 'legacy': which iptables this machine's `iptables` command drives."""
+    try:
+        done = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False)
+    except FileNotFoundError as err:
+        raise BackendError("iptables is not installed: run scripts/setup.sh") from err
+    if "nf_tables" in done.stdout:
+        return "nft"
+    if "legacy" in done.stdout:
+        return "legacy"
+    raise BackendError(f"cannot tell iptables-nft from iptables-legacy: '{done.stdout.strip()}'")
+
+
+def set_types() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(set types the kernel has, set types hidden by the test switch), asked read-only.
+
+    Set types are global to the kernel, so the question needs no namespace.
+    """
+    hidden = tuple(t for t in os.environ.get(TEST_MISSING_TYPES, "").split() if t in SET_TYPES)
+    found: list[str] = []
+    try:
+        ipset = IPSet()
+    except OSError as err:
+        raise BackendError(f"cannot ask the kernel for ipset types ({err}): are you root?") from err
+    try:
+        for kind in SET_TYPES:
+            try:
+                ipset.get_supported_revisions(kind)
+            except IPSetError as err:
+                if err.code != IPSET_ERR_FIND_TYPE:
+                    raise BackendError(f"cannot ask the kernel about ipset type {kind}: {err}") \
+                        from err
+                continue
+            if kind not in hidden:
+                found.append(kind)
+    finally:
+        ipset.close()
+    return tuple(found), hidden
+
+
+@dataclass
+class _Family:
+    """Our part of one family's filter table, as iptables-save shows it."""
+
+    forward: list[tuple[int, str, int, int]] = field(default_factory=list)  # position, spec, counters
+    chains: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)  # every chain
+
+    @property
+    def jump_targets(self) -> list[str]:
+        return [spec.rsplit(" -j ", 1)[1] for _, spec, _, _ in self.forward if " -j " in spec]
+
+
+def _tag(spec: str) -> str | None:
+    """Our name for a rule ("allow:0", "jump", ...) from its comment; None if not ours."""
+    if f'--comment "{TAG} ' not in spec:
+        return None
+    words = shlex.split(spec)
+    note = words[words.index("--comment") + 1].split()
+    return note[1] if len(note) > 1 and note[0] == TAG else None
+
+
+def _read_family(tools: _Tools, version: int) -> _Family:
+    family = _Family()
+    position = 0
+    for line in tools.save(version).splitlines():
+        if line.startswith(":"):
+            family.chains.setdefault(line[1:].split()[0], [])
+            continue
+        match = SAVED_RULE.match(line)
+        if not match:
+            continue
+        packets, octets, chain, spec = int(match[1]), int(match[2]), match[3], match[4]
+        family.chains.setdefault(chain, []).append((spec, packets, octets))
+        if chain == "FORWARD":
+            position += 1
+            if _tag(spec) in (FORWARDED, JUMP):
+                family.forward.append((position, spec, packets, octets))
+    return family
+
+
+def _our_chains(family: _Family, *names: str | None) -> list[str]:
+    """Our chains present: those our jumps name, and the given names if all their rules are ours."""
+    found = [c for c in family.jump_targets if c in family.chains]
+    for name in names:
+        rules = family.chains.get(name or "")
+        if name and name not in found and rules and all(_tag(spec) for spec, _, _ in rules):
+            found.append(name)
+    return found
+
+
+def _normal_field(text: str) -> tuple[str, ...]:
+    """One element field in one spelling: CIDRs with their length, port ranges as ports."""
+    if ":" in text and "/" not in text and not text[0].isdigit() and "." not in text:
+        proto, _, ports = text.partition(":")
+        low, _, high = ports.partition("-")
+        return tuple(f"{proto}:{p}" for p in range(int(low), int(high or low) + 1))
+    if ":" in text or "." in text:
+        return (str(netaddr.IPNetwork(text).cidr),)
+    return (text,)
+
+
+def _elements(fields_and_notes: Iterable[tuple[Sequence[str], str | None]]) -> set[tuple[Any, ...]]:
+    found: set[tuple[Any, ...]] = set()
+    for fields, note in fields_and_notes:
+        expanded = [_normal_field(f) for f in fields]
+        if len(expanded) == 3:
+            found.update((expanded[0][0], port, expanded[2][0], note) for port in expanded[1])
+        else:
+            found.add((*(e[0] for e in expanded), note))
+    return found
+
+
+def _same_set(wanted: IpSet, saved: SavedSet | None) -> bool:
+    if saved is None or saved.type != wanted.type or saved.version != wanted.version:
+        return False
+    return _elements((e.split(","), n) for e, n in wanted.elements) == _elements(
+        (e.fields, e.comment) for e in saved.elements)
+
+
+@dataclass
+class _State:
+    families: dict[int, _Family]
+    sets: dict[str, SavedSet]  # ours only
+
+
+def _read_state(tools: _Tools) -> _State:
+    sets = {n: s for n, s in tools.sets().items() if OUR_SET.match(n)}
+    return _State({v: _read_family(tools, v) for v in (4, 6)}, sets)
+
+
+def differences(layout: Layout, state: _State) -> list[str]:
+    """What in the kernel differs from `layout`, as '<kind>: <what>' lines (empty: in force)."""
+    found = [f"set: {s.name} {'differs' if s.name in state.sets else 'is missing'}"
+             for s in layout.sets if not _same_set(s, state.sets.get(s.name))]
+    wanted = {s.name for s in layout.sets}
+    found += [f"set: {name} is left over" for name in state.sets if name not in wanted]
+    for version, family in state.families.items():
+        rules = layout.families.get(version)
+        tool = IP_VERSIONS[version]
+        if rules is None:
+            if family.forward or _our_chains(family, layout.chain):
+                found.append(f"chain: {tool} rules are left over")
+            continue
+        positions = [p for p, _, _, _ in family.forward]
+        if [spec for _, spec, _, _ in family.forward] != list(rules.forward) or \
+                positions != list(range(positions[0], positions[0] + len(positions))):
+            found.append(f"jump: {tool} FORWARD rules are missing or changed")
+        if [spec for spec, _, _ in family.chains.get(layout.chain, [])] != list(rules.chain):
+            found.append(f"chain: {tool} {layout.chain} is missing or changed")
+        stale = [c for c in _our_chains(family) if c != layout.chain]
+        found += [f"chain: {tool} {c} is left over" for c in stale]
+    return found
+
+
+def _forward_ops(family: _Family, specs: Sequence[str]) -> list[str]:
+    """Put our FORWARD rules in place: replaced where they are, else inserted at the top."""
+    positions = [p for p, _, _, _ in family.forward]
+    if positions and len(positions) == len(specs) and \
+            positions == list(range(positions[0], positions[0] + len(specs))):
+        return [f"-R FORWARD {p} {spec}" for p, spec in zip(positions, specs, strict=True)]
+    return [*(f"-D FORWARD {p}" for p in reversed(positions)),
+            *(f"-I FORWARD {i} {spec}" for i, spec in enumerate(specs, start=1))]
+
+
+def _switch(tools: _Tools, layout: Layout, names: dict[str, str]) -> None:
+    """One transaction per family: our rules as `layout` says, sets under `names`."""
+    for version in (4, 6):
+        family = _read_family(tools, version)
+        stale = [c for c in _our_chains(family) if c != layout.chain]
+        drop = [op for c in stale for op in (f"-F {c}", f"-X {c}")]
+        rules = layout.families.get(version)
+        if rules is None:
+            mine = _our_chains(family, layout.chain)
+            ops = [*_forward_ops(family, []), *(o for c in mine for o in (f"-F {c}", f"-X {c}"))]
+            if len(ops) > 0:
+                tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
+            continue
+        specs = [rename_sets(spec, names) for spec in rules.forward]
+        text = iptables_restore(layout, version, _forward_ops(family, specs) + drop, names)
+        tools.restore(version, text)
+
+
+def _in_use(state: _State) -> set[str]:
+    """The sets our rules match on now."""
+    specs = [spec for family in state.families.values()
+             for spec in (*(f[1] for f in family.forward),
+                          *(r[0] for c in _our_chains(family) for r in family.chains[c]))]
+    return {words[i + 1] for words in (spec.split(" ") for spec in specs)
+            for i, word in enumerate(words[:-1]) if word == "--match-set"}
+
+
+def _fill_named(layout: Layout, sets: Sequence[IpSet], state: _State,
+                fresh: Iterator[str]) -> str:
+    """ipset input giving each named set its new contents: filled where it is new, else
+    filled under a temporary name and swapped in."""
+    temp = {s.name: next(fresh) for s in sets if s.name in state.sets}
+    lines = ipset_restore(layout, only=[s.name for s in sets if s.name not in state.sets])
+    lines += ipset_restore(layout, temp, only=temp)
+    for s in sets:
+        saved = state.sets.get(s.name)
+        if saved is None:
+            continue
+        if (saved.type, saved.version) != (s.type, s.version):  # no swap between types
+            lines += f"destroy {s.name}\n{s.create()}\n"
+        lines += f"swap {temp[s.name]} {s.name}\ndestroy {temp[s.name]}\n"
+    return lines
+
+
+def _apply(tools: _Tools, layout: Layout, state: _State) -> None:
+    """Make the kernel match `layout`, switching each family over in one transaction.
+
+    Sets our rules do not use yet are filled under their own names before the
+    switch. Sets they use cannot change under them (a packet would meet new
+    sets and old rules): those are filled under temporary names, the rules
+    switch to them, the named sets are refilled, and the rules switch back.
+    """
+    changed = [s for s in layout.sets if not _same_set(s, state.sets.get(s.name))]
+    in_use = _in_use(state)
+    fresh = (f"{TMP_PREFIX}{i}" for i in itertools.count() if f"{TMP_PREFIX}{i}" not in state.sets)
+    temp: dict[str, str] = {}
+    try:
+        tools.ipset(_fill_named(layout, [s for s in changed if s.name not in in_use], state, fresh))
+        busy = [s for s in changed if s.name in in_use]
+        if busy:
+            temp = {s.name: next(fresh) for s in busy}
+            tools.ipset(ipset_restore(layout, temp, only=temp))
+            _switch(tools, layout, temp)  # from here on the new policy is in force, whole
+            tools.ipset(_fill_named(layout, busy, state, fresh))
+        _switch(tools, layout, {})
+        wanted = {s.name for s in layout.sets}
+        tools.ipset(_destroy_text([*temp.values(), *(n for n in state.sets if n not in wanted)]))
+    except BackendError as err:
+        _drop_unused_temps(tools)
+        raise BackendError(f"{err}\nthe policy may be partly applied: run 'isoebpf load' again, "
+                           "or 'isoebpf unload'") from err
+
+
+def _drop_unused_temps(tools: _Tools) -> None:
+    """Destroy temporary sets no rule uses (those in use carry the policy in force)."""
+    listing = tools.run(["ipset", "list", "-t"])
+    unused = re.findall(rf"^Name: ({TMP_PREFIX}\d+)\n(?:.+\n)*?References: 0$", listing,
+                        re.MULTILINE)
+    tools.ipset(_destroy_text(unused))
+
+
+def _destroy_text(names: Iterable[str]) -> str:
+    return "".join(f"destroy {name}\n" for name in names)
+
+
+# -- connection tracking ------------------------------------------------------------------
+
+
+def _conntrack(netns: str | None, family: int) -> Any:
+    try:
+        return Conntrack(nfgen_family=family, **({"netns": netns} if netns else {}))
+    except (OSError, NetlinkError) as err:
+        raise BackendError(f"cannot open conntrack netlink in {netns or 'this namespace'}: {err}") \
+            from err
+
+
+def _first_packet(entry: Any) -> Packet:
+    """The packet that opened a tracked connection, as the evaluator reads it."""
+    t = entry.tuple_orig
+    proto = int(t.proto)
+    ident = int(t.icmp_id or 0)
+    return Packet(netaddr.IPAddress(t.saddr), netaddr.IPAddress(t.daddr), proto,
+                  sport=int(t.sport or 0), dport=int(t.dport or 0), tcp_flags=TCP_SYN,
+                  icmp_type=int(t.icmp_type or ICMP_ECHO_REQUEST.get(proto, 0)), icmp_id=ident)
+
+
+def revoke(netns: str | None, ir: IR) -> int:
+    """Delete the conntrack entries of connections `ir` does not allow; return how many."""
+    classifier = Classifier(ir)
+    cut = 0
+    for family in (socket.AF_INET, socket.AF_INET6):
+        ct = _conntrack(netns, family)
+        try:
+            doomed = [e for e in ct.dump_entries()
+                      if classifier.judge(_first_packet(e)).action != "allow"]
+            for entry in doomed:
+                try:
+                    ct.delete(entry)
+                except NetlinkError as err:
+                    if err.code != errno.ENOENT:  # gone already: ended or timed out meanwhile
+                        raise BackendError(f"cannot delete a conntrack entry: {err}") from err
+            cut += len(doomed)
+        finally:
+            ct.close()
+    return cut
+
+
+def _count_connections(netns: str | None, overlays: netaddr.IPSet) -> int:
+    """Tracked connections between two overlay addresses: those the policy judges."""
+    count = 0
+    for family in (socket.AF_INET, socket.AF_INET6):
+        ct = _conntrack(netns, family)
+        try:
+            count += sum(1 for e in ct.dump_entries()
+                         if e.tuple_orig.saddr in overlays and e.tuple_orig.daddr in overlays)
+        finally:
+            ct.close()
+    return count
+
+
+# -- the three calls ------------------------------------------------------------------------
+
+
+def _bridge_gap(tools: _Tools, layout: Layout, ir: IR) -> str | None:
+    """Why bridged traffic would escape an isolated overlay here, or None."""
+    if not any(o.isolated for o in ir.overlays):
+        return None
+    if not tools.run(["ip", "-o", "link", "show", "type", "bridge"]).strip():
+        return None
+    for version in layout.families:
+        try:
+            value = tools.run(["sysctl", "-n", BRIDGE_SYSCTL[version]]).strip()
+        except BackendError:
+            value = "absent (br_netfilter is not loaded)"
+        if value != "1":
+            return (f"{tools.where} has bridges, but {BRIDGE_SYSCTL[version]} is {value}: packets "
+                    "between hosts on one bridge skip iptables, so an isolated overlay would not "
+                    f"be isolated there. Run 'modprobe br_netfilter' and 'sysctl -w "
+                    f"{BRIDGE_SYSCTL[version]}=1' in it, or use --backend ebpf")
+    return None
+
+
+def _why(kind: str, found: Sequence[str], hidden: Sequence[str]) -> str:
+    missing = [t for t in SET_TYPES if t not in found]
+    if not missing:
+        return f"{kind} layout"
+    if hidden:
+        return f"{kind} layout: {TEST_MISSING_TYPES} hides {', '.join(hidden)}"
+    return f"{kind} layout: the kernel has no {', '.join(missing)}"
+
+
+def _attachments(layout: Layout, tools: _Tools, why: str) -> list[Attachment]:
+    return [Attachment("FORWARD", 0, IP_VERSIONS[v],
+                       f"jump to {layout.chain} (iptables-{tools.flavour}; {why})")
+            for v in sorted(layout.families)]
+
+
+def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
+         force: bool = False, chain: str | None = None) -> LoadReport:
+    """Enforce `ir` in the scope's namespace, or update what is enforced there.
+
+    `globs`, `mode` and `force` are the eBPF backend's: here every forwarded
+    packet passes FORWARD, whatever its interface. `chain` names the isolation
+    chain (default: the one in force, else dcos-isolation).
+    """
+    with scope.locked():
+        started = time.monotonic()
+        try:
+            record = scope.read()
+        except StateError:
+            record = None
+        mine = record if record and record.get("backend") == BACKEND else None
+        tools = _Tools(scope.netns, flavour())
+        found, hidden = set_types()
+        layout = build(ir, chain or (mine or {}).get("chain") or DEFAULT_CHAIN, found)
+        gap = _bridge_gap(tools, layout, ir)
+        if gap:
+            raise BackendError(gap)
+        state = _read_state(tools)
+        drifted = differences(layout, state)
+        generation = int((mine or {}).get("generation", 0))
+        if drifted or not mine or mine.get("digest") != ir.digest:
+            _apply(tools, layout, state)
+            generation += 1
+        revoked = revoke(scope.netns, ir)
+        why = _why(layout.kind, found, hidden)
+        attachments = _attachments(layout, tools, why)
+        scope.write({
+            "backend": BACKEND,
+            "netns": scope.netns,
+            "digest": ir.digest,
+            "policy": os.path.abspath(policy_path),
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "generation": generation,
+            "rules": [[r.id, r.name, r.text] for r in ir.rules],
+            "attachments": [a.as_record() for a in attachments],
+            "chain": layout.chain,
+            "flavour": tools.flavour,
+            "iptables_layout": layout.kind,
+            "set_types": list(found),
+            "sets": [s.name for s in layout.sets],
+            "revoked": revoked,
+        })
+    return LoadReport(generation, False, 0.0, time.monotonic() - started, tuple(attachments),
+                      None)
+
+
+def drift(scope: Scope, ir: IR) -> list[str]:
+    """What in the kernel differs from the policy in force ('<kind>: <what>'); [] if nothing."""
+    record = scope.read()
+    if record is None or record.get("backend") != BACKEND:
+        return ["state: no iptables record"]
+    tools = _Tools(scope.netns, str(record["flavour"]))
+    found, _ = set_types()
+    layout = build(ir, str(record["chain"]), found)
+    return differences(layout, _read_state(tools))
+
+
+def status(scope: Scope) -> dict[str, Any] | None:
+    record = scope.read()
+    if record is None or record.get("backend") != BACKEND:
+        return record
+    tools = _Tools(scope.netns, str(record["flavour"]))
+    chain = str(record["chain"])
+    counted: dict[str, list[int]] = {}
+
+    def count(name: str | None, packets: int, octets: int) -> None:
+        if name:
+            totals = counted.setdefault(name, [0, 0])
+            totals[0] += packets
+            totals[1] += octets
+
+    for version in (4, 6):
+        family = _read_family(tools, version)
+        for _, spec, packets, octets in family.forward:
+            count(_tag(spec), packets, octets)
+        for spec, packets, octets in family.chains.get(chain, []):
+            count(_tag(spec), packets, octets)
+    saved = {n: s for n, s in tools.sets().items() if n in set(record["sets"])}
+    for s in saved.values():
+        for element in s.elements:
+            count(element.comment, element.packets, element.bytes)
+    # What reached our jump but did not take it: outside the overlays, or an exception's.
+    exceptions = [sum(counted.get(r[1], [0, 0])[i] for r in record["rules"]
+                      if str(r[1]).startswith("exception:")) for i in (0, 1)]
+    forwarded, jumped = counted.get(FORWARDED, [0, 0]), counted.get(JUMP, [0, 0])
+    full = record["iptables_layout"] == "full"
+    count("unfiltered", *(forwarded[i] - jumped[i] - (exceptions[i] if full else 0) for i in (0, 1)))
+    record["counters"] = [
+        {"rule": name, "text": text, "packets": counted.get(name, [0, 0])[0],
+         "bytes": counted.get(name, [0, 0])[1]}
+        for _, name, text in record["rules"] if name not in NOT_MEASURED]
+    overlays = netaddr.IPSet(netaddr.IPNetwork(e.fields[0]) for v in (4, 6)
+                             for e in getattr(saved.get(f"{SET_PREFIX[v]}-overlays"), "elements", []))
+    record["connections"] = _count_connections(scope.netns, overlays)
+    record["sets"] = {n: {"type": s.type, "family": "inet6" if s.version == 6 else "inet",
+                          "entries": len(s.elements), "max_entries": s.maxelem}
+                      for n, s in sorted(saved.items())}
+    for a in record["attachments"]:
+        family = _read_family(tools, 4 if a["mode"] == "iptables" else 6)
+        jumps = [p for p, spec, _, _ in family.forward if spec.endswith(f"-j {chain}")]
+        a["state"] = "attached" if jumps else "detached"
+        if jumps:
+            a["position"] = jumps[0]
+    return record
+
+
+def unload(scope: Scope) -> list[str]:
+    """Remove our FORWARD rules, chains and sets from the scope's namespace; safe to repeat.
+
+    Works without a state record: our rules carry the `isoebpf` comment, our
+    sets have our names.
+    """
+    with scope.locked():
+        try:
+            record = scope.read()
+        except StateError:
+            record = None
+        mine = record if record and record.get("backend") == BACKEND else None
+        tools = _Tools(scope.netns, str(mine["flavour"]) if mine else flavour())
+        removed: list[str] = []
+        for version in (4, 6):
+            family = _read_family(tools, version)
+            chains = _our_chains(family, (mine or {}).get("chain"), DEFAULT_CHAIN)
+            ops = [*_forward_ops(family, []), *(o for c in chains for o in (f"-F {c}", f"-X {c}"))]
+            if ops:
+                tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
+                what = f"{IP_VERSIONS[version]} FORWARD rules ({len(family.forward)})"
+                removed += [what, *(f"{IP_VERSIONS[version]} chain {c}" for c in chains)]
+        ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
+        tools.ipset(_destroy_text(ours))
+        removed += [f"ipset {name}" for name in ours]
+        if mine:
+            scope.forget()
+        return removed
