@@ -261,7 +261,7 @@ static __always_inline void judge_filtered(const struct packet *pkt, const struc
 }
 
 /* The verdict for a parsed IP packet. */
-static __always_inline void classify_ip(const struct packet *pkt, __u64 now, struct verdict *v)
+static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct verdict *v)
 {
 	struct endpoints ends;
 	struct params *p;
@@ -292,10 +292,16 @@ static __always_inline void classify_ip(const struct packet *pkt, __u64 now, str
 		return;
 	}
 	judge_filtered(pkt, &ends, v->gen, p, now, v);
-	/*
-	 * Only filtered first fragments are remembered: the fragments of an
-	 * unfiltered datagram are unfiltered too and never ask.
-	 */
+}
+
+/*
+ * Every first fragment's verdict is remembered, an unfiltered one too: if a
+ * new policy filters the pair before the later fragments arrive, they still
+ * follow their first fragment, so no datagram is judged half by each policy.
+ */
+static __always_inline void classify_ip(const struct packet *pkt, __u64 now, struct verdict *v)
+{
+	judge_ip(pkt, now, v);
 	if (pkt->first_fragment)
 		fragment_remember(pkt, v->action, v->rule, now);
 }
