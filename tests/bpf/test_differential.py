@@ -66,7 +66,6 @@ SWITCH_SHARE = 0.3  # episodes that change policy midway
 # closing and idle expiry observable without waiting.
 TICK = 0.001
 INSTANT = 1e-6
-PTB_V6 = 2  # ICMPv6 packet too big
 
 # What each frame is, by weight.
 KINDS = {

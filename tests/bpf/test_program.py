@@ -1,0 +1,135 @@
+"""The program's other duties: events, readers for `status`, pins, and map limits."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from isoebpf import abi, policy
+from isoebpf.backends import bpfsys, program
+from isoebpf.compiler import compile_policy
+from isoebpf.errors import BackendError
+from isoebpf.evaluate import TCP_SYN
+from tests.bpf.cases import HR, IT, POLICY, SYN_80, tcp
+from tests.bpf.harness import Datapath
+from tests.packets import build
+
+pytestmark = pytest.mark.bpf
+
+THREE_OVERLAYS = """\
+version: 1
+overlays:
+  a: {subnets: [10.1.0.0/16]}
+  b: {subnets: [10.2.0.0/16]}
+  c: {subnets: [10.3.0.0/16]}
+allow:
+  - {from: a, to: b}
+  - {from: b, to: c}
+"""
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """Per-CPU token buckets: keep every test run on one CPU."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.fixture
+def loaded(datapath: Datapath) -> Datapath:
+    datapath.load(compile_policy(policy.loads(POLICY)))
+    datapath.clear_state()
+    return datapath
+
+
+def test_events_are_rate_limited(loaded: Datapath, one_cpu: None) -> None:
+    seen: list[abi.VerdictEvent] = []
+
+    def collect(cpu: int, data: int, size: int) -> None:
+        seen.append(abi.VerdictEvent.from_buffer_copy(ctypes.string_at(data, size)))
+
+    bpf = loaded.compiled.bpf
+    bpf[b"events"].open_perf_buffer(collect)
+    try:
+        program.set_event_rate(loaded.maps, 3)
+        for sport in range(10):
+            loaded.run("xdp", build(tcp(HR, IT, 80, sport=50000 + sport)))
+        program.set_event_rate(loaded.maps, 0)
+        for sport in range(10):
+            loaded.run("xdp", build(tcp(HR, IT, 22, sport=50000 + sport)))
+        bpf.perf_buffer_poll(timeout=200)
+    finally:
+        program.set_event_rate(loaded.maps, 0)  # the perf buffer closes with the program
+    assert len(seen) == 3
+    first = seen[0]
+    assert program.address(first.family, first.src) == HR
+    assert program.address(first.family, first.dst) == IT
+    assert (first.dport, first.proto, abi.ACTION_NAMES[first.action]) == (80, 6, "allow")
+    names = {r.id: r.name for r in compile_policy(policy.loads(POLICY)).rules}
+    assert names[first.rule] == "allow:0"
+
+
+def test_status_readers(loaded: Datapath) -> None:
+    loaded.run("tc", build(SYN_80))
+    flows = {program.flow_of(key): state for key, state in program.connections(loaded.maps)}
+    assert (6, HR, 40000, IT, 80) in flows
+    assert flows[(6, HR, 40000, IT, 80)].gen == loaded.gen
+    assert program.count_connections(loaded.maps) == len(flows)
+    rule = {r.name: r.id for r in compile_policy(policy.loads(POLICY)).rules}["allow:0"]
+    assert program.read_counters(loaded.maps, loaded.gen)[rule] == program.read_counter(
+        loaded.maps, loaded.gen, rule) == (1, len(build(SYN_80)))
+    fill = program.map_fill(loaded.maps)
+    assert fill["conntrack"]["entries"] == len(flows)
+    assert program.first_packet(next(k for k, _ in program.connections(loaded.maps))).tcp_flags == TCP_SYN
+
+
+def test_pins_and_names(loaded: Datapath) -> None:
+    pin = Path(f"/sys/fs/bpf/isoebpf-test-{os.getpid()}")
+    bpfsys.obj_pin(loaded.maps["conntrack"], str(pin))
+    try:
+        with pytest.raises(BackendError, match="exists already"):
+            bpfsys.obj_pin(loaded.maps["conntrack"], str(pin))
+        fd = bpfsys.obj_get(str(pin))
+        try:
+            info = bpfsys.map_info(fd)
+            assert (info.name, info.key_size) == ("conntrack", ctypes.sizeof(abi.FlowKey))
+        finally:
+            os.close(fd)
+    finally:
+        pin.unlink()
+    with pytest.raises(BackendError, match="no pinned object"):
+        bpfsys.obj_get(str(pin))
+    prog = bpfsys.prog_info(loaded.compiled.prog_fds["xdp"])
+    assert bpfsys.prog_name(prog.id) == program.XDP_NAME
+
+
+def test_map_limits_say_what_to_raise() -> None:
+    small = program.compile_program({"ISOEBPF_MAX_HAIRPINS": 2, "ISOEBPF_MAX_RULES": 20})
+    try:
+        assert program.max_rules(small.map_fds) == 20
+        three = compile_policy(policy.loads(THREE_OVERLAYS))
+        with pytest.raises(BackendError, match=r"needs 21 rule counters .* raise ISOEBPF_MAX_RULES"):
+            program.write_generation(small.map_fds, three, 1)
+        without_rules = compile_policy(policy.loads(THREE_OVERLAYS.split("allow:")[0]))
+        with pytest.raises(BackendError, match=r"map hairpins is full \(2 entries\): raise "
+                                               r"ISOEBPF_MAX_HAIRPINS"):
+            program.write_generation(small.map_fds, without_rules, 1)
+    finally:
+        small.close()
+
+
+def test_sizes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISOEBPF_MAX_CONNECTIONS", "4096")
+    assert program.size_flags({"ISOEBPF_MAX_RULES": 64}) == [
+        "-DISOEBPF_MAX_CONNECTIONS=4096", "-DISOEBPF_MAX_RULES=64"]
+    monkeypatch.setenv("ISOEBPF_MAX_CONNECTIONS", "lots")
+    with pytest.raises(BackendError, match="positive number"):
+        program.size_flags()
