@@ -175,7 +175,7 @@ def render(policy_file: str, backend_name: str, chain: str, layout_kind: str) ->
     for header, text in (("ipset restore", ipset_text), ("iptables-restore --noflush", v4),
                          ("ip6tables-restore --noflush", v6)):
         click.echo(f"# {header}")
-        click.echo(text or "# (nothing: the policy has no subnets of this family)\n", nl=False)
+        click.echo(text, nl=False)
 
 
 @main.command(name="import")

@@ -132,7 +132,7 @@ def _element_count(element: str) -> int:
 @dataclass(frozen=True)
 class FamilyRules:
     forward: tuple[str, ...]  # our FORWARD rules, in order, without "-A FORWARD"
-    chain: tuple[str, ...]  # the isolation chain's rules, without "-A CHAIN"
+    chain: tuple[str, ...]  # the isolation chain's rules, without "-A CHAIN"; () for no chain
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,8 @@ def build(ir: IR, chain: str = DEFAULT_CHAIN, set_types: Iterable[str] = SET_TYP
     for version in (4, 6):
         tree = _ClassTree(ir, version)
         if not tree.classes:
+            # Nothing to judge in this family; still count what passes, as `unfiltered`.
+            families[version] = FamilyRules((f'-m comment --comment "{comment(FORWARDED)}"',), ())
             continue
         builder = _FamilyBuilder(ir, tree, chain, kind)
         families[version] = builder.rules()
@@ -177,7 +179,7 @@ def render(ir: IR, chain: str = DEFAULT_CHAIN,
            set_types: Iterable[str] = SET_TYPES) -> tuple[str, str, str]:
     """(ipset restore input, iptables-restore input, ip6tables-restore input) for a first load.
 
-    A family the policy has no subnets in gets an empty text.
+    A family the policy has no subnets in gets only the rule counting what passes.
     """
     layout = build(ir, chain, set_types)
     return ipset_restore(layout), iptables_restore(layout, 4), iptables_restore(layout, 6)
@@ -213,14 +215,13 @@ def iptables_restore(layout: Layout, version: int, forward_ops: Iterable[str] | 
     The chain line flushes our chain and nothing else; `forward_ops` are the
     FORWARD edits (default: insert ours at the top, as on a first load).
     """
-    rules = layout.families.get(version)
-    if rules is None:
-        return ""
+    rules = layout.families[version]
     mapping = names or {}
     if forward_ops is None:
         forward_ops = [f"-I FORWARD {i} {rename_sets(spec, mapping)}"
                        for i, spec in enumerate(rules.forward, start=1)]
-    lines = ["*filter", f":{layout.chain} - [0:0]", *forward_ops,
+    chain = [f":{layout.chain} - [0:0]"] if rules.chain else []
+    lines = ["*filter", *chain, *forward_ops,
              *(f"-A {layout.chain} {rename_sets(spec, mapping)}" for spec in rules.chain),
              "COMMIT"]
     return "".join(f"{line}\n" for line in lines)

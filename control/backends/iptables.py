@@ -253,21 +253,23 @@ def differences(layout: Layout, state: _State) -> list[str]:
     wanted = {s.name for s in layout.sets}
     found += [f"set: {name} is left over" for name in state.sets if name not in wanted]
     for version, family in state.families.items():
-        rules = layout.families.get(version)
+        rules = layout.families[version]
         tool = IP_VERSIONS[version]
-        if rules is None:
-            if family.forward or _our_chains(family, layout.chain):
-                found.append(f"chain: {tool} rules are left over")
-            continue
         positions = [p for p, _, _, _ in family.forward]
         if [spec for _, spec, _, _ in family.forward] != list(rules.forward) or \
                 positions != list(range(positions[0], positions[0] + len(positions))):
             found.append(f"jump: {tool} FORWARD rules are missing or changed")
-        if [spec for spec, _, _ in family.chains.get(layout.chain, [])] != list(rules.chain):
+        if rules.chain and [spec for spec, _, _ in family.chains.get(layout.chain, [])] != \
+                list(rules.chain):
             found.append(f"chain: {tool} {layout.chain} is missing or changed")
-        stale = [c for c in _our_chains(family) if c != layout.chain]
-        found += [f"chain: {tool} {c} is left over" for c in stale]
+        found += [f"chain: {tool} {c} is left over" for c in _stale_chains(layout, version, family)]
     return found
+
+
+def _stale_chains(layout: Layout, version: int, family: _Family) -> list[str]:
+    """Our chains present that `layout` does not have in this family."""
+    keep = layout.chain if layout.families[version].chain else None
+    return [c for c in _our_chains(family, layout.chain) if c != keep]
 
 
 def _forward_ops(family: _Family, specs: Sequence[str]) -> list[str]:
@@ -284,18 +286,10 @@ def _switch(tools: _Tools, layout: Layout, names: dict[str, str]) -> None:
     """One transaction per family: our rules as `layout` says, sets under `names`."""
     for version in (4, 6):
         family = _read_family(tools, version)
-        stale = [c for c in _our_chains(family) if c != layout.chain]
-        drop = [op for c in stale for op in (f"-F {c}", f"-X {c}")]
-        rules = layout.families.get(version)
-        if rules is None:
-            mine = _our_chains(family, layout.chain)
-            ops = [*_forward_ops(family, []), *(o for c in mine for o in (f"-F {c}", f"-X {c}"))]
-            if len(ops) > 0:
-                tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
-            continue
-        specs = [rename_sets(spec, names) for spec in rules.forward]
-        text = iptables_restore(layout, version, _forward_ops(family, specs) + drop, names)
-        tools.restore(version, text)
+        drop = [op for c in _stale_chains(layout, version, family) for op in (f"-F {c}", f"-X {c}")]
+        specs = [rename_sets(spec, names) for spec in layout.families[version].forward]
+        tools.restore(version, iptables_restore(layout, version, _forward_ops(family, specs) + drop,
+                                                names))
 
 
 def _in_use(state: _State) -> set[str]:
@@ -429,7 +423,7 @@ def _bridge_gap(tools: _Tools, layout: Layout, ir: IR) -> str | None:
         return None
     if not tools.run(["ip", "-o", "link", "show", "type", "bridge"]).strip():
         return None
-    for version in layout.families:
+    for version in (v for v, rules in layout.families.items() if rules.chain):
         try:
             value = tools.run(["sysctl", "-n", BRIDGE_SYSCTL[version]]).strip()
         except BackendError:
@@ -454,7 +448,7 @@ def _why(kind: str, found: Sequence[str], hidden: Sequence[str]) -> str:
 def _attachments(layout: Layout, tools: _Tools, why: str) -> list[Attachment]:
     return [Attachment("FORWARD", 0, IP_VERSIONS[v],
                        f"jump to {layout.chain} (iptables-{tools.flavour}; {why})")
-            for v in sorted(layout.families)]
+            for v, rules in sorted(layout.families.items()) if rules.chain]
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,

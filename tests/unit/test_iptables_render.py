@@ -242,7 +242,8 @@ def test_seed_renders_the_documented_layout_in_working_order() -> None:
         '-m comment --comment "isoebpf default" -j REJECT --reject-with icmp-admin-prohibited',
     ]
     assert lines[-1] == "COMMIT"
-    assert v6 == "", "no IPv6 subnets, no ip6tables rules"
+    assert v6 == '*filter\n-I FORWARD 1 -m comment --comment "isoebpf forwarded"\nCOMMIT\n', \
+        "no IPv6 subnets: only the rule counting unfiltered packets"
 
 
 def test_full_layout_puts_the_guides_sets_before_the_default() -> None:
