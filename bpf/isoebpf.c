@@ -61,7 +61,11 @@ int tc_isoebpf(struct __sk_buff *skb)
 
 	frame = parse_frame(data, data_end, &pkt);
 	if (parse_wants_more(frame, &pkt) && data_end - data < skb_len) {
-		/* Headers reach into a nonlinear skb's fragments: pull them in, parse again. */
+		/*
+		 * Headers reach into a nonlinear skb's fragments: pull them in and
+		 * parse again (should the pull fail, the second parse sees what the
+		 * first did). The pull may move the data: re-read the pointers.
+		 */
 		bpf_skb_pull_data(skb, skb_len < TC_PARSE_BYTES ? skb_len : TC_PARSE_BYTES);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;

@@ -94,7 +94,7 @@ static __always_inline int reply_plan(const struct packet *pkt, __u32 frame_len,
 	__u32 limit = pkt->family == FAMILY_IPV4 ? REPLY_MAX_IPV4 : REPLY_MAX_IPV6;
 	__u32 quote;
 
-	if (!reply_allowed(pkt) || frame_len < pkt->l3_off)
+	if (!reply_allowed(pkt))
 		return -1;
 	if (pkt->proto == IPPROTO_TCP) {
 		/* The parsed headers are at least this long: the frame only shrinks. */
