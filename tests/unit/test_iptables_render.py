@@ -16,10 +16,13 @@ from pathlib import Path
 
 import netaddr
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isoebpf import policy
+from isoebpf.backends import iptables as iptables_backend
+from isoebpf.cli import main
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
 from isoebpf.evaluate import IPPROTO_ICMPV6, Classifier, Packet, decide
@@ -342,3 +345,25 @@ def test_forward_edits_and_renamed_sets_are_the_backends_to_choose() -> None:
     assert "-R FORWARD 7 x\n" in text and "-I FORWARD" not in text
     assert "--match-set isoebpf-tmp-0 src -m set --match-set isoebpf-tmp-0 dst" in text
     assert "dcos.it" not in text
+
+
+def _readme_block(command: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"$ {command}\n") + len(command) + 3
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.parametrize("command", [
+    "isoebpf render examples/it-hr.yaml --backend iptables",
+    "isoebpf render examples/it-hr.yaml --backend iptables --layout full",
+    "isoebpf import --iptables-save tests/data/guide-iptables.save "
+    "--ipset-save tests/data/guide-ipset.save",
+])
+def test_readme_shows_what_the_commands_print(command: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `load` finds on this project's machines: hash:net, but neither of the other two.
+    monkeypatch.setattr(iptables_backend, "set_types", lambda: ((NET,), ()))
+    monkeypatch.chdir(ROOT)
+    done = CliRunner().invoke(main, command.split()[1:])
+    assert done.exit_code == 0, done.output
+    assert done.stderr + done.stdout == _readme_block(command)
