@@ -206,25 +206,20 @@ def _our_chains(family: _Family, *names: str | None) -> list[str]:
     return found
 
 
-def _normal_field(text: str) -> tuple[str, ...]:
-    """One element field in one spelling: CIDRs with their length, port ranges as ports."""
-    if ":" in text and "/" not in text and not text[0].isdigit() and "." not in text:
-        proto, _, ports = text.partition(":")
-        low, _, high = ports.partition("-")
-        return tuple(f"{proto}:{p}" for p in range(int(low), int(high or low) + 1))
-    if ":" in text or "." in text:
-        return (str(netaddr.IPNetwork(text).cidr),)
-    return (text,)
-
-
 def _elements(fields_and_notes: Iterable[tuple[Sequence[str], str | None]]) -> set[tuple[Any, ...]]:
+    """Set elements in one spelling: CIDRs with their length, a port range as its ports."""
     found: set[tuple[Any, ...]] = set()
     for fields, note in fields_and_notes:
-        expanded = [_normal_field(f) for f in fields]
-        if len(expanded) == 3:
-            found.update((expanded[0][0], port, expanded[2][0], note) for port in expanded[1])
+        ends = [str(netaddr.IPNetwork(fields[0]).cidr), str(netaddr.IPNetwork(fields[-1]).cidr)]
+        if len(fields) == 1:
+            found.add((ends[0], note))
+        elif len(fields) == 2:
+            found.add((*ends, note))
         else:
-            found.add((*(e[0] for e in expanded), note))
+            proto, _, ports = fields[1].partition(":")
+            low, _, high = ports.partition("-")
+            found.update((ends[0], proto, port, ends[1], note)
+                         for port in range(int(low), int(high or low) + 1))
     return found
 
 
@@ -526,8 +521,8 @@ def status(scope: Scope) -> dict[str, Any] | None:
             totals[0] += packets
             totals[1] += octets
 
-    for version in (4, 6):
-        family = _read_family(tools, version)
+    families = {v: _read_family(tools, v) for v in (4, 6)}
+    for family in families.values():
         for _, spec, packets, octets in family.forward:
             count(_tag(spec), packets, octets)
         for spec, packets, octets in family.chains.get(chain, []):
@@ -536,12 +531,15 @@ def status(scope: Scope) -> dict[str, Any] | None:
     for s in saved.values():
         for element in s.elements:
             count(element.comment, element.packets, element.bytes)
-    # What reached our jump but did not take it: outside the overlays, or an exception's.
-    exceptions = [sum(counted.get(r[1], [0, 0])[i] for r in record["rules"]
-                      if str(r[1]).startswith("exception:")) for i in (0, 1)]
-    forwarded, jumped = counted.get(FORWARDED, [0, 0]), counted.get(JUMP, [0, 0])
-    full = record["iptables_layout"] == "full"
-    count("unfiltered", *(forwarded[i] - jumped[i] - (exceptions[i] if full else 0) for i in (0, 1)))
+    # Reached our FORWARD rules without taking the jump: outside the overlays, or (full
+    # layout, where the jump itself skips them) an exception's.
+    unfiltered = [counted.get(FORWARDED, [0, 0])[i] - counted.get(JUMP, [0, 0])[i] for i in (0, 1)]
+    if record["iptables_layout"] == "full":
+        for _, name, _ in record["rules"]:
+            if str(name).startswith("exception:"):
+                unfiltered = [u - c for u, c in zip(unfiltered, counted.get(name, [0, 0]),
+                                                    strict=True)]
+    count("unfiltered", *unfiltered)
     record["counters"] = [
         {"rule": name, "text": text, "packets": counted.get(name, [0, 0])[0],
          "bytes": counted.get(name, [0, 0])[1]}
@@ -553,7 +551,7 @@ def status(scope: Scope) -> dict[str, Any] | None:
                           "entries": len(s.elements), "max_entries": s.maxelem}
                       for n, s in sorted(saved.items())}
     for a in record["attachments"]:
-        family = _read_family(tools, 4 if a["mode"] == "iptables" else 6)
+        family = families[4 if a["mode"] == "iptables" else 6]
         jumps = [p for p, spec, _, _ in family.forward if spec.endswith(f"-j {chain}")]
         a["state"] = "attached" if jumps else "detached"
         if jumps:
@@ -581,8 +579,9 @@ def unload(scope: Scope) -> list[str]:
             ops = [*_forward_ops(family, []), *(o for c in chains for o in (f"-F {c}", f"-X {c}"))]
             if ops:
                 tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
-                what = f"{IP_VERSIONS[version]} FORWARD rules ({len(family.forward)})"
-                removed += [what, *(f"{IP_VERSIONS[version]} chain {c}" for c in chains)]
+                tool = IP_VERSIONS[version]
+                removed += [f"{tool} FORWARD rule {_tag(spec)}" for _, spec, _, _ in family.forward]
+                removed += [f"{tool} chain {c}" for c in chains]
         ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
         tools.ipset(_destroy_text(ours))
         removed += [f"ipset {name}" for name in ours]
