@@ -26,9 +26,7 @@ from .errors import Diagnostic, IsoebpfError, PolicyError
 from .iptables_layout import NET, NET_NET, NET_PORT_NET, SET_PREFIX, TAG
 
 LIST_SET = "list:set"
-TERMINAL = {"REJECT", "DROP", "RETURN", "ACCEPT"}
 ALLOWING = {"RETURN", "ACCEPT"}
-OVERLAY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,23}\Z")
 RESERVED = ("dcos-", "mesos-")
 RULE_COMMENT = re.compile(r"(allow|exception):(\d+)\Z")
 PORT_FIELD = re.compile(r"(?:(tcp|udp):)?(\d+)(?:-(\d+))?\Z")
@@ -79,7 +77,6 @@ class Rule:
     icmp_type: str | None = None
     comment: str | None = None
     target: str | None = None
-    reject_with: str | None = None
     unknown: tuple[str, ...] = ()  # options this reader does not model
 
     @property
@@ -216,8 +213,8 @@ def _parse_rule(chain: str, line: int, words: list[str]) -> Rule:
             values["dst"] = arg
         elif word in ("-p", "--protocol"):
             values["proto"] = arg
-        elif word in ("-m", "--match"):
-            pass
+        elif word in ("-m", "--match", "--reject-with"):
+            pass  # modules load with their options; how a REJECT answers is not policy
         elif word in ("--dport", "--destination-port", "--dports", "--destination-ports"):
             values["dports"] = tuple(_port_range(p) for p in arg.split(","))
         elif word in ("--ctstate", "--state"):
@@ -228,8 +225,6 @@ def _parse_rule(chain: str, line: int, words: list[str]) -> Rule:
             values["comment"] = arg
         elif word in ("-j", "--jump"):
             values["target"] = arg
-        elif word == "--reject-with":
-            values["reject_with"] = arg
         else:
             unknown.append(f"{word} {arg}".strip())
         negate = False
