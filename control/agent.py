@@ -32,6 +32,9 @@ from .errors import IsoebpfError, PolicyError
 from .ir import IR
 from .state import Scope
 
+# (stop, listening) -> names of new interfaces, as links.new_links yields them.
+LinkEvents = Callable[[threading.Event, threading.Event], Iterator[str]]
+
 
 @dataclass
 class Stats:
@@ -151,13 +154,15 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------------
 
-    def run(self, stop: threading.Event,
-            link_events: Callable[[threading.Event], Iterator[str]] | None = None) -> None:
+    def run(self, stop: threading.Event, link_events: LinkEvents | None = None) -> None:
         self.log("started", policy=self.policy_path, netns=self.netns)
-        self.check_policy()
         if link_events is not None:
-            threading.Thread(target=self._follow_links, args=(stop, link_events),
+            # Listen before the first apply lists the interfaces, so none slips between.
+            listening = threading.Event()
+            threading.Thread(target=self._follow_links, args=(stop, listening, link_events),
                              daemon=True).start()
+            listening.wait(timeout=10)
+        self.check_policy()
         next_repair = time.monotonic() + self.repair_interval
         while not stop.wait(self.poll_interval):
             self.check_policy()
@@ -169,9 +174,9 @@ class Agent:
                 next_repair = time.monotonic() + self.repair_interval
         self.log("stopped", note="enforcement stays in place; 'isoebpf unload' removes it")
 
-    def _follow_links(self, stop: threading.Event,
-                      link_events: Callable[[threading.Event], Iterator[str]]) -> None:
-        for ifname in link_events(stop):
+    def _follow_links(self, stop: threading.Event, listening: threading.Event,
+                      link_events: LinkEvents) -> None:
+        for ifname in link_events(stop, listening):
             try:
                 self.on_new_link(ifname, time.monotonic())
             except IsoebpfError as err:

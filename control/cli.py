@@ -275,7 +275,7 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
         signal.signal(signum, lambda *_: stop.set())
     if metrics:
         _serve_metrics(metrics, runner)
-    runner.run(stop, lambda until: links.new_links(netns, until))
+    runner.run(stop, lambda until, listening: links.new_links(netns, until, listening))
 
 
 def _serve_metrics(address: str, runner: Any) -> None:

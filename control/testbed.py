@@ -39,6 +39,8 @@ class Host:
 
 @dataclass
 class Testbed:
+    __test__ = False  # not a pytest class, despite the name
+
     networks: Sequence[Network]
     hosts: list[Host]
     prefix: str = field(default_factory=lambda: f"iso{os.getpid() % 100000}")

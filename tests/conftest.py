@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
+
+
+
+_PYTEST_PID = os.getpid()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _PYTEST_PID:
+        # A fork of this process (pyroute2 forks to open sockets in namespaces)
+        # must just die: unwinding pytest there would run teardowns twice.
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A terminated run (CI's time limit, `timeout`) still tears down its namespaces,
+# pins and attachments: pytest runs fixture finalizers on KeyboardInterrupt.
+signal.signal(signal.SIGTERM, _interrupt)
 
 _TIERS = {"unit": "unit", "bpf": "bpf", "integration": "integration"}
 

@@ -146,12 +146,14 @@ def detach_tc(sock: Any, link: Link, remove_clsact: bool) -> None:
             raise BackendError(f"cannot detach TC from {link.name}: {err}") from err
 
 
-def new_links(netns: str | None, stop: Any) -> Iterator[str]:
-    """Names of interfaces as they appear (RTM_NEWLINK). Blocks on netlink: run it
-    in a daemon thread; `stop` is honoured at the next event."""
+def new_links(netns: str | None, stop: Any, listening: Any) -> Iterator[str]:
+    """Names of interfaces as they appear (RTM_NEWLINK). Sets `listening` once no
+    new link can be missed. Blocks on netlink: run it in a daemon thread; `stop`
+    is honoured at the next event."""
     with netlink(netns) as sock:
         sock.bind()  # joins the link multicast group, among others
         known = {link.index for link in links(sock)}
+        listening.set()
         while not stop.is_set():
             for msg in sock.get():
                 if msg.get("event") != "RTM_NEWLINK" or msg["index"] in known:

@@ -1,0 +1,163 @@
+"""The agent with real namespaces: file watch, new interfaces, repair, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from isoebpf.testbed import Host, Testbed
+from tests.integration.conftest import ROOT, isoebpf
+
+SEED = ROOT / "examples" / "it-hr.yaml"
+METRICS_PORT = 19477
+ATTACH_BOUND_MS = 100
+REPAIR_BOUND_S = 2.0
+
+
+class AgentProcess:
+    def __init__(self, policy: Path, netns: str) -> None:
+        self.events: list[dict[str, object]] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "isoebpf.cli", "agent", str(policy), "--netns", netns,
+             "--iface", "v-*", "--metrics", f"127.0.0.1:{METRICS_PORT}",
+             "--repair-interval", "0.5"],
+            stderr=subprocess.PIPE, cwd=ROOT)
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """Lines of the agent's log into a queue; "" at the end. Owns (and closes) the pipe."""
+        assert self.process.stderr is not None
+        fd = self.process.stderr.fileno()
+        pending = b""
+        while True:
+            if not select.select([fd], [], [], 0.2)[0]:
+                if self._done.is_set():
+                    break
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._lines.put(line.decode() + "\n")
+        self.process.stderr.close()
+        self._lines.put("")
+
+    def wait_for(self, event: str, timeout: float = 30.0) -> dict[str, object]:
+        """The next log line of this kind (earlier lines of other kinds are kept)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if not line:
+                raise AssertionError(f"agent exited while waiting for {event}: {self.events}")
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"event": "unstructured", "line": line.rstrip()}
+            self.events.append(entry)
+            if entry["event"] == event:
+                return entry
+        raise AssertionError(f"no {event} within {timeout} s: {self.events}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=10)
+        self._done.set()
+        self._reader.join()
+        return code
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(SEED.read_text())
+    return path
+
+
+@pytest.fixture
+def agent(testbed: Testbed, policy_file: Path) -> Iterator[AgentProcess]:
+    running = AgentProcess(policy_file, testbed.router)
+    try:
+        running.wait_for("applied", timeout=120)
+        yield running
+    finally:
+        running.stop()
+        isoebpf("unload", "--netns", testbed.router)
+
+
+def test_policy_changes_apply_and_bad_ones_are_refused(agent: AgentProcess, testbed: Testbed,
+                                                       policy_file: Path) -> None:
+    assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "refused"
+    # A ConfigMap update: the new file appears beside the old and a symlink swaps.
+    new = policy_file.with_name("v2.yaml")
+    new.write_text(SEED.read_text().replace("ports: [tcp/80]", "ports: [tcp/80, tcp/22]"))
+    link = policy_file.with_name("link.yaml")
+    os.symlink(new, link)
+    os.replace(link, policy_file)
+    applied = agent.wait_for("applied")
+    assert applied["generation"] == 2
+    assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "connected"
+
+    policy_file.unlink()
+    policy_file.write_text("version: 1\noverlays: {it: {subnets: [10.250.0.0./16]}}\n")
+    refused = agent.wait_for("policy_refused")
+    assert any("remove the trailing dot" in str(e) for e in refused["errors"])  # type: ignore[union-attr]
+    assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "connected"
+
+
+def test_new_interfaces_are_enforced_within_the_bound(agent: AgentProcess,
+                                                     testbed: Testbed) -> None:
+    late = Host("it3", "it", "10.250.3.30")
+    started = time.monotonic()
+    testbed.add_host(late)
+    enforced = agent.wait_for("interface_enforced")
+    assert enforced["ifname"] == testbed.veth("it3")
+    assert float(str(enforced["ms"])) < ATTACH_BOUND_MS, enforced
+    assert time.monotonic() - started < 10
+    assert testbed.probe("it3", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+
+
+def test_a_detached_program_is_reattached(agent: AgentProcess, testbed: Testbed) -> None:
+    # Someone else's tool removes the clsact qdisc, and our filter with it.
+    subprocess.run(["tc", "-n", testbed.router, "qdisc", "del", "dev", testbed.veth("it1"),
+                    "clsact"], check=True)
+    detached_at = time.monotonic()
+    agent.wait_for("drift")
+    agent.wait_for("applied")
+    assert time.monotonic() - detached_at < REPAIR_BOUND_S
+    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+
+
+def test_metrics_are_served_and_sigterm_leaves_enforcement(agent: AgentProcess,
+                                                          testbed: Testbed) -> None:
+    testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read()
+    text = body.decode()
+    assert 'isoebpf_rule_packets_total{rule="allow:0"}' in text
+    allowed = next(line for line in text.splitlines()
+                   if line.startswith('isoebpf_rule_packets_total{rule="allow:0"}'))
+    assert float(allowed.split()[-1]) > 0
+    assert 'isoebpf_applies_total{result="ok"} 1.0' in text
+    assert "isoebpf_last_apply_success 1.0" in text
+    assert agent.stop() == 0
+    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"

@@ -1,0 +1,88 @@
+"""The eBPF backend with real sockets: load, verdicts, counters, update, unload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from isoebpf import policy
+from isoebpf.backends import links
+from isoebpf.compiler import compile_policy
+from isoebpf.state import Scope
+from isoebpf.testbed import Testbed
+from tests.integration.conftest import ROOT, isoebpf
+from tests.scenarios import IT_HR_TRIES, expected_outcome
+
+SEED = ROOT / "examples" / "it-hr.yaml"
+# A rejected try must be answered at once, not by a timeout.
+PROMPT_MS = 500
+
+
+def outcomes(testbed: Testbed, policy_path: Path) -> list[tuple[tuple[str, str, str, int], str, str]]:
+    ir = compile_policy(policy.load(policy_path))
+    found = []
+    for client, proto, target, port in IT_HR_TRIES:
+        want = expected_outcome(ir, testbed, client, proto, target, port)
+        seen = testbed.probe(client, proto, target, port, timeout=1.0)
+        if want in ("refused", "unreachable"):
+            assert float(str(seen["ms"])) < PROMPT_MS, f"{client}->{target} {proto}: slow {seen}"
+        found.append(((client, proto, target, port), want, str(seen["outcome"])))
+    return found
+
+
+def assert_clean(testbed: Testbed) -> None:
+    scope = Scope(testbed.router)
+    assert not scope.pin_dir.exists(), "pins left behind"
+    assert scope.read() is None, "state record left behind"
+    with links.netlink(testbed.router) as sock:
+        for link in links.links(sock):
+            assert links.xdp_state(sock, link.index) == (0, None), link.name
+            assert not links.has_our_tc(sock, link.index), link.name
+
+
+@pytest.mark.parametrize("mode", ["tc", "auto"])
+def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str) -> None:
+    try:
+        loaded = isoebpf("load", str(SEED), "--netns", testbed.router, "--iface", "v-*",
+                         "--mode", mode)
+        assert "generation 1" in loaded.stdout and "compiled the program" in loaded.stdout
+        for try_, want, seen in outcomes(testbed, SEED):
+            assert seen == want, try_
+        record = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)
+        moved = {c["rule"]: c["packets"] for c in record["counters"] if c["packets"]}
+        for rule in ("allow:0", "default", "hairpin:it", "hairpin:hr", "unfiltered", "established"):
+            assert moved.get(rule, 0) > 0, f"counter {rule} did not move: {moved}"
+        assert {a["ifname"] for a in record["attachments"]} == {
+            testbed.veth(h.name) for h in testbed.hosts}
+        assert all(a["mode"] == "tc" and a["state"] == "attached" for a in record["attachments"])
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
+    again = isoebpf("unload", "--netns", testbed.router)
+    assert "nothing was loaded" in again.stdout
+
+
+def test_update_is_applied_without_recompiling_and_unload_restores_everything(
+    testbed: Testbed, tmp_path: Path,
+) -> None:
+    opened = tmp_path / "opened.yaml"
+    opened.write_text(SEED.read_text().replace(
+        "deny_action: reject", "deny_action: drop").replace(
+        "ports: [tcp/80]", "ports: [tcp/80, tcp/22, icmp]"))
+    try:
+        isoebpf("load", str(SEED), "--netns", testbed.router, "--iface", "v-*")
+        updated = isoebpf("load", str(opened), "--netns", testbed.router, "--iface", "v-*")
+        assert "generation 2" in updated.stdout and "compiled" not in updated.stdout
+        for try_, want, seen in outcomes(testbed, opened):
+            assert seen == want, try_
+        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "timeout"
+        assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "connected"
+        same = isoebpf("load", str(opened), "--netns", testbed.router, "--iface", "v-*")
+        assert "generation 2" in same.stdout, "loading the same policy again changes nothing"
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
+    for try_, _, seen in outcomes(testbed, SEED):
+        assert seen == "connected", f"{try_} still filtered after unload"
