@@ -260,6 +260,16 @@ static __always_inline void judge_filtered(const struct packet *pkt, const struc
 		flow_start(&candidates[0], gen, now);
 }
 
+/*
+ * ICMPv6 router/neighbour solicitations and advertisements and redirects
+ * (types 133-137) are the link's own plumbing: never filtered (the contract).
+ */
+static __always_inline int is_neighbour_discovery(const struct packet *pkt)
+{
+	return pkt->proto == IPPROTO_ICMPV6 && !pkt->truncated && !pkt->later_fragment &&
+	       pkt->icmp_type >= 133 && pkt->icmp_type <= 137;
+}
+
 /* The verdict for a parsed IP packet. */
 static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct verdict *v)
 {
@@ -269,7 +279,8 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 	int slot;
 
 	v->gen = active_generation();
-	if (!between_overlays(v->gen, pkt->family, pkt->src, pkt->dst, &ends)) {
+	if (is_neighbour_discovery(pkt) ||
+	    !between_overlays(v->gen, pkt->family, pkt->src, pkt->dst, &ends)) {
 		settle(v, ACTION_ALLOW, RULE_UNFILTERED);
 		return;
 	}

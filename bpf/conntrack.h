@@ -14,10 +14,13 @@
 
 /*
  * The connection a packet belongs to, seen from its sender (evaluate.flow_key).
- * Returns 0 when the packet cannot be tracked: ICMP other than echo.
+ * Returns 0 when the packet cannot be tracked: ICMP other than echo, or a
+ * transport header cut short (its fields were never read).
  */
 static __always_inline int flow_key_of(const struct packet *pkt, struct flow_key *key)
 {
+	if (pkt->truncated)
+		return 0;
 	if (is_icmp(pkt->proto)) {
 		if (!is_icmp_echo(pkt->proto, pkt->icmp_type))
 			return 0;
@@ -108,11 +111,9 @@ static __always_inline void flow_advance(struct flow_state *state, __u8 proto,
 		flags |= FLOW_CLOSING;
 	} else if (pkt->tcp_flags & TCP_FLAGS_FIN) {
 		flags |= from_opener ? FLOW_FIN_ORIG : FLOW_FIN_REPLY;
-		/* As the reference does: closing is "FIN seen both ways" from here on. */
+		/* Closing once FIN went both ways; a RST's closing is never undone. */
 		if ((flags & (FLOW_FIN_ORIG | FLOW_FIN_REPLY)) == (FLOW_FIN_ORIG | FLOW_FIN_REPLY))
 			flags |= FLOW_CLOSING;
-		else
-			flags &= ~FLOW_CLOSING;
 	}
 	state->flags = flags;
 }

@@ -35,6 +35,9 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 ICMP_ERRORS = {PROTO_ICMP: {3, 11}, IPPROTO_ICMPV6: {1, 2, 3}}
 ICMP_ECHO_REQUEST = {PROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
 ICMP_ECHO_REPLY = {PROTO_ICMP: 0, IPPROTO_ICMPV6: 129}
+# ICMPv6 router/neighbour solicitation and advertisement, and redirect: the
+# link's own plumbing, which the contract leaves unfiltered.
+ICMPV6_NEIGHBOUR_DISCOVERY = range(133, 138)
 # How long the first fragment's verdict is kept for the fragments that follow.
 FRAGMENT_TIMEOUT = 30
 
@@ -82,6 +85,8 @@ FragmentKey = tuple[netaddr.IPAddress, netaddr.IPAddress, int, int]
 
 def flow_key(pkt: Packet) -> FlowKey | None:
     """The connection a packet belongs to, seen from its sender; None if untrackable."""
+    if pkt.truncated:
+        return None
     if pkt.proto in (PROTO_TCP, PROTO_UDP):
         return pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport
     if pkt.is_icmp:
@@ -168,6 +173,9 @@ class Classifier:
 
     def judge(self, pkt: Packet) -> Decision:
         """Steps 1 and 2b-2d of the contract: the verdict for a packet of a new connection."""
+        if (pkt.proto == IPPROTO_ICMPV6 and not pkt.truncated and not pkt.is_later_fragment
+                and pkt.icmp_type in ICMPV6_NEIGHBOUR_DISCOVERY):
+            return Decision("allow", RULE_UNFILTERED, False, "neighbour discovery")
         src_class, src_overlay = self.address_class(pkt.src)
         dst_class, dst_overlay = self.address_class(pkt.dst)
         if not src_class or not dst_class:
@@ -296,13 +304,18 @@ class Conntrack:
                 conn.fin_orig = True
             else:
                 conn.fin_reply = True
-            conn.closing = conn.fin_orig and conn.fin_reply
+            conn.closing = conn.closing or (conn.fin_orig and conn.fin_reply)
 
     def revalidate(self, classifier: Classifier) -> None:
         """After a policy change: forget connections the new policy would not allow."""
         for key in list(self.connections):
-            proto, src, sport, dst, dport = key
-            first = Packet(src, dst, proto, sport=sport, dport=dport, tcp_flags=TCP_SYN,
-                           icmp_type=ICMP_ECHO_REQUEST.get(proto, 0), icmp_id=sport)
-            if classifier.judge(first).action != "allow":
+            if classifier.judge(first_packet(key)).action != "allow":
                 del self.connections[key]
+
+
+def first_packet(key: FlowKey) -> Packet:
+    """The packet that opened a tracked connection, as far as policy cares:
+    what a new policy judges to decide whether the connection may live on."""
+    proto, src, sport, dst, dport = key
+    return Packet(src, dst, proto, sport=sport, dport=dport, tcp_flags=TCP_SYN,
+                  icmp_type=ICMP_ECHO_REQUEST.get(proto, 0), icmp_id=sport)

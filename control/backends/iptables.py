@@ -39,7 +39,7 @@ from pyroute2.netlink.exceptions import IPSetError
 
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, StateError
-from ..evaluate import ICMP_ECHO_REQUEST, TCP_SYN, Classifier, Packet
+from ..evaluate import IPPROTO_ICMPV6, Classifier, Packet, first_packet
 from ..importer import SavedSet, _Notes, parse_ipset_save
 from ..iptables_layout import (
     DEFAULT_CHAIN,
@@ -56,7 +56,7 @@ from ..iptables_layout import (
     iptables_restore,
     rename_sets,
 )
-from ..ir import IR
+from ..ir import IR, PROTO_ICMP
 from ..state import Scope
 
 BACKEND = "iptables"
@@ -369,10 +369,12 @@ def _first_packet(entry: Any) -> Packet:
     """The packet that opened a tracked connection, as the evaluator reads it."""
     t = entry.tuple_orig
     proto = int(t.proto)
-    ident = int(t.icmp_id or 0)
-    return Packet(netaddr.IPAddress(t.saddr), netaddr.IPAddress(t.daddr), proto,
-                  sport=int(t.sport or 0), dport=int(t.dport or 0), tcp_flags=TCP_SYN,
-                  icmp_type=int(t.icmp_type or ICMP_ECHO_REQUEST.get(proto, 0)), icmp_id=ident)
+    if proto in (PROTO_ICMP, IPPROTO_ICMPV6):
+        sport = dport = int(t.icmp_id or 0)  # the evaluator's flow key for echo
+    else:
+        sport, dport = int(t.sport or 0), int(t.dport or 0)
+    return first_packet((proto, netaddr.IPAddress(t.saddr), sport, netaddr.IPAddress(t.daddr),
+                         dport))
 
 
 def revoke(netns: str | None, ir: IR) -> int:

@@ -26,7 +26,7 @@ from bcc import BPF
 
 from .. import abi, evaluate
 from ..errors import BackendError
-from ..evaluate import ICMP_ECHO_REQUEST, TCP_SYN, Classifier, Packet
+from ..evaluate import Classifier
 from ..ir import IR
 from . import bpfsys
 
@@ -227,7 +227,7 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     classifier = Classifier(ir)
     for raw in list(bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey))):
         key = abi.FlowKey.from_buffer_copy(raw)
-        if classifier.judge(first_packet(key)).action != "allow":
+        if classifier.judge(evaluate.first_packet(flow_of(key))).action != "allow":
             bpfsys.map_delete(maps["conntrack"], raw)
 
 
@@ -268,13 +268,6 @@ def flow_of(key: abi.FlowKey) -> evaluate.FlowKey:
     """A conntrack key as the evaluator writes flows: (proto, src, sport, dst, dport)."""
     return (key.proto, address(key.family, key.src), key.sport,
             address(key.family, key.dst), key.dport)
-
-
-def first_packet(key: abi.FlowKey) -> Packet:
-    """The packet that opened a connection, as evaluate.Conntrack.revalidate rebuilds it."""
-    proto, src, sport, dst, dport = flow_of(key)
-    return Packet(src, dst, proto, sport=sport, dport=dport, tcp_flags=TCP_SYN,
-                  icmp_type=ICMP_ECHO_REQUEST.get(proto, 0), icmp_id=sport)
 
 
 def _percpu(maps: Maps, name: str, index: int, value_type: type[ctypes.Structure]) -> list[Any]:

@@ -143,6 +143,16 @@ CASES: tuple[Case, ...] = (
         Step(build_other(ETH_P_ARP), "pass", "unfiltered"),)),
     Case("qinq", "two VLAN tags: only one is parsed, so this is not IP to us", (
         Step(qinq(SYN_22), "pass", "unfiltered"),)),
+    Case("neighbour-discovery", "ICMPv6 neighbour solicitation between overlays: unfiltered", (
+        step(Packet(HR6, IT6, IPPROTO_ICMPV6, icmp_type=135), "pass", "unfiltered"),
+        step(Packet(IT6, HR6, IPPROTO_ICMPV6, icmp_type=136), "pass", "unfiltered"),
+        step(Packet(IT6, HR6, IPPROTO_ICMPV6, icmp_type=138), "tx", "default"),)),
+    Case("fin-after-rst", "a FIN after a RST does not reopen the connection", (
+        step(SYN_80, "pass", "allow:0"),
+        step(reverse(SYN_80, TCP_RST), "pass", "established"),
+        step(replace(SYN_80, tcp_flags=TCP_FIN | TCP_ACK), "pass", "established"),
+        step(reverse(SYN_80, TCP_ACK), "tx", "default", wait=PAST_SHORT)),
+        timeouts={"tcp_closing": SHORT}),
     Case("outside", "source outside every overlay: unfiltered", (
         step(tcp(OUTSIDE, IT, 22), "pass", "unfiltered"),
         step(tcp(IT, OUTSIDE, 22), "pass", "unfiltered"),)),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import abi, policy
+from isoebpf import abi, evaluate, policy
 from isoebpf.backends import bpfsys, program
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
@@ -88,7 +88,8 @@ def test_status_readers(loaded: Datapath) -> None:
         loaded.maps, loaded.gen, rule) == (1, len(build(SYN_80)))
     fill = program.map_fill(loaded.maps)
     assert fill["conntrack"]["entries"] == len(flows)
-    assert program.first_packet(next(k for k, _ in program.connections(loaded.maps))).tcp_flags == TCP_SYN
+    first = next(k for k, _ in program.connections(loaded.maps))
+    assert evaluate.first_packet(program.flow_of(first)).tcp_flags == TCP_SYN
 
 
 def test_pins_and_names(loaded: Datapath) -> None:

@@ -14,6 +14,7 @@ from isoebpf.evaluate import (
     TCP_SYN,
     Classifier,
     Conntrack,
+    Decision,
     Packet,
     decide,
 )
@@ -170,3 +171,25 @@ def test_drop_policy_answers_nothing() -> None:
     drop = Classifier(compile_policy(policy.loads(POLICY.replace(
         "default: deny", "default: deny\ndeny_action: drop"))))
     assert decide(drop, tcp(IT, HR, 1, 80, TCP_SYN)).action == "drop"
+
+
+def test_neighbour_discovery_is_never_filtered(classifier: Classifier) -> None:
+    solicit = Packet(HR6, OPS6, 58, icmp_type=135)
+    assert decide(classifier, solicit) == Decision("allow", 0, False, "neighbour discovery")
+    assert decide(classifier, Packet(HR6, OPS6, 58, icmp_type=138)).action == "reject"
+
+
+def test_a_fin_after_a_rst_does_not_reopen(classifier: Classifier) -> None:
+    ct = Conntrack()
+    ct.step(classifier, tcp(HR, IT, 1, 80, TCP_SYN), 0)
+    ct.step(classifier, tcp(IT, HR, 80, 1, TCP_RST), 1)
+    ct.step(classifier, tcp(HR, IT, 1, 80, TCP_FIN), 1)
+    late = 2 + classifier.ir.timeouts["tcp_closing"]
+    assert name(classifier, tcp(IT, HR, 80, 1, TCP_ACK), ct, late) == ("reject", "default")
+
+
+def test_truncated_packets_never_start_a_connection(classifier: Classifier) -> None:
+    ct = Conntrack()
+    src, dst = netaddr.IPAddress("10.250.7.1"), netaddr.IPAddress("192.168.9.1")
+    ct.step(classifier, Packet(src, dst, PROTO_ICMP, truncated=True), 0)
+    assert ct.connections == {}
