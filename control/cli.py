@@ -221,7 +221,8 @@ def status(netns: str | None, as_json: bool) -> None:
                f"loaded {record['loaded_at']}")
     click.echo("interfaces:")
     for a in record["attachments"]:
-        click.echo(f"  {a['ifname']:15} {a['mode']:10} {a['state']:10} {a['reason']}")
+        prog = f"prog {a['prog_id']}" if a.get("prog_id") else ""
+        click.echo(f"  {a['ifname']:15} {a['mode']:10} {a['state']:10} {prog:10} {a['reason']}")
     click.echo(f"  {'rule':16} {'packets':>10} {'bytes':>12}  meaning")
     for c in record.get("counters", []):
         click.echo(f"  {c['rule']:16} {c['packets']:>10} {c['bytes']:>12}  {c['text']}")

@@ -34,6 +34,8 @@ WHY_TC_VIRTUAL = ("{kind}: TC clsact keeps GRO; native XDP on veth turned GRO of
                   "TCP from 18.2 to 2.6 Gbit/s, generic XDP to 13")
 WHY_XDP_NATIVE = "physical device with a native XDP driver: earliest and cheapest hook"
 WHY_TC_FALLBACK = "no native XDP on this driver ({error}); TC clsact instead of generic XDP"
+WHY_GENERIC_ON_VETH = ("veth: native XDP_TX hands REJECT answers to the peer's XDP queue, which "
+                       "drops them unless the peer runs XDP too; generic XDP answers")
 
 
 def preflight() -> str | None:
@@ -126,6 +128,9 @@ def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str,
     if requested == "tc" or (requested == "auto" and link.kind):
         links.attach_tc(sock, link, prog_fds["tc"])
         return "tc", "requested" if requested == "tc" else WHY_TC_VIRTUAL.format(kind=link.kind)
+    if link.kind == "veth":
+        links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=force)
+        return "xdpgeneric", WHY_GENERIC_ON_VETH
     try:
         links.attach_xdp(sock, link, prog_fds["xdp"], "xdp", replace=force)
         return "xdp", "requested" if requested == "xdp" else WHY_XDP_NATIVE
@@ -291,6 +296,13 @@ def status(scope: Scope) -> dict[str, Any] | None:
         ]
         record["connections"] = program.count_connections(maps)
         record["maps"] = program.map_fill(maps)
+        record["programs"] = {}
+        for kind, pin in PROG_PINS.items():
+            fd = bpfsys.obj_get(str(scope.pin_dir / pin))
+            try:
+                record["programs"][kind] = bpfsys.prog_info(fd).id
+            finally:
+                os.close(fd)
     finally:
         for fd in maps.values():
             os.close(fd)
@@ -301,4 +313,5 @@ def status(scope: Scope) -> dict[str, Any] | None:
                 a["state"] = "interface gone"
             else:
                 a["state"] = "attached" if _attached(sock, a) else "detached"
+                a["prog_id"] = record["programs"]["tc" if a["mode"] == "tc" else "xdp"]
     return record

@@ -42,8 +42,10 @@ def assert_clean(testbed: Testbed) -> None:
             assert not links.has_our_tc(sock, link.index), link.name
 
 
-@pytest.mark.parametrize("mode", ["tc", "auto"])
-def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "attached_as"), [("tc", "tc"), ("auto", "tc"),
+                                                  ("xdp", "xdpgeneric")])
+def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str,
+                                                  attached_as: str) -> None:
     try:
         loaded = isoebpf("load", str(SEED), "--netns", testbed.router, "--iface", "v-*",
                          "--mode", mode)
@@ -56,7 +58,8 @@ def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str) -
             assert moved.get(rule, 0) > 0, f"counter {rule} did not move: {moved}"
         assert {a["ifname"] for a in record["attachments"]} == {
             testbed.veth(h.name) for h in testbed.hosts}
-        assert all(a["mode"] == "tc" and a["state"] == "attached" for a in record["attachments"])
+        assert all(a["mode"] == attached_as and a["state"] == "attached"
+                   for a in record["attachments"])
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
@@ -81,8 +84,37 @@ def test_update_is_applied_without_recompiling_and_unload_restores_everything(
         assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "connected"
         same = isoebpf("load", str(opened), "--netns", testbed.router, "--iface", "v-*")
         assert "generation 2" in same.stdout, "loading the same policy again changes nothing"
+        # Back to the seed policy: a live ssh session it forbids is cut, web stays.
+        ssh, web = testbed.session("hr1", "it1", 22), testbed.session("hr1", "it1", 80)
+        try:
+            assert ssh.exchange() == web.exchange() == "echoed"
+            isoebpf("load", str(SEED), "--netns", testbed.router, "--iface", "v-*")
+            assert ssh.exchange() == "reset"
+            assert web.exchange() == "echoed"
+        finally:
+            ssh.close()
+            web.close()
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
     for try_, _, seen in outcomes(testbed, SEED):
         assert seen == "connected", f"{try_} still filtered after unload"
+
+
+def test_state_from_an_older_layout_is_torn_down_not_reused(testbed: Testbed) -> None:
+    scope = Scope(testbed.router)
+    scope.pin_dir.mkdir(parents=True)
+    scope.write({"backend": "ebpf", "generation": 7, "attachments": []})
+    record = json.loads(scope.record_path.read_text())
+    scope.record_path.write_text(json.dumps({**record, "layout": 0}))
+    try:
+        loaded = isoebpf("load", str(SEED), "--netns", testbed.router, "--iface", "v-*")
+        assert "removed older state (layout 0 state" in loaded.stdout
+        assert "generation 1" in loaded.stdout
+        status = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)
+        assert status["layout"] == 1 and status["programs"]["tc"] > 0
+        assert all(a["prog_id"] == status["programs"]["tc"] for a in status["attachments"])
+        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
