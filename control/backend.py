@@ -9,11 +9,15 @@ calls: `load(ir, scope, globs, mode, policy_path, force) -> LoadReport`,
 from __future__ import annotations
 
 import importlib
+import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from .errors import IsoebpfError
+from .ir import IR
 from .state import Scope
 
 BACKENDS = ("ebpf", "iptables")
@@ -42,6 +46,22 @@ class LoadReport:
     apply_seconds: float
     attachments: tuple[Attachment, ...]
     replaced_layout: str | None  # what older state was torn down, if any
+
+
+def record(name: str, scope: Scope, ir: IR, policy_path: str, generation: int,
+           attachments: Sequence[Attachment], **extra: Any) -> dict[str, Any]:
+    """The state record every backend writes: what is loaded, since when, where."""
+    return {
+        "backend": name,
+        "netns": scope.netns,
+        "digest": ir.digest,
+        "policy": os.path.abspath(policy_path),
+        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "generation": generation,
+        "rules": [[r.id, r.name, r.text] for r in ir.rules],
+        "attachments": [a.as_record() for a in attachments],
+        **extra,
+    }
 
 
 def module(name: str) -> ModuleType:

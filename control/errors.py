@@ -38,3 +38,7 @@ class StateError(IsoebpfError):
 
 class BackendError(IsoebpfError):
     """A backend could not apply, read or remove enforcement."""
+
+
+class ProgramRejected(BackendError):
+    """This kernel's verifier refused the eBPF program: `--backend auto` falls back to iptables."""

@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 GREETING = b"isoebpf-probe\n"
 ICMP_ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
@@ -87,38 +88,41 @@ def session_tcp(address: str, port: int, timeout: float) -> None:
             print(json.dumps({"outcome": outcome}), flush=True)
 
 
+def _outcome(attempt: Callable[[socket.socket], str], sock: socket.socket) -> str:
+    """What a user would call the attempt's result."""
+    try:
+        return attempt(sock)
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+    except OSError as err:
+        if err.errno in UNREACHABLE_ERRNOS:
+            return "unreachable"
+        raise
+
+
 def connect_tcp(address: str, port: int, timeout: float) -> str:
+    def attempt(s: socket.socket) -> str:
+        s.connect((address, port))
+        return "connected" if s.recv(64) == GREETING else "no-greeting"
+
     with socket.socket(_family(address), socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        try:
-            s.connect((address, port))
-            return "connected" if s.recv(64) == GREETING else "no-greeting"
-        except ConnectionRefusedError:
-            return "refused"
-        except TimeoutError:
-            return "timeout"
-        except OSError as err:
-            if err.errno in UNREACHABLE_ERRNOS:
-                return "unreachable"
-            raise
+        return _outcome(attempt, s)
 
 
 def connect_udp(address: str, port: int, timeout: float) -> str:
+    payload = os.urandom(8)
+
+    def attempt(s: socket.socket) -> str:
+        s.send(payload)
+        return "connected" if s.recv(64) == payload else "garbled"
+
     with socket.socket(_family(address), socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         s.connect((address, port))
-        payload = os.urandom(8)
-        try:
-            s.send(payload)
-            return "connected" if s.recv(64) == payload else "garbled"
-        except ConnectionRefusedError:
-            return "refused"
-        except TimeoutError:
-            return "timeout"
-        except OSError as err:
-            if err.errno in UNREACHABLE_ERRNOS:
-                return "unreachable"
-            raise
+        return _outcome(attempt, s)
 
 
 def ping(address: str, timeout: float) -> str:

@@ -29,19 +29,22 @@ IT_HR_TRIES = [
 ]
 
 
-def expected_outcome(ir: IR, testbed: Testbed, client: str, proto: str, target: str,
-                     port: int) -> str:
-    """connected / refused / unreachable / timeout, as the evaluator's verdict implies."""
+def first_packet(testbed: Testbed, client: str, proto: str, target: str, port: int) -> Packet:
+    """The first packet of a try, as the evaluator sees it."""
     dst = netaddr.IPAddress(target if ":" in target else testbed.host(target).address)
     host = testbed.host(client)
     src = netaddr.IPAddress(host.address6 if dst.version == 6 and host.address6 else host.address)
     if proto == "icmp":
         number = PROTO_ICMP if dst.version == 4 else IPPROTO_ICMPV6
-        first = Packet(src, dst, number, icmp_type=ICMP_ECHO_REQUEST[number], icmp_id=1)
-    else:
-        number = PROTO_TCP if proto == "tcp" else PROTO_UDP
-        first = Packet(src, dst, number, sport=40000, dport=port, tcp_flags=TCP_SYN)
-    action = decide(ir, first).action
+        return Packet(src, dst, number, icmp_type=ICMP_ECHO_REQUEST[number], icmp_id=1)
+    number = PROTO_TCP if proto == "tcp" else PROTO_UDP
+    return Packet(src, dst, number, sport=40000, dport=port, tcp_flags=TCP_SYN)
+
+
+def expected_outcome(ir: IR, testbed: Testbed, client: str, proto: str, target: str,
+                     port: int) -> str:
+    """connected / refused / unreachable / timeout, as the evaluator's verdict implies."""
+    action = decide(ir, first_packet(testbed, client, proto, target, port)).action
     if action == "allow":
         return "connected"
     if action == "drop":

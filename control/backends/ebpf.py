@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .. import backend
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
@@ -198,17 +199,8 @@ def _detach_all(scope: Scope, attachments: Sequence[Attachment]) -> None:
 
 def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachment],
           policy_path: str, compile_seconds: float) -> None:
-    scope.write({
-        "backend": BACKEND,
-        "netns": scope.netns,
-        "digest": ir.digest,
-        "policy": os.path.abspath(policy_path),
-        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "generation": generation,
-        "compile_seconds": round(compile_seconds, 3),
-        "rules": [[r.id, r.name, r.text] for r in ir.rules],
-        "attachments": [a.as_record() for a in attachments],
-    })
+    scope.write(backend.record(BACKEND, scope, ir, policy_path, generation, attachments,
+                               compile_seconds=round(compile_seconds, 3)))
 
 
 def _unpin(scope: Scope) -> None:

@@ -37,6 +37,7 @@ from pyroute2 import Conntrack, NetlinkError
 from pyroute2.ipset import IPSet
 from pyroute2.netlink.exceptions import IPSetError
 
+from .. import backend
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, StateError
 from ..evaluate import IPPROTO_ICMPV6, Classifier, Packet, first_packet
@@ -478,22 +479,10 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         revoked = revoke(scope.netns, ir)
         why = _why(layout.kind, found, hidden)
         attachments = _attachments(layout, tools, why)
-        scope.write({
-            "backend": BACKEND,
-            "netns": scope.netns,
-            "digest": ir.digest,
-            "policy": os.path.abspath(policy_path),
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "generation": generation,
-            "rules": [[r.id, r.name, r.text] for r in ir.rules],
-            "attachments": [a.as_record() for a in attachments],
-            "chain": layout.chain,
-            "flavour": tools.flavour,
-            "iptables_layout": layout.kind,
-            "set_types": list(found),
-            "sets": [s.name for s in layout.sets],
-            "revoked": revoked,
-        })
+        scope.write(backend.record(
+            BACKEND, scope, ir, policy_path, generation, attachments, chain=layout.chain,
+            flavour=tools.flavour, iptables_layout=layout.kind, set_types=list(found),
+            sets=[s.name for s in layout.sets], revoked=revoked))
     return LoadReport(generation, False, 0.0, time.monotonic() - started, tuple(attachments),
                       None)
 

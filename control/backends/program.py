@@ -25,7 +25,7 @@ import netaddr
 from bcc import BPF
 
 from .. import abi, evaluate
-from ..errors import BackendError
+from ..errors import BackendError, ProgramRejected
 from ..evaluate import Classifier
 from ..ir import IR
 from . import bpfsys
@@ -123,8 +123,8 @@ def compile_program(sizes: Mapping[str, int] | None = None) -> CompiledProgram:
         tc = bpf.load_func(TC_NAME.encode(), BPF.SCHED_CLS)
     except Exception as err:  # the verifier's log went to stderr
         bpf.cleanup()
-        raise BackendError(f"the kernel refused the program ({err}); the verifier's log is "
-                           "above") from err
+        raise ProgramRejected(f"the kernel refused the program ({err}); the verifier's log is "
+                              "above") from err
     elapsed = time.monotonic() - started
     map_fds = {name: int(bpf.get_table(name.encode()).map_fd) for name in MAP_NAMES}
     return CompiledProgram(bpf, {"xdp": int(xdp.fd), "tc": int(tc.fd)}, map_fds, elapsed)

@@ -27,6 +27,7 @@ def case_ir(case: Case, text: str) -> IR:
     return replace(ir, timeouts={**ir.timeouts, **case.timeouts})
 
 
+@pytest.mark.vm
 @pytest.mark.parametrize("prog", PROGRAMS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_case(datapath: Datapath, prog: str, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:

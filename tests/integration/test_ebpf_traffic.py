@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from isoebpf import policy
-from isoebpf.backends import links
+from isoebpf.backends import links, program
+from isoebpf.cli import main
 from isoebpf.compiler import compile_policy
+from isoebpf.errors import ProgramRejected
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.integration.conftest import ROOT, isoebpf
@@ -42,8 +45,8 @@ def assert_clean(testbed: Testbed) -> None:
             assert not links.has_our_tc(sock, link.index), link.name
 
 
-@pytest.mark.parametrize(("mode", "attached_as"), [("tc", "tc"), ("auto", "tc"),
-                                                  ("xdp", "xdpgeneric")])
+@pytest.mark.parametrize(("mode", "attached_as"), [
+    ("tc", "tc"), pytest.param("auto", "tc", marks=pytest.mark.vm), ("xdp", "xdpgeneric")])
 def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str,
                                                   attached_as: str) -> None:
     try:
@@ -67,6 +70,7 @@ def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str,
     assert "nothing was loaded" in again.stdout
 
 
+@pytest.mark.vm
 def test_update_is_applied_without_recompiling_and_unload_restores_everything(
     testbed: Testbed, tmp_path: Path,
 ) -> None:
@@ -118,3 +122,22 @@ def test_state_from_an_older_layout_is_torn_down_not_reused(testbed: Testbed) ->
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
+
+
+def test_auto_falls_back_to_iptables_when_the_kernel_refuses_the_program(
+    testbed: Testbed, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ProgramRejected("the kernel refused the program (E2BIG)")
+
+    monkeypatch.setattr(program, "compile_program", refuse)
+    try:
+        result = CliRunner().invoke(main, ["load", str(SEED), "--netns", testbed.router,
+                                           "--iface", "v-*"])
+        assert result.exit_code == 0, result.output
+        assert "backend iptables: this kernel refused the eBPF program" in result.output
+        assert Scope(testbed.router).read()["backend"] == "iptables"  # type: ignore[index]
+        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "connected"

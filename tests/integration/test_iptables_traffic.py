@@ -9,20 +9,19 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import netaddr
 import pytest
 
 from isoebpf import policy
 from isoebpf.backends import iptables as iptables_backend
 from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import ICMP_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN, Packet, decide
+from isoebpf.evaluate import decide
 from isoebpf.iptables_layout import DEGRADED, FULL, NET_NET, NET_PORT_NET
-from isoebpf.ir import IR, PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import require
 from tests.integration.conftest import ROOT, isoebpf
-from tests.scenarios import IT_HR_TRIES, expected_outcome
+from tests.scenarios import IT_HR_TRIES, expected_outcome, first_packet
 from tests.unit.test_import import first_packets
 
 SEED = ROOT / "examples" / "it-hr.yaml"
@@ -141,17 +140,8 @@ def run_suite(testbed: Testbed, path: Path) -> None:
 
 def _first_rule(ir: IR, testbed: Testbed, client: str, proto: str, target: str,
                 port: int) -> str:
-    """The rule the evaluator names for the try's first packet (as tests.scenarios builds it)."""
-    dst = netaddr.IPAddress(target if ":" in target else testbed.host(target).address)
-    host = testbed.host(client)
-    src = netaddr.IPAddress(host.address6 if dst.version == 6 and host.address6 else host.address)
-    if proto == "icmp":
-        number = PROTO_ICMP if dst.version == 4 else IPPROTO_ICMPV6
-        first = Packet(src, dst, number, icmp_type=ICMP_ECHO_REQUEST[number], icmp_id=1)
-    else:
-        number = PROTO_TCP if proto == "tcp" else PROTO_UDP
-        first = Packet(src, dst, number, sport=40000, dport=port, tcp_flags=TCP_SYN)
-    return ir.rule(decide(ir, first).rule).name
+    """The rule the evaluator names for the try's first packet."""
+    return ir.rule(decide(ir, first_packet(testbed, client, proto, target, port)).rule).name
 
 
 def kernel_has_full_types() -> bool:
@@ -159,7 +149,8 @@ def kernel_has_full_types() -> bool:
     return {NET_NET, NET_PORT_NET} <= set(found)
 
 
-@pytest.mark.parametrize("forced", [False, True], ids=["kernel-types", "forced-degraded"])
+@pytest.mark.parametrize("forced", [pytest.param(False, marks=pytest.mark.vm), True],
+                         ids=["kernel-types", "forced-degraded"])
 def test_shared_suite_verdicts_counters_and_status(
     testbed: Testbed, unloaded: None, forced: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
