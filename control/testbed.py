@@ -61,6 +61,10 @@ class Testbed:
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
 
+    def host_of(self, target: str) -> Host:
+        """The host a try's target names: a host name or one of its addresses."""
+        return next(h for h in self.hosts if target in (h.name, h.address, h.address6))
+
     def __enter__(self) -> Testbed:
         try:
             self._build()
