@@ -39,6 +39,8 @@
 #define CSUM_CHUNK      64
 #define CSUM_MAX_CHUNKS (REPLY_MAX_IPV6 / CSUM_CHUNK)
 #define CSUM_MAX_WORDS  (CSUM_CHUNK / 4)
+#define CSUM_LEN_MASK   0x7ff /* above every quote length: bounds it for the verifier */
+_Static_assert(REPLY_MAX_IPV6 <= CSUM_LEN_MASK, "quotes must fit CSUM_LEN_MASK");
 
 /* How the frame must change size before reply_write() fills it in. */
 struct reply_plan {
@@ -127,7 +129,16 @@ static __always_inline __u32 csum_add_stack(void *buf, __u32 size, __u32 sum)
 	return bpf_csum_diff(NULL, 0, buf, size, sum);
 }
 
-/* Sum `len` packet bytes from data + off into `sum`; -1 if they are not all there. */
+/*
+ * Sum `len` packet bytes from data + off into `sum`; -1 if they are not all there.
+ *
+ * Quotes are shorter than CSUM_MAX_CHUNKS chunks (and CSUM_LEN_MASK), so each
+ * loop ends having summed all that it can: `done` is set to that again, from
+ * `len`, between the loops. To the verifier the loops' exits then look alike and are
+ * pruned; with `done` a different constant after every number of chunks, it
+ * walked each combination of chunk, word and tail counts, most of the 1M
+ * instructions after which the 6.1 verifier refused the TC program (E2BIG).
+ */
 static __always_inline __s64 csum_add_packet(void *data, void *data_end, __u32 off, __u32 len,
 					     __u32 sum)
 {
@@ -143,6 +154,7 @@ static __always_inline __s64 csum_add_packet(void *data, void *data_end, __u32 o
 		sum = bpf_csum_diff(NULL, 0, (__be32 *)p, CSUM_CHUNK, sum);
 		done += CSUM_CHUNK;
 	}
+	done = len & CSUM_LEN_MASK & ~(CSUM_CHUNK - 1);
 	for (i = 0; i < CSUM_MAX_WORDS && done + 4 <= len; i++) {
 		p = data + off + done;
 		if ((void *)(p + 4) > data_end)
@@ -150,6 +162,7 @@ static __always_inline __s64 csum_add_packet(void *data, void *data_end, __u32 o
 		sum = bpf_csum_diff(NULL, 0, (__be32 *)p, 4, sum);
 		done += 4;
 	}
+	done = len & CSUM_LEN_MASK & ~3;
 	/* An odd tail is summed as if padded with zeros (RFC 1071). */
 	for (i = 0; i < 3 && done < len; i++) {
 		p = data + off + done;
