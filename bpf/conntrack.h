@@ -49,9 +49,13 @@ static __always_inline int quoted_flow_key(const struct packet *pkt, struct flow
 			return 0;
 		key->sport = q->icmp_id;
 		key->dport = q->icmp_id;
-	} else {
+	} else if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
 		key->sport = q->sport;
 		key->dport = q->dport;
+	} else {
+		/* Other protocols have no ports. */
+		key->sport = 0;
+		key->dport = 0;
 	}
 	key->family = pkt->family;
 	key->proto = q->proto;
