@@ -45,6 +45,17 @@
 #define TCP_FLAGS_RST 0x04
 #define TCP_FLAGS_ACK 0x10
 
+/*
+ * Above every offset of an IP header (Ethernet and a VLAN tag) and of a
+ * transport header (then IPv6 and IPV6_MAX_EXT_HEADERS extension headers of
+ * at most 2 KiB): masks for the verifier (parse_frame).
+ */
+#define L3_OFF_MASK 0x1f
+#define L4_OFF_MASK 0x7fff
+_Static_assert(ETH_HLEN + 4 <= L3_OFF_MASK, "L3_OFF_MASK must not change an offset");
+_Static_assert(ETH_HLEN + 4 + 40 + IPV6_MAX_EXT_HEADERS * 2048 <= L4_OFF_MASK,
+	       "L4_OFF_MASK must not change an offset");
+
 /* Transport bytes a quoted packet must carry: RFC 792's "64 bits of data". */
 #define QUOTED_TRANSPORT_BYTES 8
 
@@ -342,6 +353,14 @@ static __always_inline void parse_transport(struct cursor *c, struct packet *pkt
 	}
 }
 
+/*
+ * After the link header and after the IP header, the cursor goes on from its
+ * offset, masked. Each way through a parser (VLAN tag or not, each number of
+ * IPv6 extension headers) left it differently bounded, and the verifier
+ * carried every one through the rest of the program: the 6.1 verifier gave
+ * up on the TC program (E2BIG). From a masked offset they look alike. The
+ * masks change no offset a parser can reach.
+ */
 static __always_inline int parse_frame(void *data, void *data_end, struct packet *pkt)
 {
 	struct cursor c = { .pos = data, .end = data_end };
@@ -351,6 +370,7 @@ static __always_inline int parse_frame(void *data, void *data_end, struct packet
 	if (ethertype != ETH_P_IP && ethertype != ETH_P_IPV6)
 		return FRAME_NOT_IP;
 	pkt->l3_off = c.pos - data;
+	c.pos = data + (pkt->l3_off & L3_OFF_MASK);
 	if (ethertype == ETH_P_IP)
 		proto = parse_ipv4(&c, pkt);
 	else
@@ -359,6 +379,7 @@ static __always_inline int parse_frame(void *data, void *data_end, struct packet
 		return FRAME_MALFORMED;
 	pkt->proto = proto;
 	pkt->l4_off = c.pos - data;
+	c.pos = data + (pkt->l4_off & L4_OFF_MASK);
 	parse_transport(&c, pkt);
 	return FRAME_IP;
 }
