@@ -45,7 +45,6 @@ class Stats:
     applies: dict[str, int] = field(default_factory=lambda: {"ok": 0, "refused": 0, "failed": 0})
     last_apply_time: float = 0.0
     last_apply_ok: bool = False
-    attach_latency_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -110,8 +109,11 @@ class Agent:
             started = time.monotonic()
             try:
                 globs = list(self.globs) or list(ir.interfaces or ())
-                report = backend.module(self._chosen).load(ir, self.scope, globs, self.mode,
-                                                           self.policy_path)
+                self._chosen, report, note = backend.load(
+                    self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
+                    self.policy_path)
+                if note:
+                    self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:
                 self.stats.applies["failed"] += 1
                 self.stats.last_apply_ok = False
@@ -137,7 +139,6 @@ class Agent:
         self.stats.reconciles += 1
         self.apply(self._ir, f"new interface {ifname}")
         latency = (time.monotonic() - seen_at) * 1000
-        self.stats.attach_latency_ms.append(latency)
         self.log("interface_enforced", ifname=ifname, ms=round(latency, 1))
 
     def repair(self) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .errors import IsoebpfError
+from .errors import IsoebpfError, ProgramRejected
 from .ir import IR
 from .state import Scope
 
@@ -79,6 +79,21 @@ def choose(requested: str) -> tuple[str, str]:
     if problem is None:
         return "ebpf", "eBPF preflight passed (bpf syscall, bpffs, bcc compiles)"
     return "iptables", f"eBPF unavailable: {problem}"
+
+
+def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
+         policy_path: str, force: bool = False, **extra: Any) -> tuple[str, LoadReport, str]:
+    """Load with `chosen`; under `--backend auto` a kernel that refuses the eBPF
+    program gets the iptables backend instead. Returns (backend, report, note)."""
+    try:
+        report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force, **extra)
+        return chosen, report, ""
+    except ProgramRejected as err:
+        if requested != "auto":
+            raise
+        note = f"backend iptables: this kernel refused the eBPF program ({err})"
+        report = module("iptables").load(ir, scope, globs, mode, policy_path, force=force)
+        return "iptables", report, note
 
 
 def loaded(scope: Scope) -> str | None:

@@ -13,7 +13,7 @@ import netaddr
 from . import backend
 from . import policy as policy_mod
 from .compiler import compile_policy
-from .errors import IsoebpfError, PolicyError, ProgramRejected
+from .errors import IsoebpfError, PolicyError
 from .explain import Question, explain
 from .ir import IR
 from .state import Scope
@@ -135,15 +135,10 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     if previous:
         click.echo(f"removed the {previous} backend's enforcement first")
     extra = {"chain": chain} if chain else {}
-    try:
-        report = backend.module(chosen).load(ir, scope, globs, mode, policy_file, force=force,
-                                             **extra)
-    except ProgramRejected as err:
-        if backend_name != "auto":
-            raise
-        chosen = "iptables"
-        click.echo(f"backend iptables: this kernel refused the eBPF program ({err})")
-        report = backend.module(chosen).load(ir, scope, globs, mode, policy_file, force=force)
+    chosen, report, note = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
+                                        force=force, **extra)
+    if note:
+        click.echo(note)
     if report.replaced_layout:
         click.echo(f"removed older state ({report.replaced_layout}) instead of reusing it")
     click.echo(f"enforcing {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where}, "

@@ -219,13 +219,11 @@ def decide(
         return replace(first, action=action, track=False, reason="follows its first fragment")
 
     verdict = classifier.judge(pkt)
-    if not verdict.filtered:
-        if verdict.track:
-            key = flow_key(pkt)
-            live = key if key in tracked else None
-            return replace(verdict, connection=live or key, track=live is None and key is not None)
-        return verdict
     key = flow_key(pkt)
+    if not verdict.filtered:
+        if verdict.track:  # an exception: its replies must find the connection
+            return replace(verdict, connection=key, track=key is not None and key not in tracked)
+        return verdict
     if key is not None and not pkt.truncated:
         for candidate in (key, reverse(key)):
             if candidate in tracked:

@@ -61,6 +61,10 @@ class Testbed:
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
 
+    def address_of(self, target: str) -> str:
+        """A try's target as an address: itself, or the named host's IPv4 address."""
+        return target if any(c in target for c in ".:") else self.host(target).address
+
     def host_of(self, target: str) -> Host:
         """The host a try's target names: a host name or one of its addresses."""
         return next(h for h in self.hosts if target in (h.name, h.address, h.address6))
@@ -141,7 +145,7 @@ class Testbed:
     def probe(self, client: str, proto: str, target: str, port: int = 0,
               timeout: float = 2.0) -> dict[str, object]:
         """What `client` sees when it tries `target` (a host name or an address)."""
-        address = target if any(c in target for c in ".:") else self.host(target).address
+        address = self.address_of(target)
         args = [sys.executable, "-m", "isoebpf.probe", "connect", proto, address, str(port),
                 "--timeout", str(timeout)]
         done = self.run_in(self.netns(client), *args)
@@ -150,7 +154,7 @@ class Testbed:
 
     def session(self, client: str, target: str, port: int, timeout: float = 2.0) -> Session:
         """A TCP connection from `client` that stays open until the Session is closed."""
-        address = target if any(c in target for c in ".:") else self.host(target).address
+        address = self.address_of(target)
         process = subprocess.Popen(
             ["ip", "netns", "exec", self.netns(client), sys.executable, "-m", "isoebpf.probe",
              "session", address, str(port), "--timeout", str(timeout)],
