@@ -187,9 +187,14 @@ def test_shared_suite_verdicts_counters_and_status(
     hairpins = ("hairpin:it", "hairpin:hr") if bridged_traffic_counted(testbed) else ()
     for rule in ("allow:0", "default", *hairpins, "unfiltered", "established"):
         assert moved[rule] > 0, f"{rule} did not move: {moved}"
-    # The operators' runbook command shows our chain with the rule names.
-    listing = testbed.run_in(testbed.router, "iptables", "-L", "dcos-isolation", "-v", "-n").stdout
-    assert "/* isoebpf allow:0 hr -> it tcp/80 */" in listing
+    # The operators' runbook commands name the rules: the chain's comments in the
+    # degraded layout, the sets' element comments in the full one.
+    if record["iptables_layout"] == DEGRADED:
+        listing = testbed.run_in(testbed.router, "iptables", "-L", "dcos-isolation", "-v", "-n").stdout
+        assert "/* isoebpf allow:0 hr -> it tcp/80 */" in listing
+    else:
+        listing = testbed.run_in(testbed.router, "ipset", "list").stdout
+        assert 'comment "allow:0"' in listing
     again = load(testbed, SEED)
     assert "generation 1" in again, "loading the same policy again changes nothing"
 
