@@ -2,6 +2,8 @@
 # Boots each kernel of vagrant/kernels.txt under qemu with virtme-ng, over this
 # machine's root file system, and runs the kernel-facing suite inside it.
 # KVM where it works; otherwise TCG (slow: a bcc compile takes about 80 s).
+# Arguments, if any, replace the default pytest selection (`-m vm tests`), e.g.
+#   scripts/test-vm.sh tests/integration/test_iptables_traffic.py -m vm
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 "$venv/bin/python" -c 'import virtme_ng' 2>/dev/null || "$venv/bin/python" -m pip install -q virtme-ng
 
-# The image a line names: install a package when needed, then take its newest vmlinuz.
+# The image a line names: a path as it is; a package is installed when needed and
+# gives its own /boot/vmlinuz-*, or, for a metapackage like linux-image-amd64,
+# that of the kernel package it depends on.
 image_for() {
   case "$1" in
     /*) echo "$1" ;;
@@ -28,7 +32,13 @@ image_for() {
         say "installing $1" >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
       fi
-      ls /boot/vmlinuz-* | grep -v "$(uname -r)" | sort -V | tail -n 1 ;;
+      local pkg=$1 image
+      image=$(dpkg -L "$pkg" | grep '^/boot/vmlinuz-' || true)
+      if [ -z "$image" ]; then
+        pkg=$(dpkg-query -W -f='${Depends}' "$pkg" | tr ',' '\n' | grep -o '^ *linux-image-[^ ]*' | head -n 1 | tr -d ' ')
+        image=$(dpkg -L "$pkg" | grep '^/boot/vmlinuz-')
+      fi
+      echo "$image" ;;
   esac
 }
 
@@ -42,6 +52,9 @@ if [ -w /dev/kvm ] && [ "${ISOEBPF_VM_KVM:-auto}" != off ]; then
 fi
 say "acceleration: ${accel[*]:-kvm}"
 
+selection=${*:-"-m vm tests"}
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 results=()
 status=0
 while read -r line; do
@@ -49,13 +62,17 @@ while read -r line; do
   image=$(image_for "$line")
   say "booting $image"
   started=$(date +%s)
+  # stdin from /dev/null: the guest must not read the rest of kernels.txt.
   if vng --run "$image" "${accel[@]}" --memory 2G --cpus 2 --rwdir "$here" \
-       --exec "cd '$here' && CI=${CI:-} '$venv/bin/python' -m pytest -m vm -p no:cacheprovider -q tests"; then
-    results+=("$line ($image): passed in $(( $(date +%s) - started )) s")
+       --exec "cd '$here' && CI=${CI:-} '$venv/bin/python' -m pytest -p no:cacheprovider -q $selection" \
+       </dev/null | tee "$log"; then
+    verdict="passed in"
   else
-    results+=("$line ($image): FAILED after $(( $(date +%s) - started )) s")
+    verdict="FAILED after"
     status=1
   fi
+  results+=("$line ($image): $verdict $(( $(date +%s) - started )) s")
+  while read -r taken; do results+=("  $taken"); done < <(grep '^path taken' "$log" || true)
 done < "$here/vagrant/kernels.txt"
 printf '%s\n' "${results[@]}"
 exit $status

@@ -12,7 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
 
-
+# What `--backend auto` chose on the running kernel, said at the end of the run:
+# `make test-vm` shows it per kernel.
+PATHS_TAKEN: list[str] = []
 
 _PYTEST_PID = os.getpid()
 
@@ -38,6 +40,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = _TIERS.get(Path(str(item.fspath)).parent.name)
         if tier:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in PATHS_TAKEN:
+        terminalreporter.write_line(f"path taken on {os.uname().release}: {line}")
 
 
 def require(capability: str, reason: str) -> None:

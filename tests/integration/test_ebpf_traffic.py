@@ -15,6 +15,7 @@ from isoebpf.compiler import compile_policy
 from isoebpf.errors import ProgramRejected
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
+from tests.conftest import PATHS_TAKEN
 from tests.integration.conftest import ROOT, isoebpf
 from tests.scenarios import IT_HR_TRIES, expected_outcome
 
@@ -56,6 +57,9 @@ def test_seed_policy_verdicts_counters_and_unload(testbed: Testbed, mode: str,
         for try_, want, seen in outcomes(testbed, SEED):
             assert seen == want, try_
         record = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)
+        if mode == "auto":
+            modes = sorted({a["mode"] for a in record["attachments"]})
+            PATHS_TAKEN.append(f"backend {record['backend']}, attached as {', '.join(modes)}")
         moved = {c["rule"]: c["packets"] for c in record["counters"] if c["packets"]}
         for rule in ("allow:0", "default", "hairpin:it", "hairpin:hr", "unfiltered", "established"):
             assert moved.get(rule, 0) > 0, f"counter {rule} did not move: {moved}"
