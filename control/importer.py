@@ -252,6 +252,7 @@ class _Allow:
     dst: str
     ports: tuple[str, ...]  # () means every protocol and port
     order: tuple[float, int]  # (rule index named in a comment, or inf; position)
+    family: int | None = None  # read from one family's sets of overlays that have both
 
 
 class _Importer:
@@ -262,7 +263,7 @@ class _Importer:
         self.overlays: dict[str, _Overlay] = {}  # by overlay name
         self.overlay_of_set: dict[str, str | None] = {}  # None: not usable as an overlay
         self.allows: list[_Allow] = []
-        self.exceptions: list[tuple[str, str]] = []
+        self.exceptions: list[tuple[str, str, int | None]] = []  # (src, dst, family as in _Allow)
         self.default: str | None = None  # "allow" | "reject" | "drop"
         self.position = 0
 
@@ -342,11 +343,30 @@ class _Importer:
             return None
         return ends[0], ends[1]
 
-    def add_allow(self, src: str, dst: str, ports: tuple[str, ...], tag: str | None) -> None:
+    def add_allow(self, src: str, dst: str, ports: tuple[str, ...], tag: str | None,
+                  family: int | None = None) -> None:
         index = RULE_COMMENT.match(tag or "")
         self.position += 1
         order = (float(index.group(2)) if index else float("inf"), self.position)
-        self.allows.append(_Allow(src, dst, ports, order))
+        self.allows.append(_Allow(src, dst, ports, order, family))
+
+    def add_exception(self, src: str, dst: str, family: int | None = None) -> None:
+        if (src, dst, family) not in self.exceptions:
+            self.exceptions.append((src, dst, family))
+
+    def families(self, end: str) -> set[int]:
+        """The address families an endpoint (an overlay's name or a CIDR) has addresses in."""
+        overlay = self.overlays.get(end)
+        if overlay is None:
+            return {netaddr.IPNetwork(end.strip('"')).version}
+        return {net.version for net in overlay.subnets}
+
+    def within(self, end: str, family: int) -> list[str]:
+        """An endpoint's subnets of one family, as policy text."""
+        overlay = self.overlays.get(end)
+        if overlay is None:
+            return [end] if family in self.families(end) else []
+        return [_cidr_text(net) for net in overlay.subnets if net.version == family]
 
 
 def import_layout(rule_files: Sequence[tuple[str, int, str]], set_file: tuple[str, str]) -> Imported:
@@ -567,8 +587,7 @@ def _read_pairs(imp: _Importer, set_name: str, where: str, line: int, rule: Rule
         if ends is None:
             continue
         if exception:
-            if ends not in imp.exceptions:
-                imp.exceptions.append(ends)
+            imp.add_exception(*ends)
             continue
         ports = list(extra)
         if wanted == NET_PORT_NET:
@@ -619,6 +638,10 @@ def _merge_ports(ports: Iterable[str]) -> tuple[str, ...]:
 
 def _read_endpoints(imp: _Importer, rule: Rule, where: str) -> None:
     ends: list[str] = []
+    # isoebpf's per-family sets of one overlay (dcos.o0, dcos6.o0) stand for the
+    # overlay's subnets of that family only: a rule found in one family's file
+    # alone must not become a rule for the whole overlay.
+    family: int | None = None
     for address, direction in ((rule.src, "src"), (rule.dst, "dst")):
         if address is not None:
             net = imp.cidr(address, f"-{direction[0]}", rule.line)
@@ -626,6 +649,8 @@ def _read_endpoints(imp: _Importer, rule: Rule, where: str) -> None:
         else:
             match = next(m for m in rule.sets if m.dirs == (direction,))
             end = imp.overlay_for(match.name, where, rule.line)
+            if end is not None and imp.families(end) != {imp.sets[match.name].version}:
+                family = imp.sets[match.name].version
         if end is None:
             imp.notes.warn(where, rule.line, f"the {direction} of this rule lies in no overlay; "
                                              "left out")
@@ -637,10 +662,20 @@ def _read_endpoints(imp: _Importer, rule: Rule, where: str) -> None:
                                          "left out")
         return
     if (rule.tag or "").startswith("exception:"):
-        if (ends[0], ends[1]) not in imp.exceptions:
-            imp.exceptions.append((ends[0], ends[1]))
+        imp.add_exception(ends[0], ends[1], family)
         return
-    imp.add_allow(ends[0], ends[1], ports, rule.tag)
+    imp.add_allow(ends[0], ends[1], ports, rule.tag, family)
+
+
+def _spelled(imp: _Importer, src: str, dst: str, seen: set[int | None]) -> list[tuple[str, str]]:
+    """The endpoint pairs that say a rule read in the families `seen` (None: not one
+    family's). Read in every family both ends have addresses in, it is the rule
+    between the overlays; otherwise it is the rule between their subnets of each
+    family it was read in."""
+    if None in seen or seen >= imp.families(src) & imp.families(dst):
+        return [(src, dst)]
+    return [(s, d) for family in sorted(f for f in seen if f is not None)
+            for s in imp.within(src, family) for d in imp.within(dst, family)]
 
 
 def _loose(text: str) -> netaddr.IPNetwork | None:
@@ -667,7 +702,7 @@ def _policy_text(imp: _Importer, sources: list[str],
                                     "naming it are left out")
         del imp.overlays[overlay.name]
         imp.allows = [a for a in imp.allows if overlay.name not in (a.src, a.dst)]
-        imp.exceptions = [e for e in imp.exceptions if overlay.name not in e]
+        imp.exceptions = [e for e in imp.exceptions if overlay.name not in e[:2]]
     if not imp.overlays:
         raise LayoutError("the layout names no overlay with subnets: no hash:net set used for "
                           "hairpins or rules, or listed in the overlays set, has any")
@@ -684,14 +719,24 @@ def _policy_text(imp: _Importer, sources: list[str],
                   f"    subnets: [{', '.join(_cidr_text(n) for n in overlay.subnets)}]"]
         if not overlay.hairpin:
             lines.append("    isolated: true")
-    if imp.exceptions:
+    exceptions: dict[tuple[str, str], set[int | None]] = {}
+    for src, dst, family in imp.exceptions:
+        exceptions.setdefault((src, dst), set()).add(family)
+    if exceptions:
         lines.append("exceptions:")
-        lines += [f"  - {{from: {src}, to: {dst}}}" for src, dst in imp.exceptions]
-    if imp.allows:
+        lines += [f"  - {{from: {s}, to: {d}}}" for (src, dst), seen in exceptions.items()
+                  for s, d in _spelled(imp, src, dst, seen)]
+    # One rule of the policy is one allow per family file: by its index when a comment names it.
+    allows: dict[tuple[float, int, str, str, tuple[str, ...]], set[int | None]] = {}
+    for rule in sorted(imp.allows, key=lambda a: a.order):
+        key = (rule.order[0], rule.order[1] if rule.order[0] == float("inf") else 0,
+               rule.src, rule.dst, rule.ports)
+        allows.setdefault(key, set()).add(rule.family)
+    if allows:
         lines.append("allow:")
-        for rule in sorted(imp.allows, key=lambda a: a.order):
-            ports = f", ports: [{', '.join(rule.ports)}]" if rule.ports else ""
-            lines.append(f"  - {{from: {rule.src}, to: {rule.dst}{ports}}}")
+        for (_, _, src, dst, ports), seen in allows.items():
+            said = f", ports: [{', '.join(ports)}]" if ports else ""
+            lines += [f"  - {{from: {s}, to: {d}{said}}}" for s, d in _spelled(imp, src, dst, seen)]
     text = "\n".join(lines) + "\n"
     try:
         loaded = policy_mod.loads(text, "<imported>")

@@ -113,6 +113,20 @@ def test_our_own_layout_reads_back_as_the_same_policy(set_types: tuple[str, ...]
     assert checked >= 2400
 
 
+def test_a_rule_in_one_family_stays_in_that_family() -> None:
+    """dcos6.o0 in the IPv6 file alone is o0's IPv6 subnets, not all of o0; a rule
+    read in both families is the rule between the overlays again."""
+    text = ("version: 1\ndefault: deny\noverlays:\n"
+            "  o0: {subnets: [10.0.0.0/12, 'fd00:1::/32'], isolated: true}\n"
+            "  o1: {subnets: [10.16.0.0/12, 'fd00:2::/32'], isolated: true}\n"
+            "allow:\n  - {from: 'fd00:1::/32', to: o1}\n  - {from: o1, to: o0, ports: [tcp/80]}\n")
+    ipset_text, v4, v6 = render(compile_policy(policy.loads(text, "dual.yaml")), set_types=(NET,))
+    imported = import_layout([("v4", 4, v4), ("v6", 6, v6)], ("sets", ipset_text))
+    assert imported.text.split("allow:\n")[1] == (
+        '  - {from: "fd00:1::/32", to: "fd00:2::/32"}\n'
+        "  - {from: o1, to: o0, ports: [tcp/80]}\n")
+
+
 def test_overlays_set_missing_members_and_strays_are_reported() -> None:
     rules = table(JUMP.strip(),
                   "-A iso -m set --match-set it src -m set --match-set it dst -j RETURN",
