@@ -526,6 +526,15 @@ def canary(scope: Scope) -> list[str]:
     return found
 
 
+def tracer(scope: Scope, per_second: int) -> Any:
+    """The iptables backend has no verdict events to trace; says why and what to use."""
+    raise BackendError(
+        "the iptables backend cannot trace verdicts: its chain carries no NFLOG or TRACE "
+        "rules, so the kernel reports no per-packet verdicts to read. Per-rule counters are "
+        "there: 'isoebpf status' or 'iptables -L dcos-isolation -v -n' (in the namespace); "
+        "for live events use the eBPF backend ('isoebpf load --backend ebpf')")
+
+
 def status(scope: Scope) -> dict[str, Any] | None:
     record = scope.read()
     if record is None or record.get("backend") != BACKEND:
