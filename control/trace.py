@@ -91,7 +91,8 @@ def line(v: Verdict, clock_offset: float) -> str:
     when = v.timestamp_ns / 1e9 + clock_offset
     stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
     return (f"{stamp} {v.ifname:12} {v.protocol:6} {v.endpoint(v.src, v.sport):>22} -> "
-            f"{v.endpoint(v.dst, v.dport):22} {v.action:6} {v.rule} ({v.text})")
+            f"{v.endpoint(v.dst, v.dport):22} {v.action:6} {v.rule}"
+            + (f" ({v.text})" if v.text != v.rule else ""))
 
 
 def as_json(v: Verdict, clock_offset: float) -> str:
