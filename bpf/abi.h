@@ -182,10 +182,14 @@ struct counter {
 	__u64 bytes;
 };
 
-/* Per-CPU token bucket of events; tokens are counted in billionths. */
+/*
+ * Per-CPU token bucket of events; tokens are counted in billionths.
+ * `suppressed`: verdicts not sent while tracing because the bucket was empty.
+ */
 struct token_bucket {
 	__u64 refilled_ns;
 	__u64 nanotokens;
+	__u64 suppressed;
 };
 
 /* One verdict, as `isoebpf trace` shows it. Ports as in flow_key. */

@@ -2,7 +2,8 @@
 /*
  * What every verdict leaves behind: a per-rule counter, and, when the trace
  * command asks for them, an event, at most event_rate[0] per second per CPU
- * so that tracing cannot slow the datapath down.
+ * so that tracing cannot slow the datapath down; the verdicts beyond the rate
+ * are counted (token_bucket.suppressed), not sent.
  */
 #ifndef ISOEBPF_STATS_H
 #define ISOEBPF_STATS_H
@@ -57,8 +58,10 @@ static __always_inline int event_budget_allows(__u64 now)
 	if (bucket->nanotokens > full)
 		bucket->nanotokens = full;
 	bucket->refilled_ns = now;
-	if (bucket->nanotokens < ONE_SECOND_NS)
+	if (bucket->nanotokens < ONE_SECOND_NS) {
+		bucket->suppressed++;
 		return 0;
+	}
 	bucket->nanotokens -= ONE_SECOND_NS;
 	return 1;
 }

@@ -59,6 +59,8 @@ def record(name: str, scope: Scope, ir: IR, policy_path: str, generation: int,
         "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "generation": generation,
         "rules": [[r.id, r.name, r.text] for r in ir.rules],
+        "overlays": {o.name: [str(c.network) for c in ir.classes if c.overlay_id == o.id]
+                     for o in ir.overlays},
         "attachments": [a.as_record() for a in attachments],
         **extra,
     }

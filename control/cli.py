@@ -300,5 +300,60 @@ def _serve_metrics(address: str, runner: Any) -> None:
     start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
 
 
+@main.command()
+@click.option("--netns", metavar="NAME", help="Trace the enforcement in this namespace.")
+@click.option("--overlay", "overlays", multiple=True, metavar="NAME",
+              help="Only packets from or to this overlay.")
+@click.option("--rule", "rules", multiple=True, metavar="NAME",
+              help="Only verdicts of this rule (a name such as allow:0, or a glob: 'allow:*').")
+@click.option("--action", "actions", multiple=True, type=click.Choice(["allow", "drop", "reject"]),
+              help="Only verdicts with this action.")
+@click.option("--address", "addresses", multiple=True, metavar="CIDR",
+              help="Only packets from or to this address or subnet.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.option("--count", type=click.IntRange(1), help="Stop after this many shown events.")
+@click.option("--timeout", type=click.FloatRange(0.1), help="Stop after this many seconds.")
+@click.option("--rate", type=click.IntRange(1, 100000), default=1000, show_default=True,
+              help="Events each CPU may send a second; the kernel counts the rest as suppressed.")
+def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
+          actions: tuple[str, ...], addresses: tuple[str, ...], as_json: bool,
+          count: int | None, timeout: float | None, rate: int) -> None:
+    """Show verdicts live: source, destination, protocol/port, action, rule, interface."""
+    import time
+
+    from . import trace as trace_mod
+
+    scope = Scope(netns)
+    record = scope.read()
+    if record is None:
+        raise IsoebpfError("nothing loaded" + (f" in namespace {netns}" if netns else ""))
+    filters = trace_mod.Filters.build(overlays, record.get("overlays", {}), rules, actions,
+                                      addresses)
+    offset = trace_mod.clock_offset()
+    deadline = time.monotonic() + timeout if timeout else None
+    shown = 0
+    tracer = backend.module(str(record["backend"])).tracer(scope, rate)
+    with tracer:
+        click.echo(f"tracing {record['backend']} verdicts in "
+                   f"{('namespace ' + netns) if netns else 'this namespace'}", err=True)
+        try:
+            while count is None or shown < count:
+                left = deadline - time.monotonic() if deadline else 0.5
+                if left <= 0:
+                    break
+                for verdict in tracer.verdicts(min(left, 0.5)):
+                    if not filters.matches(verdict):
+                        continue
+                    click.echo(trace_mod.as_json(verdict, offset) if as_json
+                               else trace_mod.line(verdict, offset))
+                    shown += 1
+                    if shown == count:
+                        break
+        except KeyboardInterrupt:
+            pass
+    click.echo(f"{shown} events shown; {tracer.suppressed} verdicts suppressed by the rate "
+               f"limit, {tracer.lost} lost (ring full)", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -101,14 +101,19 @@ class Testbed:
         self.hosts = [*self.hosts, host]
         self._plug(host)
 
+    def router_of(self, host: Host) -> str:
+        """The namespace whose bridge the host is plugged into."""
+        return self.router
+
     def _plug(self, host: Host) -> None:
         gateways = {n.name: n for n in self.networks}
         ns = self.netns(host.name)
         self._add_netns(ns)
         net = gateways[host.network]
-        _ip("-n", self.router, "link", "add", self.veth(host.name), "type", "veth",
+        router = self.router_of(host)
+        _ip("-n", router, "link", "add", self.veth(host.name), "type", "veth",
             "peer", "name", "eth0", "netns", ns)
-        _ip("-n", self.router, "link", "set", self.veth(host.name), "master",
+        _ip("-n", router, "link", "set", self.veth(host.name), "master",
             f"br-{net.name}", "up")
         prefixlen = netaddr.IPNetwork(net.gateway).prefixlen
         _ip("-n", ns, "addr", "add", f"{host.address}/{prefixlen}", "dev", "eth0")

@@ -14,17 +14,20 @@ Lifecycle (everything under the scope's lock):
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import TracebackType
 from typing import Any
 
-from .. import backend
+from .. import abi, backend
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
 from ..state import LAYOUT, Scope, ensure_bpffs
-from . import bpfsys, links, program
+from ..trace import Verdict
+from . import bpfsys, links, perf, program
 
 BACKEND = "ebpf"
 PROG_PINS = {"xdp": "prog_xdp", "tc": "prog_tc"}
@@ -307,3 +310,82 @@ def status(scope: Scope) -> dict[str, Any] | None:
                 a["state"] = "attached" if _attached(sock, a) else "detached"
                 a["prog_id"] = record["programs"]["tc" if a["mode"] == "tc" else "xdp"]
     return record
+
+
+class Tracer:
+    """Verdict events from the loaded program, while this is open (`with`).
+
+    Opening sets the program's event rate (per CPU and second; beyond it the
+    kernel counts verdicts as suppressed instead of sending them); closing sets
+    it back to 0, so the datapath sends nothing when nobody traces.
+    """
+
+    def __init__(self, scope: Scope, per_second: int) -> None:
+        self.scope = scope
+        self.per_second = per_second
+        self.suppressed = 0
+        self.lost = 0
+        self._maps: dict[str, int] = {}
+        self._events: perf.PerfEventArray | None = None
+        self._suppressed_before = 0
+        self._rules: dict[int, tuple[str, str]] = {}
+        self._ifnames: dict[int, str] = {}
+
+    def __enter__(self) -> Tracer:
+        record = self.scope.read()
+        if record is None or record.get("backend") != BACKEND:
+            raise BackendError("no eBPF program is loaded here")
+        self._learn(record)
+        try:
+            self._maps = {name: bpfsys.obj_get(str(self.scope.pin_dir / name))
+                          for name in ("event_rate", "event_tokens")}
+            self._events = perf.PerfEventArray(str(self.scope.pin_dir / "events"))
+            self._suppressed_before = program.suppressed_events(self._maps)
+            program.set_event_rate(self._maps, self.per_second)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if "event_rate" in self._maps:
+            program.set_event_rate(self._maps, 0)
+        if "event_tokens" in self._maps:
+            self.suppressed = program.suppressed_events(self._maps) - self._suppressed_before
+        if self._events is not None:
+            self.lost = self._events.lost
+            self._events.close()
+            self._events = None
+        for fd in self._maps.values():
+            os.close(fd)
+        self._maps = {}
+
+    def _learn(self, record: dict[str, Any]) -> None:
+        """Rule names and interface names, from the state record (the agent keeps it current)."""
+        self._rules = {int(i): (str(name), str(text)) for i, name, text in record["rules"]}
+        self._ifnames = {int(a["ifindex"]): str(a["ifname"]) for a in record["attachments"]}
+
+    def verdicts(self, timeout: float) -> Iterator[Verdict]:
+        """The verdicts that arrive within `timeout` seconds."""
+        assert self._events is not None, "use Tracer in a with statement"
+        for raw in self._events.poll(timeout):
+            if len(raw) < ctypes.sizeof(abi.VerdictEvent):
+                continue
+            event = abi.VerdictEvent.from_buffer_copy(raw)
+            if event.rule not in self._rules or event.ifindex not in self._ifnames:
+                record = self.scope.read()  # a policy update or a new interface since
+                if record is not None:
+                    self._learn(record)
+            name, text = self._rules.get(event.rule, (f"rule {event.rule}", "unknown rule"))
+            yield Verdict(event.timestamp_ns, self._ifnames.get(event.ifindex, f"if{event.ifindex}"),
+                          event.family, event.proto, program.address(event.family, event.src), event.sport,
+                          program.address(event.family, event.dst), event.dport,
+                          abi.ACTION_NAMES.get(event.action, str(event.action)), name, text)
+
+
+def tracer(scope: Scope, per_second: int) -> Tracer:
+    return Tracer(scope, per_second)

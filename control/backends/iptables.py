@@ -103,6 +103,11 @@ class _Tools:
         flavoured = f"{IP_VERSIONS[version]}-{self.flavour}-{verb}"
         return flavoured if shutil.which(flavoured) else f"{IP_VERSIONS[version]}-{verb}"
 
+    def command(self, version: int) -> str:
+        """`iptables-nft` and the like; the plain name where only that exists."""
+        flavoured = f"{IP_VERSIONS[version]}-{self.flavour}"
+        return flavoured if shutil.which(flavoured) else IP_VERSIONS[version]
+
     def save(self, version: int) -> str:
         return self.run([self.tool(version, "save"), "-c", "-t", "filter"])
 
@@ -253,8 +258,8 @@ def differences(layout: Layout, state: _State) -> list[str]:
         tool = IP_VERSIONS[version]
         positions = [p for p, _, _, _ in family.forward]
         if [spec for _, spec, _, _ in family.forward] != list(rules.forward) or \
-                positions != list(range(positions[0], positions[0] + len(positions))):
-            found.append(f"jump: {tool} FORWARD rules are missing or changed")
+                positions != list(range(1, len(positions) + 1)):
+            found.append(f"jump: {tool} FORWARD rules are missing, changed or not first")
         if rules.chain and [spec for spec, _, _ in family.chains.get(layout.chain, [])] != \
                 list(rules.chain):
             found.append(f"chain: {tool} {layout.chain} is missing or changed")
@@ -269,10 +274,10 @@ def _stale_chains(layout: Layout, version: int, family: _Family) -> list[str]:
 
 
 def _forward_ops(family: _Family, specs: Sequence[str]) -> list[str]:
-    """Put our FORWARD rules in place: replaced where they are, else inserted at the top."""
+    """Put our FORWARD rules first: replaced where they are first already, else (gone, or
+    someone inserted rules above them) deleted and inserted at the top."""
     positions = [p for p, _, _, _ in family.forward]
-    if positions and len(positions) == len(specs) and \
-            positions == list(range(positions[0], positions[0] + len(specs))):
+    if positions == list(range(1, len(specs) + 1)):
         return [f"-R FORWARD {p} {spec}" for p, spec in zip(positions, specs, strict=True)]
     return [*(f"-D FORWARD {p}" for p in reversed(positions)),
             *(f"-I FORWARD {i} {spec}" for i, spec in enumerate(specs, start=1))]
@@ -496,6 +501,38 @@ def drift(scope: Scope, ir: IR) -> list[str]:
     found, _ = set_types()
     layout = build(ir, str(record["chain"]), found)
     return differences(layout, _read_state(tools))
+
+
+def canary(scope: Scope) -> list[str]:
+    """The cheap check the agent makes between read-backs ('<kind>: <what>'; [] if fine).
+
+    Each family's first FORWARD rule must be ours: an `iptables -F`, an `nft flush
+    ruleset`, a restored foreign ruleset (a firewalld reload) and rules inserted above
+    ours (a Docker restart) all change it. One command per family, no set listing.
+    """
+    record = scope.read()
+    if record is None or record.get("backend") != BACKEND:
+        return []
+    tools = _Tools(scope.netns, str(record["flavour"]))
+    found = []
+    for version, tool in IP_VERSIONS.items():
+        try:
+            first = tools.run([tools.command(version), "-w", LOCK_WAIT_SECONDS, "-S", "FORWARD",
+                               "1"]).strip()
+        except BackendError:
+            first = ""  # no FORWARD rule at all, or no filter table
+        if _tag(first) != FORWARDED:
+            found.append(f"jump: {tool} FORWARD does not start with our rules")
+    return found
+
+
+def tracer(scope: Scope, per_second: int) -> Any:
+    """The iptables backend has no verdict events to trace; says why and what to use."""
+    raise BackendError(
+        "the iptables backend cannot trace verdicts: its chain carries no NFLOG or TRACE "
+        "rules, so the kernel reports no per-packet verdicts to read. Per-rule counters are "
+        "there: 'isoebpf status' or 'iptables -L dcos-isolation -v -n' (in the namespace); "
+        "for live events use the eBPF backend ('isoebpf load --backend ebpf')")
 
 
 def status(scope: Scope) -> dict[str, Any] | None:

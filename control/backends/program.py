@@ -253,6 +253,11 @@ def set_event_rate(maps: Maps, per_second: int) -> None:
     bpfsys.map_update(maps["event_rate"], ctypes.c_uint32(0), ctypes.c_uint32(per_second))
 
 
+def suppressed_events(maps: Maps) -> int:
+    """Verdicts the rate limit kept from being sent while tracing, summed over CPUs."""
+    return sum(b.suppressed for b in _percpu(maps, "event_tokens", 0, abi.TokenBucket))
+
+
 # -- reading state ------------------------------------------------------------
 
 

@@ -69,6 +69,7 @@ def test_events_are_rate_limited(loaded: Datapath, one_cpu: None) -> None:
     finally:
         program.set_event_rate(loaded.maps, 0)  # the perf buffer closes with the program
     assert len(seen) == 3
+    assert program.suppressed_events(loaded.maps) == 7, "not tracing: nothing is suppressed"
     first = seen[0]
     assert program.address(first.family, first.src) == HR
     assert program.address(first.family, first.dst) == IT

@@ -338,3 +338,11 @@ def test_iptables_legacy_is_driven_with_its_own_tools(
     finally:
         iptables_backend.unload(scope)
     assert "isoebpf" not in testbed.run_in(testbed.router, "iptables-legacy-save").stdout
+
+
+def test_trace_says_the_iptables_backend_cannot_trace(testbed: Testbed, unloaded: None) -> None:
+    load(testbed, SEED)
+    done = isoebpf("trace", "--netns", testbed.router, "--count", "1", check=False)
+    assert done.returncode == 1
+    assert "the iptables backend cannot trace verdicts" in done.stderr
+    assert "no NFLOG or TRACE rules" in done.stderr and "isoebpf status" in done.stderr
