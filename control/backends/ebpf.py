@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .. import backend
+from .. import backend, capacity
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
@@ -54,6 +54,10 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
     with scope.locked():
         record = scope.read()
         replaced = None
+        if record is None or not _reusable(record, scope):
+            # A first load compiles maps of the planned sizes: refuse a policy that
+            # cannot fit them before compiling, pinning or tearing anything down.
+            capacity.check(ir, capacity.sized(program.planned_sizes()), {})
         if record is not None and not _reusable(record, scope):
             replaced = f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
             _teardown(scope, record)

@@ -1,0 +1,172 @@
+"""Hostile input against a running policy: nothing applied, the running policy untouched.
+
+With a policy enforced in the testbed's router (each backend in turn), every
+file of the bad-policy corpus and every oversized policy goes to `isoebpf
+load` (in process: one testbed, no recompiling). Each must exit 1 with its
+located errors (or, oversized, the map, the count, the limit and the constant
+to raise), and leave the state record, the pins and every policy map (eBPF)
+or every rule and set (iptables) exactly as they were. An oversized first load
+is refused before the program is even compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from isoebpf.backends import bpfsys
+from isoebpf.cli import main
+from isoebpf.state import Scope
+from isoebpf.testbed import Testbed
+from tests.integration.conftest import ROOT
+from tests.integration.test_ebpf_traffic import assert_clean
+from tests.integration.test_iptables_traffic import snapshot, tools_present
+
+SEED = ROOT / "examples" / "it-hr.yaml"
+CORPUS = sorted((ROOT / "tests" / "policies" / "bad").glob("*.yaml"))
+LOCATED = re.compile(r"^\S+\.yaml:\d+:\d+: error: ", re.MULTILINE)
+
+# The running program is compiled small, so that oversized policies stay small files.
+SMALL = {"ISOEBPF_MAX_CLASSES": "64", "ISOEBPF_MAX_HAIRPINS": "16", "ISOEBPF_MAX_EXCEPTIONS": "16",
+         "ISOEBPF_MAX_ALLOWED": "256", "ISOEBPF_MAX_RULES": "128"}
+# The maps a policy is written to, and the two words that say which one is in force.
+POLICY_MAPS = ("classes_v4", "classes_v6", "exceptions", "hairpins", "allowed", "config", "params")
+
+
+def overlays(count: int, isolated: bool = False) -> str:
+    lines = ["version: 1", "default: deny", "overlays:"]
+    for n in range(count):
+        lines += [f"  o{n}:", f"    subnets: [10.{n // 256}.{n % 256}.0/24]"]
+        if isolated:
+            lines.append("    isolated: true")
+    return "\n".join(lines) + "\n"
+
+
+def ports(count: int) -> str:
+    rules = "".join(f"  - {{from: a, to: b, ports: [tcp/{1000 + n}]}}\n" for n in range(count))
+    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            f"  b:\n    subnets: [10.2.0.0/16]\nallow:\n{rules}")
+
+
+def ranges(count: int) -> str:
+    """Rules whose odd port ranges take a few dozen allow entries each."""
+    rules = "".join(f"  - {{from: a, to: b, ports: [tcp/{n * 3000 + 1}-{n * 3000 + 2998}]}}\n"
+                    for n in range(count))
+    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            f"  b:\n    subnets: [10.2.0.0/16]\nallow:\n{rules}")
+
+
+def exceptions(count: int) -> str:
+    pairs = "".join(f"  - {{from: 10.1.{n}.0/24, to: 10.2.{n}.0/24}}\n" for n in range(count))
+    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            f"  b:\n    subnets: [10.2.0.0/16]\nexceptions:\n{pairs}")
+
+
+# name -> (policy text, the constant its refusal must name); each over one SMALL limit.
+OVERSIZED = {
+    "classes": (overlays(70, isolated=True), "ISOEBPF_MAX_CLASSES"),
+    "hairpins": (overlays(20), "ISOEBPF_MAX_HAIRPINS"),
+    "exceptions": (exceptions(20), "ISOEBPF_MAX_EXCEPTIONS"),
+    "allowed": (ranges(21), "ISOEBPF_MAX_ALLOWED"),
+    "rules": (ports(124), "ISOEBPF_MAX_RULES"),
+}
+
+
+def load(testbed: Testbed, path: Path, *more: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, ["load", str(path), "--netns", testbed.router, "--iface", "v-*", *more],
+                              env=env)
+
+
+def ebpf_state(scope: Scope) -> dict[str, object]:
+    """The record, the pins, and every policy map's entries, as bytes."""
+    found: dict[str, object] = {"record": scope.record_path.read_bytes(),
+                                "pins": sorted(p.name for p in scope.pin_dir.iterdir())}
+    for name in POLICY_MAPS:
+        fd = bpfsys.obj_get(str(scope.pin_dir / name))
+        try:
+            info = bpfsys.map_info(fd)
+            found[name] = sorted((key, bpfsys.map_lookup(fd, key, info.value_size))
+                                 for key in bpfsys.map_keys(fd, info.key_size))
+        finally:
+            os.close(fd)
+    return found
+
+
+def iptables_state(testbed: Testbed) -> dict[str, object]:
+    return {"record": Scope(testbed.router).record_path.read_bytes(), **snapshot(testbed)}
+
+
+@pytest.fixture
+def oversized(tmp_path: Path) -> dict[str, Path]:
+    paths = {}
+    for name, (text, _) in OVERSIZED.items():
+        paths[name] = tmp_path / f"oversized-{name}.yaml"
+        paths[name].write_text(text)
+    return paths
+
+
+def refuse_all(testbed: Testbed, paths: list[Path], state: Callable[[], object], *more: str) -> int:
+    """Each policy in `paths` against the running one; returns how many were refused."""
+    before = state()
+    for path in paths:
+        result = load(testbed, path, *more)
+        assert result.exit_code == 1, f"{path.name}: exit {result.exit_code}\n{result.output}"
+        if path.parent.name == "bad":
+            assert LOCATED.search(result.output) and "nothing was applied" in result.output, path.name
+        else:
+            macro = OVERSIZED[path.stem.removeprefix("oversized-")][1]
+            assert "nothing was changed" in result.output and f"raise {macro} (" in result.output, result.output
+        assert state() == before, f"{path.name} changed the running policy"
+    return len(paths)
+
+
+@pytest.fixture
+def ebpf_running(testbed: Testbed) -> Iterator[Scope]:
+    scope = Scope(testbed.router)
+    try:
+        result = load(testbed, SEED, "--backend", "ebpf", env=SMALL)
+        assert result.exit_code == 0, result.output
+        yield scope
+    finally:
+        CliRunner().invoke(main, ["unload", "--netns", testbed.router])
+    assert_clean(testbed)
+
+
+def test_an_oversized_first_load_is_refused_before_compiling(testbed: Testbed, oversized: dict[str, Path]) -> None:
+    for name, path in oversized.items():
+        result = load(testbed, path, "--backend", "ebpf", env=SMALL)
+        if result.exit_code == 0:
+            CliRunner().invoke(main, ["unload", "--netns", testbed.router])
+        assert result.exit_code == 1, result.output
+        assert f"raise {OVERSIZED[name][1]} (" in result.output and "compiled the program" not in result.output, result.output
+        assert_clean(testbed)
+
+
+def test_ebpf_bad_and_oversized_policies_leave_the_running_one_untouched(
+    testbed: Testbed, ebpf_running: Scope, oversized: dict[str, Path],
+) -> None:
+    tried = refuse_all(testbed, [*CORPUS, *oversized.values()], lambda: ebpf_state(ebpf_running),
+                       "--backend", "ebpf")
+    assert tried == len(CORPUS) + len(OVERSIZED) >= 55
+    # And the running policy still works: the same policy again is no change at all.
+    again = load(testbed, SEED, "--backend", "ebpf")
+    assert again.exit_code == 0 and "generation 1" in again.output, again.output
+    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+    assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+
+
+def test_iptables_bad_policies_leave_the_running_one_untouched(testbed: Testbed, tools_present: None) -> None:
+    try:
+        result = load(testbed, SEED, "--backend", "iptables")
+        assert result.exit_code == 0, result.output
+        tried = refuse_all(testbed, CORPUS, lambda: iptables_state(testbed), "--backend", "iptables")
+        assert tried == len(CORPUS) >= 50
+        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+    finally:
+        CliRunner().invoke(main, ["unload", "--netns", testbed.router])
+
