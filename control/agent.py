@@ -55,6 +55,7 @@ class Agent:
     mode: str = "auto"
     netns: str | None = None
     repair_interval: float = 1.0
+    force: bool = False  # override safety refusals (a policy file others can write, ...)
     poll_interval: float = 0.2
     log_stream: TextIO = sys.stderr
     stats: Stats = field(default_factory=Stats)
@@ -91,6 +92,12 @@ class Agent:
         if digest == self._digest:
             return
         self._digest = digest
+        problem = policy_mod.untrusted(self.policy_path)
+        if problem and not self.force:
+            self.stats.applies["refused"] += 1
+            self.log("policy_refused", path=self.policy_path, errors=[f"{problem}: --force to use it"],
+                     keeping=self._ir.digest if self._ir else None)
+            return
         try:
             ir = compile_policy(policy_mod.load(self.policy_path))
         except PolicyError as err:
@@ -111,7 +118,7 @@ class Agent:
                 globs = list(self.globs) or list(ir.interfaces or ())
                 self._chosen, report, note = backend.load(
                     self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
-                    self.policy_path)
+                    self.policy_path, force=self.force)
                 if note:
                     self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:

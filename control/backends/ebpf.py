@@ -23,7 +23,7 @@ from .. import backend, capacity
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
-from ..state import LAYOUT, Scope, ensure_bpffs
+from ..state import LAYOUT, Scope, ensure_bpffs, make_private
 from . import bpfsys, links, program
 
 BACKEND = "ebpf"
@@ -80,11 +80,12 @@ def _first_load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_pa
     compiled = program.compile_program()
     attachments: list[Attachment] = []
     try:
-        scope.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for kind, pin in PROG_PINS.items():
-            bpfsys.obj_pin(compiled.prog_fds[kind], str(scope.pin_dir / pin))
-        for name, fd in compiled.map_fds.items():
+        scope.make_pin_dir()
+        pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
+                *((fd, name) for name, fd in compiled.map_fds.items())]
+        for fd, name in pins:
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
+            make_private(scope.pin_dir / name)
         generation = 1
         program.write_generation(compiled.map_fds, ir, generation)
         program.activate(compiled.map_fds, ir, generation)

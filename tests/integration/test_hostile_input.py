@@ -11,21 +11,29 @@ is refused before the program is even compiled.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from isoebpf import policy, state
 from isoebpf.backends import bpfsys
 from isoebpf.cli import main
+from isoebpf.compiler import compile_policy
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
+from tests.conftest import require
 from tests.integration.conftest import ROOT
 from tests.integration.test_ebpf_traffic import assert_clean
-from tests.integration.test_iptables_traffic import snapshot, tools_present
+from tests.integration.test_iptables_traffic import snapshot
 
 SEED = ROOT / "examples" / "it-hr.yaml"
 CORPUS = sorted((ROOT / "tests" / "policies" / "bad").glob("*.yaml"))
@@ -125,7 +133,48 @@ def refuse_all(testbed: Testbed, paths: list[Path], state: Callable[[], object],
     return len(paths)
 
 
-@pytest.fixture
+def test_an_oversized_first_load_is_refused_before_compiling(testbed: Testbed, oversized: dict[str, Path]) -> None:
+    for name, path in oversized.items():
+        result = load(testbed, path, "--backend", "ebpf", env=SMALL)
+        if result.exit_code == 0:
+            CliRunner().invoke(main, ["unload", "--netns", testbed.router])
+        assert result.exit_code == 1, result.output
+        assert f"raise {OVERSIZED[name][1]} (" in result.output, result.output
+        assert "compiled the program" not in result.output
+        assert_clean(testbed)
+
+
+def test_iptables_bad_policies_leave_the_running_one_untouched_and_status_shows_only_ours(
+    testbed: Testbed,
+) -> None:
+    for tool in ("iptables", "ipset"):
+        if shutil.which(tool) is None:
+            require(tool, "not installed")
+    # Another tenant's chain and set in the same namespace: never ours to show or touch.
+    testbed.run_in(testbed.router, "ipset", "create", "tenant-secret", "hash:net")
+    testbed.run_in(testbed.router, "iptables", "-N", "tenant-chain")
+    testbed.run_in(testbed.router, "iptables", "-A", "tenant-chain", "-s", "198.51.100.77",
+                   "-m", "comment", "--comment", "tenant-secret", "-j", "DROP")
+    try:
+        result = load(testbed, SEED, "--backend", "iptables")
+        assert result.exit_code == 0, result.output
+        tried = refuse_all(testbed, CORPUS, lambda: iptables_state(testbed), "--backend", "iptables")
+        assert tried == len(CORPUS) >= 50
+        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+        shown = CliRunner().invoke(main, ["status", "--netns", testbed.router, "--json"]).output
+        assert "tenant" not in shown and "198.51.100.77" not in shown
+        assert "10.250.1.10" not in shown, "status shows the policy's state, never connections"
+    finally:
+        CliRunner().invoke(main, ["unload", "--netns", testbed.router])
+        testbed.run_in(testbed.router, "iptables", "-F", "tenant-chain", check=False)
+        testbed.run_in(testbed.router, "iptables", "-X", "tenant-chain", check=False)
+        testbed.run_in(testbed.router, "ipset", "destroy", "tenant-secret", check=False)
+
+
+# The rest share one running eBPF policy (one compile).
+
+
+@pytest.fixture(scope="module")
 def ebpf_running(testbed: Testbed) -> Iterator[Scope]:
     scope = Scope(testbed.router)
     try:
@@ -135,16 +184,6 @@ def ebpf_running(testbed: Testbed) -> Iterator[Scope]:
     finally:
         CliRunner().invoke(main, ["unload", "--netns", testbed.router])
     assert_clean(testbed)
-
-
-def test_an_oversized_first_load_is_refused_before_compiling(testbed: Testbed, oversized: dict[str, Path]) -> None:
-    for name, path in oversized.items():
-        result = load(testbed, path, "--backend", "ebpf", env=SMALL)
-        if result.exit_code == 0:
-            CliRunner().invoke(main, ["unload", "--netns", testbed.router])
-        assert result.exit_code == 1, result.output
-        assert f"raise {OVERSIZED[name][1]} (" in result.output and "compiled the program" not in result.output, result.output
-        assert_clean(testbed)
 
 
 def test_ebpf_bad_and_oversized_policies_leave_the_running_one_untouched(
@@ -160,13 +199,73 @@ def test_ebpf_bad_and_oversized_policies_leave_the_running_one_untouched(
     assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
 
 
-def test_iptables_bad_policies_leave_the_running_one_untouched(testbed: Testbed, tools_present: None) -> None:
-    try:
-        result = load(testbed, SEED, "--backend", "iptables")
-        assert result.exit_code == 0, result.output
-        tried = refuse_all(testbed, CORPUS, lambda: iptables_state(testbed), "--backend", "iptables")
-        assert tried == len(CORPUS) >= 50
-        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
-    finally:
-        CliRunner().invoke(main, ["unload", "--netns", testbed.router])
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, as uid/gid 65534 with no groups and no capabilities."""
+    return subprocess.run([sys.executable, "-m", "isoebpf.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, user=65534, group=65534, extra_groups=[], check=False)
 
+
+def test_only_root_changes_state(testbed: Testbed, ebpf_running: Scope) -> None:
+    before = ebpf_state(ebpf_running)
+    for args in (["load", str(SEED)], ["unload"]):
+        done = as_nobody(*args, "--netns", testbed.router)
+        assert done.returncode == 1, done
+        assert f"'{args[0]}' changes this host's packet filtering, and uid 65534 may not" in done.stderr
+    seen = as_nobody("status", "--netns", testbed.router, "--json")
+    assert seen.returncode == 1 and "Permission denied" in seen.stderr, seen
+    assert "digest" not in seen.stdout
+    assert ebpf_state(ebpf_running) == before
+
+
+def test_state_is_roots_alone(ebpf_running: Scope) -> None:
+    for folder in (state.BPFFS, ebpf_running.pin_dir, state.RUN_DIR, ebpf_running.record_path.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        assert folder.stat().st_uid == 0, folder
+    files = [*ebpf_running.pin_dir.iterdir(), ebpf_running.record_path, ebpf_running.lock_path]
+    assert len(files) > 10
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_policy_others_can_write_is_refused_unless_forced(
+    testbed: Testbed, ebpf_running: Scope, tmp_path: Path,
+) -> None:
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(SEED.read_text())
+    shared.chmod(0o666)
+    before = ebpf_state(ebpf_running)
+    refused = load(testbed, shared, "--backend", "ebpf")
+    assert refused.exit_code == 1 and f"refusing {shared}: " in refused.output, refused.output
+    assert ebpf_state(ebpf_running) == before
+    forced = load(testbed, shared, "--backend", "ebpf", "--force")
+    assert forced.exit_code == 0 and "used anyway (--force)" in forced.output, forced.output
+    again = load(testbed, SEED, "--backend", "ebpf")
+    assert again.exit_code == 0, again.output
+
+
+STATUS_KEYS = {"backend", "netns", "digest", "policy", "loaded_at", "generation", "rules", "attachments",
+               "layout", "compile_seconds", "counters", "connections", "maps", "programs"}
+
+
+def test_status_shows_the_policy_counters_and_our_objects_only(
+    testbed: Testbed, ebpf_running: Scope, tmp_path: Path,
+) -> None:
+    commented = tmp_path / "commented.yaml"
+    commented.write_text("# deploy token: hunter2-secret\n" + SEED.read_text())
+    other = Scope("isoebpf-other-tenant")
+    other.write({"backend": "ebpf", "policy": "/tenant/secret-policy.yaml", "digest": "f" * 64})
+    try:
+        assert load(testbed, commented, "--backend", "ebpf").exit_code == 0
+        testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)
+        shown = CliRunner().invoke(main, ["status", "--netns", testbed.router, "--json"]).output
+        record = json.loads(shown)
+        assert set(record) <= STATUS_KEYS, set(record) - STATUS_KEYS
+        ir = compile_policy(policy.load(SEED))
+        assert [c["rule"] for c in record["counters"]] == [r.name for r in ir.rules]
+        assert {a["ifname"] for a in record["attachments"]} == {testbed.veth(h.name) for h in testbed.hosts}
+        for secret in ("hunter2", "tenant", "10.250.1.10", "192.168.1.10"):
+            assert secret not in shown, f"status shows {secret}"
+        assert isinstance(record["connections"], int)
+    finally:
+        other.forget()
+        load(testbed, SEED, "--backend", "ebpf")
