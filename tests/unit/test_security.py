@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from isoebpf import policy, state
+from isoebpf.agent import Agent
 from isoebpf.cli import main
 
 CONTROL = Path(__file__).resolve().parents[2] / "control"
@@ -122,3 +124,16 @@ def test_changing_state_needs_privilege(monkeypatch: pytest.MonkeyPatch, args: l
     assert result.exit_code == 1
     assert f"'{args[0]}' changes this host's packet filtering" in result.output
     assert "run it as root (or with CAP_NET_ADMIN and CAP_BPF)" in result.output
+
+
+def test_the_agent_refuses_an_untrusted_policy_unless_forced(policy_copy: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    applied: list[str] = []
+    monkeypatch.setattr(Agent, "apply", lambda self, ir, why: applied.append(ir.digest))
+    policy_copy.chmod(0o666)
+    log = io.StringIO()
+    Agent(str(policy_copy), log_stream=log).check_policy()
+    assert applied == [] and '"event": "policy_refused"' in log.getvalue()
+    assert "writable by its group and everyone" in log.getvalue()
+    Agent(str(policy_copy), force=True, log_stream=io.StringIO()).check_policy()
+    assert len(applied) == 1
