@@ -35,7 +35,7 @@ SEED = int(os.environ.get("ISOEBPF_HOSTILE_SEED", "8"))
 FRAMES = int(os.environ.get("ISOEBPF_HOSTILE_FRAMES", "1000000"))
 SOAK_FRAMES = 10_000_000
 FRAMES_PER_EPISODE = 10_000  # loading a policy costs thousands of map writes
-REPLAY_SHARE = 0.6  # of frames replayed from earlier ones, damaged or not (generating is the cost)
+REPLAY_SHARE = 0.7  # of frames replayed from earlier ones, damaged or not (generating is the cost)
 COUNTER_SAMPLE = 0.01  # frames after which the counted rule is read back (a map read costs ~3 runs)
 
 
