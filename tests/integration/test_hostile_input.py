@@ -133,6 +133,63 @@ def refuse_all(testbed: Testbed, paths: list[Path], state: Callable[[], object],
     return len(paths)
 
 
+# Forged ICMP errors with real traffic: a raw socket sends them, another waits for them.
+LISTEN = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+try:
+    while sys.argv[1].encode() not in s.recv(65535):
+        pass
+    print("arrived")
+except TimeoutError:
+    print("nothing")
+"""
+SEND = """
+import socket, sys, netaddr
+from isoebpf.evaluate import Packet
+from tests.packets import Wire, ip_packet
+src, dst, quoted_src, quoted_dst, port, marker = sys.argv[1:]
+ip = netaddr.IPAddress
+inner = Packet(ip(quoted_src), ip(quoted_dst), 6, sport=40000, dport=int(port))
+error = Packet(ip(src), ip(dst), 1, icmp_type=3, icmp_code=3, inner=inner)
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(ip_packet(error, Wire(payload=marker.encode())), (dst, 0))
+"""
+
+
+def forged_error_arrives(testbed: Testbed, sender: str, receiver: str, quoted: tuple[str, str, int]) -> bool:
+    """Whether an ICMP port-unreachable from `sender` to `receiver`, quoting a TCP
+    packet quoted[0] -> quoted[1]:quoted[2] that nobody sent, reaches `receiver`."""
+    marker = f"isoebpf-forged-{sender}-{receiver}-{quoted[2]}"
+    listener = subprocess.Popen(["ip", "netns", "exec", testbed.netns(receiver), sys.executable, "-c", LISTEN,
+                                 marker, "1.5"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        src, dst = testbed.address_of(sender), testbed.address_of(receiver)
+        testbed.run_in(testbed.netns(sender), sys.executable, "-c", SEND, src, dst,
+                       testbed.address_of(quoted[0]), testbed.address_of(quoted[1]), str(quoted[2]), marker)
+        return listener.stdout.readline().strip() == "arrived"
+    finally:
+        listener.kill()
+        listener.wait()
+        if listener.stdout:
+            listener.stdout.close()
+
+
+def assert_forged_errors_open_nothing(testbed: Testbed) -> None:
+    # The channel works: an error from outside every overlay is not filtered.
+    assert forged_error_arrives(testbed, "out1", "it1", ("it1", "out1", 22))
+    # it -> hr is denied: an error quoting such a flow, which nobody opened, stays out ...
+    assert not forged_error_arrives(testbed, "hr1", "it1", ("it1", "hr1", 22))
+    # ... hr -> it is allowed only on tcp/80: an error about a tcp/22 flow from it1 too.
+    assert not forged_error_arrives(testbed, "it1", "hr1", ("hr1", "it1", 22))
+    # And the flows they name are still refused.
+    assert testbed.probe("it1", "tcp", "hr1", 22, timeout=1.0)["outcome"] == "refused"
+    assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "refused"
+
+
 def test_an_oversized_first_load_is_refused_before_compiling(testbed: Testbed, oversized: dict[str, Path]) -> None:
     for name, path in oversized.items():
         result = load(testbed, path, "--backend", "ebpf", env=SMALL)
@@ -161,6 +218,7 @@ def test_iptables_bad_policies_leave_the_running_one_untouched_and_status_shows_
         tried = refuse_all(testbed, CORPUS, lambda: iptables_state(testbed), "--backend", "iptables")
         assert tried == len(CORPUS) >= 50
         assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+        assert_forged_errors_open_nothing(testbed)
         shown = CliRunner().invoke(main, ["status", "--netns", testbed.router, "--json"]).output
         assert "tenant" not in shown and "198.51.100.77" not in shown
         assert "10.250.1.10" not in shown, "status shows the policy's state, never connections"
@@ -197,6 +255,10 @@ def test_ebpf_bad_and_oversized_policies_leave_the_running_one_untouched(
     assert again.exit_code == 0 and "generation 1" in again.output, again.output
     assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
     assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+
+
+def test_forged_icmp_errors_open_nothing_in_real_traffic(testbed: Testbed, ebpf_running: Scope) -> None:
+    assert_forged_errors_open_nothing(testbed)
 
 
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from isoebpf import capacity, policy
+from isoebpf import capacity, iptables_layout, policy
 from isoebpf.abi import ISOEBPF_MAX_RULES, MAP_SIZE_MACROS
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
@@ -61,3 +61,16 @@ def test_an_update_must_fit_beside_the_policy_in_force() -> None:
     assert capacity.problems(ir, sizes, {}) == []
     found = capacity.problems(ir, sizes, {"allowed": 60})
     assert len(found) == 1 and "beside the 60 of the policy in force" in found[0]
+
+
+def test_iptables_sets_are_sized_to_the_policy_not_limited() -> None:
+    """The iptables backend has no fixed table: a set that outgrows ipset's default
+    maxelem (65536) is created with room for every element (ipset counts each port
+    of a range)."""
+    text = ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            "  b:\n    subnets: [10.2.0.0/16]\n  c:\n    subnets: [10.3.0.0/16]\nallow:\n"
+            "  - {from: a, to: b, ports: [tcp/1-40000]}\n  - {from: a, to: c, ports: [tcp/1-40000]}\n")
+    ipset_text, _, _ = iptables_layout.render(compile_policy(policy.loads(text, "big.yaml")),
+                                              iptables_layout.DEFAULT_CHAIN, iptables_layout.SET_TYPES)
+    creates = [line for line in ipset_text.splitlines() if line.startswith("create dcos-allowed-ports ")]
+    assert creates == [creates[0]] and creates[0].endswith(" maxelem 80000"), creates
