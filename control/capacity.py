@@ -10,6 +10,7 @@ stays as it is. Pure: the backend supplies the sizes and what is taken.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,23 @@ def default_sizes() -> dict[str, int]:
     for header in ("abi.h", "maps.h"):
         found.update((m, int(v)) for m, v in _DEFINE.findall((BPF_DIR / header).read_text()))
     return found
+
+
+def environment_sizes(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """The ISOEBPF_MAX_* the environment overrides, checked."""
+    chosen = {}
+    for macro in sorted(set(MAP_SIZE_MACROS.values())):
+        text = environ.get(macro)
+        if text is not None:
+            if not text.isdigit() or int(text) < 1:
+                raise BackendError(f"{macro}={text!r} in the environment: give a positive number")
+            chosen[macro] = int(text)
+    return chosen
+
+
+def planned_sizes() -> dict[str, int]:
+    """The sizes a program compiled now would get: the defaults, then the environment."""
+    return {**default_sizes(), **environment_sizes()}
 
 
 def needed_entries(ir: IR) -> dict[str, int]:

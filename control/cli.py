@@ -147,7 +147,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
                    f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
         return
-    previous = backend.switch_from(scope, chosen)
+    previous = backend.switch_from(scope, chosen, ir)
     if previous:
         click.echo(f"removed the {previous} backend's enforcement first")
     extra = {"chain": chain} if chain else {}

@@ -57,7 +57,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         if record is None or not _reusable(record, scope):
             # A first load compiles maps of the planned sizes: refuse a policy that
             # cannot fit them before compiling, pinning or tearing anything down.
-            capacity.check(ir, capacity.sized(program.planned_sizes()), {})
+            capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
         if record is not None and not _reusable(record, scope):
             replaced = f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
             _teardown(scope, record)

@@ -13,7 +13,6 @@ Policy updates go by generation (bpf/maps.h explains why):
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -81,13 +80,7 @@ def _inline(path: Path, seen: set[Path]) -> str:
 
 def size_flags(sizes: Mapping[str, int] | None = None) -> list[str]:
     """-D flags for map sizes: explicit `sizes` first, then the environment."""
-    chosen: dict[str, int] = {}
-    for macro in SIZE_MACROS:
-        text = os.environ.get(macro)
-        if text is not None:
-            if not text.isdigit() or int(text) < 1:
-                raise BackendError(f"{macro}={text!r} in the environment: give a positive number")
-            chosen[macro] = int(text)
+    chosen = capacity.environment_sizes()
     for macro, value in (sizes or {}).items():
         if macro not in SIZE_MACROS:
             raise BackendError(f"unknown map size {macro} (known: {', '.join(SIZE_MACROS)})")
@@ -193,15 +186,6 @@ def policy_entries(ir: IR, gen: int) -> Iterator[tuple[str, ctypes.Structure, ct
                            a.proto)
         key.port[:] = a.port.to_bytes(2, "big")
         yield "allowed", key, abi.RuleValue(a.rule)
-
-
-def planned_sizes() -> dict[str, int]:
-    """The sizes a program compiled now would get: the defaults, then the environment."""
-    sizes = capacity.default_sizes()
-    for flag in size_flags():
-        macro, value = flag[2:].split("=")
-        sizes[macro] = int(value)
-    return sizes
 
 
 def capacity_of(maps: Maps) -> tuple[dict[str, int], dict[str, int]]:

@@ -202,7 +202,7 @@ def test_an_oversized_first_load_is_refused_before_compiling(testbed: Testbed, o
 
 
 def test_iptables_bad_policies_leave_the_running_one_untouched_and_status_shows_only_ours(
-    testbed: Testbed,
+    testbed: Testbed, oversized: dict[str, Path],
 ) -> None:
     for tool in ("iptables", "ipset"):
         if shutil.which(tool) is None:
@@ -217,6 +217,11 @@ def test_iptables_bad_policies_leave_the_running_one_untouched_and_status_shows_
         assert result.exit_code == 0, result.output
         tried = refuse_all(testbed, CORPUS, lambda: iptables_state(testbed), "--backend", "iptables")
         assert tried == len(CORPUS) >= 50
+        # Switching to eBPF with a policy its maps cannot hold keeps the iptables enforcement.
+        before = iptables_state(testbed)
+        switched = load(testbed, oversized["classes"], "--backend", "ebpf", env=SMALL)
+        assert switched.exit_code == 1 and "raise ISOEBPF_MAX_CLASSES (" in switched.output, switched.output
+        assert iptables_state(testbed) == before
         assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
         assert_forged_errors_open_nothing(testbed)
         shown = CliRunner().invoke(main, ["status", "--netns", testbed.router, "--json"]).output
