@@ -70,6 +70,9 @@ class Scope:
             record: dict[str, Any] = json.loads(self.record_path.read_text())
         except FileNotFoundError:
             return None
+        except PermissionError as err:
+            raise StateError(f"cannot read {self.record_path} ({err.strerror}): isoebpf's state "
+                             "is root's alone; run as root") from err
         except (OSError, ValueError) as err:
             raise StateError(f"{self.record_path} is unreadable ({err}); "
                              "'isoebpf unload' removes it and whatever it described") from err
