@@ -60,6 +60,7 @@ class Agent:
     netns: str | None = None
     repair_interval: float = 1.0
     canary_interval: float = 0.4  # iptables: two short commands, about 8 ms of CPU
+    force: bool = False  # override safety refusals (a policy file others can write, ...)
     poll_interval: float = 0.2
     log_stream: TextIO = sys.stderr
     stats: Stats = field(default_factory=Stats)
@@ -96,6 +97,12 @@ class Agent:
         if digest == self._digest:
             return
         self._digest = digest
+        problem = policy_mod.untrusted(self.policy_path)
+        if problem and not self.force:
+            self.stats.applies["refused"] += 1
+            self.log("policy_refused", path=self.policy_path, errors=[f"{problem}: --force to use it"],
+                     keeping=self._ir.digest if self._ir else None)
+            return
         try:
             ir = compile_policy(policy_mod.load(self.policy_path))
         except PolicyError as err:
@@ -116,7 +123,7 @@ class Agent:
                 globs = list(self.globs) or list(ir.interfaces or ())
                 self._chosen, report, note = backend.load(
                     self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
-                    self.policy_path)
+                    self.policy_path, force=self.force)
                 if note:
                     self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from . import capacity
 from .errors import IsoebpfError, ProgramRejected
 from .ir import IR
 from .state import Scope
@@ -103,12 +104,15 @@ def loaded(scope: Scope) -> str | None:
     return str(record["backend"]) if record else None
 
 
-def switch_from(scope: Scope, chosen: str) -> str | None:
-    """Unload another backend's enforcement before `chosen` takes over the scope."""
+def switch_from(scope: Scope, chosen: str, ir: IR) -> str | None:
+    """Unload another backend's enforcement before `chosen` takes over the scope,
+    once `ir` is sure to fit `chosen` (the eBPF program's maps)."""
     current = loaded(scope)
     if current is None or current == chosen:
         return None
     if current not in BACKENDS:
         raise IsoebpfError(f"state in {scope.record_path} names an unknown backend '{current}'")
+    if chosen == "ebpf":
+        capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
     module(current).unload(scope)
     return current

@@ -16,7 +16,7 @@ from .compiler import compile_policy
 from .errors import IsoebpfError, PolicyError
 from .explain import Question, explain
 from .ir import IR
-from .state import Scope
+from .state import Scope, require_privilege
 
 
 class _Group(click.Group):
@@ -45,6 +45,17 @@ def main(ctx: click.Context, debug: bool) -> None:
     """isoebpf: isolation between overlay networks, enforced by eBPF."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+
+
+def _trusted(path: str, force: bool) -> None:
+    """Refuse a policy file others could write (load, agent), unless --force."""
+    problem = policy_mod.untrusted(path)
+    if problem and not force:
+        raise IsoebpfError(f"refusing {path}: {problem}; whoever can write it decides what this "
+                           "firewall lets through: 'chmod go-w' it (and its directory), or "
+                           "--force to use it anyway")
+    if problem:
+        click.echo(f"warning: {problem}; used anyway (--force)", err=True)
 
 
 def _load(path: str) -> tuple[policy_mod.Policy, IR]:
@@ -112,13 +123,18 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
               help="Interfaces to enforce on (overrides the policy's 'interfaces').")
 @click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
-@click.option("--force", is_flag=True, help="Replace another tool's XDP program.")
+@click.option("--force", is_flag=True,
+              help="Override safety refusals: a policy file others can write, another tool's "
+                   "XDP program.")
 @click.option("--chain", metavar="NAME",
               help="iptables backend: the isolation chain [default: the one in force, "
                    "else dcos-isolation].")
 def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
          netns: str | None, dry_run: bool, force: bool, chain: str | None) -> None:
     """Start enforcing POLICY, or atomically replace the policy enforced."""
+    if not dry_run:
+        require_privilege("load")
+    _trusted(policy_file, force)
     _, ir = _load(policy_file)
     globs = list(ifaces) or list(ir.interfaces or ())
     scope = Scope(netns)
@@ -131,7 +147,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
                    f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
         return
-    previous = backend.switch_from(scope, chosen)
+    previous = backend.switch_from(scope, chosen, ir)
     if previous:
         click.echo(f"removed the {previous} backend's enforcement first")
     extra = {"chain": chain} if chain else {}
@@ -243,6 +259,7 @@ def status(netns: str | None, as_json: bool) -> None:
 @click.option("--netns", metavar="NAME", help="The network namespace to clean up.")
 def unload(netns: str | None) -> None:
     """Remove every program, pin, chain and set isoebpf made; safe to repeat."""
+    require_privilege("unload")
     scope = Scope(netns)
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
     for what in removed:
@@ -261,8 +278,11 @@ def unload(netns: str | None) -> None:
 @click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on HOST:PORT.")
 @click.option("--repair-interval", type=click.FloatRange(0.1, 3600), default=1.0,
               show_default=True, help="Seconds between drift checks.")
+@click.option("--force", is_flag=True,
+              help="Override safety refusals: a policy file others can write, another tool's "
+                   "XDP program.")
 def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
-          netns: str | None, metrics: str | None, repair_interval: float) -> None:
+          netns: str | None, metrics: str | None, repair_interval: float, force: bool) -> None:
     """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
 
     SIGTERM ends the agent and leaves enforcement in place ('isoebpf unload' removes it).
@@ -273,7 +293,9 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
     from .agent import Agent
     from .backends import links
 
-    runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval)
+    require_privilege("agent")
+    _trusted(policy_file, force)
+    runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

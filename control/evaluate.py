@@ -8,8 +8,9 @@ fragments) and applies the effects of each decision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import netaddr
 
@@ -28,6 +29,8 @@ from .ir import (
 )
 
 IPPROTO_ICMPV6 = 58
+K = TypeVar("K")
+V = TypeVar("V")
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 # ICMP errors that may concern a tracked connection: destination unreachable
@@ -131,7 +134,12 @@ class Classifier:
         for c in ir.classes:
             table = self._prefixes.setdefault((c.network.version, c.network.prefixlen), {})
             table[c.network.first] = (c.class_id, c.overlay_id)
-        self._lengths = sorted(self._prefixes, key=lambda k: -k[1])
+        # Per family, longest prefix first: (network mask, {network: (class, overlay)}).
+        self._masks: dict[int, list[tuple[int, dict[int, tuple[int, int]]]]] = {4: [], 6: []}
+        for version, length in sorted(self._prefixes, key=lambda k: -k[1]):
+            width = 32 if version == 4 else 128
+            mask = ((1 << length) - 1) << (width - length)
+            self._masks[version].append((mask, self._prefixes[(version, length)]))
         self._exceptions = {(e.src_class, e.dst_class): e.rule for e in ir.exceptions}
         self._allowed: dict[tuple[int, int], dict[tuple[int, int, int], int]] = {}
         for a in ir.allowed:
@@ -142,13 +150,9 @@ class Classifier:
 
     def address_class(self, addr: netaddr.IPAddress) -> tuple[int, int]:
         """(class, overlay) of the longest named prefix holding addr; (0, 0) if none."""
-        width = 32 if addr.version == 4 else 128
         value = int(addr)
-        for version, length in self._lengths:
-            if version != addr.version:
-                continue
-            mask = ((1 << length) - 1) << (width - length) if length else 0
-            found = self._prefixes[(version, length)].get(value & mask)
+        for mask, table in self._masks[addr.version]:
+            found = table.get(value & mask)
             if found is not None:
                 return found
         return 0, 0
@@ -206,12 +210,12 @@ def decide(
     """The verdict for `pkt`, given the live (unexpired) tracked connections and
     the verdicts of first fragments seen."""
     classifier = ir if isinstance(ir, Classifier) else Classifier(ir)
-    tracked = tracked or {}
+    tracked = {} if tracked is None else tracked
     if pkt.is_later_fragment:
         verdict = classifier.judge(replace(pkt, sport=0, dport=0))
         if not verdict.filtered:
             return verdict
-        first = (fragments or {}).get(_fragment_key(pkt))
+        first = ({} if fragments is None else fragments).get(_fragment_key(pkt))
         if first is None:
             return Decision("drop", RULE_FRAGMENT, True, "fragment without its first fragment")
         # A rejected datagram's later fragments are dropped: one answer is enough.
@@ -249,6 +253,26 @@ def _fragment_key(pkt: Packet) -> FragmentKey:
     return pkt.src, pkt.dst, pkt.proto, pkt.frag_id
 
 
+class _Unexpired(Mapping[K, V]):
+    """The entries of `entries` that `alive` accepts, checked on access: judging
+    one packet looks up a few keys, so filtering the whole table would be waste."""
+
+    def __init__(self, entries: Mapping[K, V], alive: Callable[[K, V], bool]) -> None:
+        self._entries, self._alive = entries, alive
+
+    def __getitem__(self, key: K) -> V:
+        value = self._entries[key]
+        if not self._alive(key, value):
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[K]:
+        return (k for k, v in self._entries.items() if self._alive(k, v))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass
 class Conntrack:
     """The evaluator's state: tracked connections and first-fragment verdicts."""
@@ -256,8 +280,8 @@ class Conntrack:
     connections: dict[FlowKey, Connection] = field(default_factory=dict)
     fragments: dict[FragmentKey, tuple[Decision, float]] = field(default_factory=dict)
 
-    def live(self, ir: IR, now: float) -> dict[FlowKey, Connection]:
-        return {k: c for k, c in self.connections.items() if not self._expired(ir, k, c, now)}
+    def live(self, ir: IR, now: float) -> Mapping[FlowKey, Connection]:
+        return _Unexpired(self.connections, lambda k, c: not self._expired(ir, k, c, now))
 
     @staticmethod
     def _expired(ir: IR, key: FlowKey, conn: Connection, now: float) -> bool:
@@ -276,9 +300,8 @@ class Conntrack:
         """Judge one packet and apply its effects on the state."""
         ir = classifier.ir
         live = self.live(ir, now)
-        fragments = {
-            k: d for k, (d, seen) in self.fragments.items() if now - seen <= FRAGMENT_TIMEOUT
-        }
+        first_fragments = _Unexpired(self.fragments, lambda _, f: now - f[1] <= FRAGMENT_TIMEOUT)
+        fragments = {k: first_fragments[k][0] for k in (_fragment_key(pkt),) if k in first_fragments}
         decision = decide(classifier, pkt, live, fragments)
         if pkt.more_fragments and not pkt.is_later_fragment:
             self.fragments[_fragment_key(pkt)] = (decision, now)

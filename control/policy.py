@@ -8,7 +8,9 @@ nothing downstream ever sees an invalid policy. The contract is
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,35 @@ def load(path: str | Path) -> Policy:
     except (OSError, UnicodeDecodeError) as err:
         raise PolicyError([Diagnostic(path, 1, 1, "error", f"cannot read policy: {err}")]) from err
     return loads(text, path)
+
+
+def untrusted(path: str | Path) -> str | None:
+    """Why the policy at `path` could be changed by someone other than its owner,
+    root or us (None: it cannot). Whoever can write a policy file decides what
+    the firewall lets through, so `load` and `agent` refuse such a file unless
+    forced. Follows symlinks (a ConfigMap's), judging the file and its directory."""
+    try:
+        real = os.path.realpath(path)
+        info = os.stat(real)
+        folder = os.stat(os.path.dirname(real))
+    except OSError:
+        return None  # unreadable: loading it reports that, located
+    who = (0, os.geteuid())
+    if info.st_uid not in who:
+        return f"{path} belongs to uid {info.st_uid}, who could change it"
+    if info.st_mode & 0o022:
+        return f"{path} is writable by {_others(info.st_mode)} (mode {stat.S_IMODE(info.st_mode):04o})"
+    where = os.path.dirname(real)
+    if folder.st_uid not in who:
+        return f"its directory {where} belongs to uid {folder.st_uid}, who could replace it"
+    if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
+        return (f"its directory {where} is writable by {_others(folder.st_mode)} "
+                f"(mode {stat.S_IMODE(folder.st_mode):04o}), who could replace it")
+    return None
+
+
+def _others(mode: int) -> str:
+    return {0o020: "its group", 0o002: "everyone"}.get(mode & 0o022, "its group and everyone")
 
 
 def loads(text: str, path: str = "<policy>") -> Policy:

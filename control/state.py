@@ -29,6 +29,9 @@ LAYOUT = 1
 BPFFS = Path(os.environ.get("ISOEBPF_BPFFS", "/sys/fs/bpf/isoebpf"))
 RUN_DIR = Path(os.environ.get("ISOEBPF_RUN_DIR", "/run/isoebpf"))
 NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+# State is root's alone: directories 0700, pins, records and locks 0600.
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,19 @@ class Scope:
     def lock_path(self) -> Path:
         return RUN_DIR / f"{self.name}.lock"
 
+    def make_pin_dir(self) -> None:
+        private_dir(BPFFS)
+        private_dir(self.pin_dir)
+
     def read(self) -> dict[str, Any] | None:
         """The record of what is loaded here, or None."""
         try:
             record: dict[str, Any] = json.loads(self.record_path.read_text())
         except FileNotFoundError:
             return None
+        except PermissionError as err:
+            raise StateError(f"cannot read {self.record_path} ({err.strerror}): isoebpf's state "
+                             "is root's alone; run as root") from err
         except (OSError, ValueError) as err:
             raise StateError(f"{self.record_path} is unreadable ({err}); "
                              "'isoebpf unload' removes it and whatever it described") from err
@@ -70,7 +80,8 @@ class Scope:
 
     def write(self, record: dict[str, Any]) -> None:
         """Replace the record atomically: readers see the old one or the new one."""
-        self.record_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(RUN_DIR)
+        private_dir(self.record_path.parent)
         fd, tmp = tempfile.mkstemp(dir=self.record_path.parent, prefix=".state.")
         with os.fdopen(fd, "w") as out:
             json.dump({**record, "layout": LAYOUT}, out, indent=1, sort_keys=True)
@@ -84,13 +95,47 @@ class Scope:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the scope's lock for the duration; waits for a concurrent command."""
-        RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as handle:
+        private_dir(RUN_DIR)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+        os.fchmod(fd, PRIVATE_FILE)
+        with os.fdopen(fd, "r+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (its parent must exist) a directory only its owner, root, can
+    enter: 0700 whatever the umask, also when it was there before."""
+    path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR)
+
+
+def make_private(path: Path) -> None:
+    """A pin or a record: readable and writable by root only."""
+    os.chmod(path, PRIVATE_FILE)
+
+
+# Capability bits (linux/capability.h) a command that changes enforcement needs.
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def require_privilege(command: str) -> None:
+    """Only root (or a process with CAP_NET_ADMIN and CAP_BPF) may change enforcement."""
+    caps = effective_capabilities()
+    if caps >> CAP_NET_ADMIN & 1 and (caps >> CAP_BPF & 1 or caps >> CAP_SYS_ADMIN & 1):
+        return
+    raise StateError(f"'{command}' changes this host's packet filtering, and uid {os.geteuid()} "
+                     "may not: run it as root (or with CAP_NET_ADMIN and CAP_BPF)")
 
 
 def ensure_bpffs() -> None:

@@ -34,12 +34,18 @@ signal.signal(signal.SIGTERM, _interrupt)
 _TIERS = {"unit": "unit", "bpf": "bpf", "integration": "integration"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each test directory is a tier: tests/unit -> `unit`, and so on."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test directory is a tier: tests/unit -> `unit`, and so on. The long
+    `soak` variants run only when the marker expression names them (`make soak`)."""
     for item in items:
         tier = _TIERS.get(Path(str(item.fspath)).parent.name)
         if tier:
             item.add_marker(getattr(pytest.mark, tier))
+    if "soak" not in config.getoption("markexpr", ""):
+        long_runs = [item for item in items if item.get_closest_marker("soak")]
+        if long_runs:
+            config.hook.pytest_deselected(items=long_runs)
+            items[:] = [item for item in items if not item.get_closest_marker("soak")]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import netaddr
 
@@ -244,31 +245,34 @@ def parse(frame: bytes) -> Parsed:
             else:
                 proto, length = frame[at], frame[at + 1]
                 at += (length + 1) * 8
-    base = Packet(src, dst, proto, frag_id=frag_id, frag_offset=frag_offset,
-                  more_fragments=first or (later and _more_fragments(frame, l3, version, at)))
-    parsed = Parsed("ip", base, multicast, l3, at, ip_len)
-    if later:
-        return parsed
+    more = first or (later and _more_fragments(frame, l3, version, at))
+    fields: dict[str, Any] = {}
+    seq = ack = tcp_header_len = 0
     l4 = frame[at:]
-    if proto == PROTO_TCP:
+    if later:
+        pass
+    elif proto == PROTO_TCP:
         if len(l4) < 20:
-            return replace(parsed, packet=replace(base, truncated=True))
-        sport, dport, seq, ack, offset, flags = struct.unpack("!HHIIBB", l4[:14])
-        return replace(parsed, packet=replace(base, sport=sport, dport=dport, tcp_flags=flags),
-                       tcp_seq=seq, tcp_ack=ack, tcp_header_len=(offset >> 4) * 4)
-    if proto == PROTO_UDP:
+            fields["truncated"] = True
+        else:
+            sport, dport, seq, ack, offset, flags = struct.unpack("!HHIIBB", l4[:14])
+            fields.update(sport=sport, dport=dport, tcp_flags=flags)
+            tcp_header_len = (offset >> 4) * 4
+    elif proto == PROTO_UDP:
         if len(l4) < 8:
-            return replace(parsed, packet=replace(base, truncated=True))
-        sport, dport = struct.unpack("!HH", l4[:4])
-        return replace(parsed, packet=replace(base, sport=sport, dport=dport))
-    if proto in (PROTO_ICMP, IPPROTO_ICMPV6):
+            fields["truncated"] = True
+        else:
+            fields["sport"], fields["dport"] = struct.unpack("!HH", l4[:4])
+    elif proto in (PROTO_ICMP, IPPROTO_ICMPV6):
         if len(l4) < 8:
-            return replace(parsed, packet=replace(base, truncated=True))
-        kind, code, _, ident = struct.unpack("!BBHH", l4[:6])
-        inner = _quoted(l4[8:], version) if kind in ICMP_ERRORS[proto] else None
-        return replace(parsed, packet=replace(base, icmp_type=kind, icmp_code=code, icmp_id=ident,
-                                              inner=inner))
-    return parsed
+            fields["truncated"] = True
+        else:
+            kind, code, _, ident = struct.unpack("!BBHH", l4[:6])
+            inner = _quoted(l4[8:], version) if kind in ICMP_ERRORS[proto] else None
+            fields.update(icmp_type=kind, icmp_code=code, icmp_id=ident, inner=inner)
+    # One Packet per frame, built once: this runs for every frame of the bpf tier.
+    packet = Packet(src, dst, proto, frag_id=frag_id, frag_offset=frag_offset, more_fragments=more, **fields)
+    return Parsed("ip", packet, multicast, l3, at, ip_len, seq, ack, tcp_header_len)
 
 
 def _more_fragments(frame: bytes, l3: int, version: int, after_fragment_header: int) -> bool:

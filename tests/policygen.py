@@ -101,8 +101,8 @@ def random_address(rng: random.Random, gen: GeneratedPolicy, version: int) -> ne
     return netaddr.IPAddress(value, version)
 
 
-def random_first_packet(rng: random.Random, gen: GeneratedPolicy) -> Packet:
-    version = 6 if rng.random() < 0.3 else 4
+def random_first_packet(rng: random.Random, gen: GeneratedPolicy, version: int | None = None) -> Packet:
+    version = version or (6 if rng.random() < 0.3 else 4)
     src = random_address(rng, gen, version)
     dst = random_address(rng, gen, version)
     kind = rng.choice(["tcp", "tcp", "udp", "icmp", "other"])

@@ -21,11 +21,11 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from .. import abi, backend
+from .. import abi, backend, capacity
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
-from ..state import LAYOUT, Scope, ensure_bpffs
+from ..state import LAYOUT, Scope, ensure_bpffs, make_private
 from ..trace import Verdict
 from . import bpfsys, links, perf, program
 
@@ -57,6 +57,10 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
     with scope.locked():
         record = scope.read()
         replaced = None
+        if record is None or not _reusable(record, scope):
+            # A first load compiles maps of the planned sizes: refuse a policy that
+            # cannot fit them before compiling, pinning or tearing anything down.
+            capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
         if record is not None and not _reusable(record, scope):
             replaced = f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
             _teardown(scope, record)
@@ -79,11 +83,12 @@ def _first_load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_pa
     compiled = program.compile_program()
     attachments: list[Attachment] = []
     try:
-        scope.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for kind, pin in PROG_PINS.items():
-            bpfsys.obj_pin(compiled.prog_fds[kind], str(scope.pin_dir / pin))
-        for name, fd in compiled.map_fds.items():
+        scope.make_pin_dir()
+        pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
+                *((fd, name) for name, fd in compiled.map_fds.items())]
+        for fd, name in pins:
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
+            make_private(scope.pin_dir / name)
         generation = 1
         program.write_generation(compiled.map_fds, ir, generation)
         program.activate(compiled.map_fds, ir, generation)

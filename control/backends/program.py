@@ -13,7 +13,6 @@ Policy updates go by generation (bpf/maps.h explains why):
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,7 @@ from typing import Any
 import netaddr
 from bcc import BPF
 
-from .. import abi, evaluate
+from .. import abi, capacity, evaluate
 from ..errors import BackendError, ProgramRejected
 from ..evaluate import Classifier
 from ..ir import IR
@@ -81,13 +80,7 @@ def _inline(path: Path, seen: set[Path]) -> str:
 
 def size_flags(sizes: Mapping[str, int] | None = None) -> list[str]:
     """-D flags for map sizes: explicit `sizes` first, then the environment."""
-    chosen: dict[str, int] = {}
-    for macro in SIZE_MACROS:
-        text = os.environ.get(macro)
-        if text is not None:
-            if not text.isdigit() or int(text) < 1:
-                raise BackendError(f"{macro}={text!r} in the environment: give a positive number")
-            chosen[macro] = int(text)
+    chosen = capacity.environment_sizes()
     for macro, value in (sizes or {}).items():
         if macro not in SIZE_MACROS:
             raise BackendError(f"unknown map size {macro} (known: {', '.join(SIZE_MACROS)})")
@@ -195,16 +188,23 @@ def policy_entries(ir: IR, gen: int) -> Iterator[tuple[str, ctypes.Structure, ct
         yield "allowed", key, abi.RuleValue(a.rule)
 
 
+def capacity_of(maps: Maps) -> tuple[dict[str, int], dict[str, int]]:
+    """(room, taken) of a loaded program's policy maps, for capacity.check."""
+    room, taken = {"counters": max_rules(maps)}, {}
+    for name in _POLICY_MAPS:
+        info = bpfsys.map_info(maps[name])
+        room[name] = info.max_entries
+        taken[name] = sum(1 for _ in bpfsys.map_keys(maps[name], info.key_size))
+    return room, taken
+
+
 def write_generation(maps: Maps, ir: IR, gen: int) -> None:
-    """Write `ir` as generation `gen` beside the active one; packets do not see it yet."""
+    """Write `ir` as generation `gen` beside the active one; packets do not see it
+    yet. A policy that does not fit is refused before anything is written."""
     if not 1 <= gen < 2**32:
         raise BackendError(f"generation {gen} is out of range (1 to 2^32-1): unload and load again")
+    capacity.check(ir, *capacity_of(maps))
     slots = max_rules(maps)
-    highest = max(r.id for r in ir.rules)
-    if highest >= slots:
-        raise BackendError(f"the policy needs {highest + 1} rule counters but the program has "
-                           f"{slots}: raise ISOEBPF_MAX_RULES (unload, then "
-                           f"'ISOEBPF_MAX_RULES={2 * (highest + 1)} isoebpf load ...')")
     slot = gen & 1
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())

@@ -118,12 +118,15 @@ def test_map_limits_say_what_to_raise() -> None:
     try:
         assert program.max_rules(small.map_fds) == 20
         three = compile_policy(policy.loads(THREE_OVERLAYS))
-        with pytest.raises(BackendError, match=r"needs 21 rule counters .* raise ISOEBPF_MAX_RULES"):
+        with pytest.raises(BackendError, match=r"needs 21 rule counters, and the program holds 20: "
+                                               r"raise ISOEBPF_MAX_RULES"):
             program.write_generation(small.map_fds, three, 1)
         without_rules = compile_policy(policy.loads(THREE_OVERLAYS.split("allow:")[0]))
-        with pytest.raises(BackendError, match=r"map hairpins is full \(2 entries\): raise "
-                                               r"ISOEBPF_MAX_HAIRPINS"):
+        with pytest.raises(BackendError, match=r"needs 3 entries in map hairpins, and the program "
+                                               r"holds 2: raise ISOEBPF_MAX_HAIRPINS"):
             program.write_generation(small.map_fds, without_rules, 1)
+        # Refused before a single entry was written.
+        assert all(fill["entries"] == 0 for fill in program.map_fill(small.map_fds).values())
     finally:
         small.close()
 

@@ -31,6 +31,11 @@ def case_ir(case: Case, text: str) -> IR:
 @pytest.mark.parametrize("prog", PROGRAMS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_case(datapath: Datapath, prog: str, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    play(datapath, prog, case, monkeypatch)
+
+
+def play(datapath: Datapath, prog: str, case: Case, monkeypatch: pytest.MonkeyPatch) -> Conntrack:
+    """Run the case's steps through `prog`; returns the evaluator's state after them."""
     if case.fragment_timeout is not None:
         monkeypatch.setattr(evaluate, "FRAGMENT_TIMEOUT", case.fragment_timeout)
     ir = case_ir(case, case.policy)
@@ -62,6 +67,7 @@ def test_case(datapath: Datapath, prog: str, case: Case, monkeypatch: pytest.Mon
             f"{where}: counter of {step.rule} did not move by this packet")
         if run.verdict == "tx":
             assert reply_problems(parsed, step.frame, run.frame) == [], where
+    return conntrack
 
 
 def test_update_reuses_the_program(datapath: Datapath) -> None:

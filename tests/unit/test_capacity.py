@@ -1,0 +1,76 @@
+"""Oversized policies are refused before anything changes, saying what to raise."""
+
+from __future__ import annotations
+
+import pytest
+
+from isoebpf import capacity, iptables_layout, policy
+from isoebpf.abi import ISOEBPF_MAX_RULES, MAP_SIZE_MACROS
+from isoebpf.compiler import compile_policy
+from isoebpf.errors import BackendError
+from isoebpf.ir import IR
+
+
+def many_overlays(count: int, hairpin: bool = True) -> IR:
+    lines = ["version: 1", "default: deny", "overlays:"]
+    for n in range(count):
+        lines += [f"  o{n}:", f"    subnets: [10.{n // 256}.{n % 256}.0/24]"]
+        if not hairpin:
+            lines.append("    isolated: true")
+    return compile_policy(policy.loads("\n".join(lines) + "\n", "big.yaml"))
+
+
+def many_ports(count: int) -> IR:
+    rules = "".join(f"  - {{from: a, to: b, ports: [tcp/{1000 + n}]}}\n" for n in range(count))
+    text = ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            f"  b:\n    subnets: [10.2.0.0/16]\nallow:\n{rules}")
+    return compile_policy(policy.loads(text, "ports.yaml"))
+
+
+def test_the_defaults_are_read_from_the_headers() -> None:
+    sizes = capacity.default_sizes()
+    assert set(MAP_SIZE_MACROS.values()) <= set(sizes)
+    assert sizes["ISOEBPF_MAX_RULES"] == ISOEBPF_MAX_RULES
+
+
+def test_a_policy_that_fits_has_no_problems() -> None:
+    assert capacity.problems(many_ports(10), capacity.sized(capacity.default_sizes()), {}) == []
+
+
+@pytest.mark.parametrize(("ir", "macro", "limit", "needed"), [
+    (many_overlays(70), "ISOEBPF_MAX_CLASSES", 64, 70),
+    (many_overlays(20), "ISOEBPF_MAX_HAIRPINS", 16, 20),
+    (many_ports(300), "ISOEBPF_MAX_ALLOWED", 256, 300),
+    (many_ports(300), "ISOEBPF_MAX_RULES", 128, max(r.id for r in many_ports(300).rules) + 1),
+], ids=["classes", "hairpins", "allowed", "rules"])
+def test_too_big_names_the_map_the_count_the_limit_and_the_constant(
+    ir: IR, macro: str, limit: int, needed: int,
+) -> None:
+    sizes = {**capacity.default_sizes(), macro: limit}
+    found = capacity.problems(ir, capacity.sized(sizes), {})
+    assert len(found) == 1, found
+    assert f"needs {needed} " in found[0] and f"holds {limit}:" in found[0]
+    assert f"raise {macro} (" in found[0] and f"{macro}={1 << (2 * needed - 1).bit_length()} isoebpf load" in found[0]
+    with pytest.raises(BackendError, match="nothing was changed"):
+        capacity.check(ir, capacity.sized(sizes), {})
+
+
+def test_an_update_must_fit_beside_the_policy_in_force() -> None:
+    ir = many_ports(100)
+    sizes = capacity.sized({**capacity.default_sizes(), "ISOEBPF_MAX_ALLOWED": 150})
+    assert capacity.problems(ir, sizes, {}) == []
+    found = capacity.problems(ir, sizes, {"allowed": 60})
+    assert len(found) == 1 and "beside the 60 of the policy in force" in found[0]
+
+
+def test_iptables_sets_are_sized_to_the_policy_not_limited() -> None:
+    """The iptables backend has no fixed table: a set that outgrows ipset's default
+    maxelem (65536) is created with room for every element (ipset counts each port
+    of a range)."""
+    text = ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            "  b:\n    subnets: [10.2.0.0/16]\n  c:\n    subnets: [10.3.0.0/16]\nallow:\n"
+            "  - {from: a, to: b, ports: [tcp/1-40000]}\n  - {from: a, to: c, ports: [tcp/1-40000]}\n")
+    ipset_text, _, _ = iptables_layout.render(compile_policy(policy.loads(text, "big.yaml")),
+                                              iptables_layout.DEFAULT_CHAIN, iptables_layout.SET_TYPES)
+    creates = [line for line in ipset_text.splitlines() if line.startswith("create dcos-allowed-ports ")]
+    assert creates == [creates[0]] and creates[0].endswith(" maxelem 80000"), creates
