@@ -310,7 +310,7 @@ def test_a_policy_others_can_write_is_refused_unless_forced(
     assert again.exit_code == 0, again.output
 
 
-STATUS_KEYS = {"backend", "netns", "digest", "policy", "loaded_at", "generation", "rules", "attachments",
+STATUS_KEYS = {"backend", "netns", "digest", "policy", "loaded_at", "generation", "rules", "overlays", "attachments",
                "layout", "compile_seconds", "counters", "connections", "maps", "programs"}
 
 
