@@ -319,7 +319,10 @@ def _serve_metrics(address: str, runner: Any) -> None:
         return backend.module(name).status(runner.scope) if name else None
 
     registry.register(StatusCollector(current, runner.stats, lambda: runner.default_action))
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    try:
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    except OSError as err:
+        raise IsoebpfError(f"cannot serve metrics on {address}: {err.strerror}") from err
 
 
 @main.command()

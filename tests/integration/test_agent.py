@@ -7,6 +7,7 @@ import os
 import queue
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,17 @@ from isoebpf.testbed import Host, Testbed
 from tests.integration.conftest import ROOT, isoebpf
 
 SEED = ROOT / "examples" / "it-hr.yaml"
-METRICS_PORT = 19477
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now: parallel runs must not share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+METRICS_PORT = free_port()
 ATTACH_BOUND_MS = 100
 REPAIR_BOUND_S = 2.0
 
