@@ -56,6 +56,7 @@ class Agent:
     netns: str | None = None
     repair_interval: float = 1.0
     poll_interval: float = 0.2
+    on_failure: str = "closed"
     log_stream: TextIO = sys.stderr
     stats: Stats = field(default_factory=Stats)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,7 +112,7 @@ class Agent:
                 globs = list(self.globs) or list(ir.interfaces or ())
                 self._chosen, report, note = backend.load(
                     self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
-                    self.policy_path)
+                    self.policy_path, on_failure=self.on_failure)
                 if note:
                     self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:
