@@ -122,6 +122,9 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         live = program.active_generation(maps)
         new = live + 1
         known = [Attachment(**a) for a in record.get("attachments", [])]
+        # Attach first: an interface that cannot be enforced on fails the update before
+        # the new policy is live (new interfaces enforce the live one meanwhile).
+        attachments = _attach_all(scope, progs, globs, mode, force, known)
         if record.get("digest") != ir.digest or int(record["generation"]) != live:
             # Anything but the live generation is left over from a killed update.
             program.purge_generations(maps, keep=live)
@@ -130,7 +133,6 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
             program.purge_generations(maps, keep=new)
         else:
             new = live
-        attachments = _attach_all(scope, progs, globs, mode, force, known)
         _save(scope, ir, new, attachments, policy_path, float(record.get("compile_seconds", 0)))
     finally:
         for fd in (*maps.values(), *progs.values()):
@@ -197,7 +199,12 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
                 if link.index in done:
                     continue
                 clsact_before = links.has_clsact(sock, link.index)
-                chosen, why = choose_mode(sock, link, mode, prog_fds, force)
+                try:
+                    chosen, why = choose_mode(sock, link, mode, prog_fds, force)
+                except BackendError:
+                    if link.index not in {found.index for found in links.links(sock)}:
+                        continue  # deleted while we attached: nothing left to enforce on
+                    raise
                 prog_id = links.xdp_state(sock, link.index)[0] if chosen != "tc" else 0
                 added.append(Attachment(link.name, link.index, chosen, why,
                                         chosen == "tc" and not clsact_before, prog_id))
@@ -302,6 +309,11 @@ def status(scope: Scope) -> dict[str, Any] | None:
         return None
     if record.get("backend") != BACKEND:
         return record
+    if not _reusable(record, scope):
+        raise StateError(f"the record says the eBPF backend is loaded here, but its pins under "
+                         f"{scope.pin_dir} are gone (was bpffs unmounted?); the programs may "
+                         "still be attached. 'isoebpf load' pins and attaches afresh; "
+                         "'isoebpf unload' removes what is left")
     maps = _open_maps(scope)
     try:
         generation = program.active_generation(maps)

@@ -156,10 +156,13 @@ def attach_tc(sock: Any, link: Link, prog_fd: int, replace: bool = False) -> boo
     """Put our filter on clsact ingress (direct action); True if we added clsact.
     Refuse to displace another tool's filter in our slot unless `replace` (--force)."""
     added = False
-    if not replace and _slot_taken(sock, link.index):
+    taken = _slot_taken(sock, link.index)
+    if taken and not replace:
         raise BackendError(f"{link.name} already has a TC ingress filter that is not isoebpf's "
                            f"at priority {TC_PRIO}: remove it or load with --force")
     try:
+        if taken:  # --force: the other filters at our priority give way
+            sock.tc("del-filter", index=link.index, parent=CLSACT_INGRESS, prio=TC_PRIO)
         if not has_clsact(sock, link.index):
             sock.tc("add", "clsact", link.index)
             added = True
