@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm clean
+.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test-bpf: setup
 
 test-integration: setup
 	$(PYTEST) -m integration tests
+
+# The long variants (pytest marker `soak`): 10,000 alternations, ten times the kills.
+soak: setup
+	$(PYTEST) -m soak tests
 
 # The kernel-facing suite (pytest marker `vm`) inside each kernel of vagrant/kernels.txt.
 test-vm: setup

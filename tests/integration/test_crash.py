@@ -49,8 +49,8 @@ CRASH_SEED = int(os.environ.get("ISOEBPF_CRASH_SEED") or random.randrange(2**32)
 TELLING = [("hr1", "tcp", "it1", 80), ("hr1", "tcp", "it1", 22), ("it1", "tcp", "hr1", 80)]
 # Most kills land in eBPF updates (milliseconds each); a first load compiles for seconds
 # and an iptables command runs a dozen tools, so those get fewer in CI (x10 in the soak).
-KILLS = {"ebpf-load": 3, "ebpf-update": 175, "ebpf-unload": 3, "iptables-load": 3,
-         "iptables-update": 20, "iptables-unload": 3, "agent-ebpf": 4, "agent-iptables": 2}
+KILLS = {"ebpf-load": 2, "ebpf-update": 200, "ebpf-unload": 2, "iptables-load": 2,
+         "iptables-update": 10, "iptables-unload": 2, "agent-ebpf": 2, "agent-iptables": 1}
 SOAK_FACTOR = 10
 
 
@@ -363,11 +363,8 @@ def test_concurrent_loads_serialize_on_the_lock(testbed: Testbed,
     is in force, whole, and the generation moved by two."""
     args = {name: load_args(path, testbed, "ebpf") for name, (path, _) in policies.items()}
     try:
-        isoebpf(*args["A"])
-        before = Scope(testbed.router).read()
-        assert before is not None
-        for _ in range(3):
-            isoebpf(*args["A"])
+        for _ in range(2):
+            run_cli(*args["A"])
             before = Scope(testbed.router).read()
             assert before is not None
             pids = [fork_cli(args["B"]), fork_cli(args["A"])]
@@ -381,7 +378,6 @@ def test_concurrent_loads_serialize_on_the_lock(testbed: Testbed,
             assert record["digest"] == policies[in_force][1].digest
             # B then A: two new generations; A (unchanged) then B: one.
             assert record["generation"] - before["generation"] == (2 if in_force == "A" else 1)
-            before = record
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)

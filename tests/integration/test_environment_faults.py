@@ -42,13 +42,28 @@ def policies(tmp_path: Path) -> dict[str, tuple[Path, IR]]:
     return found
 
 
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left(testbed: Testbed) -> Iterator[None]:
+    yield
+    isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
+
+
 @pytest.fixture
 def unloaded(testbed: Testbed) -> Iterator[None]:
+    """Nothing loaded before the test, nothing left after it."""
+    isoebpf("unload", "--netns", testbed.router)
     try:
         yield
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
+
+
+@pytest.fixture
+def enforcing_a(testbed: Testbed, policies: dict[str, tuple[Path, IR]]) -> None:
+    """Policy A in force with eBPF; compiled only when the test before left nothing loaded."""
+    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"))
 
 
 def test_bpffs_unmounted_under_us(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
@@ -166,55 +181,6 @@ def test_another_tc_filter_in_our_place_is_refused_unless_forced(
         foreign.cleanup()
 
 
-def test_interface_deleted_mid_load(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                                    unloaded: None) -> None:
-    """An interface matching the globs is deleted at a random point of a load: the load
-    succeeds on the interfaces that remain, and the next one too."""
-    rng = random.Random(8)
-    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"))
-    current = "A"
-    for round_ in range(12):
-        name = f"v-gone{round_}"
-        subprocess.run(["ip", "-n", testbed.router, "link", "add", name, "type", "veth", "peer",
-                        "name", f"p-gone{round_}"], check=True)
-        subprocess.run(["ip", "-n", testbed.router, "link", "set", name, "up"], check=True)
-        current = "B" if current == "A" else "A"
-        pid = fork_cli(load_args(policies[current][0], testbed, "ebpf"))
-        time.sleep(rng.uniform(0, 0.08))
-        subprocess.run(["ip", "-n", testbed.router, "link", "del", name], check=True)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"round {round_}"
-        assert ebpf_in_force(testbed, policies) == (current, fully(testbed))
-    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"))
-    record = Scope(testbed.router).read()
-    assert record is not None and len(record["attachments"]) == fully(testbed)
-
-
-def test_our_lock_held_by_another_command(testbed: Testbed,
-                                          policies: dict[str, tuple[Path, IR]],
-                                          unloaded: None) -> None:
-    """A command waits for the scope's lock, at most ISOEBPF_LOCK_WAIT seconds, then says
-    who holds it and changes nothing."""
-    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"))
-    scope = Scope(testbed.router)
-    holder = subprocess.Popen(["flock", "--no-fork", "-x", str(scope.lock_path), "sleep", "30"])
-    try:
-        time.sleep(0.3)
-        started = time.monotonic()
-        done = subprocess.run(
-            [f"{ROOT}/.venv/bin/python", "-m", "isoebpf.cli",
-             *load_args(policies["B"][0], testbed, "ebpf")],
-            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "ISOEBPF_LOCK_WAIT": "1"})
-        assert done.returncode == 1
-        assert time.monotonic() - started < 10
-        assert "has held" in done.stderr and "nothing was changed" in done.stderr, done.stderr
-        assert "fail-closed: the policy in force" in done.stderr
-        assert ebpf_in_force(testbed, policies) == ("A", fully(testbed))
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-
-
 def test_xtables_lock_held_by_someone_else(testbed: Testbed,
                                            policies: dict[str, tuple[Path, IR]]) -> None:
     """iptables-nft does not use the xtables lock (nf_tables transactions serialize in
@@ -274,6 +240,53 @@ def test_full_connection_table_keeps_allowed_directions_flowing(
         session.close()
 
 
+def test_interface_deleted_mid_load(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
+                                    enforcing_a: None) -> None:
+    """An interface matching the globs is deleted at a random point of a load: the load
+    succeeds on the interfaces that remain, and the next one too."""
+    rng = random.Random(8)
+    current = "A"
+    for round_ in range(12):
+        name = f"v-gone{round_}"
+        subprocess.run(["ip", "-n", testbed.router, "link", "add", name, "type", "veth", "peer",
+                        "name", f"p-gone{round_}"], check=True)
+        subprocess.run(["ip", "-n", testbed.router, "link", "set", name, "up"], check=True)
+        current = "B" if current == "A" else "A"
+        pid = fork_cli(load_args(policies[current][0], testbed, "ebpf"))
+        time.sleep(rng.uniform(0, 0.08))
+        subprocess.run(["ip", "-n", testbed.router, "link", "del", name], check=True)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"round {round_}"
+        assert ebpf_in_force(testbed, policies) == (current, fully(testbed))
+    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"))
+    record = Scope(testbed.router).read()
+    assert record is not None and len(record["attachments"]) == fully(testbed)
+
+
+def test_our_lock_held_by_another_command(testbed: Testbed,
+                                          policies: dict[str, tuple[Path, IR]],
+                                          enforcing_a: None) -> None:
+    """A command waits for the scope's lock, at most ISOEBPF_LOCK_WAIT seconds, then says
+    who holds it and changes nothing."""
+    scope = Scope(testbed.router)
+    holder = subprocess.Popen(["flock", "--no-fork", "-x", str(scope.lock_path), "sleep", "30"])
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        done = subprocess.run(
+            [f"{ROOT}/.venv/bin/python", "-m", "isoebpf.cli",
+             *load_args(policies["B"][0], testbed, "ebpf")],
+            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "ISOEBPF_LOCK_WAIT": "1"})
+        assert done.returncode == 1
+        assert time.monotonic() - started < 10
+        assert "has held" in done.stderr and "nothing was changed" in done.stderr, done.stderr
+        assert "fail-closed: the policy in force" in done.stderr
+        assert ebpf_in_force(testbed, policies) == ("A", fully(testbed))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 # -- failure mode -------------------------------------------------------------------------
 
 
@@ -286,11 +299,11 @@ def metrics(scope: Scope, on_failure: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("on_failure", ["closed", "open"])
 def test_a_change_that_cannot_be_applied(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                                         unloaded: None, on_failure: str) -> None:
+                                         enforcing_a: None, on_failure: str) -> None:
     """closed: the policy in force stays, whole. open: all enforcement is removed. Either
     way status (text and JSON) and the metrics say what happened, until a change works."""
     scope = Scope(testbed.router)
-    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"), "--on-failure", on_failure)
+    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"), "--on-failure", on_failure)  # update
     status = isoebpf("status", "--netns", testbed.router).stdout
     assert f"on failure: {on_failure}" in status
     failing = load_args(policies["B"][0], testbed, "ebpf")
