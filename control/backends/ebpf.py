@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pyroute2 import NetlinkError
+
 from .. import backend
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
@@ -198,14 +200,14 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
             for link in wanted:
                 if link.index in done:
                     continue
-                clsact_before = links.has_clsact(sock, link.index)
                 try:
+                    clsact_before = links.has_clsact(sock, link.index)
                     chosen, why = choose_mode(sock, link, mode, prog_fds, force)
-                except BackendError:
+                    prog_id = links.xdp_state(sock, link.index)[0] if chosen != "tc" else 0
+                except (BackendError, NetlinkError):
                     if link.index not in {found.index for found in links.links(sock)}:
                         continue  # deleted while we attached: nothing left to enforce on
                     raise
-                prog_id = links.xdp_state(sock, link.index)[0] if chosen != "tc" else 0
                 added.append(Attachment(link.name, link.index, chosen, why,
                                         chosen == "tc" and not clsact_before, prog_id))
         except BaseException:
