@@ -28,7 +28,7 @@ test-bpf: setup
 test-integration: setup
 	$(PYTEST) -m integration tests
 
-# The long variants (pytest marker `soak`), which `make test` leaves out.
+# The long variants (pytest marker `soak`): 10M hostile frames, 10,000 alternations, ten times the kills.
 soak: setup
 	$(PYTEST) -m soak tests
 

@@ -62,6 +62,7 @@ class Agent:
     canary_interval: float = 0.4  # iptables: two short commands, about 8 ms of CPU
     force: bool = False  # override safety refusals (a policy file others can write, ...)
     poll_interval: float = 0.2
+    on_failure: str = "closed"
     log_stream: TextIO = sys.stderr
     stats: Stats = field(default_factory=Stats)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -123,7 +124,7 @@ class Agent:
                 globs = list(self.globs) or list(ir.interfaces or ())
                 self._chosen, report, note = backend.load(
                     self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
-                    self.policy_path, force=self.force)
+                    self.policy_path, force=self.force, on_failure=self.on_failure)
                 if note:
                     self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:

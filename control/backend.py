@@ -17,11 +17,12 @@ from types import ModuleType
 from typing import Any
 
 from . import capacity
-from .errors import IsoebpfError, ProgramRejected
+from .errors import IsoebpfError, PolicyError, ProgramRejected
 from .ir import IR
 from .state import Scope
 
 BACKENDS = ("ebpf", "iptables")
+FAILURE_MODES = ("closed", "open")  # what a change that cannot be applied leaves; see fail()
 
 
 @dataclass(frozen=True)
@@ -85,23 +86,79 @@ def choose(requested: str) -> tuple[str, str]:
 
 
 def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
-         policy_path: str, force: bool = False, **extra: Any) -> tuple[str, LoadReport, str]:
+         policy_path: str, force: bool = False, on_failure: str = "closed",
+         **extra: Any) -> tuple[str, LoadReport, str]:
     """Load with `chosen`; under `--backend auto` a kernel that refuses the eBPF
-    program gets the iptables backend instead. Returns (backend, report, note)."""
+    program gets the iptables backend instead. Returns (backend, report, note).
+
+    A change that cannot be applied leaves what `on_failure` says (see fail())
+    and is recorded for `status` and the metrics until a later change succeeds.
+    """
+    if on_failure not in FAILURE_MODES:
+        raise IsoebpfError(f"on-failure '{on_failure}': choose {' or '.join(FAILURE_MODES)}")
     try:
-        report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force, **extra)
-        return chosen, report, ""
-    except ProgramRejected as err:
-        if requested != "auto":
-            raise
-        note = f"backend iptables: this kernel refused the eBPF program ({err})"
-        report = module("iptables").load(ir, scope, globs, mode, policy_path, force=force)
-        return "iptables", report, note
+        try:
+            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force, **extra)
+            note = ""
+        except ProgramRejected as err:
+            if requested != "auto":
+                raise
+            note = f"backend iptables: this kernel refused the eBPF program ({err})"
+            chosen = "iptables"
+            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force)
+    except IsoebpfError as err:
+        raise fail(scope, ir, on_failure, err) from err
+    with scope.locked():
+        record = scope.read()
+        if record is not None:
+            scope.write({**record, "on_failure": on_failure})
+        scope.clear_failure()
+    return chosen, report, note
+
+
+def fail(scope: Scope, ir: IR, on_failure: str, err: IsoebpfError) -> IsoebpfError:
+    """Leave the scope as `on_failure` says after a change failed; the error to show.
+
+    closed: the policy in force stays, whole (each backend's load undoes its own
+    partial work); where none was in force, none is. open: every backend's
+    enforcement is removed, so traffic flows as if isoebpf were not there.
+    """
+    try:
+        before = scope.read()
+    except IsoebpfError:
+        before = None
+    enforcing = (before or {}).get("digest")
+    if on_failure == "open":
+        consequence = "fail-open: enforcement removed; traffic passes unfiltered"
+        for name in BACKENDS:
+            try:
+                module(name).unload(scope)
+            except IsoebpfError as unload_err:
+                consequence = f"fail-open, but removing the {name} backend failed: {unload_err}"
+        enforcing = None
+    elif enforcing:
+        consequence = f"fail-closed: the policy in force (digest {enforcing[:12]}) stays"
+    else:
+        consequence = "fail-closed: nothing was in force and nothing is"
+    scope.write_failure({"on_failure": on_failure, "error": str(err), "wanted": ir.digest,
+                         "enforcing": enforcing, "consequence": consequence,
+                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return type(err)(f"{err}\n{consequence}") if type(err) is not PolicyError else err
 
 
 def loaded(scope: Scope) -> str | None:
     record = scope.read()
     return str(record["backend"]) if record else None
+
+
+def status(scope: Scope) -> dict[str, Any] | None:
+    """The loaded backend's status, with the last failed change (key `failure`) if any."""
+    current = loaded(scope)
+    record = module(current).status(scope) if current else None
+    failure = scope.read_failure()
+    if failure is None:
+        return record
+    return {**(record or {"backend": None}), "failure": failure}
 
 
 def switch_from(scope: Scope, chosen: str, ir: IR) -> str | None:

@@ -125,12 +125,17 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
 @click.option("--force", is_flag=True,
               help="Override safety refusals: a policy file others can write, another tool's "
-                   "XDP program.")
+                   "XDP program or TC filter (replaced).")
+@click.option("--on-failure", type=click.Choice(backend.FAILURE_MODES), default="closed",
+              show_default=True,
+              help="When the change cannot be applied: closed keeps the policy in force; open "
+                   "removes all enforcement.")
 @click.option("--chain", metavar="NAME",
               help="iptables backend: the isolation chain [default: the one in force, "
                    "else dcos-isolation].")
 def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
-         netns: str | None, dry_run: bool, force: bool, chain: str | None) -> None:
+         netns: str | None, dry_run: bool, force: bool, on_failure: str,
+         chain: str | None) -> None:
     """Start enforcing POLICY, or atomically replace the policy enforced."""
     if not dry_run:
         require_privilege("load")
@@ -152,7 +157,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         click.echo(f"removed the {previous} backend's enforcement first")
     extra = {"chain": chain} if chain else {}
     chosen, report, note = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
-                                        force=force, **extra)
+                                        force=force, on_failure=on_failure, **extra)
     if note:
         click.echo(note)
     if report.replaced_layout:
@@ -227,17 +232,21 @@ def import_cmd(v4_file: TextIO | None, v6_file: TextIO | None, set_file: TextIO)
 def status(netns: str | None, as_json: bool) -> None:
     """Everything loaded in one view: policy, attachments, per-rule counters, connections, maps."""
     scope = Scope(netns)
-    current = backend.loaded(scope)
-    record = backend.module(current).status(scope) if current else None
+    record = backend.status(scope)
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
         return
-    if record is None:
+    failure = (record or {}).get("failure")
+    if failure:
+        click.echo(f"LAST CHANGE FAILED at {failure['at']} (on-failure {failure['on_failure']}): "
+                   f"{failure['consequence']}")
+        click.echo(f"  {failure['error']}")
+    if record is None or record.get("backend") is None:
         click.echo("nothing loaded" + (f" in namespace {netns}" if netns else ""))
         return
     click.echo(f"backend {record['backend']}, policy {record['policy']} "
                f"(digest {record['digest'][:12]}), generation {record['generation']}, "
-               f"loaded {record['loaded_at']}")
+               f"loaded {record['loaded_at']}, on failure: {record.get('on_failure', 'closed')}")
     click.echo("interfaces:")
     for a in record["attachments"]:
         prog = f"prog {a['prog_id']}" if a.get("prog_id") else ""
@@ -262,6 +271,7 @@ def unload(netns: str | None) -> None:
     require_privilege("unload")
     scope = Scope(netns)
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
+    scope.clear_failure()
     for what in removed:
         click.echo(f"removed {what}")
     click.echo("unloaded" if removed else "nothing was loaded")
@@ -280,9 +290,14 @@ def unload(netns: str | None) -> None:
               show_default=True, help="Seconds between drift checks.")
 @click.option("--force", is_flag=True,
               help="Override safety refusals: a policy file others can write, another tool's "
-                   "XDP program.")
+                   "XDP program or TC filter (replaced).")
+@click.option("--on-failure", type=click.Choice(backend.FAILURE_MODES), default="closed",
+              show_default=True,
+              help="When a change cannot be applied: closed keeps the policy in force; open "
+                   "removes all enforcement.")
 def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
-          netns: str | None, metrics: str | None, repair_interval: float, force: bool) -> None:
+          netns: str | None, metrics: str | None, repair_interval: float, force: bool,
+          on_failure: str) -> None:
     """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
 
     SIGTERM ends the agent and leaves enforcement in place ('isoebpf unload' removes it).
@@ -295,7 +310,8 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
 
     require_privilege("agent")
     _trusted(policy_file, force)
-    runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force)
+    runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
+                   on_failure=on_failure)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -313,12 +329,8 @@ def _serve_metrics(address: str, runner: Any) -> None:
     if not port.isdigit():
         raise click.UsageError(f"--metrics takes HOST:PORT, not '{address}'")
     registry = CollectorRegistry()
-
-    def current() -> dict[str, Any] | None:
-        name = backend.loaded(runner.scope)
-        return backend.module(name).status(runner.scope) if name else None
-
-    registry.register(StatusCollector(current, runner.stats, lambda: runner.default_action))
+    registry.register(StatusCollector(lambda: backend.status(runner.scope), runner.stats,
+                                      lambda: runner.default_action, runner.on_failure))
     try:
         start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
     except OSError as err:

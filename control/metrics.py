@@ -18,8 +18,9 @@ FIXED_ACTIONS = {"unfiltered": "allow", "established": "allow", "fragment": "dro
 
 class StatusCollector(Collector):
     def __init__(self, status: Callable[[], dict[str, Any] | None], stats: Stats,
-                 default_action: Callable[[], str]) -> None:
+                 default_action: Callable[[], str], on_failure: str = "closed") -> None:
         self._status = status
+        self._on_failure = on_failure
         self._stats = stats
         self._default_action = default_action
 
@@ -68,3 +69,16 @@ class StatusCollector(Collector):
                                 value=self._stats.last_apply_time)
         yield GaugeMetricFamily("isoebpf_last_apply_success", "1 if the last apply worked",
                                 value=1 if self._stats.last_apply_ok else 0)
+        mode = GaugeMetricFamily("isoebpf_failure_mode", "What a change that cannot be applied "
+                                 "leaves: closed keeps the policy in force, open removes it",
+                                 labels=["mode"])
+        for choice in ("closed", "open"):
+            mode.add_metric([choice], 1 if choice == self._on_failure else 0)
+        yield mode
+        failure = record.get("failure")
+        yield GaugeMetricFamily("isoebpf_change_failed",
+                                "1 while the last change could not be applied (see status)",
+                                value=1 if failure else 0)
+        yield GaugeMetricFamily("isoebpf_failed_open",
+                                "1 while a failed change left enforcement removed (fail-open)",
+                                value=1 if failure and failure["on_failure"] == "open" else 0)

@@ -8,7 +8,9 @@ A client prints one JSON line: the outcome a user would see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import functools
 import json
 import os
 import select
@@ -63,7 +65,7 @@ def serve(tcp_ports: list[int], udp_ports: list[int]) -> None:
 
 def _greet(conn: socket.socket) -> None:
     """Greet, then echo until the client closes: long-lived sessions need a partner."""
-    with conn:
+    with conn, contextlib.suppress(ConnectionError):  # a client that only shook hands
         conn.sendall(GREETING)
         while data := conn.recv(2048):
             conn.sendall(data)
@@ -166,6 +168,59 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def retrying(attempt: Callable[[float], str], timeout: float, every: float = 0.2) -> str:
+    """Repeat a datagram exchange until it is answered or `timeout` passes, as a
+    resolver would: an exchange cut by a policy change is tried again under the new one."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        outcome = attempt(min(every, left))
+        if outcome != "timeout":
+            return outcome
+    return "timeout"
+
+
+def loop(tries: list[tuple[str, str, int]], timeout: float, pause: float) -> None:
+    """Attempt `tries` round-robin, `pause` s apart, until stdin closes; one JSON line each.
+
+    TCP is the handshake alone (the kernel retransmits a SYN as it always does);
+    UDP and ICMP are resent every 0.2 s within `timeout`.
+    """
+    stop = threading.Event()
+
+    def wait_for_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    index = 0
+    while not stop.wait(pause):
+        proto, address, port = tries[index % len(tries)]
+        started = time.monotonic()
+        if proto == "tcp":
+            outcome = handshake(address, port, timeout)
+        elif proto == "udp":
+            outcome = retrying(functools.partial(connect_udp, address, port), timeout)
+        else:
+            outcome = retrying(functools.partial(ping, address), timeout)
+        print(json.dumps({"try": index % len(tries), "outcome": outcome, "t0": started,
+                          "t1": time.monotonic()}), flush=True)
+        index += 1
+
+
+def handshake(address: str, port: int, timeout: float) -> str:
+    """A TCP handshake alone: "connected" once the SYN-ACK came back."""
+    def attempt(s: socket.socket) -> str:
+        try:
+            s.connect((address, port))
+        except ConnectionResetError:  # cut mid-handshake by a policy that rejects it
+            return "reset"
+        return "connected"
+
+    with socket.socket(_family(address), socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        return _outcome(attempt, s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m isoebpf.probe")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     session.add_argument("address")
     session.add_argument("port", type=int)
     session.add_argument("--timeout", type=float, default=2.0)
+    looping = sub.add_parser("loop")
+    looping.add_argument("--try", dest="tries", nargs=3, action="append", required=True,
+                         metavar=("PROTO", "ADDRESS", "PORT"))
+    looping.add_argument("--timeout", type=float, default=2.5)
+    looping.add_argument("--pause", type=float, default=0.01)
     args = parser.parse_args(argv)
+    if args.command == "loop":
+        loop([(p, a, int(port)) for p, a, port in args.tries], args.timeout, args.pause)
+        return 0
     if args.command == "serve":
         serve(args.tcp, args.udp)
         return 0

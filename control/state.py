@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,18 +93,68 @@ class Scope:
         with contextlib.suppress(OSError):  # not empty: someone else's files; leave them
             self.record_path.parent.rmdir()
 
+    @property
+    def failure_path(self) -> Path:
+        return RUN_DIR / self.name / "failure.json"
+
+    def read_failure(self) -> dict[str, Any] | None:
+        """The last change that could not be applied, while no later one succeeded."""
+        try:
+            failure: dict[str, Any] = json.loads(self.failure_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return failure
+
+    def write_failure(self, failure: dict[str, Any]) -> None:
+        self.failure_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.failure_path.parent, prefix=".failure.")
+        with os.fdopen(fd, "w") as out:
+            json.dump(failure, out, sort_keys=True)
+        os.replace(tmp, self.failure_path)
+
+    def clear_failure(self) -> None:
+        self.failure_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.failure_path.parent.rmdir()
+
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the scope's lock for the duration; waits for a concurrent command."""
+        """Hold the scope's lock for the duration. A concurrent command is waited for,
+        at most LOCK_WAIT seconds; the holder's pid is in the lock file."""
         private_dir(RUN_DIR)
+        # CLOEXEC: a tool we run (iptables, tc) must not hold the lock after we die.
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         os.fchmod(fd, PRIVATE_FILE)
-        with os.fdopen(fd, "r+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            deadline = time.monotonic() + lock_wait()
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                        raise StateError(
+                            f"another isoebpf command (pid {holder}) has held {self.lock_path} "
+                            f"for over {lock_wait():g} s; nothing was changed") from None
+                    time.sleep(0.02)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:
                 yield
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def lock_wait() -> float:
+    """Seconds a command waits for the scope's lock (ISOEBPF_LOCK_WAIT, default 300)."""
+    text = os.environ.get("ISOEBPF_LOCK_WAIT", "300")
+    try:
+        return float(text)
+    except ValueError:
+        raise StateError(f"ISOEBPF_LOCK_WAIT={text!r}: give a number of seconds") from None
 
 
 def private_dir(path: Path) -> None:

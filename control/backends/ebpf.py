@@ -10,6 +10,12 @@ Lifecycle (everything under the scope's lock):
   (each conntrack entry remembers the generation that allowed it);
 - unload: detach every attachment recorded or found by name, remove the pins
   and the record. Safe to repeat.
+
+Crash safety (a command SIGKILLed anywhere): the datapath's config word, not the
+record, says which generation is live; an update first deletes every other
+generation (a half-written one from a killed update), so it never writes into
+the live one. A first load leaves no record until it is complete: the next
+command finds its pins or attachments by name and removes them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
+
+from pyroute2 import NetlinkError
 
 from .. import abi, backend, capacity
 from ..backend import Attachment, LoadReport
@@ -56,19 +64,13 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
     ensure_bpffs()
     with scope.locked():
         record = scope.read()
-        replaced = None
-        if record is None or not _reusable(record, scope):
-            # A first load compiles maps of the planned sizes: refuse a policy that
-            # cannot fit them before compiling, pinning or tearing anything down.
-            capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
-        if record is not None and not _reusable(record, scope):
-            replaced = f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
-            _teardown(scope, record)
-            record = None
         started = time.monotonic()
-        if record is None:
-            return _first_load(ir, scope, globs, mode, policy_path, force, replaced, started)
-        return _update(ir, scope, record, globs, mode, policy_path, force, started)
+        if record is not None and _reusable(record, scope):
+            return _update(ir, scope, record, globs, mode, policy_path, force, started)
+        # A first load compiles maps of the planned sizes: refuse a policy that
+        # cannot fit them before compiling, pinning or tearing anything down.
+        capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
+        return _first_load(ir, scope, record, globs, mode, policy_path, force, started)
 
 
 def _reusable(record: dict[str, Any], scope: Scope) -> bool:
@@ -78,11 +80,27 @@ def _reusable(record: dict[str, Any], scope: Scope) -> bool:
     return all((scope.pin_dir / name).exists() for name in needed)
 
 
-def _first_load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
-                force: bool, replaced: str | None, started: float) -> LoadReport:
+def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
+    """What unusable state a first load finds in its way, or None."""
+    if record is not None:
+        if record.get("layout") != LAYOUT or record.get("backend") != BACKEND:
+            return f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
+        return (f"the state of {record.get('loaded_at', '?')} without its pins under "
+                f"{scope.pin_dir} (was bpffs unmounted or remounted?)")
+    if scope.pin_dir.exists():
+        return "the pins of an interrupted command"
+    return None
+
+
+def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequence[str],
+                mode: str, policy_path: str, force: bool, started: float) -> LoadReport:
+    replaced = _replaced(scope, record)
     compiled = program.compile_program()
     attachments: list[Attachment] = []
     try:
+        # After compiling, so whatever still enforces goes only milliseconds before we do;
+        # always, because a killed first load may have attached before writing its record.
+        _teardown(scope, record)
         scope.make_pin_dir()
         pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
                 *((fd, name) for name, fd in compiled.map_fds.items())]
@@ -110,16 +128,20 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
     maps = _open_maps(scope)
     progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
     try:
-        old = int(record["generation"])
-        new = old + 1
+        live = program.active_generation(maps)
+        new = live + 1
         known = [Attachment(**a) for a in record.get("attachments", [])]
-        if record.get("digest") != ir.digest:
+        # Attach first: an interface that cannot be enforced on fails the update before
+        # the new policy is live (new interfaces enforce the live one meanwhile).
+        attachments = _attach_all(scope, progs, globs, mode, force, known)
+        if record.get("digest") != ir.digest or int(record["generation"]) != live:
+            # Anything but the live generation is left over from a killed update.
+            program.purge_generations(maps, keep=live)
             program.write_generation(maps, ir, new)
             program.activate(maps, ir, new)
-            program.purge_generation(maps, old)
+            program.purge_generations(maps, keep=new)
         else:
-            new = old
-        attachments = _attach_all(scope, progs, globs, mode, force, known)
+            new = live
         _save(scope, ir, new, attachments, policy_path, float(record.get("compile_seconds", 0)))
     finally:
         for fd in (*maps.values(), *progs.values()):
@@ -133,9 +155,16 @@ def _open_maps(scope: Scope) -> dict[str, int]:
 
 def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str, int],
                 force: bool) -> tuple[str, str]:
-    """Attach one interface; return (mode, why)."""
+    """Attach one interface; return (mode, why).
+
+    Another tool's XDP program, or another tool's TC filter in our slot, is
+    refused unless `force`; our own program (attached by a command killed
+    before it wrote its record) is simply attached again.
+    """
+    ours = bpfsys.prog_info(prog_fds["xdp"]).id == links.xdp_state(sock, link.index)[0]
+    force = force or ours
     if requested == "tc" or (requested == "auto" and link.kind):
-        links.attach_tc(sock, link, prog_fds["tc"])
+        links.attach_tc(sock, link, prog_fds["tc"], replace=force)
         return "tc", "requested" if requested == "tc" else WHY_TC_VIRTUAL.format(kind=link.kind)
     if link.kind == "veth":
         links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=force)
@@ -149,7 +178,7 @@ def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str,
         if requested == "xdp":
             links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=force)
             return "xdpgeneric", f"no native XDP on this driver ({err}); generic XDP"
-        links.attach_tc(sock, link, prog_fds["tc"])
+        links.attach_tc(sock, link, prog_fds["tc"], replace=force)
         return "tc", WHY_TC_FALLBACK.format(error=err)
 
 
@@ -161,7 +190,7 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
                            "in the policy")
     with links.netlink(scope.netns) as sock:
         present = {link.index: link for link in links.links(sock)}
-        wanted = links.matching(sock, globs)
+        wanted = links.matching(list(present.values()), globs)
         if not wanted:
             where = f"namespace '{scope.netns}'" if scope.netns else "this namespace"
             raise BackendError(f"no interface in {where} matches {', '.join(globs)}")
@@ -178,9 +207,14 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
             for link in wanted:
                 if link.index in done:
                     continue
-                clsact_before = links.has_clsact(sock, link.index)
-                chosen, why = choose_mode(sock, link, mode, prog_fds, force)
-                prog_id = links.xdp_state(sock, link.index)[0] if chosen != "tc" else 0
+                try:
+                    clsact_before = links.has_clsact(sock, link.index)
+                    chosen, why = choose_mode(sock, link, mode, prog_fds, force)
+                    prog_id = links.xdp_state(sock, link.index)[0] if chosen != "tc" else 0
+                except (BackendError, NetlinkError):
+                    if link.index not in {found.index for found in links.links(sock)}:
+                        continue  # deleted while we attached: nothing left to enforce on
+                    raise
                 added.append(Attachment(link.name, link.index, chosen, why,
                                         chosen == "tc" and not clsact_before, prog_id))
         except BaseException:
@@ -284,9 +318,15 @@ def status(scope: Scope) -> dict[str, Any] | None:
         return None
     if record.get("backend") != BACKEND:
         return record
+    if not _reusable(record, scope):
+        raise StateError(f"the record says the eBPF backend is loaded here, but its pins under "
+                         f"{scope.pin_dir} are gone (was bpffs unmounted?); the programs may "
+                         "still be attached. 'isoebpf load' pins and attaches afresh; "
+                         "'isoebpf unload' removes what is left")
     maps = _open_maps(scope)
     try:
-        generation = int(record["generation"])
+        generation = program.active_generation(maps)
+        record["generation"] = generation
         counters = program.read_counters(maps, generation)
         names = {rule_id: (name, text) for rule_id, name, text in record["rules"]}
         record["counters"] = [

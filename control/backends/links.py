@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,17 +40,37 @@ class Link:
     kind: str  # "veth", "vxlan", "bridge", ...; "" for a physical device
 
 
+# Open sockets kept per thread and namespace: opening one in another namespace forks a
+# helper (~40 ms), which a long-running agent or a run of updates would pay each time.
+_kept = threading.local()
+os.register_at_fork(after_in_child=lambda: vars(_kept).clear())
+
+
 @contextmanager
-def netlink(netns: str | None) -> Iterator[Any]:
-    """A netlink socket in the given namespace (None: our own)."""
+def netlink(netns: str | None, keep: bool = True) -> Iterator[Any]:
+    """A netlink socket in the given namespace (None: our own); reused by the same
+    thread while the namespace is the same one (not deleted and re-made)."""
     try:
-        sock = IPRoute() if netns is None else NetNS(netns, flags=0)
-    except (OSError, NetlinkError) as err:
+        identity = (netns, os.stat(f"/run/netns/{netns}").st_ino if netns else 0)
+    except OSError as err:
         raise BackendError(f"cannot open network namespace '{netns}': {err} "
                            "(does 'ip netns list' show it?)") from err
+    kept: dict[Any, Any] = vars(_kept).setdefault("sockets", {})
+    sock = kept.pop(identity, None) if keep else None
+    if sock is None:
+        try:
+            sock = IPRoute() if netns is None else NetNS(netns, flags=0)
+        except (OSError, NetlinkError) as err:
+            raise BackendError(f"cannot open network namespace '{netns}': {err} "
+                               "(does 'ip netns list' show it?)") from err
     try:
         yield sock
-    finally:
+    except BaseException:
+        sock.close()  # its state is unknown after a failure
+        raise
+    if keep and identity not in kept:
+        kept[identity] = sock
+    else:
         sock.close()
 
 
@@ -61,9 +83,9 @@ def links(sock: Any) -> list[Link]:
     return found
 
 
-def matching(sock: Any, globs: Sequence[str]) -> list[Link]:
+def matching(present: Sequence[Link], globs: Sequence[str]) -> list[Link]:
     """Interfaces whose names match any glob; never the loopback."""
-    return [link for link in links(sock)
+    return [link for link in present
             if link.name != "lo" and any(fnmatch.fnmatchcase(link.name, g) for g in globs)]
 
 
@@ -114,10 +136,33 @@ def has_clsact(sock: Any, index: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in sock.get_qdiscs(index=index))
 
 
-def attach_tc(sock: Any, link: Link, prog_fd: int) -> bool:
-    """Put our filter on clsact ingress (direct action); True if we added clsact."""
-    added = False
+def _slot_taken(sock: Any, index: int) -> bool:
+    """Another tool's filter at our priority on clsact ingress (replacing ours would drop it)."""
     try:
+        found = sock.get_filters(index=index, parent=CLSACT_INGRESS)
+    except NetlinkError:
+        return False
+    for f in found:
+        options = f.get_attr("TCA_OPTIONS") or {}
+        attrs = dict(options.get("attrs") or [])
+        if f["info"] >> 16 != TC_PRIO or (f.get_attr("TCA_KIND") == "bpf" and not attrs):
+            continue  # another priority, or the priority's own header entry
+        if attrs.get("TCA_BPF_NAME") != TC_NAME:
+            return True
+    return False
+
+
+def attach_tc(sock: Any, link: Link, prog_fd: int, replace: bool = False) -> bool:
+    """Put our filter on clsact ingress (direct action); True if we added clsact.
+    Refuse to displace another tool's filter in our slot unless `replace` (--force)."""
+    added = False
+    taken = _slot_taken(sock, link.index)
+    if taken and not replace:
+        raise BackendError(f"{link.name} already has a TC ingress filter that is not isoebpf's "
+                           f"at priority {TC_PRIO}: remove it or load with --force")
+    try:
+        if taken:  # --force: the other filters at our priority give way
+            sock.tc("del-filter", index=link.index, parent=CLSACT_INGRESS, prio=TC_PRIO)
         if not has_clsact(sock, link.index):
             sock.tc("add", "clsact", link.index)
             added = True
@@ -150,7 +195,7 @@ def new_links(netns: str | None, stop: Any, listening: Any) -> Iterator[str]:
     """Names of interfaces as they appear (RTM_NEWLINK). Sets `listening` once no
     new link can be missed. Blocks on netlink: run it in a daemon thread; `stop`
     is honoured at the next event."""
-    with netlink(netns) as sock:
+    with netlink(netns, keep=False) as sock:
         sock.bind()  # joins the link multicast group, among others
         known = {link.index for link in links(sock)}
         listening.set()

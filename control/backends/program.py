@@ -7,7 +7,7 @@ recompile. Only this module (and its siblings) imports bcc.
 
 Policy updates go by generation (bpf/maps.h explains why):
 `write_generation(maps, ir, g + 1)`, `activate(maps, ir, g + 1)`,
-`purge_generation(maps, g)`.
+`purge_generations(maps, keep=g + 1)`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bcc import BPF
 from .. import abi, capacity, evaluate
 from ..errors import BackendError, ProgramRejected
 from ..evaluate import Classifier
-from ..ir import IR
+from ..ir import IR, PROTO_TCP, PROTO_UDP
 from . import bpfsys
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
@@ -205,10 +205,12 @@ def write_generation(maps: Maps, ir: IR, gen: int) -> None:
         raise BackendError(f"generation {gen} is out of range (1 to 2^32-1): unload and load again")
     capacity.check(ir, *capacity_of(maps))
     slots = max_rules(maps)
+    highest = max(r.id for r in ir.rules)  # capacity.check made sure it has a counter
     slot = gen & 1
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
-    for rule in range(slots):
+    # Only the slots this policy's rules count in: the others are never read for it.
+    for rule in range(highest + 1):
         bpfsys.map_update(maps["counters"], ctypes.c_uint32(slot * slots + rule), zero)
     for name, key, value in policy_entries(ir, gen):
         bpfsys.map_update(maps[name], key, value)
@@ -225,19 +227,35 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     """
     bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
     classifier = Classifier(ir)
+    allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
     for raw in list(bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey))):
-        key = abi.FlowKey.from_buffer_copy(raw)
-        if classifier.judge(evaluate.first_packet(flow_of(key))).action != "allow":
+        verdict_key = _verdict_key(raw)
+        if verdict_key not in allowed:
+            first = evaluate.first_packet(flow_of(abi.FlowKey.from_buffer_copy(raw)))
+            allowed[verdict_key] = classifier.judge(first).action == "allow"
+        if not allowed[verdict_key]:
             bpfsys.map_delete(maps["conntrack"], raw)
 
 
-def purge_generation(maps: Maps, gen: int) -> int:
-    """Delete generation `gen`'s policy entries; returns how many went."""
+_SPORT = slice(abi.FlowKey.sport.offset, abi.FlowKey.sport.offset + abi.FlowKey.sport.size)
+_PORTS = slice(abi.FlowKey.sport.offset, abi.FlowKey.dport.offset + abi.FlowKey.dport.size)
+_PROTO = abi.FlowKey.proto.offset
+
+
+def _verdict_key(raw: bytes) -> bytes:
+    """A conntrack key without what a first packet's verdict never depends on: the
+    source port, and both ports (the echo id) outside TCP and UDP."""
+    cut = _SPORT if raw[_PROTO] in (PROTO_TCP, PROTO_UDP) else _PORTS
+    return raw[:cut.start] + bytes(cut.stop - cut.start) + raw[cut.stop:]
+
+
+def purge_generations(maps: Maps, keep: int) -> int:
+    """Delete the policy entries of every generation but `keep`; returns how many went."""
     removed = 0
     for name, key_type in _POLICY_MAPS.items():
         fd = maps[name]
         stale = [raw for raw in bpfsys.map_keys(fd, ctypes.sizeof(key_type))
-                 if key_type.from_buffer_copy(raw).gen == gen]
+                 if key_type.from_buffer_copy(raw).gen != keep]
         for raw in stale:
             removed += bpfsys.map_delete(fd, raw)
     return removed

@@ -58,8 +58,7 @@ class Datapath:
             program.activate(self.maps, ir, new)
         else:
             bpfsys.map_update(self.maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(new))
-        if self.gen:
-            program.purge_generation(self.maps, self.gen)
+        program.purge_generations(self.maps, keep=new)
         self.gen = new
 
     def clear_state(self) -> None:
