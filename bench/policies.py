@@ -69,7 +69,8 @@ def scaled_policy(rules: int) -> str:
 
 
 def map_sizes(rules: int) -> dict[str, int]:
-    """Map sizes that hold a policy of `rules` rules (powers of two, defaults at least)."""
+    """Map sizes that hold a policy of `rules` rules twice (an update writes the new
+    generation beside the old one): powers of two, the defaults at least."""
     def fit(n: int, floor: int) -> int:
         size = floor
         while size < n:
@@ -77,5 +78,5 @@ def map_sizes(rules: int) -> dict[str, int]:
         return size
     classes = min(filler_count(rules), _FILLER_SOURCES) + 300
     return {"ISOEBPF_MAX_RULES": fit(rules + 16, 4096),
-            "ISOEBPF_MAX_CLASSES": fit(classes, 16384),
-            "ISOEBPF_MAX_ALLOWED": fit(rules + 64, 131072)}
+            "ISOEBPF_MAX_CLASSES": fit(2 * classes, 16384),
+            "ISOEBPF_MAX_ALLOWED": fit(2 * (rules + 64), 131072)}
