@@ -1,0 +1,221 @@
+"""What can sit in the router: isoebpf's two backends and the peers it is compared with.
+
+Every enforcer enforces the same policy (bench.policies.scaled_policy: the
+table's policy with fillers), IPv4 only for the peers written here:
+
+- none: forwarding with no filter;
+- xdp-drop: a bare XDP_DROP program on r-gen (generic XDP, the mode isoebpf's
+  `--mode xdp` takes on a veth): the machine's ceiling for discarding;
+- ebpf-xdp, ebpf-tc: isoebpf's eBPF backend, `--mode xdp` and `--mode tc`
+  (`--mode auto` picks TC on veths);
+- iptables: isoebpf's iptables backend (the documented layout; here the
+  degraded one: one plain line group per allow rule);
+- iptables-ipset: the same chain order with the fillers in one
+  `hash:ip,port,net` set (this kernel lacks the guide's hash:net,port,net);
+- nft: an nftables table whose allow rules are one concatenated interval set
+  (saddr . daddr . protocol . port), the modern non-eBPF peer.
+
+All reject denied TCP with a reset and the rest with ICMP admin-prohibited.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench import policies
+from bench.topology import ROUTER_IFACES, Topology, run
+from isoebpf import backend
+from isoebpf.ir import IR
+from isoebpf.state import Scope
+
+ALL = ("none", "xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
+SCALING = ("ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
+AUTO = "ebpf-tc"  # what `--mode auto` picks on the router's veths
+
+# The five overlays of scaled_policy, IPv4 subnets, and which have hairpins.
+OVERLAYS = {"it": "10.250.0.0/16", "hr": "192.168.0.0/16", "lab": "172.20.0.0/16",
+            "fa": "10.100.0.0/16", "fb": "10.101.0.0/16"}
+HAIRPINS = ("it", "hr", "fa", "fb")
+EXCEPTION = ("10.250.7.0/24", "192.168.9.0/24")
+# The policy's non-filler rules: (src, dst, proto, ports) in file order; ports "" = any.
+RULES = (
+    ("192.168.0.0/16", "10.250.0.0/16", "tcp", "80"),
+    ("192.168.5.0/24", "10.250.3.0/24", "", ""),
+    ("10.250.0.0/16", "172.20.0.0/16", "udp", "5000-5010"),
+    ("10.250.0.0/16", "172.20.0.0/16", "icmp", ""),
+    ("10.250.0.0/16", "172.20.0.0/16", "tcp", "443"),
+    ("192.168.0.0/16", "10.250.0.0/16", "tcp", str(policies.BENCH_PORT)),
+    ("192.168.0.0/16", "10.250.0.0/16", "udp", str(policies.BENCH_PORT)),
+)
+
+
+@contextmanager
+def enforcing(name: str, topo: Topology, rules: int, ir: IR, xdp_drop: int) -> Iterator[float]:
+    """Enforce with `name` in the router for the block; yields the seconds setting up took.
+    `xdp_drop` is the fd of a bare XDP_DROP program."""
+    up, down = _SETUPS[name](topo, rules, ir, xdp_drop)
+    # Connections the last enforcer's traffic left would be swept one by one by a load.
+    topo.exec(topo.router, "conntrack", "-F", check=False)
+    started = time.monotonic()
+    try:
+        up()
+        yield time.monotonic() - started
+    finally:
+        down()
+
+
+Setup = Callable[[Topology, int, IR, int], tuple[Callable[[], None], Callable[[], None]]]
+
+
+def _none(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    return (lambda: None), (lambda: None)
+
+
+def _xdp_drop(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    def up() -> None:
+        topo.xdp(topo.router, "r-gen", drop, "xdpgeneric")
+
+    def down() -> None:
+        topo.xdp(topo.router, "r-gen", None, "xdpgeneric")
+    return up, down
+
+
+def _isoebpf(kind: str, mode: str) -> Setup:
+    def setup(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+        scope = Scope(topo.router)
+        policy_file = Path(tempfile.gettempdir()) / f"{topo.prefix}-policy.yaml"
+
+        def up() -> None:
+            policy_file.write_text(policies.scaled_policy(rules), encoding="utf-8")
+            sizes = policies.map_sizes(rules)
+            saved = {k: os.environ.get(k) for k in sizes}
+            os.environ.update({k: str(v) for k, v in sizes.items()})
+            try:
+                backend.module(kind).load(ir, scope, list(ROUTER_IFACES), mode, str(policy_file))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+        def down() -> None:
+            backend.module(kind).unload(scope)
+            policy_file.unlink(missing_ok=True)
+        return up, down
+    return setup
+
+
+def _restore(topo: Topology, tool: str, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".rules", delete=False) as f:
+        f.write(text)
+    try:
+        if tool == "nft":
+            topo.exec(topo.router, "nft", "-f", f.name)
+        elif tool == "ipset":
+            topo.exec(topo.router, "ipset", "restore", "-file", f.name)
+        else:
+            topo.exec(topo.router, "sh", "-c", f"iptables-restore -w --noflush < {f.name}")
+    finally:
+        os.unlink(f.name)
+
+
+def _port(ports: str, sep: str) -> str:
+    return ports.replace("-", sep)
+
+
+def ipset_rules(rules: int) -> tuple[str, str]:
+    """(ipset restore input, iptables-restore input) of the iptables-ipset enforcer."""
+    sets = ["create isob-overlays hash:net family inet"]
+    sets += [f"add isob-overlays {net}" for net in OVERLAYS.values()]
+    count = policies.filler_count(rules)
+    sets.append(f"create isob-allowed hash:ip,port,net family inet maxelem {max(65536, 2 * count)}")
+    sets += [f"add isob-allowed {f.src},tcp:{f.port},{f.dst}" for f in policies.fillers(count)]
+    chain = ["*filter", ":isob-iso - [0:0]",
+             "-I FORWARD 1 -m set --match-set isob-overlays src -m set --match-set isob-overlays dst -j isob-iso",
+             f"-A isob-iso -s {EXCEPTION[0]} -d {EXCEPTION[1]} -j RETURN",
+             "-A isob-iso -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"]
+    chain += [f"-A isob-iso -s {OVERLAYS[o]} -d {OVERLAYS[o]} -j RETURN" for o in HAIRPINS]
+    chain.append("-A isob-iso -m set --match-set isob-allowed src,dst,dst -j RETURN")
+    for src, dst, proto, ports in RULES:
+        match = f"-p {proto} " if proto else ""
+        if ports:
+            match += f"--dport {_port(ports, ':')} "
+        chain.append(f"-A isob-iso -s {src} -d {dst} {match}-j RETURN")
+    chain += ["-A isob-iso -p tcp -j REJECT --reject-with tcp-reset",
+              "-A isob-iso -j REJECT --reject-with icmp-admin-prohibited", "COMMIT", ""]
+    return "\n".join(sets) + "\n", "\n".join(chain)
+
+
+def _iptables_ipset(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    sets, chain = ipset_rules(rules)
+
+    def up() -> None:
+        _restore(topo, "ipset", sets)
+        _restore(topo, "iptables", chain)
+
+    def down() -> None:
+        for args in (("iptables", "-w", "-F", "FORWARD"), ("iptables", "-w", "-F", "isob-iso"),
+                     ("iptables", "-w", "-X", "isob-iso"), ("ipset", "destroy", "isob-allowed"),
+                     ("ipset", "destroy", "isob-overlays")):
+            topo.exec(topo.router, *args, check=False)
+    return up, down
+
+
+def nft_ruleset(rules: int) -> str:
+    """The nft enforcer's table: allow rules with ports in one concatenated interval set."""
+    elements = [f"{f.src} . {f.dst} . tcp . {f.port}" for f in policies.fillers(policies.filler_count(rules))]
+    plain = []
+    for src, dst, proto, ports in RULES:
+        if proto in ("tcp", "udp") and ports:
+            elements.append(f"{src} . {dst} . {proto} . {ports}")
+        elif proto:
+            plain.append(f"ip saddr {src} ip daddr {dst} meta l4proto {proto} accept")
+        else:
+            plain.append(f"ip saddr {src} ip daddr {dst} accept")
+    hairpins = [f"ip saddr {OVERLAYS[o]} ip daddr {OVERLAYS[o]} accept" for o in HAIRPINS]
+    body = "\n".join([
+        "table ip isobench {",
+        "  set overlays { type ipv4_addr; flags interval; elements = { "
+        + ", ".join(OVERLAYS.values()) + " } }",
+        "  set allowed { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; elements = { "
+        + ", ".join(elements) + " } }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        "    ip saddr != @overlays accept",
+        "    ip daddr != @overlays accept",
+        f"    ip saddr {EXCEPTION[0]} ip daddr {EXCEPTION[1]} accept",
+        "    ct state established,related accept",
+        *[f"    {line}" for line in hairpins],
+        "    ip saddr . ip daddr . meta l4proto . th dport @allowed accept",
+        *[f"    {line}" for line in plain],
+        "    meta l4proto tcp reject with tcp reset",
+        "    reject with icmp type admin-prohibited",
+        "  }",
+        "}", ""])
+    return body
+
+
+def _nft(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    def up() -> None:
+        _restore(topo, "nft", nft_ruleset(rules))
+
+    def down() -> None:
+        topo.exec(topo.router, "nft", "delete", "table", "ip", "isobench", check=False)
+    return up, down
+
+
+_SETUPS: dict[str, Setup] = {
+    "none": _none,
+    "xdp-drop": _xdp_drop,
+    "ebpf-xdp": _isoebpf("ebpf", "xdp"),
+    "ebpf-tc": _isoebpf("ebpf", "tc"),
+    "iptables": _isoebpf("iptables", "auto"),
+    "iptables-ipset": _iptables_ipset,
+    "nft": _nft,
+}
