@@ -53,9 +53,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report", type=Path, help="regenerate RESULTS.md and plots from this JSON, run nothing")
     args = parser.parse_args(argv)
     if args.report:
-        results = json.loads(args.report.read_text(encoding="utf-8"))
-        report.write(results)
-        return _verdict(results)
+        saved: dict[str, Any] = json.loads(args.report.read_text(encoding="utf-8"))
+        report.write(saved)
+        return _verdict(saved)
     signal.signal(signal.SIGTERM, _stop)
     rounds, b1_sizes, b6_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
     only = set(args.only.split(","))

@@ -90,8 +90,8 @@ def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[
                 taken[(prog, path)][0].append(measure())
                 taken[(prog, path)][1].append(baseline())
             for (prog, path), (ns, empty_ns) in taken.items():
-                row = {"rules": rules, "prog": prog, "path": path, "ns": summary(ns),
-                       "empty_ns": summary(empty_ns)}
+                row: dict[str, Any] = {"rules": rules, "prog": prog, "path": path, "ns": summary(ns),
+                                       "empty_ns": summary(empty_ns)}
                 row["ratio_to_empty"] = ratio(row["ns"], row["empty_ns"])
                 results.append(row)
                 say(f"B1 {rules:>6} {prog:3} {path:12} {row['ns']['median']:7.0f} ns "

@@ -25,17 +25,6 @@ from isoebpf.compiler import compile_policy
 from isoebpf.ir import IR
 
 
-def changed_policy(rules: int) -> str:
-    """scaled_policy(rules) with one rule changed: the first filler's port, or
-    the benchmark rule's when there are no fillers."""
-    text = policies.scaled_policy(rules)
-    if policies.filler_count(rules):
-        first = policies.filler(0)
-        old = f"ports: [tcp/{first.port}]}}"
-        return text.replace(old, f"ports: [tcp/{first.port + 60000}]}}", 1)
-    return text.replace(f"tcp/{policies.BENCH_PORT},", f"tcp/{policies.BENCH_PORT + 1},", 1)
-
-
 def map_memory(maps: program.Maps) -> dict[str, int]:
     """Bytes of kernel memory each map takes, as the kernel accounts it."""
     found: dict[str, int] = {}
@@ -66,7 +55,7 @@ def _one(rules: int) -> dict[str, Any]:
             program.activate(maps, target, gen)
         _, fill_s = _timed(lambda: fill(ir, 1))
         memory = map_memory(maps)
-        changed = changed_policy(rules)
+        changed = policies.changed_policy(rules)
         new_ir, change_compile_s = _timed(lambda: compile_policy(policy.loads(changed)))
         if new_ir.digest == ir.digest:
             raise RuntimeError("B6: the one-rule change changed nothing")

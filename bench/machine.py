@@ -32,7 +32,7 @@ def _cpu_model() -> str:
 
 def _bcc_version() -> str:
     try:
-        import bcc  # noqa: PLC0415 (only to read its version)
+        import bcc
     except ImportError:
         return "not installed"
     return str(getattr(bcc, "__version__", "unknown"))

@@ -80,3 +80,14 @@ def map_sizes(rules: int) -> dict[str, int]:
     return {"ISOEBPF_MAX_RULES": fit(rules + 16, 4096),
             "ISOEBPF_MAX_CLASSES": fit(2 * classes, 16384),
             "ISOEBPF_MAX_ALLOWED": fit(2 * (rules + 64), 131072)}
+
+
+def changed_policy(rules: int) -> str:
+    """scaled_policy(rules) with one rule changed: the first filler's port, or
+    the benchmark rule's when there are no fillers."""
+    text = scaled_policy(rules)
+    if filler_count(rules):
+        first = filler(0)
+        old = f"ports: [tcp/{first.port}]}}"
+        return text.replace(old, f"ports: [tcp/{first.port + 60000}]}}", 1)
+    return text.replace(f"tcp/{BENCH_PORT},", f"tcp/{BENCH_PORT + 1},", 1)

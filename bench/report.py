@@ -54,7 +54,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             for prog in ("xdp", "tc"):
                 cells = []
                 for path in ("new-allowed", "denied", "established", "unfiltered"):
-                    row = next((r for r in results["b1"] if (r["rules"], r["prog"], r["path"]) == (rules, prog, path)), None)
+                    row = next((r for r in results["b1"]
+                                if (r["rules"], r["prog"], r["path"]) == (rules, prog, path)), None)
                     cells.append("-" if row is None else f"{fmt(row['ns'])} (x{row['ratio_to_empty']:.1f})")
                 out.append(f"| {rules:,} | {prog} | " + " | ".join(cells) + " |")
         out.append("")
@@ -73,9 +74,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 "| enforcer | TCP Gbit/s (iperf3) | UDP 64-byte pps, one established flow | CPU ns per packet |",
                 "|---|---|---|---|"]
         for e in ENFORCER_ORDER:
-            tcp, flow = _traffic(results, low, e, "tcp"), _traffic(results, low, e, "flow")
-            if tcp or flow:
-                out.append(f"| {e} | {fmt(_get(tcp, 'gbit_s'), digits=2)} | {fmt(_get(flow, 'forwarded_pps'))} | "
+            tcp_row, flow = _traffic(results, low, e, "tcp"), _traffic(results, low, e, "flow")
+            if tcp_row or flow:
+                out.append(f"| {e} | {fmt(_get(tcp_row, 'gbit_s'), digits=2)} | {fmt(_get(flow, 'forwarded_pps'))} | "
                            f"{fmt(_get(flow, 'cpu_ns_per_packet'))} |")
         sizes = sorted({r["rules"] for r in results["traffic"]})
         out += ["", "## B4: scaling (discarded pps of denied SYNs / allowed TCP Gbit/s)", "",
@@ -83,8 +84,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         for e in ENFORCER_ORDER:
             cells = []
             for s in sizes:
-                d, t = _traffic(results, s, e, "denied"), _traffic(results, s, e, "tcp")
-                cells.append("-" if d is None else f"{fmt(d['processed_pps'])} / {fmt(_get(t, 'gbit_s'), digits=2)}")
+                denied_row, tcp_scaled = _traffic(results, s, e, "denied"), _traffic(results, s, e, "tcp")
+                cells.append("-" if denied_row is None else
+                             f"{fmt(denied_row['processed_pps'])} / {fmt(_get(tcp_scaled, 'gbit_s'), digits=2)}")
             if any(c != "-" for c in cells) and e not in ("none", "xdp-drop"):
                 out.append(f"| {e} | " + " | ".join(cells) + " |")
         if any(r["measure"] == "new" for r in results["traffic"]):
@@ -98,8 +100,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         out.append("")
     if results.get("b6"):
         out += ["## B6: control plane", "",
-                "| rules | parse s | IR compile s | bcc compile s | map fill s | load total s | one-rule change: apply ms "
-                "| ... end to end s | map memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
+                "| rules | parse s | IR compile s | bcc compile s | map fill s | load total s "
+                "| one-rule change: apply ms | ... end to end s | map memory MiB |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in results["b6"]:
             out.append(f"| {r['rules']:,} | {fmt(r['parse_s'], digits=2)} | {fmt(r['ir_compile_s'], digits=2)} | "
                        f"{fmt(r['program_compile_s'], digits=2)} | {fmt(r['map_fill_s'], digits=2)} | "
@@ -113,9 +116,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
 
 def plot(results: dict[str, Any], where: Path) -> list[str]:
     """Write the plots; returns their file names."""
-    import matplotlib  # noqa: PLC0415 (only the report needs it)
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     where.mkdir(parents=True, exist_ok=True)
     made: list[str] = []
@@ -130,7 +133,8 @@ def plot(results: dict[str, Any], where: Path) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         for ax, prog in zip(axes, ("xdp", "tc"), strict=True):
             for path in ("new-allowed", "denied", "established", "unfiltered"):
-                rows = sorted((r for r in results["b1"] if (r["prog"], r["path"]) == (prog, path)), key=lambda r: r["rules"])
+                rows = sorted((r for r in results["b1"] if (r["prog"], r["path"]) == (prog, path)),
+                              key=lambda r: r["rules"])
                 xs = [r["rules"] for r in rows]
                 ax.errorbar(xs, [r["ns"]["median"] for r in rows], marker="o", label=path,
                             yerr=[[r["ns"]["median"] - r["ns"]["q1"] for r in rows],

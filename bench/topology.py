@@ -53,7 +53,8 @@ class Topology:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def exec(self, netns: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def exec(self, netns: str, *args: str, check: bool = True,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", netns, *args, check=check, timeout=timeout)
 
     def _build(self) -> None:

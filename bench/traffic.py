@@ -45,7 +45,6 @@ from bench.topology import (
     TICK_SECONDS,
     Topology,
     cpu_times,
-    run,
 )
 from isoebpf import policy
 from isoebpf.compiler import compile_policy
@@ -135,10 +134,8 @@ def _stop_group(process: subprocess.Popen[str]) -> None:
     """SIGINT to the process group, then SIGKILL to whatever of it is left."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
