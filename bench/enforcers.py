@@ -8,6 +8,9 @@ table's policy with fillers), IPv4 only for the peers written here:
   `--mode xdp` takes on a veth): the machine's ceiling for discarding;
 - ebpf-xdp, ebpf-tc: isoebpf's eBPF backend, `--mode xdp` and `--mode tc`
   (`--mode auto` picks TC on veths);
+- ebpf-xdp-drop: the same as ebpf-xdp under `deny_action: drop`, the one to
+  hold against the bare XDP_DROP (REJECT also sends, and the generator's
+  namespace also receives, an answer per packet);
 - iptables: isoebpf's iptables backend (the documented layout; here the
   degraded one: one plain line group per allow rule);
 - iptables-ipset: the same chain order with the fillers in one
@@ -15,7 +18,8 @@ table's policy with fillers), IPv4 only for the peers written here:
 - nft: an nftables table whose allow rules are one concatenated interval set
   (saddr . daddr . protocol . port), the modern non-eBPF peer.
 
-All reject denied TCP with a reset and the rest with ICMP admin-prohibited.
+All but ebpf-xdp-drop and xdp-drop reject denied TCP with a reset and the
+rest with ICMP admin-prohibited.
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from bench import policies
 from bench.rulesets import ipset_rules, nft_ruleset
 from bench.topology import ROUTER_IFACES, Topology
 from isoebpf import backend
-from isoebpf.ir import IR
+from isoebpf.ir import IR, with_digest
 from isoebpf.state import Scope
 
-ALL = ("none", "xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
+ALL = ("none", "xdp-drop", "ebpf-xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
 SCALING = ("ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
 AUTO = "ebpf-tc"  # what `--mode auto` picks on the router's veths
 
@@ -69,13 +74,16 @@ def _xdp_drop(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[
     return up, down
 
 
-def _isoebpf(kind: str, mode: str) -> Setup:
+def _isoebpf(kind: str, mode: str, deny_action: str = "reject") -> Setup:
     def setup(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+        if deny_action != ir.deny_action:
+            ir = with_digest(replace(ir, default_action=deny_action, deny_action=deny_action))
         scope = Scope(topo.router)
         policy_file = Path(tempfile.gettempdir()) / f"{topo.prefix}-policy.yaml"
 
         def up() -> None:
-            policy_file.write_text(policies.scaled_policy(rules), encoding="utf-8")
+            text = policies.scaled_policy(rules).replace("deny_action: reject", f"deny_action: {deny_action}")
+            policy_file.write_text(text, encoding="utf-8")
             sizes = policies.map_sizes(rules)
             saved = {k: os.environ.get(k) for k in sizes}
             os.environ.update({k: str(v) for k, v in sizes.items()})
@@ -137,6 +145,7 @@ _SETUPS: dict[str, Setup] = {
     "none": _none,
     "xdp-drop": _xdp_drop,
     "ebpf-xdp": _isoebpf("ebpf", "xdp"),
+    "ebpf-xdp-drop": _isoebpf("ebpf", "xdp", "drop"),
     "ebpf-tc": _isoebpf("ebpf", "tc"),
     "iptables": _isoebpf("iptables", "auto"),
     "iptables-ipset": _iptables_ipset,

@@ -8,7 +8,7 @@ from typing import Any
 from bench.targets import evaluate
 
 HERE = Path(__file__).resolve().parent
-ENFORCER_ORDER = ("none", "xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
+ENFORCER_ORDER = ("none", "xdp-drop", "ebpf-xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
 
 
 def fmt(summary: dict[str, Any] | None, scale: float = 1.0, digits: int = 0) -> str:
@@ -69,7 +69,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             if row is not None:
                 out.append(f"| {e} | {fmt(row['processed_pps'])} | {fmt(row['answers_pps'])} | "
                            f"{fmt(row['cpu_ns_per_packet'])} | {fmt(row['generator_share'], 100)} % |")
-        out += ["", "`none` forwards the SYNs (the sink answers them); `xdp-drop` answers nothing.", "",
+        out += ["", "`none` forwards the SYNs (the sink answers them); `xdp-drop` and `ebpf-xdp-drop` answer "
+                "nothing; the others answer each with a reset, which the generator's namespace receives on the "
+                "same CPU.", "",
                 f"## B3: allowed traffic ({low} rules)", "",
                 "| enforcer | TCP Gbit/s (iperf3) | UDP 64-byte pps, one established flow | CPU ns per packet |",
                 "|---|---|---|---|"]
