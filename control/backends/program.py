@@ -208,10 +208,13 @@ def write_generation(maps: Maps, ir: IR, gen: int) -> None:
     slot = gen & 1
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
-    for rule in range(slots):
-        bpfsys.map_update(maps["counters"], ctypes.c_uint32(slot * slots + rule), zero)
+    indexes = (ctypes.c_uint32 * slots)(*range(slot * slots, (slot + 1) * slots))
+    bpfsys.map_update_packed(maps["counters"], bytes(indexes), zero * slots, slots)
+    by_map: dict[str, list[tuple[bpfsys.Buffer, bpfsys.Buffer]]] = {}
     for name, key, value in policy_entries(ir, gen):
-        bpfsys.map_update(maps[name], key, value)
+        by_map.setdefault(name, []).append((key, value))
+    for name, entries in by_map.items():
+        bpfsys.map_update_many(maps[name], entries)
 
 
 def activate(maps: Maps, ir: IR, gen: int) -> None:
@@ -224,9 +227,10 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     even if the next policy would allow it again (as evaluate.Conntrack.revalidate).
     """
     bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
-    classifier = Classifier(ir)
+    classifier: Classifier | None = None  # built only when there is a connection to judge
     for raw in list(bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey))):
         key = abi.FlowKey.from_buffer_copy(raw)
+        classifier = classifier or Classifier(ir)
         if classifier.judge(evaluate.first_packet(flow_of(key))).action != "allow":
             bpfsys.map_delete(maps["conntrack"], raw)
 
@@ -238,8 +242,7 @@ def purge_generation(maps: Maps, gen: int) -> int:
         fd = maps[name]
         stale = [raw for raw in bpfsys.map_keys(fd, ctypes.sizeof(key_type))
                  if key_type.from_buffer_copy(raw).gen == gen]
-        for raw in stale:
-            removed += bpfsys.map_delete(fd, raw)
+        removed += bpfsys.map_delete_many(fd, stale)
     return removed
 
 
