@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer sizes and runs")
     parser.add_argument("--only", default="b1,b6,traffic", help="comma-separated: b1, b6, traffic")
     parser.add_argument("--report", type=Path, help="regenerate RESULTS.md and plots from this JSON, run nothing")
+    parser.add_argument("--into", type=Path, help="measure --only's families again into this JSON (the rest is "
+                        "kept; the report says which were re-measured, when)")
     args = parser.parse_args(argv)
     if args.report:
         saved: dict[str, Any] = json.loads(args.report.read_text(encoding="utf-8"))
@@ -64,6 +66,10 @@ def main(argv: list[str]) -> int:
         "command": "make bench-quick" if args.quick else "make bench", "quick": args.quick,
         "rounds": rounds, "machine": machine.describe(),
     }
+    if args.into:
+        results = json.loads(args.into.read_text(encoding="utf-8"))
+        results.setdefault("remeasured", {}).update(
+            {family: time.strftime("%Y-%m-%d %H:%M:%S %Z") for family in only})
     say(f"machine: {results['machine']['cpu']}, kernel {results['machine']['kernel']}")
     if "b1" in only:
         results["b1"] = classifier.run(b1_sizes, rounds, say)
@@ -71,7 +77,8 @@ def main(argv: list[str]) -> int:
         results["b6"] = control_plane.run(b6_sizes, rounds, say)
     if "traffic" in only:
         results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, True, say)
-    results["duration_s"] = time.monotonic() - started
+    if not args.into:
+        results["duration_s"] = time.monotonic() - started
     out = HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

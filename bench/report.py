@@ -39,8 +39,11 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
            f"{m['load_average'][0]} / {m['load_average'][1]}",
            f"- Kernel {m['kernel']}, {m['os']}",
            f"- bcc {v['bcc']}, {v['iptables']}, {v['nft']}, {v['ipset']}, {v['trafgen']}, {v['iperf3']}, "
-           f"Python {v['python']}", "",
-           "## Targets", "", "| target | bound | measured | met |", "|---|---|---|---|"]
+           f"Python {v['python']}", ""]
+    for family, when in results.get("remeasured", {}).items():
+        out += [f"- **{family}** was measured again on {when}, after a change to the code it measures "
+                "(`python -m bench --only FAMILY --into JSON`); the other sections are from the run above.", ""]
+    out += ["## Targets", "", "| target | bound | measured | met |", "|---|---|---|---|"]
     for t in evaluate(results):
         met = "not measured" if t.met is None else ("yes" if t.met else "**no**")
         out.append(f"| {t.name} | {t.bound} | {t.value} | {met} |")
