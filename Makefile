@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak clean
+.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak bench bench-quick clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,7 +13,7 @@ demo: setup
 	@$(PYTHON) scripts/demo.py examples/it-hr.yaml
 
 lint: setup
-	$(PYTHON) -m ruff check control tests scripts
+	$(PYTHON) -m ruff check control tests scripts bench
 	$(PYTHON) -m mypy
 
 test: lint
@@ -35,6 +35,14 @@ soak: setup
 # The kernel-facing suite (pytest marker `vm`) inside each kernel of vagrant/kernels.txt.
 test-vm: setup
 	@bash scripts/test-vm.sh
+
+# The performance suite (bench/RESULTS.md, bench/plots/, bench/results/*.json):
+# the full run takes about 25 minutes, the quick one a few.
+bench: setup
+	PYTHONPATH=. $(PYTHON) -m bench
+
+bench-quick: setup
+	PYTHONPATH=. $(PYTHON) -m bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -164,6 +164,18 @@ def loads(text: str, path: str = "<policy>") -> Policy:
     return Policy(**{**policy.__dict__, "warnings": tuple(warnings)})
 
 
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML tree, by libyaml when present (a 100k-rule policy: seconds, not minutes);
+    a document libyaml refuses is composed again in Python, whose messages we show."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return yaml.compose(text, Loader=fast)
+        except yaml.YAMLError:
+            pass
+    return yaml.compose(text, Loader=yaml.SafeLoader)
+
+
 def _where(node: yaml.Node) -> Location:
     return Location(node.start_mark.line + 1, node.start_mark.column + 1)
 
@@ -251,7 +263,7 @@ class _Checker:
 
     def check(self, text: str) -> Policy | None:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = _compose(text)
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
             at = Location(mark.line + 1, mark.column + 1) if mark else Location(1, 1)

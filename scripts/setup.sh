@@ -21,9 +21,11 @@ fi
 #   nftables            the nftables peer in bench/
 #   conntrack           inspecting and cutting connection-tracking entries
 #   iperf3 socat        real traffic in the integration tests and benchmarks
+#   netsniff-ng         trafgen: the benchmarks' packet generator (one pinned process)
+#   python3-matplotlib  the benchmarks' plots (the venv sees system site-packages)
 #   vagrant             `vagrant validate` keeps vagrant/Vagrantfile valid
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
-          iptables ipset nftables conntrack iperf3 socat vagrant)
+          iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -15,7 +15,7 @@ import ctypes
 import errno
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,8 @@ BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 
 BPF_ANY = 0
 
@@ -49,6 +51,11 @@ Buffer = ctypes.Structure | ctypes.Array[Any] | ctypes.c_uint32 | bytes
 
 class _MapElemAttr(ctypes.Structure):
     _fields_ = [("map_fd", _u32), ("pad", _u32), ("key", _u64), ("value", _u64), ("flags", _u64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", _u64), ("out_batch", _u64), ("keys", _u64), ("values", _u64),
+                ("count", _u32), ("map_fd", _u32), ("elem_flags", _u64), ("flags", _u64)]
 
 
 class _ObjAttr(ctypes.Structure):
@@ -218,6 +225,51 @@ def map_update(fd: int, key: Buffer, value: Buffer, flags: int = BPF_ANY) -> Non
                 "sizes are fixed when the program is compiled), or simplify the policy") from err
         raise _permission(err, f"writing map {_map_name(fd)}") or BackendError(
             f"cannot write map {_map_name(fd)}: {err.strerror}") from err
+
+
+def _batch(cmd: int, fd: int, keys: bytes, values: bytes | None, count: int) -> int:
+    """One batch command over `count` packed keys (and values); returns how many
+    elements it did. Short of `count` (a kernel or map type without batches, a
+    full map, a missing key), the caller does the rest one by one, which names
+    any real problem."""
+    key_buf = _buffer(keys)
+    value_buf = _buffer(values) if values is not None else None
+    attr = _BatchAttr(keys=_address(key_buf), count=count, map_fd=fd,
+                      values=_address(value_buf) if value_buf is not None else 0)
+    try:
+        _bpf(cmd, attr)
+    except OSError as err:
+        # The kernel reports how far it got, except where it has no batches at all.
+        return 0 if err.errno in (errno.EINVAL, errno.EOPNOTSUPP, 524) else min(attr.count, count)
+    return count
+
+
+def map_update_many(fd: int, entries: Sequence[tuple[Buffer, Buffer]]) -> None:
+    """Write many entries in one BPF_MAP_UPDATE_BATCH where the kernel has it
+    (a 100k-entry policy: one system call, not 100k)."""
+    if not entries:
+        return
+    keys = b"".join(bytes(k) for k, _ in entries)
+    values = b"".join(bytes(v) for _, v in entries)
+    done = _batch(BPF_MAP_UPDATE_BATCH, fd, keys, values, len(entries))
+    for key, value in entries[done:]:
+        map_update(fd, key, value)
+
+
+def map_update_packed(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """map_update_many over keys and values already packed back to back."""
+    done = _batch(BPF_MAP_UPDATE_BATCH, fd, keys, values, count)
+    key_size, value_size = len(keys) // count, len(values) // count
+    for i in range(done, count):
+        map_update(fd, keys[i * key_size:(i + 1) * key_size], values[i * value_size:(i + 1) * value_size])
+
+
+def map_delete_many(fd: int, keys: Sequence[bytes]) -> int:
+    """Delete keys (BPF_MAP_DELETE_BATCH where the kernel has it); returns how many went."""
+    if not keys:
+        return 0
+    done = _batch(BPF_MAP_DELETE_BATCH, fd, b"".join(keys), None, len(keys))
+    return done + sum(map_delete(fd, key) for key in keys[done:])
 
 
 def map_delete(fd: int, key: Buffer) -> bool:

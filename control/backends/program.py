@@ -210,10 +210,14 @@ def write_generation(maps: Maps, ir: IR, gen: int) -> None:
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
     # Only the slots this policy's rules count in: the others are never read for it.
-    for rule in range(highest + 1):
-        bpfsys.map_update(maps["counters"], ctypes.c_uint32(slot * slots + rule), zero)
+    used = highest + 1
+    indexes = (ctypes.c_uint32 * used)(*range(slot * slots, slot * slots + used))
+    bpfsys.map_update_packed(maps["counters"], bytes(indexes), zero * used, used)
+    by_map: dict[str, list[tuple[bpfsys.Buffer, bpfsys.Buffer]]] = {}
     for name, key, value in policy_entries(ir, gen):
-        bpfsys.map_update(maps[name], key, value)
+        by_map.setdefault(name, []).append((key, value))
+    for name, entries in by_map.items():
+        bpfsys.map_update_many(maps[name], entries)
 
 
 def activate(maps: Maps, ir: IR, gen: int) -> None:
@@ -226,11 +230,12 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     even if the next policy would allow it again (as evaluate.Conntrack.revalidate).
     """
     bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
-    classifier = Classifier(ir)
+    classifier: Classifier | None = None  # built only when there is a connection to judge
     allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
     for raw in list(bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey))):
         verdict_key = _verdict_key(raw)
         if verdict_key not in allowed:
+            classifier = classifier or Classifier(ir)
             first = evaluate.first_packet(flow_of(abi.FlowKey.from_buffer_copy(raw)))
             allowed[verdict_key] = classifier.judge(first).action == "allow"
         if not allowed[verdict_key]:
@@ -256,8 +261,7 @@ def purge_generations(maps: Maps, keep: int) -> int:
         fd = maps[name]
         stale = [raw for raw in bpfsys.map_keys(fd, ctypes.sizeof(key_type))
                  if key_type.from_buffer_copy(raw).gen != keep]
-        for raw in stale:
-            removed += bpfsys.map_delete(fd, raw)
+        removed += bpfsys.map_delete_many(fd, stale)
     return removed
 
 

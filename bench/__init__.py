@@ -1,0 +1,1 @@
+"""The performance suite: isoebpf against iptables, nftables and no filter (`make bench`)."""

@@ -1,0 +1,95 @@
+"""B6: the control plane. How long loading N rules takes, phase by phase, how
+long a one-rule change takes, and how much kernel memory the maps hold.
+
+Phases of a first load, timed apart: parse (YAML to the validated model),
+IR compile (model to the tables), program compile (bcc: C to loaded
+programs and created maps; sized for N), map fill (the tables written as
+generation 1 and made active). A one-rule change is the update path a second
+`load` takes: the policy is parsed and compiled again (end to end), then
+written as generation 2, activated and generation 1 purged (apply): the
+program is not recompiled. Map memory is the kernel's own account
+(`memlock` in /proc/self/fdinfo of each map), after the fill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench import policies
+from bench.stats import summary
+from isoebpf import policy
+from isoebpf.backends import program
+from isoebpf.compiler import compile_policy
+from isoebpf.ir import IR
+
+
+def map_memory(maps: program.Maps) -> dict[str, int]:
+    """Bytes of kernel memory each map takes, as the kernel accounts it."""
+    found: dict[str, int] = {}
+    for name, fd in maps.items():
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    found[name] = int(line.split()[1])
+    return found
+
+
+def _timed(work: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - started
+
+
+def _one(rules: int) -> dict[str, Any]:
+    text = policies.scaled_policy(rules)
+    model, parse_s = _timed(lambda: policy.loads(text))
+    ir, ir_s = _timed(lambda: compile_policy(model))
+    compiled, program_s = _timed(lambda: program.compile_program(policies.map_sizes(rules)))
+    try:
+        maps = compiled.map_fds
+
+        def fill(target: IR, gen: int) -> None:
+            program.write_generation(maps, target, gen)
+            program.activate(maps, target, gen)
+        _, fill_s = _timed(lambda: fill(ir, 1))
+        memory = map_memory(maps)
+        changed = policies.changed_policy(rules)
+        new_ir, change_compile_s = _timed(lambda: compile_policy(policy.loads(changed)))
+        if new_ir.digest == ir.digest:
+            raise RuntimeError("B6: the one-rule change changed nothing")
+
+        def update() -> None:
+            fill(new_ir, 2)
+            program.purge_generation(maps, 1)
+        _, apply_s = _timed(update)
+    finally:
+        compiled.close()
+    return {"parse_s": parse_s, "ir_compile_s": ir_s, "program_compile_s": program_s,
+            "map_fill_s": fill_s, "load_total_s": parse_s + ir_s + program_s + fill_s,
+            "change_apply_s": apply_s, "change_end_to_end_s": change_compile_s + apply_s,
+            "map_bytes": sum(memory.values()), "map_bytes_by_map": memory,
+            "entries": len(ir.allowed) + len(ir.classes)}
+
+
+def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    taken: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+    for r in range(rounds):
+        for rules in sizes if r % 2 == 0 else list(reversed(sizes)):
+            one = _one(rules)
+            taken[rules].append(one)
+            say(f"B6 {rules:>6} rules: parse {one['parse_s']:.2f}s, IR {one['ir_compile_s']:.2f}s, "
+                f"bcc {one['program_compile_s']:.2f}s, fill {one['map_fill_s']:.2f}s; change "
+                f"{one['change_apply_s'] * 1000:.0f} ms apply, {one['change_end_to_end_s']:.2f}s end to end; "
+                f"maps {one['map_bytes'] / 2**20:.1f} MiB")
+    results = []
+    for rules, runs in taken.items():
+        row: dict[str, Any] = {"rules": rules}
+        for key in ("parse_s", "ir_compile_s", "program_compile_s", "map_fill_s", "load_total_s",
+                    "change_apply_s", "change_end_to_end_s", "map_bytes"):
+            row[key] = summary([run[key] for run in runs])
+        row["map_bytes_by_map"] = runs[-1]["map_bytes_by_map"]
+        row["entries"] = runs[-1]["entries"]
+        results.append(row)
+    return results

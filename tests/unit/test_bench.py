@@ -1,0 +1,86 @@
+"""The benchmark's pure parts: targets judged from a results document, the
+statistics, and the N-rule policies (the benchmark itself runs under `make bench`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import policies, stats, targets
+from bench.rulesets import ipset_rules, nft_ruleset
+from isoebpf import policy
+from isoebpf.compiler import compile_policy
+
+pytestmark = pytest.mark.unit
+
+
+def s(median: float) -> dict[str, Any]:
+    return stats.summary([median])
+
+
+def traffic(rules: int, enforcer: str, measure: str, **metrics: float) -> dict[str, Any]:
+    return {"rules": rules, "enforcer": enforcer, "measure": measure, **{k: s(v) for k, v in metrics.items()}}
+
+
+def results(ebpf_xdp: float = 400e3, ebpf_tc: float = 400e3, iptables: float = 150e3,
+            at_high: float = 390e3, iptables_high: float = 5e3) -> dict[str, Any]:
+    return {
+        "b1": [{"rules": n, "prog": "xdp", "path": "denied", "ns": s(ns)} for n, ns in ((10, 200), (100000, 380))],
+        "traffic": [
+            traffic(10, "xdp-drop", "denied", processed_pps=410e3, answers_pps=0),
+            traffic(10, "ebpf-xdp-drop", "denied", processed_pps=ebpf_xdp, answers_pps=0),
+            traffic(10, "ebpf-tc", "denied", processed_pps=ebpf_tc, answers_pps=ebpf_tc),
+            traffic(10, "iptables", "denied", processed_pps=iptables, answers_pps=iptables),
+            traffic(10, "none", "tcp", gbit_s=10.0),
+            traffic(10, "ebpf-tc", "tcp", gbit_s=9.6),
+            traffic(10000, "ebpf-tc", "denied", processed_pps=at_high),
+            traffic(10000, "iptables", "denied", processed_pps=iptables_high),
+        ],
+        "b6": [{"rules": 100000, "load_total_s": s(2.5), "change_apply_s": s(0.2)}],
+    }
+
+
+def verdicts(doc: dict[str, Any]) -> dict[str, bool | None]:
+    return {t.name: t.met for t in targets.evaluate(doc)}
+
+
+def test_every_target_judged_from_a_full_document() -> None:
+    got = verdicts(results())
+    assert len(got) == 9
+    assert [name for name, met in got.items() if not met] == [
+        "B2: XDP discard (drop) >= 3 x iptables REJECT",
+        "B2: REJECT answers by the program (auto mode) >= 3 x iptables REJECT",
+        "B6: a one-rule change at 100000 rules <= 100 ms, no recompile",
+    ]
+
+
+def test_targets_move_with_the_numbers() -> None:
+    got = verdicts(results(ebpf_xdp=380e3, iptables=50e3, at_high=300e3, iptables_high=10e3))
+    assert got["B2: XDP discard (drop) >= 95 % of bare XDP_DROP"] is False  # 380k < 0.95 x 410k
+    assert got["B2: XDP discard (drop) >= 3 x iptables REJECT"] is True
+    assert got["B4: eBPF (auto) discard at the most rules >= 90 % of 10 rules"] is False
+    assert got["B4: eBPF (auto) discard at the most rules >= 50 x iptables plain rules"] is False
+
+
+def test_an_empty_document_measures_nothing() -> None:
+    assert set(verdicts({}).values()) == {None}
+
+
+def test_summary_and_interleaving() -> None:
+    got = stats.summary([5, 1, 3, 2, 4])
+    assert (got["median"], got["q1"], got["q3"], got["min"], got["max"]) == (3, 2, 4, 1, 5)
+    order = stats.interleaved(2, ["a", "b", "c"])
+    assert [x for _, x in order] == ["a", "b", "c", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("rules", [4, 10, 200])
+def test_scaled_policy_has_the_rules_asked_for(rules: int) -> None:
+    model = policy.loads(policies.scaled_policy(rules))
+    assert len(model.rules) == rules
+    ir = compile_policy(model)
+    assert compile_policy(policy.loads(policies.changed_policy(rules))).digest != ir.digest
+    assert len(nft_ruleset(rules).splitlines()) < 40
+    sets, chain = ipset_rules(rules)
+    assert sets.count("add isob-allowed") == policies.filler_count(rules)
+    assert "REJECT --reject-with tcp-reset" in chain
