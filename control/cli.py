@@ -38,6 +38,17 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+# Options `load` and `agent` share.
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Override safety refusals: a policy file others can write, another tool's XDP program "
+         "or TC filter (replaced).")
+on_failure_option = click.option(
+    "--on-failure", type=click.Choice(backend.FAILURE_MODES), default="closed", show_default=True,
+    help="When a change cannot be applied: closed keeps the policy in force; open removes all "
+         "enforcement.")
+
+
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
@@ -123,13 +134,8 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
               help="Interfaces to enforce on (overrides the policy's 'interfaces').")
 @click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
-@click.option("--force", is_flag=True,
-              help="Override safety refusals: a policy file others can write, another tool's "
-                   "XDP program or TC filter (replaced).")
-@click.option("--on-failure", type=click.Choice(backend.FAILURE_MODES), default="closed",
-              show_default=True,
-              help="When the change cannot be applied: closed keeps the policy in force; open "
-                   "removes all enforcement.")
+@force_option
+@on_failure_option
 @click.option("--chain", metavar="NAME",
               help="iptables backend: the isolation chain [default: the one in force, "
                    "else dcos-isolation].")
@@ -288,13 +294,8 @@ def unload(netns: str | None) -> None:
 @click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on HOST:PORT.")
 @click.option("--repair-interval", type=click.FloatRange(0.1, 3600), default=1.0,
               show_default=True, help="Seconds between drift checks.")
-@click.option("--force", is_flag=True,
-              help="Override safety refusals: a policy file others can write, another tool's "
-                   "XDP program or TC filter (replaced).")
-@click.option("--on-failure", type=click.Choice(backend.FAILURE_MODES), default="closed",
-              show_default=True,
-              help="When a change cannot be applied: closed keeps the policy in force; open "
-                   "removes all enforcement.")
+@force_option
+@on_failure_option
 def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
           netns: str | None, metrics: str | None, repair_interval: float, force: bool,
           on_failure: str) -> None:

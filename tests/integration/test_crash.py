@@ -30,18 +30,15 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import policy
 from isoebpf.backends import bpfsys, links, program
 from isoebpf.backends import iptables as iptables_backend
 from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
 from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.integration.conftest import ROOT, isoebpf
 from tests.integration.test_ebpf_traffic import assert_clean
 from tests.integration.test_iptables_traffic import snapshot
-from tests.integration.test_update_under_traffic import POLICY_B, SEED
 from tests.scenarios import expected_outcome
 
 CRASH_SEED = int(os.environ.get("ISOEBPF_CRASH_SEED") or random.randrange(2**32))
@@ -58,16 +55,6 @@ SOAK_FACTOR = 10
 def rng() -> random.Random:
     print(f"\ncrash seed {CRASH_SEED} (ISOEBPF_CRASH_SEED={CRASH_SEED} replays it)")
     return random.Random(CRASH_SEED)
-
-
-@pytest.fixture
-def policies(tmp_path: Path) -> dict[str, tuple[Path, IR]]:
-    found = {}
-    for name, text in (("A", SEED.read_text()), ("B", POLICY_B)):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(text)
-        found[name] = (path, compile_policy(policy.load(path)))
-    return found
 
 
 def fork_cli(args: Sequence[str]) -> int:

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 from bcc import BPF
 
-from isoebpf import backend, policy
+from isoebpf import backend
 from isoebpf.agent import Stats
 from isoebpf.backends import iptables as iptables_backend
 from isoebpf.backends import links
-from isoebpf.compiler import compile_policy
 from isoebpf.ir import IR
 from isoebpf.metrics import StatusCollector
 from isoebpf.state import Scope
@@ -29,17 +28,6 @@ from isoebpf.testbed import Testbed
 from tests.integration.conftest import ROOT, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
 from tests.integration.test_ebpf_traffic import assert_clean
-from tests.integration.test_update_under_traffic import POLICY_B, SEED
-
-
-@pytest.fixture
-def policies(tmp_path: Path) -> dict[str, tuple[Path, IR]]:
-    found = {}
-    for name, text in (("A", SEED.read_text()), ("B", POLICY_B)):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(text)
-        found[name] = (path, compile_policy(policy.load(path)))
-    return found
 
 
 @pytest.fixture(scope="module", autouse=True)

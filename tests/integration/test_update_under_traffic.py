@@ -22,19 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import backend, policy
-from isoebpf.compiler import compile_policy
-from isoebpf.ir import IR
+from isoebpf import backend
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
-from tests.integration.conftest import ROOT, isoebpf
+from tests.integration.conftest import isoebpf, policy_files
 from tests.scenarios import expected_outcome
 
-SEED = ROOT / "examples" / "it-hr.yaml"
-# Policy B swaps which of HR's services IT hosts may reach, and opens IT -> HR tcp/80.
-POLICY_B = SEED.read_text().replace(
-    "  - {from: hr, to: it, ports: [tcp/80]}",
-    "  - {from: hr, to: it, ports: [tcp/22, udp/53]}\n  - {from: it, to: hr, ports: [tcp/80]}")
 # Per client: the tries its loop repeats. Some differ between A and B, some are denied
 # by both (an update that left a gap would let them through), some allowed by both.
 LOOPS = {
@@ -47,15 +40,6 @@ LOOPS = {
 # traffic), so CI does fewer, and the soak 2,000 (half an hour) rather than 10,000.
 ALTERNATIONS = {"ebpf": 1000, "iptables": 30}
 SOAK_ALTERNATIONS = {"ebpf": 10_000, "iptables": 2_000}
-
-
-def policies(tmp_path: Path) -> list[tuple[Path, IR]]:
-    found = []
-    for name, text in (("a.yaml", SEED.read_text()), ("b.yaml", POLICY_B)):
-        path = tmp_path / name
-        path.write_text(text)
-        found.append((path, compile_policy(policy.load(path))))
-    return found
 
 
 class Clients:
@@ -100,7 +84,8 @@ class Clients:
 
 def alternate(testbed: Testbed, name: str, count: int, tmp_path: Path) -> Counter[str]:
     """Load A, start the clients, alternate B/A `count` times; outcomes by class."""
-    (path_a, ir_a), (path_b, ir_b) = policies(tmp_path)
+    files = policy_files(tmp_path)
+    (path_a, ir_a), (path_b, ir_b) = files["A"], files["B"]
     scope = Scope(testbed.router)
     expected = {client: [(expected_outcome(ir_a, testbed, client, *t),
                           expected_outcome(ir_b, testbed, client, *t)) for t in tries]
