@@ -129,7 +129,7 @@ class Tracer:
 
     def __enter__(self) -> Tracer:
         try:
-            self._learn()
+            self.learn()
             self._monitor = subprocess.Popen(
                 [*(["ip", "netns", "exec", self.netns] if self.netns else []),
                  "nft", "-a", "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -178,7 +178,7 @@ class Tracer:
             self._monitor.stdout.close()
             self._monitor = None
 
-    def _learn(self) -> None:
+    def learn(self) -> None:
         """Map our chain's rule handles to rule names, per family."""
         self._rules = {}
         for family, version in FAMILIES.items():
@@ -212,11 +212,11 @@ class Tracer:
         for line in self._lines(timeout):
             match = TRACE.match(line.rstrip())
             if match:
-                verdict = self._step(*match.groups())
+                verdict = self.step(*match.groups())
                 if verdict is not None:
                     yield verdict
 
-    def _step(self, trace_id: str, family: str, table: str, chain: str,
+    def step(self, trace_id: str, family: str, table: str, chain: str,
               rest: str) -> Verdict | None:
         """One trace line: a packet's fields (from our table), or where it was judged."""
         if family == "inet" and table == TABLE:
@@ -233,7 +233,7 @@ class Tracer:
         if chain == self.chain and ruled and ruled[2] in ("return", "drop", "accept"):
             key = (version, int(ruled[1]))
             if key not in self._rules:
-                self._learn()  # the policy changed since
+                self.learn()  # the policy changed since
             name, action = self._rules.get(key, (f"rule handle {ruled[1]}", "allow"
                                                  if ruled[2] != "drop" else "drop"))
             return self._verdict(trace_id, name, action)
