@@ -15,6 +15,7 @@ trace killed outright is replaced by the next trace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -163,34 +164,39 @@ class Tracer:
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
             self._sigterm = None
-        if self._table:
-            try:
-                counted = re.search(r"counter packets (\d+)",
-                                    self.run(["nft", "list", "chain", "inet", TABLE, CHAIN]))
-                self.suppressed = int(counted[1]) if counted else 0
-            finally:
-                self.run(["nft", "delete", "table", "inet", TABLE])
+        try:
+            if self._table:
                 self._table = False
-        if self._monitor is not None:
-            self._monitor.terminate()
-            self._monitor.wait()
-            assert self._monitor.stdout is not None
-            self._monitor.stdout.close()
-            self._monitor = None
+                try:
+                    listing = self.run(["nft", "list", "chain", "inet", TABLE, CHAIN])
+                except BackendError:
+                    listing = ""  # someone deleted our table (`nft flush ruleset`)
+                if listing:
+                    counted = re.search(r"counter packets (\d+)", listing)
+                    self.suppressed = int(counted[1]) if counted else 0
+                    self.run(["nft", "delete", "table", "inet", TABLE])
+        finally:
+            if self._monitor is not None:
+                self._monitor.terminate()
+                self._monitor.wait()
+                assert self._monitor.stdout is not None
+                self._monitor.stdout.close()
+                self._monitor = None
 
     def learn(self) -> None:
         """Map our chain's rule handles to rule names, per family."""
-        self._rules = {}
+        rules: dict[tuple[int, int], tuple[str, str]] = {}
         for family, version in FAMILIES.items():
             try:
                 listing = self.run(["nft", "-a", "list", "chain", family, "filter", self.chain])
             except BackendError:
                 continue  # no such chain: nothing of this family to isolate
-            handles, rules = chain_handles(listing), self.chain_rules(version)
-            if len(handles) != len(rules):
+            handles, named = chain_handles(listing), self.chain_rules(version)
+            if len(handles) != len(named):
                 raise BackendError(f"{self.chain} has {len(handles)} rules in nftables but "
-                                   f"{len(rules)} in iptables-save ({family}); retry")
-            self._rules.update(((version, h), r) for h, r in zip(handles, rules, strict=True))
+                                   f"{len(named)} in iptables-save ({family}); retry")
+            rules.update(((version, h), r) for h, r in zip(handles, named, strict=True))
+        self._rules = rules
 
     def _lines(self, timeout: float) -> Iterator[str]:
         """The monitor's complete lines that arrive within `timeout` seconds."""
@@ -233,7 +239,9 @@ class Tracer:
         if chain == self.chain and ruled and ruled[2] in ("return", "drop", "accept"):
             key = (version, int(ruled[1]))
             if key not in self._rules:
-                self.learn()  # the policy changed since
+                # The policy changed since; if it is changing right now, the handle it is.
+                with contextlib.suppress(BackendError):
+                    self.learn()
             name, action = self._rules.get(key, (f"rule handle {ruled[1]}", "allow"
                                                  if ruled[2] != "drop" else "drop"))
             return self._verdict(trace_id, name, action)
