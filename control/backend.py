@@ -1,9 +1,13 @@
 """Which backend enforces a scope: the one asked for, or the best that works here.
 
 Backends are imported only when used, so reading commands (validate, explain,
-render) never need bcc or pyroute2. Each backend module offers the same three
-calls: `load(ir, scope, globs, mode, policy_path, force) -> LoadReport`,
-`status(scope) -> dict | None` and `unload(scope) -> list[str]`.
+render) never need bcc or pyroute2. Each backend module offers the same calls:
+`load(ir, scope, globs, mode, policy_path, force) -> LoadReport`,
+`status(scope) -> dict | None`, `unload(scope) -> list[str]`,
+`drift(scope, ir) -> list[str]` (what others undid: the agent repairs it) and
+`tracer(scope, per_second)` (live verdicts, or a clear refusal); the iptables
+backend adds `canary(scope)`, a cheap check the agent runs between read-backs,
+and the eBPF one `preflight()`, what `--backend auto` asks before choosing it.
 """
 
 from __future__ import annotations

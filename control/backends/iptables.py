@@ -59,6 +59,7 @@ from ..iptables_layout import (
 )
 from ..ir import IR, PROTO_ICMP
 from ..state import Scope
+from . import nftrace
 
 BACKEND = "iptables"
 TMP_PREFIX = "isoebpf-tmp-"
@@ -526,13 +527,26 @@ def canary(scope: Scope) -> list[str]:
     return found
 
 
-def tracer(scope: Scope, per_second: int) -> Any:
-    """The iptables backend has no verdict events to trace; says why and what to use."""
-    raise BackendError(
-        "the iptables backend cannot trace verdicts: its chain carries no NFLOG or TRACE "
-        "rules, so the kernel reports no per-packet verdicts to read. Per-rule counters are "
-        "there: 'isoebpf status' or 'iptables -L dcos-isolation -v -n' (in the namespace); "
-        "for live events use the eBPF backend ('isoebpf load --backend ebpf')")
+def tracer(scope: Scope, per_second: int) -> nftrace.Tracer:
+    """Verdicts of our chain through nf_tables' packet tracing (iptables-nft only)."""
+    record = scope.read()
+    if record is None or record.get("backend") != BACKEND:
+        raise BackendError("no iptables enforcement is loaded here")
+    tools = _Tools(scope.netns, str(record["flavour"]))
+    if tools.flavour != "nft":
+        raise BackendError(
+            f"tracing needs iptables-nft, and this node runs iptables-{tools.flavour}: the "
+            "kernel reports no per-packet verdicts to read. Per-rule counters are there: "
+            "'isoebpf status' or 'iptables -L dcos-isolation -v -n' (in the namespace)")
+    chain = str(record["chain"])
+
+    def chain_rules(version: int) -> list[tuple[str, str]]:
+        return [(_tag(spec) or "foreign", nftrace.ACTIONS.get(
+                    spec.rsplit(" -j ", 1)[-1].split()[0] if " -j " in spec else "", "allow"))
+                for spec, _, _ in _read_family(tools, version).chains.get(chain, [])]
+
+    return nftrace.Tracer(scope.netns, tools.run, chain, chain_rules,
+                          {str(name): str(text) for _, name, text in record["rules"]}, per_second)
 
 
 def status(scope: Scope) -> dict[str, Any] | None:

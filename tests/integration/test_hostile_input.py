@@ -310,8 +310,9 @@ def test_a_policy_others_can_write_is_refused_unless_forced(
     assert again.exit_code == 0, again.output
 
 
-STATUS_KEYS = {"backend", "netns", "digest", "policy", "loaded_at", "generation", "rules", "overlays", "attachments",
-               "layout", "compile_seconds", "counters", "connections", "maps", "programs"}
+STATUS_KEYS = {"backend", "netns", "digest", "policy", "loaded_at", "generation", "rules", "overlays",
+               "on_failure", "failure", "attachments", "layout", "compile_seconds", "counters",
+               "connections", "maps", "programs"}
 
 
 def test_status_shows_the_policy_counters_and_our_objects_only(
