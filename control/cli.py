@@ -352,7 +352,8 @@ def _serve_metrics(address: str, runner: Any) -> None:
 @click.option("--count", type=click.IntRange(1), help="Stop after this many shown events.")
 @click.option("--timeout", type=click.FloatRange(0.1), help="Stop after this many seconds.")
 @click.option("--rate", type=click.IntRange(1, 100000), default=1000, show_default=True,
-              help="Events each CPU may send a second; the kernel counts the rest as suppressed.")
+              help="Events a second (eBPF: each CPU; iptables: the namespace); the kernel counts "
+                   "the rest as suppressed.")
 def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
           actions: tuple[str, ...], addresses: tuple[str, ...], as_json: bool,
           count: int | None, timeout: float | None, rate: int) -> None:

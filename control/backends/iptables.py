@@ -627,6 +627,10 @@ def unload(scope: Scope) -> list[str]:
         ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
         tools.ipset(_destroy_text(ours))
         removed += [f"ipset {name}" for name in ours]
+        if tools.flavour == "nft" and nftrace.TABLE in tools.run(["nft", "list", "tables", "inet"]).split():
+            # Left by a trace that was killed before it could delete it.
+            tools.run(["nft", "delete", "table", "inet", nftrace.TABLE])
+            removed.append(f"nft table inet {nftrace.TABLE}")
         if mine:
             scope.forget()
         return removed

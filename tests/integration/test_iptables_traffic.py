@@ -412,3 +412,14 @@ def test_trace_filters_and_rate_limit_on_iptables(testbed: Testbed, unloaded: No
     suppressed = int(summary.split(" verdicts suppressed")[0].rsplit(" ", 1)[1])
     assert suppressed >= 300 - len(events), summary
     assert not trace_table(testbed), "SIGTERM left the trace table behind"
+
+
+def test_unload_removes_the_table_a_killed_trace_left(testbed: Testbed, unloaded: None) -> None:
+    load(testbed, SEED)
+    tracing = start_trace(testbed)
+    tracing.kill()
+    tracing.communicate(timeout=30)
+    assert trace_table(testbed), "a SIGKILLed trace cannot delete its table"
+    removed = isoebpf("unload", "--netns", testbed.router).stdout
+    assert "removed nft table inet isoebpf-trace" in removed
+    assert not trace_table(testbed)
