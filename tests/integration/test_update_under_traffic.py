@@ -116,6 +116,10 @@ def alternate(testbed: Testbed, name: str, count: int, tmp_path: Path) -> Counte
                 classes["policy A"] += 1
             elif outcome == want_b:
                 classes["policy B"] += 1
+            elif outcome == "reset" and {want_a, want_b} == {"connected", "refused"}:
+                # The SYN passed under the policy that allows it, the switch to the one
+                # that rejects came before the SYN-ACK: each packet met one whole policy.
+                classes["cut mid-handshake by a switch"] += 1
             else:
                 classes["neither"] += 1
                 wrong.append((client, LOOPS[client][int(str(attempt["try"]))], want_a, want_b,
