@@ -36,7 +36,7 @@ from .. import abi, backend, capacity
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
-from ..state import LAYOUT, Scope, ensure_bpffs, make_private
+from ..state import LAYOUT, RUN_DIR, Scope, ensure_bpffs, make_private, private_dir
 from ..trace import Verdict
 from . import bpfsys, links, perf, program
 
@@ -110,7 +110,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         for fd, name in pins:
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
             make_private(scope.pin_dir / name)
-        generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope))
+        generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, [])
         _save(scope, ir, generation, attachments, policy_path, compiled.compile_seconds)
     except BaseException:
@@ -136,7 +136,7 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         attachments = _attach_all(scope, progs, globs, mode, force, known)
         new = live
         if record.get("digest") != ir.digest or int(record["generation"]) != live:
-            new = program.next_generation(maps, ir, _slot_files(scope))
+            new = program.next_generation(maps, ir, _slot_files(scope, make=True))
         _save(scope, ir, new, attachments, policy_path, float(record.get("compile_seconds", 0)))
     finally:
         for fd in (*maps.values(), *progs.values()):
@@ -240,7 +240,11 @@ def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachmen
                                compile_seconds=round(compile_seconds, 3)))
 
 
-def _slot_files(scope: Scope) -> program.SlotFiles:
+def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
+    """What each slot holds, beside the record; `make`: create its directory, root's alone."""
+    if make:
+        private_dir(RUN_DIR)
+        private_dir(scope.record_path.parent)
     return program.SlotFiles(scope.record_path.parent)
 
 

@@ -290,11 +290,12 @@ def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) ->
         held = {}
     for name, table in tables.items():
         before = held.get(name, {})
-        gone = before.keys() - table.keys()
-        bpfsys.map_delete_many(maps[name], [bytes(_key(name, slot, key)) for key in gone])
-        changed = table.items() - before.items()
-        bpfsys.map_update_many(maps[name], [(_key(name, slot, key), _value(name, value))
-                                            for key, value in changed])
+        # Comprehensions, not set operations on items(): no set of 100k pairs to build.
+        gone = [bytes(_key(name, slot, key)) for key in before if key not in table]
+        bpfsys.map_delete_many(maps[name], gone)
+        changed = [(_key(name, slot, key), _value(name, value)) for key, value in table.items()
+                   if before.get(key) != value]
+        bpfsys.map_update_many(maps[name], changed)
 
 
 def _room(maps: Maps) -> dict[str, int]:
@@ -348,7 +349,6 @@ class SlotFiles:
         self.path(slot).unlink(missing_ok=True)
 
     def remember(self, maps: Maps, slot: int, tables: Tables) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".slot-{slot}.")
         with os.fdopen(fd, "wb") as out:
             header = marshal.dumps((_maps_identity(maps), entry_counts(tables)))
