@@ -4,17 +4,19 @@ long a one-rule change takes, and how much kernel memory the maps hold.
 Phases of a first load, timed apart: parse (YAML to the validated model),
 IR compile (model to the tables), program compile (bcc: C to loaded
 programs and created maps; sized for N), map fill (the tables written as
-generation 1 and made active). A one-rule change is the update path a second
-`load` takes: the policy is parsed and compiled again (end to end), then
-written as generation 2, activated and generation 1 purged (apply): the
-program is not recompiled. Map memory is the kernel's own account
+generation 1 into both slots, and made active). A one-rule change is the
+update path a second `load` takes: the policy is parsed and compiled again
+(end to end), then written as generation 2 as the difference from what its
+slot holds, and activated (apply): the program is not recompiled. Map memory is the kernel's own account
 (`memlock` in /proc/self/fdinfo of each map), after the fill.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench import policies
@@ -22,7 +24,6 @@ from bench.stats import summary
 from isoebpf import policy
 from isoebpf.backends import program
 from isoebpf.compiler import compile_policy
-from isoebpf.ir import IR
 
 
 def map_memory(maps: program.Maps) -> dict[str, int]:
@@ -49,21 +50,15 @@ def _one(rules: int) -> dict[str, Any]:
     compiled, program_s = _timed(lambda: program.compile_program(policies.map_sizes(rules)))
     try:
         maps = compiled.map_fds
-
-        def fill(target: IR, gen: int) -> None:
-            program.write_generation(maps, target, gen)
-            program.activate(maps, target, gen)
-        _, fill_s = _timed(lambda: fill(ir, 1))
-        memory = map_memory(maps)
-        changed = policies.changed_policy(rules)
-        new_ir, change_compile_s = _timed(lambda: compile_policy(policy.loads(changed)))
-        if new_ir.digest == ir.digest:
-            raise RuntimeError("B6: the one-rule change changed nothing")
-
-        def update() -> None:
-            fill(new_ir, 2)
-            program.purge_generation(maps, 1)
-        _, apply_s = _timed(update)
+        with tempfile.TemporaryDirectory(prefix="isoebpf-b6-") as state:
+            slots = program.SlotFiles(Path(state))
+            _, fill_s = _timed(lambda: program.first_generation(maps, ir, slots))
+            memory = map_memory(maps)
+            changed = policies.changed_policy(rules)
+            new_ir, change_compile_s = _timed(lambda: compile_policy(policy.loads(changed)))
+            if new_ir.digest == ir.digest:
+                raise RuntimeError("B6: the one-rule change changed nothing")
+            _, apply_s = _timed(lambda: program.next_generation(maps, new_ir, slots))
     finally:
         compiled.close()
     return {"parse_s": parse_s, "ir_compile_s": ir_s, "program_compile_s": program_s,

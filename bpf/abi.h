@@ -68,8 +68,8 @@
 #define FAMILY_IPV6 6
 
 /* Bits of an LPM key's data that precede the part a prefix may cut short. */
-#define CLASS_FIXED_BITS 32 /* gen */
-#define ALLOW_FIXED_BITS 96 /* gen, src_class, dst_class */
+#define CLASS_FIXED_BITS 32 /* slot */
+#define ALLOW_FIXED_BITS 96 /* slot, src_class, dst_class */
 
 /* flow_state.flags */
 #define FLOW_FIN_ORIG  1 /* the connection's opener sent FIN */
@@ -79,14 +79,14 @@
 /* classes_v4: prefixlen = CLASS_FIXED_BITS + the network's prefix length. */
 struct class_v4_key {
 	__u32 prefixlen;
-	__be32 gen;
+	__be32 slot;
 	__u8 addr[4];
 };
 
 /* classes_v6: prefixlen = CLASS_FIXED_BITS + the network's prefix length. */
 struct class_v6_key {
 	__u32 prefixlen;
-	__be32 gen;
+	__be32 slot;
 	__u8 addr[16];
 };
 
@@ -96,13 +96,13 @@ struct class_value {
 };
 
 struct exception_key {
-	__u32 gen;
+	__u32 slot;
 	__u32 src_class;
 	__u32 dst_class;
 };
 
 struct hairpin_key {
-	__u32 gen;
+	__u32 slot;
 	__u32 overlay_id;
 };
 
@@ -114,7 +114,7 @@ struct hairpin_key {
  */
 struct allow_key {
 	__u32 prefixlen;
-	__be32 gen;
+	__be32 slot;
 	__be32 src_class;
 	__be32 dst_class;
 	__u8 proto;

@@ -45,6 +45,12 @@ static __always_inline __u32 active_generation(void)
 	return gen ? *gen : 0;
 }
 
+/* The half of the policy tables (and counters) that generation gen lives in. */
+static __always_inline __u32 policy_slot(__u32 gen)
+{
+	return gen & 1;
+}
+
 /* The class of the longest policy CIDR holding addr; 0 when it is in no overlay. */
 static __always_inline int address_class(__u32 gen, __u8 family, const __u8 *addr,
 					 struct class_value *out)
@@ -53,13 +59,13 @@ static __always_inline int address_class(__u32 gen, __u8 family, const __u8 *add
 
 	if (family == FAMILY_IPV4) {
 		struct class_v4_key key = { .prefixlen = CLASS_FIXED_BITS + 32,
-					    .gen = bpf_htonl(gen) };
+					    .slot = bpf_htonl(policy_slot(gen)) };
 
 		__builtin_memcpy(key.addr, addr, 4);
 		found = classes_v4.lookup(&key);
 	} else {
 		struct class_v6_key key = { .prefixlen = CLASS_FIXED_BITS + 128,
-					    .gen = bpf_htonl(gen) };
+					    .slot = bpf_htonl(policy_slot(gen)) };
 
 		__builtin_memcpy(key.addr, addr, 16);
 		found = classes_v6.lookup(&key);
@@ -81,7 +87,7 @@ static __always_inline int between_overlays(__u32 gen, __u8 family, const __u8 *
 /* The exception rule that leaves this pair unfiltered, or 0 (rule ids start at 16). */
 static __always_inline __u32 exception_rule(__u32 gen, const struct endpoints *ends)
 {
-	struct exception_key key = { .gen = gen,
+	struct exception_key key = { .slot = policy_slot(gen),
 				     .src_class = ends->src.class_id,
 				     .dst_class = ends->dst.class_id };
 	struct rule_value *rule = exceptions.lookup(&key);
@@ -94,9 +100,9 @@ static __always_inline void judge_by_policy(__u32 gen, const struct params *p,
 					    const struct endpoints *ends, __u8 proto, __be16 dport,
 					    struct verdict *v)
 {
-	struct hairpin_key same_overlay = { .gen = gen, .overlay_id = ends->src.overlay_id };
+	struct hairpin_key same_overlay = { .slot = policy_slot(gen), .overlay_id = ends->src.overlay_id };
 	struct allow_key key = { .prefixlen = ALLOW_FIXED_BITS + 24,
-				 .gen = bpf_htonl(gen),
+				 .slot = bpf_htonl(policy_slot(gen)),
 				 .src_class = bpf_htonl(ends->src.class_id),
 				 .dst_class = bpf_htonl(ends->dst.class_id) };
 	struct rule_value *rule;

@@ -2,11 +2,13 @@
 /*
  * Every map of the program. Key and value layouts are in abi.h.
  *
- * Generations: the policy tables hold up to two policies at once, told apart
- * by the generation that leads every key. control/backends/program.py writes
- * generation g+1 beside g, flips `config`, then deletes g's entries; the
+ * Generations: the policy tables hold two policies at once, in two slots told
+ * apart by the slot (generation & 1) that leads every key. program.py writes
+ * generation g+1 into the slot g does not use (only the entries that differ
+ * from what the slot holds), flips `config`, then brings g's slot up to the
+ * new policy too, so that the next change is again a small difference; the
  * program reads the generation once per packet, so each packet is judged
- * wholly by one policy. Table sizes therefore count both generations.
+ * wholly by one policy. Table sizes therefore count both slots.
  *
  * Sizes are ISOEBPF_MAX_* constants, overridable at compile time
  * (-DISOEBPF_MAX_...=N, see program.compile_program).
@@ -37,8 +39,9 @@
 
 /*
  * The active generation, at index 0. Written by program.activate (one word,
- * so the flip is atomic), read once per packet. 0 = nothing loaded yet: no
- * table has generation 0 entries, so every packet passes as unfiltered.
+ * so the flip is atomic), read once per packet. 0 = nothing loaded yet: the
+ * tables are empty until the first activation, so every packet passes as
+ * unfiltered.
  */
 BPF_ARRAY(config, __u32, 1);
 

@@ -83,11 +83,11 @@ _Addr16 = ctypes.c_uint8 * 16
 
 
 class ClassV4Key(ctypes.Structure):
-    _fields_ = [("prefixlen", _u32), ("gen", _be32), ("addr", _Addr4)]
+    _fields_ = [("prefixlen", _u32), ("slot", _be32), ("addr", _Addr4)]
 
 
 class ClassV6Key(ctypes.Structure):
-    _fields_ = [("prefixlen", _u32), ("gen", _be32), ("addr", _Addr16)]
+    _fields_ = [("prefixlen", _u32), ("slot", _be32), ("addr", _Addr16)]
 
 
 class ClassValue(ctypes.Structure):
@@ -95,16 +95,16 @@ class ClassValue(ctypes.Structure):
 
 
 class ExceptionKey(ctypes.Structure):
-    _fields_ = [("gen", _u32), ("src_class", _u32), ("dst_class", _u32)]
+    _fields_ = [("slot", _u32), ("src_class", _u32), ("dst_class", _u32)]
 
 
 class HairpinKey(ctypes.Structure):
-    _fields_ = [("gen", _u32), ("overlay_id", _u32)]
+    _fields_ = [("slot", _u32), ("overlay_id", _u32)]
 
 
 class AllowKey(ctypes.Structure):
     _fields_ = [
-        ("prefixlen", _u32), ("gen", _be32), ("src_class", _be32), ("dst_class", _be32),
+        ("prefixlen", _u32), ("slot", _be32), ("src_class", _be32), ("dst_class", _be32),
         ("proto", _u8), ("port", _u8 * 2), ("pad", _u8),
     ]
 

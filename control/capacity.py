@@ -60,12 +60,14 @@ def needed_entries(ir: IR) -> dict[str, int]:
     }
 
 
-def problems(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int]) -> list[str]:
+def problems(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],
+             needed_by_map: Mapping[str, int] | None = None) -> list[str]:
     """Why `ir` does not fit maps of `capacity` (map -> max entries; `counters`:
     slots per generation) beside the `taken` entries of the policy in force,
-    which stays until the new one is in place. Empty: it fits."""
+    which stays until the new one is in place. Empty: it fits. `needed_by_map`:
+    needed_entries(ir), where the caller has counted already."""
     found = []
-    for name, needed in needed_entries(ir).items():
+    for name, needed in (needed_by_map or needed_entries(ir)).items():
         room, used = capacity[name], taken.get(name, 0)
         if needed + used <= room:
             continue
@@ -80,8 +82,9 @@ def problems(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int]) -> l
     return found
 
 
-def check(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int]) -> None:
-    found = problems(ir, capacity, taken)
+def check(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],
+          needed: Mapping[str, int] | None = None) -> None:
+    found = problems(ir, capacity, taken, needed)
     if found:
         raise BackendError("the policy does not fit the program's maps; nothing was changed:\n  "
                            + "\n  ".join(found))

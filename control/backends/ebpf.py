@@ -4,18 +4,21 @@ Lifecycle (everything under the scope's lock):
 - first load: compile the program (bcc), pin its programs and maps under the
   scope's pin directory, write the policy as generation 1, activate it, attach
   to every matching interface; on any failure undo all of it;
-- later loads: open the pins, write generation g+1 beside g, flip the one
-  config word (every packet sees wholly g or wholly g+1), delete g; no
-  recompile. Connections the new policy forbids are cut by the datapath itself
-  (each conntrack entry remembers the generation that allowed it);
+- later loads: open the pins, write generation g+1 into the slot g does not
+  use (only what differs from the policy that slot holds, usually g-1's), flip
+  the one config word (every packet sees wholly g or wholly g+1), keep g's
+  entries for the next update; no recompile. Connections the new policy
+  forbids are cut by the datapath itself (each conntrack entry remembers the
+  generation that allowed it);
 - unload: detach every attachment recorded or found by name, remove the pins
   and the record. Safe to repeat.
 
 Crash safety (a command SIGKILLed anywhere): the datapath's config word, not the
-record, says which generation is live; an update first deletes every other
-generation (a half-written one from a killed update), so it never writes into
-the live one. A first load leaves no record until it is complete: the next
-command finds its pins or attachments by name and removes them.
+record, says which generation is live, so an update never writes into the
+live slot; the other slot's file (program.SlotFiles) is removed before writing
+into it, so a slot a killed update left half-written is rewritten whole. A
+first load leaves no record until it is complete: the next command finds its
+pins or attachments by name and removes them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .. import abi, backend, capacity
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
-from ..state import LAYOUT, Scope, ensure_bpffs, make_private
+from ..state import LAYOUT, RUN_DIR, Scope, ensure_bpffs, make_private, private_dir
 from ..trace import Verdict
 from . import bpfsys, links, perf, program
 
@@ -107,9 +110,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         for fd, name in pins:
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
             make_private(scope.pin_dir / name)
-        generation = 1
-        program.write_generation(compiled.map_fds, ir, generation)
-        program.activate(compiled.map_fds, ir, generation)
+        generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, [])
         _save(scope, ir, generation, attachments, policy_path, compiled.compile_seconds)
     except BaseException:
@@ -129,19 +130,13 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
     progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
     try:
         live = program.active_generation(maps)
-        new = live + 1
         known = [Attachment(**a) for a in record.get("attachments", [])]
         # Attach first: an interface that cannot be enforced on fails the update before
         # the new policy is live (new interfaces enforce the live one meanwhile).
         attachments = _attach_all(scope, progs, globs, mode, force, known)
+        new = live
         if record.get("digest") != ir.digest or int(record["generation"]) != live:
-            # Anything but the live generation is left over from a killed update.
-            program.purge_generations(maps, keep=live)
-            program.write_generation(maps, ir, new)
-            program.activate(maps, ir, new)
-            program.purge_generations(maps, keep=new)
-        else:
-            new = live
+            new = program.next_generation(maps, ir, _slot_files(scope, make=True))
         _save(scope, ir, new, attachments, policy_path, float(record.get("compile_seconds", 0)))
     finally:
         for fd in (*maps.values(), *progs.values()):
@@ -245,7 +240,17 @@ def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachmen
                                compile_seconds=round(compile_seconds, 3)))
 
 
+def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
+    """What each slot holds, beside the record; `make`: create its directory, root's alone."""
+    if make:
+        private_dir(RUN_DIR)
+        private_dir(scope.record_path.parent)
+    return program.SlotFiles(scope.record_path.parent)
+
+
 def _unpin(scope: Scope) -> None:
+    for slot in (0, 1):
+        _slot_files(scope).forget(slot)
     if not scope.pin_dir.exists():
         return
     for pin in scope.pin_dir.iterdir():

@@ -5,15 +5,21 @@ map fds (`maps`: name -> fd), so a later process that opened the maps from
 their pins can update the policy and read counters without bcc or a
 recompile. Only this module (and its siblings) imports bcc.
 
-Policy updates go by generation (bpf/maps.h explains why):
-`write_generation(maps, ir, g + 1)`, `activate(maps, ir, g + 1)`,
-`purge_generations(maps, keep=g + 1)`.
+Policy updates go by generation, in two slots (bpf/maps.h explains why):
+`write_generation(maps, ir, g + 1, held=...)`, `activate(maps, ir, g + 1)`;
+`SlotFile` remembers what each slot holds, so that the next update writes
+only what differs from it.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
+import marshal
+import operator
+import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -164,60 +170,230 @@ def params_of(ir: IR) -> abi.Params:
     )
 
 
-def policy_entries(ir: IR, gen: int) -> Iterator[tuple[str, ctypes.Structure, ctypes.Structure]]:
-    """(map, key, value) for every policy table entry of `ir` as generation `gen`."""
+# A slot's policy tables as plain values, so that two policies compare entry by
+# entry: map name -> {key fields: value fields}.
+Tables = dict[str, dict[tuple[int, ...], tuple[int, ...]]]
+
+
+def slot_of(gen: int) -> int:
+    """The half of the policy tables and counters that generation `gen` lives in."""
+    return gen & 1
+
+
+def tables_of(ir: IR) -> Tables:
+    """The entries `ir` takes in each policy map, without the slot."""
+    classes: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {4: {}, 6: {}}
     for c in ir.classes:
-        value = abi.ClassValue(c.class_id, c.overlay_id)
-        if c.network.version == 4:
-            key4 = abi.ClassV4Key(abi.CLASS_FIXED_BITS + c.network.prefixlen, gen)
-            key4.addr[:] = c.network.network.packed
-            yield "classes_v4", key4, value
-        else:
-            key6 = abi.ClassV6Key(abi.CLASS_FIXED_BITS + c.network.prefixlen, gen)
-            key6.addr[:] = c.network.network.packed
-            yield "classes_v6", key6, value
-    for e in ir.exceptions:
-        yield "exceptions", abi.ExceptionKey(gen, e.src_class, e.dst_class), abi.RuleValue(e.rule)
-    for o in ir.overlays:
-        if o.hairpin_rule:
-            yield "hairpins", abi.HairpinKey(gen, o.id), abi.RuleValue(o.hairpin_rule)
-    for a in ir.allowed:
-        key = abi.AllowKey(abi.ALLOW_FIXED_BITS + a.match_bits, gen, a.src_class, a.dst_class,
-                           a.proto)
-        key.port[:] = a.port.to_bytes(2, "big")
-        yield "allowed", key, abi.RuleValue(a.rule)
+        network = c.network
+        classes[network.version][(network.prefixlen, network.first)] = (c.class_id, c.overlay_id)
+    return {
+        "classes_v4": classes[4],
+        "classes_v6": classes[6],
+        "exceptions": {(e.src_class, e.dst_class): (e.rule,) for e in ir.exceptions},
+        "hairpins": {(o.id,): (o.hairpin_rule,) for o in ir.overlays if o.hairpin_rule},
+        "allowed": {(a.match_bits, a.src_class, a.dst_class, a.proto, a.port): (a.rule,)
+                    for a in ir.allowed},
+    }
 
 
-def capacity_of(maps: Maps) -> tuple[dict[str, int], dict[str, int]]:
-    """(room, taken) of a loaded program's policy maps, for capacity.check."""
-    room, taken = {"counters": max_rules(maps)}, {}
-    for name in _POLICY_MAPS:
-        info = bpfsys.map_info(maps[name])
-        room[name] = info.max_entries
-        taken[name] = sum(1 for _ in bpfsys.map_keys(maps[name], info.key_size))
-    return room, taken
+def _key(name: str, slot: int, fields: tuple[int, ...]) -> ctypes.Structure:
+    if name in ("classes_v4", "classes_v6"):
+        prefixlen, network = fields
+        size = 4 if name == "classes_v4" else 16
+        key = _POLICY_MAPS[name](abi.CLASS_FIXED_BITS + prefixlen, slot)
+        key.addr[:] = network.to_bytes(size, "big")
+        return key
+    if name == "allowed":
+        match_bits, src_class, dst_class, proto, port = fields
+        allow = abi.AllowKey(abi.ALLOW_FIXED_BITS + match_bits, slot, src_class, dst_class, proto)
+        allow.port[:] = port.to_bytes(2, "big")
+        return allow
+    return _POLICY_MAPS[name](slot, *fields)
 
 
-def write_generation(maps: Maps, ir: IR, gen: int) -> None:
-    """Write `ir` as generation `gen` beside the active one; packets do not see it
-    yet. A policy that does not fit is refused before anything is written."""
+def _value(name: str, fields: tuple[int, ...]) -> ctypes.Structure:
+    return abi.ClassValue(*fields) if name.startswith("classes") else abi.RuleValue(*fields)
+
+
+def policy_entries(ir: IR, slot: int) -> Iterator[tuple[str, ctypes.Structure, ctypes.Structure]]:
+    """(map, key, value) for every policy table entry of `ir` in slot `slot`."""
+    for name, table in tables_of(ir).items():
+        for key, value in table.items():
+            yield name, _key(name, slot, key), _value(name, value)
+
+
+def _slot_entries(maps: Maps, slot: int) -> dict[str, list[bytes]]:
+    """The keys each policy map holds in `slot`, read from the kernel (one call per key)."""
+    found: dict[str, list[bytes]] = {}
+    for name, key_type in _POLICY_MAPS.items():
+        found[name] = [raw for raw in bpfsys.map_keys(maps[name], ctypes.sizeof(key_type))
+                       if key_type.from_buffer_copy(raw).slot == slot]
+    return found
+
+
+def write_generation(maps: Maps, ir: IR, gen: int, held: Tables | None = None,
+                     beside: Mapping[str, int] | None = None) -> Tables:
+    """Write `ir` as generation `gen` into its slot, beside the active generation
+    in the other; packets do not see it yet. Returns the slot's tables.
+
+    `held` is what the slot holds now: only the entries that differ are written
+    and deleted. None: unknown, so every entry of the slot goes first (a slot a
+    killed update left half-written). `beside`: how many entries each map holds
+    in the other slot (None: counted in the kernel). A policy that does not fit
+    is refused before anything is written."""
+    tables = tables_of(ir)
+    _check_fits(maps, ir, gen, tables, beside)
+    _write(maps, ir, gen, tables, held)
+    return tables
+
+
+def _check_fits(maps: Maps, ir: IR, gen: int, tables: Tables,
+                beside: Mapping[str, int] | None) -> None:
     if not 1 <= gen < 2**32:
         raise BackendError(f"generation {gen} is out of range (1 to 2^32-1): unload and load again")
-    capacity.check(ir, *capacity_of(maps))
+    if beside is None:
+        beside = {name: len(keys) for name, keys in _slot_entries(maps, 1 - slot_of(gen)).items()}
+    capacity.check(ir, _room(maps), beside, needed=_needed(ir, tables))
+
+
+def _needed(ir: IR, tables: Tables) -> dict[str, int]:
+    return {**entry_counts(tables), "counters": _highest_rule(ir) + 1}
+
+
+def _highest_rule(ir: IR) -> int:
+    highest: int = max(map(operator.attrgetter("id"), ir.rules))
+    return highest
+
+
+def entry_counts(tables: Tables) -> dict[str, int]:
+    return {name: len(table) for name, table in tables.items()}
+
+
+def _write(maps: Maps, ir: IR, gen: int, tables: Tables, held: Tables | None) -> None:
+    slot = slot_of(gen)
     slots = max_rules(maps)
-    highest = max(r.id for r in ir.rules)  # capacity.check made sure it has a counter
-    slot = gen & 1
+    highest = _highest_rule(ir)  # _check_fits made sure it has a counter
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
     # Only the slots this policy's rules count in: the others are never read for it.
     used = highest + 1
-    indexes = (ctypes.c_uint32 * used)(*range(slot * slots, slot * slots + used))
-    bpfsys.map_update_packed(maps["counters"], bytes(indexes), zero * used, used)
-    by_map: dict[str, list[tuple[bpfsys.Buffer, bpfsys.Buffer]]] = {}
-    for name, key, value in policy_entries(ir, gen):
-        by_map.setdefault(name, []).append((key, value))
-    for name, entries in by_map.items():
-        bpfsys.map_update_many(maps[name], entries)
+    indexes = array.array("I", range(slot * slots, slot * slots + used))
+    bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * used, used)
+    _write_tables(maps, slot, tables, held)
+
+
+def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) -> None:
+    """Make `slot` hold `tables`, given what it `held` (None: unknown)."""
+    if held is None:
+        for name, keys in _slot_entries(maps, slot).items():
+            bpfsys.map_delete_many(maps[name], keys)
+        held = {}
+    for name, table in tables.items():
+        before = held.get(name, {})
+        # Comprehensions, not set operations on items(): no set of 100k pairs to build.
+        gone = [bytes(_key(name, slot, key)) for key in before if key not in table]
+        bpfsys.map_delete_many(maps[name], gone)
+        changed = [(_key(name, slot, key), _value(name, value)) for key, value in table.items()
+                   if before.get(key) != value]
+        bpfsys.map_update_many(maps[name], changed)
+
+
+def _room(maps: Maps) -> dict[str, int]:
+    return {"counters": max_rules(maps),
+            **{name: bpfsys.map_info(maps[name]).max_entries for name in _POLICY_MAPS}}
+
+
+@dataclass(frozen=True)
+class SlotFiles:
+    """What each slot of one program's policy maps holds, remembered in a file
+    per slot (under the scope's /run directory) so that an update writes only
+    what differs.
+
+    A file exists only while its slot holds exactly what it says: it goes
+    before the slot is written and comes back after, so a command killed in
+    between leaves none, and the next update rewrites that slot whole. marshal,
+    not JSON: it reads 100,000 entries in tens of milliseconds; the file is
+    root's alone, and one it cannot read means "unknown" too. A short header
+    (whose maps, how many entries) comes first, so the slot an update does not
+    write into costs no more than that."""
+
+    directory: Path
+
+    def path(self, slot: int) -> Path:
+        return self.directory / f"slot-{slot}"
+
+    def _load(self, maps: Maps, slot: int, whole: bool) -> tuple[dict[str, int], Tables] | None:
+        try:
+            with self.path(slot).open("rb") as saved:
+                size = int.from_bytes(saved.read(4), "little")
+                identity, counts = marshal.loads(saved.read(size))
+                # The maps of another load (a killed unload left the file) hold nothing of it.
+                if identity != _maps_identity(maps):
+                    return None
+                # One read, then marshal.loads: marshal.load reads a file in small pieces.
+                return counts, (marshal.loads(saved.read()) if whole else {})
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+
+    def read(self, maps: Maps, slot: int) -> Tables | None:
+        """What `slot` holds, or None: unknown."""
+        loaded = self._load(maps, slot, whole=True)
+        return loaded[1] if loaded else None
+
+    def read_counts(self, maps: Maps, slot: int) -> dict[str, int] | None:
+        """How many entries each map holds in `slot`, or None: unknown."""
+        loaded = self._load(maps, slot, whole=False)
+        return loaded[0] if loaded else None
+
+    def forget(self, slot: int) -> None:
+        self.path(slot).unlink(missing_ok=True)
+
+    def remember(self, maps: Maps, slot: int, tables: Tables) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".slot-{slot}.")
+        with os.fdopen(fd, "wb") as out:
+            header = marshal.dumps((_maps_identity(maps), entry_counts(tables)))
+            out.write(len(header).to_bytes(4, "little") + header + marshal.dumps(tables))
+        os.replace(tmp, self.path(slot))
+
+
+def _maps_identity(maps: Maps) -> list[int]:
+    return [bpfsys.map_info(maps[name]).id for name in _POLICY_MAPS]
+
+
+def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> int:
+    """Write `ir` into freshly created maps as generation 1 and make it active.
+
+    The other slot gets the same policy where both fit, so that the first update
+    is a difference too."""
+    for slot in (0, 1):
+        slots.forget(slot)
+    tables = write_generation(maps, ir, 1, held={}, beside={})
+    activate(maps, ir, 1)
+    slots.remember(maps, 1, tables)
+    copy: Tables = {}
+    if not capacity.problems(ir, _room(maps), entry_counts(tables), _needed(ir, tables)):
+        _write_tables(maps, 0, tables, {})
+        copy = tables
+    slots.remember(maps, 0, copy)
+    return 1
+
+
+def next_generation(maps: Maps, ir: IR, slots: SlotFiles) -> int:
+    """Make `ir` the active policy as the generation after the live one; returns it.
+
+    Writes into the slot the live generation does not use only what differs
+    from what that slot holds (the policy before the live one, usually), and
+    leaves the live generation's entries in place for the next update."""
+    new = active_generation(maps) + 1
+    slot = slot_of(new)
+    tables = tables_of(ir)
+    _check_fits(maps, ir, new, tables, slots.read_counts(maps, 1 - slot))
+    held = slots.read(maps, slot)
+    slots.forget(slot)
+    _write(maps, ir, new, tables, held)
+    activate(maps, ir, new)
+    slots.remember(maps, slot, tables)
+    return new
 
 
 def activate(maps: Maps, ir: IR, gen: int) -> None:
@@ -252,17 +428,6 @@ def _verdict_key(raw: bytes) -> bytes:
     source port, and both ports (the echo id) outside TCP and UDP."""
     cut = _SPORT if raw[_PROTO] in (PROTO_TCP, PROTO_UDP) else _PORTS
     return raw[:cut.start] + bytes(cut.stop - cut.start) + raw[cut.stop:]
-
-
-def purge_generations(maps: Maps, keep: int) -> int:
-    """Delete the policy entries of every generation but `keep`; returns how many went."""
-    removed = 0
-    for name, key_type in _POLICY_MAPS.items():
-        fd = maps[name]
-        stale = [raw for raw in bpfsys.map_keys(fd, ctypes.sizeof(key_type))
-                 if key_type.from_buffer_copy(raw).gen != keep]
-        removed += bpfsys.map_delete_many(fd, stale)
-    return removed
 
 
 def active_generation(maps: Maps) -> int:

@@ -48,17 +48,23 @@ class Datapath:
         self.compiled = compiled
         self.maps = compiled.map_fds
         self.gen = program.active_generation(self.maps)
+        # What each slot holds, so that every policy switch writes only the
+        # difference, as the backend's updates do (fresh maps hold nothing).
+        self.held: dict[int, program.Tables] = {0: {}, 1: {}} if self.gen == 0 else {}
 
     def load(self, ir: IR, *, sweep: bool = True) -> None:
         """Replace the policy as the backend does. `sweep=False` flips the config
         word only, leaving revocation to the datapath's lazy re-judging."""
         new = self.gen + 1
-        program.write_generation(self.maps, ir, new)
+        slot = program.slot_of(new)
+        beside = self.held.get(1 - slot)
+        self.held[slot] = program.write_generation(
+            self.maps, ir, new, self.held.get(slot),
+            program.entry_counts(beside) if beside is not None else None)
         if sweep:
             program.activate(self.maps, ir, new)
         else:
             bpfsys.map_update(self.maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(new))
-        program.purge_generations(self.maps, keep=new)
         self.gen = new
 
     def clear_state(self) -> None:

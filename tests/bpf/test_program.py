@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from isoebpf.backends import bpfsys, program
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
 from isoebpf.evaluate import TCP_SYN
+from isoebpf.ir import IR
 from tests.bpf.cases import HR, IT, POLICY, SYN_80, tcp
 from tests.bpf.harness import Datapath
 from tests.packets import build
@@ -111,6 +113,54 @@ def test_pins_and_names(loaded: Datapath) -> None:
         bpfsys.obj_get(str(pin))
     prog = bpfsys.prog_info(loaded.compiled.prog_fds["xdp"])
     assert bpfsys.prog_name(prog.id) == program.XDP_NAME
+
+
+def _slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]]:
+    """What the kernel holds in one slot of the policy maps."""
+    found = set()
+    for name, key_type in program._POLICY_MAPS.items():
+        info = bpfsys.map_info(maps[name])
+        for raw in bpfsys.map_keys(maps[name], info.key_size):
+            if key_type.from_buffer_copy(raw).slot == slot:
+                found.add((name, raw, bpfsys.map_lookup(maps[name], raw, info.value_size) or b""))
+    return found
+
+
+def _wanted(ir: IR, slot: int) -> set[tuple[str, bytes, bytes]]:
+    return {(name, bytes(key), bytes(value)) for name, key, value in program.policy_entries(ir, slot)}
+
+
+def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) -> None:
+    """After every update the live slot holds exactly its policy and the other
+    exactly the one before, as its file says, so the next difference is right;
+    a slot whose file is gone (a killed update) is rewritten whole."""
+    texts = [POLICY, THREE_OVERLAYS, THREE_OVERLAYS.replace("{from: b, to: c}", "{from: c, to: a}"),
+             POLICY]
+    irs = [compile_policy(policy.loads(text)) for text in texts]
+    compiled = program.compile_program()
+    try:
+        maps = compiled.map_fds
+        slots = program.SlotFiles(tmp_path)
+        program.first_generation(maps, irs[0], slots)
+        assert _slot_contents(maps, 0) == _wanted(irs[0], 0)
+        assert _slot_contents(maps, 1) == _wanted(irs[0], 1)
+        for before, ir in itertools.pairwise(irs):
+            gen = program.next_generation(maps, ir, slots)
+            slot = program.slot_of(gen)
+            assert _slot_contents(maps, slot) == _wanted(ir, slot)
+            assert _slot_contents(maps, 1 - slot) == _wanted(before, 1 - slot)
+            assert slots.read(maps, slot) == program.tables_of(ir)
+        # Killed while writing: the next slot's file gone, half of some policy in it.
+        slot = program.slot_of(program.active_generation(maps) + 1)
+        slots.forget(slot)
+        for name, key, value in list(program.policy_entries(irs[1], slot))[::2]:
+            bpfsys.map_update(maps[name], key, value)
+        program.next_generation(maps, irs[2], slots)
+        assert _slot_contents(maps, slot) == _wanted(irs[2], slot)
+        # A file about other maps (a load since) says nothing.
+        assert program.SlotFiles(tmp_path).read({**maps, "allowed": maps["hairpins"]}, slot) is None
+    finally:
+        compiled.close()
 
 
 def test_map_limits_say_what_to_raise() -> None:

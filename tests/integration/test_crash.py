@@ -107,11 +107,11 @@ def load_args(path: Path, testbed: Testbed, name: str) -> list[str]:
 # -- what is in force ----------------------------------------------------------------
 
 
-def _entries(maps: dict[str, int], gen: int) -> set[tuple[str, bytes, bytes]]:
+def _entries(maps: dict[str, int], slot: int) -> set[tuple[str, bytes, bytes]]:
     found = set()
     for name, key_type in program._POLICY_MAPS.items():
         for raw in bpfsys.map_keys(maps[name], ctypes.sizeof(key_type)):
-            if key_type.from_buffer_copy(raw).gen == gen:
+            if key_type.from_buffer_copy(raw).slot == slot:
                 value = bpfsys.map_lookup(maps[name], raw, bpfsys.map_info(maps[name]).value_size)
                 found.add((name, raw, value or b""))
     return found
@@ -138,9 +138,10 @@ def ebpf_in_force(testbed: Testbed, policies: dict[str, tuple[Path, IR]]) -> tup
         if live == 0:
             assert attached == 0, "attached before a generation was live"
             return "none", 0
-        entries = _entries(maps, live)
+        slot = program.slot_of(live)
+        entries = _entries(maps, slot)
         for name, (_, ir) in policies.items():
-            wanted = {(m, bytes(k), bytes(v)) for m, k, v in program.policy_entries(ir, live)}
+            wanted = {(m, bytes(k), bytes(v)) for m, k, v in program.policy_entries(ir, slot)}
             if entries == wanted:
                 return name, attached
         raise AssertionError(f"generation {live} is neither policy whole")
