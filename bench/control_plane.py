@@ -62,7 +62,7 @@ def _one(rules: int) -> dict[str, Any]:
 
         def update() -> None:
             fill(new_ir, 2)
-            program.purge_generation(maps, 1)
+            program.purge_generations(maps, keep=2)
         _, apply_s = _timed(update)
     finally:
         compiled.close()

@@ -198,13 +198,44 @@ def _loads(text: str, path: str) -> Policy:
 def _compose(text: str) -> yaml.Node | None:
     """The YAML tree, by libyaml when present (a 100k-rule policy: seconds, not minutes);
     a document libyaml refuses is composed again in Python, whose messages we show."""
-    fast = getattr(yaml, "CSafeLoader", None)
-    if fast is not None:
+    if _FastLoader is not None:
         try:
-            return yaml.compose(text, Loader=fast)
+            return yaml.compose(text, Loader=_FastLoader)
         except yaml.YAMLError:
             pass
     return yaml.compose(text, Loader=yaml.SafeLoader)
+
+
+def _fast_loader() -> type | None:
+    """libyaml's loader, minus the Python work it repeats for every node (a 100k-rule
+    policy has 800k): path resolvers, which the safe loader never has, and resolving
+    a scalar's tag, which depends only on its text and quoting, so is remembered."""
+    base = getattr(yaml, "CSafeLoader", None)
+    if base is None:
+        return None
+
+    class Loader(base):  # type: ignore[misc, valid-type]
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._tags: dict[tuple[Any, ...], str] = {}
+
+        def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+            pass
+
+        def ascend_resolver(self) -> None:
+            pass
+
+        def resolve(self, kind: type, value: Any, implicit: Any) -> str:
+            key = (kind, value, implicit)
+            tag = self._tags.get(key)
+            if tag is None:
+                tag = self._tags[key] = super().resolve(kind, value, implicit)
+            return tag
+
+    return Loader
+
+
+_FastLoader = _fast_loader()
 
 
 def _where(node: yaml.Node) -> Location:
@@ -234,6 +265,8 @@ class _Checker:
         self._constructor = yaml.constructor.SafeConstructor()
         # Every overlay subnet with its owner and node, for the overlap check.
         self._subnet_nodes: list[tuple[netaddr.IPNetwork, str, yaml.Node]] = []
+        # Valid CIDR endpoints by their text: large policies name the same ones often.
+        self._cidr_endpoints: dict[str, Endpoint] = {}
 
     def error(self, node: yaml.Node | Location, message: str) -> None:
         self._say(node, "error", message)
@@ -444,6 +477,9 @@ class _Checker:
         if text in index.by_name:
             overlay = index.by_name[text]
             return Endpoint(text, overlay.name, overlay.subnets)
+        known = self._cidr_endpoints.get(text)
+        if known is not None:
+            return known
         if not re.search(r"[.:/]", text):
             close = difflib.get_close_matches(text, list(index.by_name), n=1)
             hint = f": did you mean '{close[0]}'?" if close else ""
@@ -465,7 +501,8 @@ class _Checker:
             else:
                 self.error(node, f"{what} {net} lies in no overlay, so this can never match")
             return None
-        return Endpoint(text, owner, (net,))
+        endpoint = self._cidr_endpoints[text] = Endpoint(text, owner, (net,))
+        return endpoint
 
     def pair_entries(
         self, entry: tuple[yaml.Node, yaml.Node] | None, what: str, keys: tuple[str, ...]
