@@ -1,14 +1,18 @@
 """B6: the control plane. How long loading N rules takes, phase by phase, how
 long a one-rule change takes, and how much kernel memory the maps hold.
 
-Phases of a first load, timed apart: parse (YAML to the validated model),
-IR compile (model to the tables), program compile (bcc: C to loaded
-programs and created maps; sized for N), map fill (the tables written as
-generation 1 into both slots, and made active). A one-rule change is the
-update path a second `load` takes: the policy is parsed and compiled again
-(end to end), then written as generation 2 as the difference from what its
-slot holds, and activated (apply): the program is not recompiled. Map memory is the kernel's own account
-(`memlock` in /proc/self/fdinfo of each map), after the fill.
+Phases of a first load, timed apart: parse (YAML to the validated model;
+this includes the IR compile, which `policy.loads` does once for its lints and
+keeps), IR compile (model to the tables: the kept IR, so about nothing),
+program compile (bcc: C to loaded programs and created maps; sized for N),
+map fill (the tables written as generation 1 into both slots, and made
+active). A one-rule change is the update path a second `load` takes: the
+policy is parsed and compiled again (end to end), then written as generation
+2 as the difference from what its slot holds, and activated (apply): the
+program is not recompiled. The load total adds the phases up, whereas
+`isoebpf load` runs the program compile beside the parse (see cli.load). Map
+memory is the kernel's own account (`memlock` in /proc/self/fdinfo of each
+map), after the fill.
 """
 
 from __future__ import annotations

@@ -76,12 +76,12 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f".backends.{name}", __package__)
 
 
-def choose(requested: str) -> tuple[str, str]:
-    """(backend, why) for `--backend requested`."""
+def choose(requested: str, compiling: Any | None = None) -> tuple[str, str]:
+    """(backend, why) for `--backend requested`; `compiling`: see compile_early()."""
     if requested != "auto":
         return requested, "asked for"
     try:
-        problem = module("ebpf").preflight()
+        problem = module("ebpf").preflight(compiling)
     except ImportError as err:
         problem = f"cannot import bcc or pyroute2 ({err})"
     if problem is None:
@@ -89,11 +89,26 @@ def choose(requested: str) -> tuple[str, str]:
     return "iptables", f"eBPF unavailable: {problem}"
 
 
+def compile_early(requested: str, scope: Scope) -> Any | None:
+    """Start compiling the eBPF program, on another thread, when `--backend requested`
+    may well load it into a scope that has none yet (a first load): the compile then
+    overlaps parsing and compiling the policy. Pass the result to load() as
+    `compiling`, and discard() it afterwards (a no-op once a load took it)."""
+    if requested not in ("auto", "ebpf"):
+        return None
+    try:
+        ebpf = module("ebpf")
+    except ImportError:
+        return None  # choose() says why
+    return ebpf.compile_early(scope)
+
+
 def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
          policy_path: str, force: bool = False, on_failure: str = "closed",
-         **extra: Any) -> tuple[str, LoadReport, str]:
+         compiling: Any | None = None, **extra: Any) -> tuple[str, LoadReport, str]:
     """Load with `chosen`; under `--backend auto` a kernel that refuses the eBPF
     program gets the iptables backend instead. Returns (backend, report, note).
+    `compiling` is compile_early()'s program, used by an eBPF first load.
 
     A change that cannot be applied leaves what `on_failure` says (see fail())
     and is recorded for `status` and the metrics until a later change succeeds.
@@ -102,6 +117,8 @@ def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str]
         raise IsoebpfError(f"on-failure '{on_failure}': choose {' or '.join(FAILURE_MODES)}")
     try:
         try:
+            if chosen == "ebpf" and compiling is not None:
+                extra = {**extra, "compiling": compiling}
             report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force, **extra)
             note = ""
         except ProgramRejected as err:

@@ -8,6 +8,10 @@ import netaddr
 
 _IPV4_MAPPED = netaddr.IPNetwork("::ffff:0:0/96")
 _DECIMAL = re.compile(r"(0|[1-9][0-9]*)\Z")
+# The common case, a canonical IPv4 CIDR, parsed without netaddr's general parser
+# (a 100k-rule policy names 200k of them); anything else takes the strict path.
+_OCTET = r"(0|[1-9][0-9]{0,2})"
+_PLAIN_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(0|[1-9][0-9]?))?\Z")
 
 
 def parse_cidr(text: str) -> netaddr.IPNetwork:
@@ -16,6 +20,9 @@ def parse_cidr(text: str) -> netaddr.IPNetwork:
     Raises ValueError with a message that says what is wrong and, where it can
     tell, what was meant.
     """
+    plain = _plain_ipv4(text)
+    if plain is not None:
+        return plain
     address, slash, length = text.partition("/")
     ip = _parse_address(text, address)
     width = 32 if ip.version == 4 else 128
@@ -33,6 +40,22 @@ def parse_cidr(text: str) -> netaddr.IPNetwork:
             f"'{text}' is IPv4-mapped IPv6 space ({_IPV4_MAPPED}); write the IPv4 subnet instead"
         )
     return network.cidr
+
+
+def _plain_ipv4(text: str) -> netaddr.IPNetwork | None:
+    """The network a canonical, valid IPv4 CIDR names; None for anything else."""
+    match = _PLAIN_IPV4.match(text)
+    if match is None:
+        return None
+    a, b, c, d, length = match.groups()
+    octets = (int(a), int(b), int(c), int(d))
+    prefixlen = 32 if length is None else int(length)
+    if max(octets) > 255 or prefixlen > 32:
+        return None
+    value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+    if value & ((1 << (32 - prefixlen)) - 1):
+        return None  # host bits set: the strict path says what was meant
+    return netaddr.IPNetwork((value, prefixlen), version=4)
 
 
 def _parse_address(text: str, address: str) -> netaddr.IPAddress:

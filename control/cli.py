@@ -146,11 +146,26 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     if not dry_run:
         require_privilege("load")
     _trusted(policy_file, force)
+    scope = Scope(netns)
+    # A first eBPF load compiles the program (seconds): on another core, meanwhile.
+    compiling = None if dry_run else backend.compile_early(backend_name, scope)
+    try:
+        with policy_mod.collector_paused():
+            _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force, on_failure,
+                     chain, compiling)
+    finally:
+        if compiling is not None:
+            compiling.discard()
+
+
+def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
+             scope: Scope, dry_run: bool, force: bool, on_failure: str, chain: str | None,
+             compiling: Any | None) -> None:
     _, ir = _load(policy_file)
     globs = list(ifaces) or list(ir.interfaces or ())
-    scope = Scope(netns)
+    netns = scope.netns
     where = f"namespace {netns}" if netns else "this namespace"
-    chosen, why = backend.choose(backend_name)
+    chosen, why = backend.choose(backend_name, compiling)
     click.echo(f"backend {chosen}: {why}")
     if chain and chosen != "iptables":
         raise click.UsageError(f"--chain names the iptables backend's chain, not {chosen}'s")
@@ -163,7 +178,8 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         click.echo(f"removed the {previous} backend's enforcement first")
     extra = {"chain": chain} if chain else {}
     chosen, report, note = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
-                                        force=force, on_failure=on_failure, **extra)
+                                        force=force, on_failure=on_failure, compiling=compiling,
+                                        **extra)
     if note:
         click.echo(note)
     if report.replaced_layout:

@@ -21,7 +21,7 @@ from .ir import (
     RuleInfo,
     with_digest,
 )
-from .policy import AllowRule, Endpoint, Policy, PortSpec
+from .policy import COMPILED, AllowRule, Endpoint, Policy, PortSpec
 
 PrefixKey = tuple[int, int, int]  # (proto, port, match_bits)
 
@@ -56,39 +56,49 @@ def _ancestors(key: PrefixKey) -> Iterator[PrefixKey]:
         yield 0, 0, 0
 
 
+NetKey = tuple[int, int, int]  # (version, network address, prefix length)
+
+
+def _key(net: netaddr.IPNetwork) -> NetKey:
+    """A policy CIDR's identity as plain ints: cheap to hash and to sort, where
+    netaddr computes `first`/`last` on each call (a large policy names 200k CIDRs)."""
+    return net.version, net.value, net.prefixlen
+
+
 class _ClassTree:
     """Named prefixes in depth-first order, so each prefix's subtree is one slice."""
 
     def __init__(self, policy: Policy) -> None:
-        owner: dict[netaddr.IPNetwork, str] = {}
+        # Every CIDR the policy names, with the overlay that holds it.
+        named: dict[NetKey, tuple[netaddr.IPNetwork, str]] = {}
         for overlay in policy.overlays:
             for net in overlay.subnets:
-                owner[net] = overlay.name
+                named[_key(net)] = (net, overlay.name)
         for endpoint in _endpoints(policy):
             for net in endpoint.cidrs:
-                owner.setdefault(net, endpoint.overlay)
-        self.order = sorted(owner, key=lambda n: (n.version, n.first, -n.last))
-        self.class_of = {net: i + 1 for i, net in enumerate(self.order)}
-        self.owner = owner
+                named.setdefault(_key(net), (net, endpoint.overlay))
+        # Policy CIDRs have no host bits, so (version, address, length) sorts as
+        # (version, first, -last): containers before what they contain.
+        keys = sorted(named)
+        self.order = [named[k][0] for k in keys]
+        self.owners = [named[k][1] for k in keys]
+        self.class_of = {k: i + 1 for i, k in enumerate(keys)}
         # end[i]: one past the last descendant of order[i] in depth-first order.
-        self.end = [0] * len(self.order)
-        stack: list[int] = []
-        for i, net in enumerate(self.order):
-            while stack and not self._contains(self.order[stack[-1]], net):
-                self.end[stack.pop()] = i
-            stack.append(i)
-        for i in stack:
-            self.end[i] = len(self.order)
-
-    @staticmethod
-    def _contains(outer: netaddr.IPNetwork, inner: netaddr.IPNetwork) -> bool:
-        return bool(outer.version == inner.version and outer.first <= inner.first <= outer.last)
+        self.end = [0] * len(keys)
+        stack: list[tuple[int, int, int]] = []  # (index, version, last address)
+        for i, (version, first, length) in enumerate(keys):
+            while stack and not (stack[-1][1] == version and first <= stack[-1][2]):
+                self.end[stack.pop()[0]] = i
+            width = 32 if version == 4 else 128
+            stack.append((i, version, first | ((1 << (width - length)) - 1)))
+        for i, _, _ in stack:
+            self.end[i] = len(keys)
 
     def classes(self, endpoint: Endpoint) -> list[int]:
         """Every class whose addresses lie inside the endpoint."""
         found: list[int] = []
         for net in endpoint.cidrs:
-            first = self.class_of[net] - 1
+            first = self.class_of[_key(net)] - 1
             found.extend(range(first + 1, self.end[first] + 1))
         return found
 
@@ -101,6 +111,9 @@ def _endpoints(policy: Policy) -> Iterator[Endpoint]:
 
 
 def compile_policy(policy: Policy) -> IR:
+    compiled: IR | None = policy.__dict__.get(COMPILED)
+    if compiled is not None:  # policy.loads compiled it already, for the lints
+        return compiled
     tree = _ClassTree(policy)
     rules = [RuleInfo(rule_id, name, name) for rule_id, name in FIXED_RULES.items()]
     next_id = FIRST_POLICY_RULE
@@ -126,7 +139,7 @@ def compile_policy(policy: Policy) -> IR:
         overlay_id[overlay.name] = number
 
     hairpin_overlays = {o.id for o in overlays if o.hairpin_rule}
-    class_overlay = {tree.class_of[net]: overlay_id[tree.owner[net]] for net in tree.order}
+    class_overlay = {i: overlay_id[name] for i, name in enumerate(tree.owners, start=1)}
 
     def decided_earlier(pair: tuple[int, int]) -> bool:
         src_overlay = class_overlay[pair[0]]
@@ -149,7 +162,8 @@ def compile_policy(policy: Policy) -> IR:
 
     allowed = sorted(_first_match_entries(listed))
     classes = tuple(
-        ClassPrefix(net, tree.class_of[net], overlay_id[tree.owner[net]]) for net in tree.order
+        ClassPrefix(net, i, overlay_id[name])
+        for i, (net, name) in enumerate(zip(tree.order, tree.owners, strict=True), start=1)
     )
     ir = IR(
         default_action="allow" if policy.default == "allow" else policy.deny_action,
@@ -184,6 +198,10 @@ def _first_match_entries(
     listed ancestor's adds nothing and is left out.
     """
     for (src, dst), table in listed.items():
+        if len(table) == 1:  # the common case: nothing to inherit from
+            ((proto, port, bits), rule), = table.items()
+            yield AllowEntry(src, dst, proto, port, bits, rule)
+            continue
         resolved: dict[PrefixKey, int] = {}
         # Shorter prefixes first, so every ancestor is resolved before its children.
         for key in sorted(table, key=lambda k: k[2]):

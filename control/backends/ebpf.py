@@ -23,10 +23,12 @@ pins or attachments by name and removes them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -52,18 +54,65 @@ WHY_GENERIC_ON_VETH = ("veth: native XDP_TX hands REJECT answers to the peer's X
                        "drops them unless the peer runs XDP too; generic XDP answers")
 
 
-def preflight() -> str | None:
-    """Why the eBPF backend cannot work here, or None when it can."""
+def preflight(compiling: EarlyCompile | None = None) -> str | None:
+    """Why the eBPF backend cannot work here, or None when it can. A program
+    `compiling` that compiled and loaded shows what the probe would (and bcc is
+    never asked to compile twice at once)."""
     try:
         ensure_bpffs()
-        program.probe_compile()
+        if compiling is None or not compiling.succeeded():
+            program.probe_compile()
     except IsoebpfError as err:
         return str(err)
     return None
 
 
+class EarlyCompile:
+    """The program compiling on another thread while the caller parses and compiles
+    the policy: bcc compiles in C++ without holding the GIL, so on two cores a
+    first load hides most of the compile behind the Python work."""
+
+    def __init__(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isoebpf-compile")
+        self._future = pool.submit(lambda: program.compile_program())
+        pool.shutdown(wait=False)
+        self._taken = False
+
+    def take(self) -> tuple[program.CompiledProgram, float]:
+        """The compiled program (or the compile's error) and the seconds waited for it."""
+        started = time.monotonic()
+        self._taken = True
+        compiled = self._future.result()
+        return compiled, time.monotonic() - started
+
+    def discard(self) -> None:
+        """Release the program if no first load took it (an update, a fallback, an error)."""
+        if self._taken:
+            return
+        self._taken = True
+        with contextlib.suppress(IsoebpfError):  # a failed compile holds nothing
+            self._future.result().close()
+
+    def succeeded(self) -> bool:
+        """Wait for the compile; did it load the programs?"""
+        return self._future.exception() is None
+
+
+def compile_early(scope: Scope) -> EarlyCompile | None:
+    """Start compiling now when the scope's next load is a first load (no reusable
+    program pinned); None when it is an update, which never compiles."""
+    try:
+        record = scope.read()
+    except IsoebpfError:
+        return None  # the load itself reports it
+    if record is not None and _reusable(record, scope):
+        return None
+    return EarlyCompile()
+
+
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
-         force: bool = False) -> LoadReport:
+         force: bool = False, compiling: EarlyCompile | None = None) -> LoadReport:
+    """`compiling`: the program compile_early() started, taken by a first load."""
     ensure_bpffs()
     with scope.locked():
         record = scope.read()
@@ -73,7 +122,8 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         # A first load compiles maps of the planned sizes: refuse a policy that
         # cannot fit them before compiling, pinning or tearing anything down.
         capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
-        return _first_load(ir, scope, record, globs, mode, policy_path, force, started)
+        return _first_load(ir, scope, record, globs, mode, policy_path, force, started,
+                           compiling)
 
 
 def _reusable(record: dict[str, Any], scope: Scope) -> bool:
@@ -96,9 +146,14 @@ def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
 
 
 def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequence[str],
-                mode: str, policy_path: str, force: bool, started: float) -> LoadReport:
+                mode: str, policy_path: str, force: bool, started: float,
+                compiling: EarlyCompile | None) -> LoadReport:
     replaced = _replaced(scope, record)
-    compiled = program.compile_program()
+    if compiling is not None:
+        compiled, waited = compiling.take()
+    else:
+        compiled = program.compile_program()
+        waited = compiled.compile_seconds
     attachments: list[Attachment] = []
     try:
         # After compiling, so whatever still enforces goes only milliseconds before we do;
@@ -119,7 +174,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         raise
     finally:
         compiled.close()
-    applied = time.monotonic() - started - compiled.compile_seconds
+    applied = time.monotonic() - started - waited
     return LoadReport(generation, True, compiled.compile_seconds, applied, tuple(attachments),
                       replaced)
 

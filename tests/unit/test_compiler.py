@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -118,3 +119,11 @@ def test_large_policy_compiles_and_default_is_not_a_table_entry() -> None:
     ir = compile_policy(policy.loads("\n".join(lines) + "\n"))
     assert len(ir.allowed) >= 1900
     assert all(a.rule != RULE_DEFAULT for a in ir.allowed)
+
+
+def test_the_ir_kept_by_loads_is_what_compiling_afresh_gives() -> None:
+    loaded = policy.loads(SEED)
+    kept = compile_policy(loaded)
+    assert compile_policy(loaded) is kept
+    fresh = compile_policy(dataclasses.replace(loaded))  # a copy keeps no IR
+    assert fresh is not kept and fresh == kept and fresh.digest == kept.digest
