@@ -90,8 +90,16 @@ class Scope:
 
     def forget(self) -> None:
         self.record_path.unlink(missing_ok=True)
+        self.sweep_temporaries()
         with contextlib.suppress(OSError):  # not empty: someone else's files; leave them
             self.record_path.parent.rmdir()
+
+    def sweep_temporaries(self) -> None:
+        """Remove the half-written files (`.state.*`, `.slot-*`, ...) of writers that
+        were killed before their rename. Call with the lock held: then no writer runs."""
+        with contextlib.suppress(FileNotFoundError):
+            for leftover in self.record_path.parent.glob(".*"):
+                leftover.unlink(missing_ok=True)
 
     @property
     def failure_path(self) -> Path:
@@ -140,6 +148,7 @@ class Scope:
                     time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.sweep_temporaries()
             try:
                 yield
             finally:

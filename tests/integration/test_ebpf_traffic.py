@@ -40,6 +40,7 @@ def assert_clean(testbed: Testbed) -> None:
     scope = Scope(testbed.router)
     assert not scope.pin_dir.exists(), "pins left behind"
     assert scope.read() is None, "state record left behind"
+    assert not scope.record_path.parent.exists(), "state files left behind"
     with links.netlink(testbed.router) as sock:
         for link in links.links(sock):
             assert links.xdp_state(sock, link.index) == (0, None), link.name
