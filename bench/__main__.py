@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     if "b6" in only:
         results["b6"] = control_plane.run(b6_sizes, rounds, say)
     if "traffic" in only:
-        results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, True, say)
+        results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, say)
     if not args.into:
         results["duration_s"] = time.monotonic() - started
     out = HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"

@@ -41,7 +41,6 @@ from isoebpf.state import Scope
 
 ALL = ("none", "xdp-drop", "ebpf-xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
 SCALING = ("ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
-AUTO = "ebpf-tc"  # what `--mode auto` picks on the router's veths
 
 @contextmanager
 def enforcing(name: str, topo: Topology, rules: int, ir: IR, xdp_drop: int) -> Iterator[float]:

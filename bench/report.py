@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.targets import evaluate
+from bench import enforcers
+from bench.targets import evaluate, traffic_row
 
 HERE = Path(__file__).resolve().parent
-ENFORCER_ORDER = ("none", "xdp-drop", "ebpf-xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
 
 
 def fmt(summary: dict[str, Any] | None, scale: float = 1.0, digits: int = 0) -> str:
@@ -17,11 +17,6 @@ def fmt(summary: dict[str, Any] | None, scale: float = 1.0, digits: int = 0) -> 
         return "-"
     m, lo, hi = (float(summary[k]) * scale for k in ("median", "q1", "q3"))
     return f"{m:,.{digits}f} [{lo:,.{digits}f}-{hi:,.{digits}f}]"
-
-
-def _traffic(results: dict[str, Any], rules: int, enforcer: str, measure: str) -> dict[str, Any] | None:
-    return next((r for r in results.get("traffic", []) if (r["rules"], r["enforcer"], r["measure"])
-                 == (rules, enforcer, measure)), None)
 
 
 def _get(row: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
@@ -67,8 +62,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         out += [f"## B2: discarding denied traffic ({low} rules; TCP SYNs, a new source port each)", "",
                 "| enforcer | discarded pps | answers/s | CPU ns per packet (softirq) | generator's CPU share |",
                 "|---|---|---|---|---|"]
-        for e in ENFORCER_ORDER:
-            row = _traffic(results, low, e, "denied")
+        for e in enforcers.ALL:
+            row = traffic_row(results, e, "denied", low)
             if row is not None:
                 out.append(f"| {e} | {fmt(row['processed_pps'])} | {fmt(row['answers_pps'])} | "
                            f"{fmt(row['cpu_ns_per_packet'])} | {fmt(row['generator_share'], 100)} % |")
@@ -78,18 +73,18 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 f"## B3: allowed traffic ({low} rules)", "",
                 "| enforcer | TCP Gbit/s (iperf3) | UDP 64-byte pps, one established flow | CPU ns per packet |",
                 "|---|---|---|---|"]
-        for e in ENFORCER_ORDER:
-            tcp_row, flow = _traffic(results, low, e, "tcp"), _traffic(results, low, e, "flow")
+        for e in enforcers.ALL:
+            tcp_row, flow = traffic_row(results, e, "tcp", low), traffic_row(results, e, "flow", low)
             if tcp_row or flow:
                 out.append(f"| {e} | {fmt(_get(tcp_row, 'gbit_s'), digits=2)} | {fmt(_get(flow, 'forwarded_pps'))} | "
                            f"{fmt(_get(flow, 'cpu_ns_per_packet'))} |")
         sizes = sorted({r["rules"] for r in results["traffic"]})
         out += ["", "## B4: scaling (discarded pps of denied SYNs / allowed TCP Gbit/s)", "",
                 "| enforcer | " + " | ".join(f"{s:,} rules" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
-        for e in ENFORCER_ORDER:
+        for e in enforcers.ALL:
             cells = []
             for s in sizes:
-                denied_row, tcp_scaled = _traffic(results, s, e, "denied"), _traffic(results, s, e, "tcp")
+                denied_row, tcp_scaled = traffic_row(results, e, "denied", s), traffic_row(results, e, "tcp", s)
                 cells.append("-" if denied_row is None else
                              f"{fmt(denied_row['processed_pps'])} / {fmt(_get(tcp_scaled, 'gbit_s'), digits=2)}")
             if any(c != "-" for c in cells) and e not in ("none", "xdp-drop"):
@@ -98,8 +93,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             out += ["", f"## B5: connection tracking ({low} rules; forwarded 64-byte UDP pps)", "",
                     "| enforcer | every packet a new connection | all packets of one established connection |",
                     "|---|---|---|"]
-            for e in ENFORCER_ORDER:
-                new, flow = _traffic(results, low, e, "new"), _traffic(results, low, e, "flow")
+            for e in enforcers.ALL:
+                new, flow = traffic_row(results, e, "new", low), traffic_row(results, e, "flow", low)
                 if new:
                     out.append(f"| {e} | {fmt(new['forwarded_pps'])} | {fmt(_get(flow, 'forwarded_pps'))} |")
         out.append("")
@@ -151,7 +146,7 @@ def plot(results: dict[str, Any], where: Path) -> list[str]:
         save(fig, "b1-classifier.png")
     if results.get("traffic"):
         low = min(r["rules"] for r in results["traffic"])
-        rows = [r for e in ENFORCER_ORDER if (r := _traffic(results, low, e, "denied"))]
+        rows = [r for e in enforcers.ALL if (r := traffic_row(results, e, "denied", low))]
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.bar([r["enforcer"] for r in rows], [r["processed_pps"]["median"] for r in rows],
                yerr=[[r["processed_pps"]["median"] - r["processed_pps"]["q1"] for r in rows],
@@ -160,7 +155,7 @@ def plot(results: dict[str, Any], where: Path) -> list[str]:
         ax.set_title(f"B2: discarding denied SYNs ({low} rules)")
         save(fig, "b2-discard.png")
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for e in ENFORCER_ORDER:
+        for e in enforcers.ALL:
             for ax, measure, key in ((axes[0], "denied", "processed_pps"), (axes[1], "tcp", "gbit_s")):
                 pts = sorted((r for r in results["traffic"] if (r["enforcer"], r["measure"]) == (e, measure)),
                              key=lambda r: r["rules"])

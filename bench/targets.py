@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,67 +44,66 @@ def classifier_scaling(results: dict[str, Any]) -> Target:
     return Target(name, "<= 2.0", f"worst {worst:.2f} x ({where}, {high} vs {low} rules)", worst <= 2.0)
 
 
-def _traffic(results: dict[str, Any], enforcer: str, measure: str, rules: int | None = None) -> dict[str, Any] | None:
+def traffic_row(results: dict[str, Any], enforcer: str, measure: str,
+                rules: int | None = None) -> dict[str, Any] | None:
+    """The row of one enforcer and measure, at `rules` (the fewest measured by default)."""
     rows = results.get("traffic", [])
     if rules is None and rows:
         rules = min(r["rules"] for r in rows)
     return _row(rows, rules=rules, enforcer=enforcer, measure=measure)
 
 
+def _at_least(name: str, bound: str, ratio: float, ours: float | None, base: float | None,
+              says: Callable[[float, float], str]) -> Target:
+    """Met when `ours` >= `ratio` x `base`; not measured when either is missing."""
+    if not (ours and base):
+        return Target(name, bound, "not measured", None)
+    return Target(name, bound, says(ours, base), ours >= ratio * base)
+
+
 def discard(results: dict[str, Any]) -> list[Target]:
     """Our XDP program discarding (deny_action: drop) against the bare XDP_DROP and
     against the iptables fallback as documented (REJECT)."""
-    ours = _median(_traffic(results, "ebpf-xdp-drop", "denied"), "processed_pps")
-    ceiling = _median(_traffic(results, "xdp-drop", "denied"), "processed_pps")
-    ipt = _median(_traffic(results, "iptables", "denied"), "processed_pps")
-    first = Target("B2: XDP discard (drop) >= 95 % of bare XDP_DROP", ">= 0.95",
-                   "not measured" if not (ours and ceiling) else
-                   f"{ours / ceiling:.2f} ({ours:,.0f} vs {ceiling:,.0f} pps)",
-                   None if not (ours and ceiling) else ours >= 0.95 * ceiling)
-    second = Target("B2: XDP discard (drop) >= 3 x iptables REJECT", ">= 3.0",
-                    "not measured" if not (ours and ipt) else f"{ours / ipt:.2f} x ({ours:,.0f} vs {ipt:,.0f} pps)",
-                    None if not (ours and ipt) else ours >= 3 * ipt)
-    return [first, second]
+    ours = _median(traffic_row(results, "ebpf-xdp-drop", "denied"), "processed_pps")
+    ceiling = _median(traffic_row(results, "xdp-drop", "denied"), "processed_pps")
+    ipt = _median(traffic_row(results, "iptables", "denied"), "processed_pps")
+    return [
+        _at_least("B2: XDP discard (drop) >= 95 % of bare XDP_DROP", ">= 0.95", 0.95, ours, ceiling,
+                  lambda o, b: f"{o / b:.2f} ({o:,.0f} vs {b:,.0f} pps)"),
+        _at_least("B2: XDP discard (drop) >= 3 x iptables REJECT", ">= 3.0", 3, ours, ipt,
+                  lambda o, b: f"{o / b:.2f} x ({o:,.0f} vs {b:,.0f} pps)"),
+    ]
 
 
 def answers(results: dict[str, Any]) -> Target:
-    ours = _median(_traffic(results, AUTO, "denied"), "answers_pps")
-    ipt = _median(_traffic(results, "iptables", "denied"), "answers_pps")
-    name = "B2: REJECT answers by the program (auto mode) >= 3 x iptables REJECT"
-    if not (ours and ipt):
-        return Target(name, ">= 3.0", "not measured", None)
-    return Target(name, ">= 3.0", f"{ours / ipt:.2f} x ({ours:,.0f} vs {ipt:,.0f} answers/s)", ours >= 3 * ipt)
+    return _at_least("B2: REJECT answers by the program (auto mode) >= 3 x iptables REJECT", ">= 3.0", 3,
+                     _median(traffic_row(results, AUTO, "denied"), "answers_pps"),
+                     _median(traffic_row(results, "iptables", "denied"), "answers_pps"),
+                     lambda o, b: f"{o / b:.2f} x ({o:,.0f} vs {b:,.0f} answers/s)")
 
 
 def throughput(results: dict[str, Any]) -> Target:
-    ours = _median(_traffic(results, AUTO, "tcp"), "gbit_s")
-    none = _median(_traffic(results, "none", "tcp"), "gbit_s")
-    name = "B3: allowed TCP through eBPF (auto mode) >= 95 % of no filter"
-    if not (ours and none):
-        return Target(name, ">= 0.95", "not measured", None)
-    return Target(name, ">= 0.95", f"{ours / none:.2f} ({ours:.2f} vs {none:.2f} Gbit/s)", ours >= 0.95 * none)
+    return _at_least("B3: allowed TCP through eBPF (auto mode) >= 95 % of no filter", ">= 0.95", 0.95,
+                     _median(traffic_row(results, AUTO, "tcp"), "gbit_s"),
+                     _median(traffic_row(results, "none", "tcp"), "gbit_s"),
+                     lambda o, b: f"{o / b:.2f} ({o:.2f} vs {b:.2f} Gbit/s)")
 
 
 def scaling(results: dict[str, Any]) -> list[Target]:
-    rows = results.get("traffic", [])
-    sizes = sorted({r["rules"] for r in rows})
-    names = ("B4: eBPF (auto) discard at the most rules >= 90 % of 10 rules",
-             "B4: eBPF (auto) discard at the most rules >= 50 x iptables plain rules")
-    if len(sizes) < 2:
-        return [Target(n, b, "not measured", None) for n, b in zip(names, (">= 0.90", ">= 50"), strict=True)]
-    low, high = sizes[0], sizes[-1]
-    at_low = _median(_traffic(results, AUTO, "denied", low), "processed_pps")
-    at_high = _median(_traffic(results, AUTO, "denied", high), "processed_pps")
-    ipt = _median(_traffic(results, "iptables", "denied", high), "processed_pps")
-    first = Target(names[0], ">= 0.90",
-                   f"{at_high / at_low:.2f} ({at_high:,.0f} at {high} vs {at_low:,.0f} at {low} rules)"
-                   if at_low and at_high else "not measured",
-                   at_high >= 0.9 * at_low if at_low and at_high else None)
-    second = Target(names[1], ">= 50",
-                    f"{at_high / ipt:.1f} x ({at_high:,.0f} vs {ipt:,.0f} pps at {high} rules)"
-                    if at_high and ipt else "not measured",
-                    at_high >= 50 * ipt if at_high and ipt else None)
-    return [first, second]
+    sizes = sorted({r["rules"] for r in results.get("traffic", [])})
+    at_low = at_high = ipt = None  # fewer than two sizes: nothing to compare
+    low, high = (sizes[0], sizes[-1]) if sizes else (0, 0)
+    if len(sizes) >= 2:
+        at_low = _median(traffic_row(results, AUTO, "denied", low), "processed_pps")
+        at_high = _median(traffic_row(results, AUTO, "denied", high), "processed_pps")
+        ipt = _median(traffic_row(results, "iptables", "denied", high), "processed_pps")
+    return [
+        _at_least("B4: eBPF (auto) discard at the most rules >= 90 % of 10 rules", ">= 0.90", 0.9,
+                  at_high, at_low,
+                  lambda o, b: f"{o / b:.2f} ({o:,.0f} at {high} vs {b:,.0f} at {low} rules)"),
+        _at_least("B4: eBPF (auto) discard at the most rules >= 50 x iptables plain rules", ">= 50", 50,
+                  at_high, ipt, lambda o, b: f"{o / b:.1f} x ({o:,.0f} vs {b:,.0f} pps at {high} rules)"),
+    ]
 
 
 def control_plane(results: dict[str, Any]) -> list[Target]:

@@ -18,10 +18,10 @@ import json
 import os
 import subprocess
 import sys
-from types import TracebackType
 from typing import Any
 
 from isoebpf.backends import links
+from isoebpf.resource import Resource
 
 GEN_ADDR, ROUTER_GEN_ADDR = "192.168.1.10", "192.168.1.1"
 SINK_ADDR, ROUTER_SINK_ADDR = "10.250.1.10", "10.250.1.1"
@@ -33,7 +33,7 @@ def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout)
 
 
-class Topology:
+class Topology(Resource):
     def __init__(self) -> None:
         self.prefix = f"isob{os.getpid() % 100000}"
         self.gen, self.router, self.sink = (f"{self.prefix}-{n}" for n in ("gen", "rtr", "sink"))
@@ -41,23 +41,11 @@ class Topology:
         self._servers: list[subprocess.Popen[str]] = []
         self.macs: dict[str, str] = {}
 
-    def __enter__(self) -> Topology:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def exec(self, netns: str, *args: str, check: bool = True,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", netns, *args, check=check, timeout=timeout)
 
-    def _build(self) -> None:
+    def _open(self) -> None:
         for ns in (self.gen, self.router, self.sink):
             run("ip", "netns", "add", ns)
             self._made.append(ns)

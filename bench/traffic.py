@@ -147,7 +147,7 @@ def _stop_group(process: subprocess.Popen[str]) -> None:
     time.sleep(0.1)
 
 
-def run_all(rules_sizes: list[int], rounds: int, window: float, b5: bool,
+def run_all(rules_sizes: list[int], rounds: int, window: float,
             say: Callable[[str], None]) -> list[dict[str, Any]]:
     """One row per (rules, enforcer, measure) with a summary per metric."""
     refs = references()
@@ -162,7 +162,7 @@ def run_all(rules_sizes: list[int], rounds: int, window: float, b5: bool,
                     with enforcers.enforcing(name, topo, rules, ir, refs.xdp_drop) as setup_s:
                         # A bare XDP_DROP passes nothing: only discarding means something there.
                         measures = ["denied"] if name in DISCARD_ONLY else ["denied", "flow", "tcp"]
-                        if b5 and rules == min(rules_sizes) and name not in DISCARD_ONLY:
+                        if rules == min(rules_sizes) and name not in DISCARD_ONLY:
                             measures.append("new")
                         for measure in measures:
                             got = runner.tcp() if measure == "tcp" else runner.packets(measure)

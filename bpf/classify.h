@@ -290,7 +290,7 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 		settle(v, ACTION_ALLOW, RULE_UNFILTERED);
 		return;
 	}
-	slot = v->gen & 1;
+	slot = policy_slot(v->gen);
 	p = params.lookup(&slot);
 	if (!p) {
 		/* Unreachable (an array of 2 always has index 0 and 1); the verifier needs the check. */

@@ -5,10 +5,10 @@
  * Generations: the policy tables hold two policies at once, in two slots told
  * apart by the slot (generation & 1) that leads every key. program.py writes
  * generation g+1 into the slot g does not use (only the entries that differ
- * from what the slot holds), flips `config`, then brings g's slot up to the
- * new policy too, so that the next change is again a small difference; the
- * program reads the generation once per packet, so each packet is judged
- * wholly by one policy. Table sizes therefore count both slots.
+ * from what the slot holds: usually generation g-1) and flips `config`; g's
+ * entries stay, as the base of the next change. The program reads the
+ * generation once per packet, so each packet is judged wholly by one policy.
+ * Table sizes therefore count both slots.
  *
  * Sizes are ISOEBPF_MAX_* constants, overridable at compile time
  * (-DISOEBPF_MAX_...=N, see program.compile_program).
@@ -48,14 +48,14 @@ BPF_ARRAY(config, __u32, 1);
 /*
  * Per-generation scalars (timeouts, default action), index gen & 1: the
  * active generation and the one being written never share a slot. Written by
- * program.write_generation before the flip, read per filtered packet.
+ * program.py before the flip, read per filtered packet.
  */
 BPF_ARRAY(params, struct params, 2);
 
 /*
  * IPv4 address -> (class, overlay) of the longest policy CIDR holding it
  * (IR.classes). Missing: in no overlay, unfiltered. Written by
- * write_generation, read twice per IP packet. Size: classes of two
+ * program.py, read twice per IP packet. Size: classes of two
  * generations; an LPM trie allocates only what it holds.
  */
 BPF_F_TABLE("lpm_trie", struct class_v4_key, struct class_value, classes_v4, ISOEBPF_MAX_CLASSES,
@@ -67,7 +67,7 @@ BPF_F_TABLE("lpm_trie", struct class_v6_key, struct class_value, classes_v6, ISO
 
 /*
  * (src class, dst class) -> the exception rule that leaves the pair
- * unfiltered (IR.exceptions). Written by write_generation, read per packet
+ * unfiltered (IR.exceptions). Written by program.py, read per packet
  * between overlays. Size: class pairs the exceptions expand to, two
  * generations.
  */
@@ -75,7 +75,7 @@ BPF_HASH(exceptions, struct exception_key, struct rule_value, ISOEBPF_MAX_EXCEPT
 
 /*
  * Overlay -> its hairpin rule, only for overlays that are not isolated
- * (IR.overlays). Written by write_generation, read per new connection inside
+ * (IR.overlays). Written by program.py, read per new connection inside
  * one overlay. Size: overlays of two generations.
  */
 BPF_HASH(hairpins, struct hairpin_key, struct rule_value, ISOEBPF_MAX_HAIRPINS);
@@ -83,7 +83,7 @@ BPF_HASH(hairpins, struct hairpin_key, struct rule_value, ISOEBPF_MAX_HAIRPINS);
 /*
  * (src class, dst class, protocol, port prefix) -> the first allow rule in
  * file order that allows it (IR.allowed, already resolved for longest-prefix
- * reading by the compiler). Written by write_generation, read per new
+ * reading by the compiler). Written by program.py, read per new
  * connection. Size: a port range costs up to 30 entries per class pair.
  */
 BPF_F_TABLE("lpm_trie", struct allow_key, struct rule_value, allowed, ISOEBPF_MAX_ALLOWED,
@@ -111,7 +111,8 @@ BPF_TABLE("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
 /*
  * Packets and bytes per rule, index (gen & 1) * ISOEBPF_MAX_RULES + rule.
  * Per-CPU so that counting needs no atomics; program.read_counters sums the
- * CPUs. write_generation zeroes a slot before its generation goes live.
+ * CPUs. program.py zeroes the slot's counters of the policy's rules before
+ * its generation goes live (status reads no others).
  */
 BPF_PERCPU_ARRAY(counters, struct counter, 2 * ISOEBPF_MAX_RULES);
 

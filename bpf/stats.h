@@ -22,7 +22,7 @@ static __always_inline void count_verdict(const struct verdict *v, __u64 bytes)
 
 	if (v->rule >= ISOEBPF_MAX_RULES)
 		return;
-	index = (v->gen & 1) * ISOEBPF_MAX_RULES + v->rule;
+	index = policy_slot(v->gen) * ISOEBPF_MAX_RULES + v->rule;
 	counter = counters.lookup(&index);
 	if (!counter)
 		return;

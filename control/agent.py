@@ -101,11 +101,13 @@ class Agent:
         problem = policy_mod.untrusted(self.policy_path)
         if problem and not self.force:
             self.stats.applies["refused"] += 1
-            self.log("policy_refused", path=self.policy_path, errors=[f"{problem}: --force to use it"],
+            self.log("policy_refused", path=self.policy_path,
+                     errors=[policy_mod.refusal(self.policy_path, problem)],
                      keeping=self._ir.digest if self._ir else None)
             return
         try:
-            ir = compile_policy(policy_mod.load(self.policy_path))
+            # The bytes just hashed: a file swapped since must not be applied as them.
+            ir = compile_policy(policy_mod.load(self.policy_path, text))
         except PolicyError as err:
             self.stats.applies["refused"] += 1
             self.log("policy_refused", path=self.policy_path,
@@ -116,22 +118,31 @@ class Agent:
 
     def apply(self, ir: IR, why: str) -> None:
         with self._lock:
+            compiling = None
             if not self._chosen:
-                self._chosen, reason = backend.choose(self.backend_name)
+                # One compile serves both the choice (auto's preflight) and a first load.
+                compiling = backend.compile_early(self.backend_name, self.scope)
+                self._chosen, reason = backend.choose(self.backend_name, compiling)
                 self.log("backend", backend=self._chosen, why=reason)
             started = time.monotonic()
             try:
                 globs = list(self.globs) or list(ir.interfaces or ())
-                self._chosen, report, note = backend.load(
+                self._chosen, report, notes = backend.load(
                     self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
-                    self.policy_path, force=self.force, on_failure=self.on_failure)
-                if note:
+                    self.policy_path, force=self.force, on_failure=self.on_failure,
+                    compiling=compiling)
+                for note in notes:
                     self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:
                 self.stats.applies["failed"] += 1
                 self.stats.last_apply_ok = False
                 self.log("apply_failed", why=why, error=str(err))
+                if self.on_failure == "open":
+                    self._ir = None  # enforcement was removed: repairs must not bring it back
                 return
+            finally:
+                if compiling is not None:
+                    compiling.discard()
             self._ir = ir
             self.stats.applies["ok"] += 1
             self.stats.last_apply_ok = True

@@ -105,36 +105,39 @@ def compile_early(requested: str, scope: Scope) -> Any | None:
 
 def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
          policy_path: str, force: bool = False, on_failure: str = "closed",
-         compiling: Any | None = None, **extra: Any) -> tuple[str, LoadReport, str]:
-    """Load with `chosen`; under `--backend auto` a kernel that refuses the eBPF
-    program gets the iptables backend instead. Returns (backend, report, note).
-    `compiling` is compile_early()'s program, used by an eBPF first load.
+         compiling: Any | None = None, **extra: Any) -> tuple[str, LoadReport, list[str]]:
+    """Load with `chosen`, first removing another backend's enforcement; under
+    `--backend auto` a kernel that refuses the eBPF program gets the iptables
+    backend instead. Returns (backend, report, notes: what else was done, for
+    the user). `compiling` is compile_early()'s program, used by an eBPF first load.
 
     A change that cannot be applied leaves what `on_failure` says (see fail())
     and is recorded for `status` and the metrics until a later change succeeds.
     """
     if on_failure not in FAILURE_MODES:
         raise IsoebpfError(f"on-failure '{on_failure}': choose {' or '.join(FAILURE_MODES)}")
+    notes = []
     try:
+        previous = _switch_from(scope, chosen, ir)
+        if previous:
+            notes.append(f"removed the {previous} backend's enforcement first")
         try:
             if chosen == "ebpf" and compiling is not None:
                 extra = {**extra, "compiling": compiling}
-            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force, **extra)
-            note = ""
+            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
+                                         on_failure=on_failure, **extra)
         except ProgramRejected as err:
             if requested != "auto":
                 raise
-            note = f"backend iptables: this kernel refused the eBPF program ({err})"
+            notes.append(f"backend iptables: this kernel refused the eBPF program ({err})")
             chosen = "iptables"
-            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force)
+            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
+                                         on_failure=on_failure)
     except IsoebpfError as err:
         raise fail(scope, ir, on_failure, err) from err
     with scope.locked():
-        record = scope.read()
-        if record is not None:
-            scope.write({**record, "on_failure": on_failure})
         scope.clear_failure()
-    return chosen, report, note
+    return chosen, report, notes
 
 
 def fail(scope: Scope, ir: IR, on_failure: str, err: IsoebpfError) -> IsoebpfError:
@@ -182,7 +185,7 @@ def status(scope: Scope) -> dict[str, Any] | None:
     return {**(record or {"backend": None}), "failure": failure}
 
 
-def switch_from(scope: Scope, chosen: str, ir: IR) -> str | None:
+def _switch_from(scope: Scope, chosen: str, ir: IR) -> str | None:
     """Unload another backend's enforcement before `chosen` takes over the scope,
     once `ir` is sure to fit `chosen` (the eBPF program's maps)."""
     current = loaded(scope)
@@ -191,6 +194,6 @@ def switch_from(scope: Scope, chosen: str, ir: IR) -> str | None:
     if current not in BACKENDS:
         raise IsoebpfError(f"state in {scope.record_path} names an unknown backend '{current}'")
     if chosen == "ebpf":
-        capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
+        capacity.check_first_load(ir)
     module(current).unload(scope)
     return current

@@ -10,6 +10,7 @@ stays as it is. Pure: the backend supplies the sizes and what is taken.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -25,10 +26,14 @@ _DEFINE = re.compile(r"#define (ISOEBPF_MAX_[A-Z_]+) (\d+)\s*$", re.MULTILINE)
 
 def default_sizes() -> dict[str, int]:
     """The ISOEBPF_MAX_* constants as bpf/maps.h and bpf/abi.h define them."""
-    found: dict[str, int] = {}
-    for header in ("abi.h", "maps.h"):
-        found.update((m, int(v)) for m, v in _DEFINE.findall((BPF_DIR / header).read_text()))
-    return found
+    return dict(_header_sizes())
+
+
+@functools.cache
+def _header_sizes() -> tuple[tuple[str, int], ...]:
+    """Read once: the headers do not change under a running command."""
+    return tuple((m, int(v)) for header in ("abi.h", "maps.h")
+                 for m, v in _DEFINE.findall((BPF_DIR / header).read_text()))
 
 
 def environment_sizes(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
@@ -56,8 +61,13 @@ def needed_entries(ir: IR) -> dict[str, int]:
         "exceptions": len(ir.exceptions),
         "hairpins": sum(1 for o in ir.overlays if o.hairpin_rule),
         "allowed": len(ir.allowed),
-        "counters": max(r.id for r in ir.rules) + 1,
+        "counters": rule_slots(ir),
     }
+
+
+def rule_slots(ir: IR) -> int:
+    """Counter slots `ir` uses: rule ids run from 0 to the highest."""
+    return max(r.id for r in ir.rules) + 1
 
 
 def problems(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],
@@ -80,6 +90,11 @@ def problems(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],
                      f"raise {macro} ('isoebpf unload', then '{macro}={suggested} isoebpf load "
                      "...'; sizes are fixed when the program is compiled) or simplify the policy")
     return found
+
+
+def check_first_load(ir: IR) -> None:
+    """Refuse `ir` if it cannot fit the maps of a program compiled now."""
+    check(ir, sized(planned_sizes()), {})
 
 
 def check(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],

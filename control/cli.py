@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
+from types import FrameType
 from typing import Any, TextIO
 
 import click
@@ -62,9 +64,7 @@ def _trusted(path: str, force: bool) -> None:
     """Refuse a policy file others could write (load, agent), unless --force."""
     problem = policy_mod.untrusted(path)
     if problem and not force:
-        raise IsoebpfError(f"refusing {path}: {problem}; whoever can write it decides what this "
-                           "firewall lets through: 'chmod go-w' it (and its directory), or "
-                           "--force to use it anyway")
+        raise IsoebpfError(policy_mod.refusal(path, problem))
     if problem:
         click.echo(f"warning: {problem}; used anyway (--force)", err=True)
 
@@ -173,14 +173,11 @@ def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, 
         click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
                    f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
         return
-    previous = backend.switch_from(scope, chosen, ir)
-    if previous:
-        click.echo(f"removed the {previous} backend's enforcement first")
     extra = {"chain": chain} if chain else {}
-    chosen, report, note = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
+    chosen, report, notes = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
                                         force=force, on_failure=on_failure, compiling=compiling,
                                         **extra)
-    if note:
+    for note in notes:
         click.echo(note)
     if report.replaced_layout:
         click.echo(f"removed older state ({report.replaced_layout}) instead of reusing it")
@@ -319,7 +316,6 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
 
     SIGTERM ends the agent and leaves enforcement in place ('isoebpf unload' removes it).
     """
-    import signal
     import threading
 
     from .agent import Agent
@@ -392,6 +388,9 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
         click.echo(f"tracing {record['backend']} verdicts in "
                    f"{('namespace ' + netns) if netns else 'this namespace'}", err=True)
         try:
+            # SIGTERM ends tracing as Ctrl-C does, so the tracer closes: the eBPF event
+            # rate goes back to 0, the iptables trace table is deleted.
+            signal.signal(signal.SIGTERM, _interrupt)
             while count is None or shown < count:
                 left = deadline - time.monotonic() if deadline else 0.5
                 if left <= 0:
@@ -408,6 +407,10 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
             pass
     click.echo(f"{shown} events shown; {tracer.suppressed} verdicts suppressed by the rate "
                f"limit, {tracer.lost} lost (ring full)", err=True)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .ir import (
     RuleInfo,
     with_digest,
 )
-from .policy import COMPILED, AllowRule, Endpoint, Policy, PortSpec
+from .policy import AllowRule, Endpoint, Policy, PortSpec
 
 PrefixKey = tuple[int, int, int]  # (proto, port, match_bits)
 
@@ -111,9 +111,8 @@ def _endpoints(policy: Policy) -> Iterator[Endpoint]:
 
 
 def compile_policy(policy: Policy) -> IR:
-    compiled: IR | None = policy.__dict__.get(COMPILED)
-    if compiled is not None:  # policy.loads compiled it already, for the lints
-        return compiled
+    if policy.compiled is not None:  # policy.loads compiled it already, for the lints
+        return policy.compiled
     tree = _ClassTree(policy)
     rules = [RuleInfo(rule_id, name, name) for rule_id, name in FIXED_RULES.items()]
     next_id = FIRST_POLICY_RULE

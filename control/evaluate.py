@@ -130,16 +130,16 @@ class Classifier:
 
     def __init__(self, ir: IR) -> None:
         self.ir = ir
-        self._prefixes: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
+        prefixes: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
         for c in ir.classes:
-            table = self._prefixes.setdefault((c.network.version, c.network.prefixlen), {})
+            table = prefixes.setdefault((c.network.version, c.network.prefixlen), {})
             table[c.network.first] = (c.class_id, c.overlay_id)
         # Per family, longest prefix first: (network mask, {network: (class, overlay)}).
         self._masks: dict[int, list[tuple[int, dict[int, tuple[int, int]]]]] = {4: [], 6: []}
-        for version, length in sorted(self._prefixes, key=lambda k: -k[1]):
+        for version, length in sorted(prefixes, key=lambda k: -k[1]):
             width = 32 if version == 4 else 128
             mask = ((1 << length) - 1) << (width - length)
-            self._masks[version].append((mask, self._prefixes[(version, length)]))
+            self._masks[version].append((mask, prefixes[(version, length)]))
         self._exceptions = {(e.src_class, e.dst_class): e.rule for e in ir.exceptions}
         self._allowed: dict[tuple[int, int], dict[tuple[int, int, int], int]] = {}
         for a in ir.allowed:
@@ -300,11 +300,12 @@ class Conntrack:
         """Judge one packet and apply its effects on the state."""
         ir = classifier.ir
         live = self.live(ir, now)
-        first_fragments = _Unexpired(self.fragments, lambda _, f: now - f[1] <= FRAGMENT_TIMEOUT)
-        fragments = {k: first_fragments[k][0] for k in (_fragment_key(pkt),) if k in first_fragments}
+        fragment = _fragment_key(pkt)
+        first = self.fragments.get(fragment)
+        fragments = {fragment: first[0]} if first and now - first[1] <= FRAGMENT_TIMEOUT else {}
         decision = decide(classifier, pkt, live, fragments)
         if pkt.more_fragments and not pkt.is_later_fragment:
-            self.fragments[_fragment_key(pkt)] = (decision, now)
+            self.fragments[fragment] = (decision, now)
         if decision.action != "allow" or pkt.is_later_fragment:
             return decision
         key = decision.connection

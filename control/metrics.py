@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .agent import Stats
+from .backend import FAILURE_MODES
 
 # The action each fixed rule stands for; policy rules (exception, hairpin, allow)
 # all allow, and `default` takes the policy's default action.
@@ -72,7 +73,7 @@ class StatusCollector(Collector):
         mode = GaugeMetricFamily("isoebpf_failure_mode", "What a change that cannot be applied "
                                  "leaves: closed keeps the policy in force, open removes it",
                                  labels=["mode"])
-        for choice in ("closed", "open"):
+        for choice in FAILURE_MODES:
             mode.add_metric([choice], 1 if choice == self._on_failure else 0)
         yield mode
         failure = record.get("failure")

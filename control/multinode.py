@@ -50,13 +50,10 @@ class MultiNode(Testbed):
     def router_of(self, host: Host) -> str:
         return self.node(self.node_of_network(host.network).name)
 
-    def _build(self) -> None:
+    def _open(self) -> None:
         a, b = self.nodes
         for node in self.nodes:
-            ns = self.node(node.name)
-            self._add_netns(ns)
-            self.run_in(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            self._add_router(self.node(node.name))
         _ip("-n", self.node(a.name), "link", "add", UNDERLAY, "type", "veth", "peer", "name",
             UNDERLAY, "netns", self.node(b.name))
         for node, other in ((a, b), (b, a)):
@@ -69,10 +66,7 @@ class MultiNode(Testbed):
             _ip("-n", ns, "addr", "add", node.transit, "dev", VXLAN)
             _ip("-n", ns, "link", "set", VXLAN, "up")
             for net in (n for n in self.networks if n.name in node.networks):
-                bridge = f"br-{net.name}"
-                _ip("-n", ns, "link", "add", bridge, "type", "bridge")
-                _ip("-n", ns, "addr", "add", net.gateway, "dev", bridge)
-                _ip("-n", ns, "link", "set", bridge, "up")
+                self._add_bridge(ns, net)
             for net in (n for n in self.networks if n.name in other.networks):
                 subnet = str(netaddr.IPNetwork(net.gateway).cidr)
                 _ip("-n", ns, "route", "add", subnet, "via", _bare(other.transit), "dev", VXLAN)

@@ -14,7 +14,7 @@ import re
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import yaml
 
 from .cidr import parse_cidr
 from .errors import Diagnostic, PolicyError
+from .ir import IR
 
 SUPPORTED_VERSIONS = (1,)
 RESERVED_PREFIXES = ("dcos-", "mesos-")
@@ -32,9 +33,6 @@ IFACE_GLOB = re.compile(r"[A-Za-z0-9_.:@*?\[\]!-]{1,15}\Z")
 PORT_SPEC = re.compile(r"(tcp|udp)/(0|[1-9][0-9]*)(?:-(0|[1-9][0-9]*))?\Z")
 # Bounds the work an adversarial file (anchors that expand exponentially) can cause.
 MAX_NODES = 2_000_000
-
-# Where loads() keeps the IR it compiled for the lints; see compiler.compile_policy.
-COMPILED = "_compiled"
 
 DEFAULT_TIMEOUTS = {"tcp": 21600, "tcp_closing": 10, "udp": 60, "icmp": 30}
 
@@ -110,16 +108,20 @@ class Policy:
     interfaces: tuple[str, ...] | None
     timeouts: dict[str, int]
     warnings: tuple[Diagnostic, ...] = field(default=(), compare=False)
+    # What compiler.compile_policy makes of it, when loads() compiled it already for
+    # the lints: compiling is pure and a Policy immutable, so the IR is reused.
+    compiled: IR | None = field(default=None, compare=False, repr=False)
 
     def overlay(self, name: str) -> Overlay:
         return next(o for o in self.overlays if o.name == name)
 
 
-def load(path: str | Path) -> Policy:
-    """Read and validate a policy file; raise PolicyError with every error found."""
+def load(path: str | Path, data: bytes | None = None) -> Policy:
+    """Read and validate a policy file; raise PolicyError with every error found.
+    `data`: the file's bytes, where the caller has read them already."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = (Path(path).read_bytes() if data is None else data).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise PolicyError([Diagnostic(path, 1, 1, "error", f"cannot read policy: {err}")]) from err
     return loads(text, path)
@@ -148,6 +150,12 @@ def untrusted(path: str | Path) -> str | None:
         return (f"its directory {where} is writable by {_others(folder.st_mode)} "
                 f"(mode {stat.S_IMODE(folder.st_mode):04o}), who could replace it")
     return None
+
+
+def refusal(path: str | Path, problem: str) -> str:
+    """What `load` and `agent` say when they refuse a file `untrusted` found a problem with."""
+    return (f"refusing {path}: {problem}; whoever can write it decides what this firewall lets "
+            "through: 'chmod go-w' it (and its directory), or --force to use it anyway")
 
 
 def _others(mode: int) -> str:
@@ -188,11 +196,7 @@ def _loads(text: str, path: str) -> Policy:
 
     ir = compile_policy(policy)
     warnings = sorted(checker.diagnostics + lint(policy, ir))
-    checked = Policy(**{**policy.__dict__, "warnings": tuple(warnings)})
-    # Compiling is pure and a Policy immutable: the caller's compile_policy(checked)
-    # takes this IR instead of compiling it all again (seconds for a large policy).
-    object.__setattr__(checked, COMPILED, ir)
-    return checked
+    return replace(policy, warnings=tuple(warnings), compiled=ir)
 
 
 def _compose(text: str) -> yaml.Node | None:

@@ -104,10 +104,17 @@ def _outcome(attempt: Callable[[socket.socket], str], sock: socket.socket) -> st
         raise
 
 
-def connect_tcp(address: str, port: int, timeout: float) -> str:
+def connect_tcp(address: str, port: int, timeout: float, greeting: bool = True) -> str:
+    """"connected" once the server's greeting came back; `greeting=False`: the
+    handshake alone, once the SYN-ACK did."""
     def attempt(s: socket.socket) -> str:
-        s.connect((address, port))
-        return "connected" if s.recv(64) == GREETING else "no-greeting"
+        try:
+            s.connect((address, port))
+        except ConnectionResetError:  # cut mid-handshake by a policy that rejects it
+            return "reset"
+        if greeting and s.recv(64) != GREETING:
+            return "no-greeting"
+        return "connected"
 
     with socket.socket(_family(address), socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -197,7 +204,7 @@ def loop(tries: list[tuple[str, str, int]], timeout: float, pause: float) -> Non
         proto, address, port = tries[index % len(tries)]
         started = time.monotonic()
         if proto == "tcp":
-            outcome = handshake(address, port, timeout)
+            outcome = connect_tcp(address, port, timeout, greeting=False)
         elif proto == "udp":
             outcome = retrying(functools.partial(connect_udp, address, port), timeout)
         else:
@@ -205,20 +212,6 @@ def loop(tries: list[tuple[str, str, int]], timeout: float, pause: float) -> Non
         print(json.dumps({"try": index % len(tries), "outcome": outcome, "t0": started,
                           "t1": time.monotonic()}), flush=True)
         index += 1
-
-
-def handshake(address: str, port: int, timeout: float) -> str:
-    """A TCP handshake alone: "connected" once the SYN-ACK came back."""
-    def attempt(s: socket.socket) -> str:
-        try:
-            s.connect((address, port))
-        except ConnectionResetError:  # cut mid-handshake by a policy that rejects it
-            return "reset"
-        return "connected"
-
-    with socket.socket(_family(address), socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        return _outcome(attempt, s)
 
 
 def main(argv: list[str] | None = None) -> int:

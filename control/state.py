@@ -54,8 +54,17 @@ class Scope:
         return BPFFS / self.name
 
     @property
+    def run_dir(self) -> Path:
+        """The record's directory, with the failure record and the slot files."""
+        return RUN_DIR / self.name
+
+    @property
     def record_path(self) -> Path:
-        return RUN_DIR / self.name / "state.json"
+        return self.run_dir / "state.json"
+
+    @property
+    def failure_path(self) -> Path:
+        return self.run_dir / "failure.json"
 
     @property
     def lock_path(self) -> Path:
@@ -64,6 +73,11 @@ class Scope:
     def make_pin_dir(self) -> None:
         private_dir(BPFFS)
         private_dir(self.pin_dir)
+
+    def make_run_dir(self) -> Path:
+        private_dir(RUN_DIR)
+        private_dir(self.run_dir)
+        return self.run_dir
 
     def read(self) -> dict[str, Any] | None:
         """The record of what is loaded here, or None."""
@@ -81,29 +95,21 @@ class Scope:
 
     def write(self, record: dict[str, Any]) -> None:
         """Replace the record atomically: readers see the old one or the new one."""
-        private_dir(RUN_DIR)
-        private_dir(self.record_path.parent)
-        fd, tmp = tempfile.mkstemp(dir=self.record_path.parent, prefix=".state.")
-        with os.fdopen(fd, "w") as out:
-            json.dump({**record, "layout": LAYOUT}, out, indent=1, sort_keys=True)
-        os.replace(tmp, self.record_path)
+        self.make_run_dir()
+        write_atomically(self.record_path,
+                         json.dumps({**record, "layout": LAYOUT}, indent=1, sort_keys=True).encode())
 
     def forget(self) -> None:
         self.record_path.unlink(missing_ok=True)
-        self.sweep_temporaries()
         with contextlib.suppress(OSError):  # not empty: someone else's files; leave them
-            self.record_path.parent.rmdir()
+            self.run_dir.rmdir()
 
-    def sweep_temporaries(self) -> None:
-        """Remove the half-written files (`.state.*`, `.slot-*`, ...) of writers that
-        were killed before their rename. Call with the lock held: then no writer runs."""
+    def _sweep_temporaries(self) -> None:
+        """Remove the half-written files (`.state.json.*`, ...) of writers killed before
+        their rename: `locked` does, when no writer can be running."""
         with contextlib.suppress(FileNotFoundError):
-            for leftover in self.record_path.parent.glob(".*"):
+            for leftover in self.run_dir.glob(".*"):
                 leftover.unlink(missing_ok=True)
-
-    @property
-    def failure_path(self) -> Path:
-        return RUN_DIR / self.name / "failure.json"
 
     def read_failure(self) -> dict[str, Any] | None:
         """The last change that could not be applied, while no later one succeeded."""
@@ -114,16 +120,13 @@ class Scope:
         return failure
 
     def write_failure(self, failure: dict[str, Any]) -> None:
-        self.failure_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.failure_path.parent, prefix=".failure.")
-        with os.fdopen(fd, "w") as out:
-            json.dump(failure, out, sort_keys=True)
-        os.replace(tmp, self.failure_path)
+        self.make_run_dir()
+        write_atomically(self.failure_path, json.dumps(failure, sort_keys=True).encode())
 
     def clear_failure(self) -> None:
         self.failure_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
-            self.failure_path.parent.rmdir()
+            self.run_dir.rmdir()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -148,7 +151,7 @@ class Scope:
                     time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.sweep_temporaries()
+            self._sweep_temporaries()
             try:
                 yield
             finally:
@@ -164,6 +167,15 @@ def lock_wait() -> float:
         return float(text)
     except ValueError:
         raise StateError(f"ISOEBPF_LOCK_WAIT={text!r}: give a number of seconds") from None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace the file at `path` by `data`: readers see the old file or the new one,
+    and a writer killed midway leaves only a dot-file (Scope.locked sweeps them)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
 
 
 def private_dir(path: Path) -> None:

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import netaddr
+
+from .resource import Resource
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Host:
 
 
 @dataclass
-class Testbed:
+class Testbed(Resource):
     __test__ = False  # not a pytest class, despite the name
 
     networks: Sequence[Network]
@@ -69,32 +70,28 @@ class Testbed:
         """The host a try's target names: a host name or one of its addresses."""
         return next(h for h in self.hosts if target in (h.name, h.address, h.address6))
 
-    def __enter__(self) -> Testbed:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def _build(self) -> None:
-        self._add_netns(self.router)
-        self.run_in(self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1",
-                    "net.ipv6.conf.all.forwarding=1")
-        _ip("-n", self.router, "link", "set", "lo", "up")
+    def _open(self) -> None:
+        self._add_router(self.router)
         for net in self.networks:
-            bridge = f"br-{net.name}"
-            _ip("-n", self.router, "link", "add", bridge, "type", "bridge")
-            _ip("-n", self.router, "addr", "add", net.gateway, "dev", bridge)
-            if net.gateway6:
-                _ip("-n", self.router, "addr", "add", net.gateway6, "dev", bridge, "nodad")
-            _ip("-n", self.router, "link", "set", bridge, "up")
+            self._add_bridge(self.router, net)
         for host in self.hosts:
             self._plug(host)
+
+    def _add_router(self, ns: str) -> None:
+        """A namespace that forwards."""
+        self._add_netns(ns)
+        self.run_in(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        _ip("-n", ns, "link", "set", "lo", "up")
+
+    @staticmethod
+    def _add_bridge(ns: str, net: Network) -> None:
+        """The network's bridge in `ns`, with the network's gateway addresses."""
+        bridge = f"br-{net.name}"
+        _ip("-n", ns, "link", "add", bridge, "type", "bridge")
+        _ip("-n", ns, "addr", "add", net.gateway, "dev", bridge)
+        if net.gateway6:
+            _ip("-n", ns, "addr", "add", net.gateway6, "dev", bridge, "nodad")
+        _ip("-n", ns, "link", "set", bridge, "up")
 
     def add_host(self, host: Host) -> None:
         """Plug one more host in while the testbed runs (a container starting)."""

@@ -153,3 +153,39 @@ def naive_verdict(policy: Policy, pkt: Packet) -> tuple[str, str]:
     if policy.default == "allow":
         return "allow", "default"
     return policy.deny_action, "default"
+
+
+# -- policies of a chosen size, to fill (or overfill) the program's maps ----------------
+
+
+def many_overlays(count: int, isolated: bool = False) -> str:
+    """`count` overlays of one /24 each: as many classes, and hairpins unless isolated."""
+    lines = ["version: 1", "default: deny", "overlays:"]
+    for n in range(count):
+        lines += [f"  o{n}:", f"    subnets: [10.{n // 256}.{n % 256}.0/24]"]
+        if isolated:
+            lines.append("    isolated: true")
+    return "\n".join(lines) + "\n"
+
+
+def _between_a_and_b(section: str, items: str) -> str:
+    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
+            f"  b:\n    subnets: [10.2.0.0/16]\n{section}:\n{items}")
+
+
+def many_ports(count: int) -> str:
+    """`count` allow rules of one port each: as many rules and allow entries."""
+    return _between_a_and_b("allow", "".join(
+        f"  - {{from: a, to: b, ports: [tcp/{1000 + n}]}}\n" for n in range(count)))
+
+
+def many_ranges(count: int) -> str:
+    """Rules whose odd port ranges take a few dozen allow entries each."""
+    return _between_a_and_b("allow", "".join(
+        f"  - {{from: a, to: b, ports: [tcp/{n * 3000 + 1}-{n * 3000 + 2998}]}}\n"
+        for n in range(count)))
+
+
+def many_exceptions(count: int) -> str:
+    return _between_a_and_b("exceptions", "".join(
+        f"  - {{from: 10.1.{n}.0/24, to: 10.2.{n}.0/24}}\n" for n in range(count)))

@@ -15,7 +15,7 @@ import ctypes
 import errno
 import os
 import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,16 +119,22 @@ class TestRun:
     duration_ns: int  # average per repetition
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+LIBC = ctypes.CDLL(None, use_errno=True)  # syscall(2), for the calls Python has no wrapper for
+LIBC.syscall.restype = ctypes.c_long
+
+
+def syscall_number(numbers: Mapping[str, int], name: str) -> int:
+    """This machine's number for a system call, from a table per architecture."""
+    nr: int | None = numbers.get(platform.machine())
+    if nr is None:
+        raise BackendError(f"{name}: no syscall number known for {platform.machine()}")
+    return nr
 
 
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise BackendError(f"bpf(2) syscall number unknown on {platform.machine()}")
-    ret = int(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr),
-                            ctypes.c_uint(ctypes.sizeof(attr))))
+    nr = syscall_number(_NR_BPF, "bpf(2)")
+    ret = int(LIBC.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr),
+                           ctypes.c_uint(ctypes.sizeof(attr))))
     if ret < 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return ret
@@ -247,17 +253,14 @@ def _batch(cmd: int, fd: int, keys: bytes, values: bytes | None, count: int) -> 
 def map_update_many(fd: int, entries: Sequence[tuple[Buffer, Buffer]]) -> None:
     """Write many entries in one BPF_MAP_UPDATE_BATCH where the kernel has it
     (a 100k-entry policy: one system call, not 100k)."""
-    if not entries:
-        return
-    keys = b"".join(bytes(k) for k, _ in entries)
-    values = b"".join(bytes(v) for _, v in entries)
-    done = _batch(BPF_MAP_UPDATE_BATCH, fd, keys, values, len(entries))
-    for key, value in entries[done:]:
-        map_update(fd, key, value)
+    map_update_packed(fd, b"".join(bytes(k) for k, _ in entries),
+                      b"".join(bytes(v) for _, v in entries), len(entries))
 
 
 def map_update_packed(fd: int, keys: bytes, values: bytes, count: int) -> None:
-    """map_update_many over keys and values already packed back to back."""
+    """map_update_many over `count` keys and values already packed back to back."""
+    if not count:
+        return
     done = _batch(BPF_MAP_UPDATE_BATCH, fd, keys, values, count)
     key_size, value_size = len(keys) // count, len(values) // count
     for i in range(done, count):
@@ -348,10 +351,15 @@ def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
 
 def possible_cpus() -> int:
     """How many CPUs a per-CPU map holds a value for (the kernel's cpu_possible_mask)."""
-    with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
+    return len(cpu_list("possible"))
+
+
+def cpu_list(which: str) -> list[int]:
+    """The CPUs of /sys/devices/system/cpu/`which` ("possible", "online"): "0-3,8"."""
+    with open(f"/sys/devices/system/cpu/{which}", encoding="ascii") as f:
         text = f.read().strip()
-    count = 0
+    cpus: list[int] = []
     for part in text.split(","):
         low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
+        cpus += range(int(low), int(high or low) + 1)
+    return cpus

@@ -29,7 +29,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 from typing import Any
 
 from pyroute2 import NetlinkError
@@ -38,7 +37,8 @@ from .. import abi, backend, capacity
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
-from ..state import LAYOUT, RUN_DIR, Scope, ensure_bpffs, make_private, private_dir
+from ..resource import Resource
+from ..state import LAYOUT, Scope, ensure_bpffs, make_private
 from ..trace import Verdict
 from . import bpfsys, links, perf, program
 
@@ -111,19 +111,21 @@ def compile_early(scope: Scope) -> EarlyCompile | None:
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
-         force: bool = False, compiling: EarlyCompile | None = None) -> LoadReport:
-    """`compiling`: the program compile_early() started, taken by a first load."""
+         force: bool = False, on_failure: str = "closed",
+         compiling: EarlyCompile | None = None) -> LoadReport:
+    """`compiling`: the program compile_early() started, taken by a first load;
+    `on_failure` is recorded (backend.load acts on it)."""
+    said = {"policy_path": policy_path, "on_failure": on_failure}
     ensure_bpffs()
     with scope.locked():
         record = scope.read()
         started = time.monotonic()
         if record is not None and _reusable(record, scope):
-            return _update(ir, scope, record, globs, mode, policy_path, force, started)
+            return _update(ir, scope, record, globs, mode, said, force, started)
         # A first load compiles maps of the planned sizes: refuse a policy that
         # cannot fit them before compiling, pinning or tearing anything down.
-        capacity.check(ir, capacity.sized(capacity.planned_sizes()), {})
-        return _first_load(ir, scope, record, globs, mode, policy_path, force, started,
-                           compiling)
+        capacity.check_first_load(ir)
+        return _first_load(ir, scope, record, globs, mode, said, force, started, compiling)
 
 
 def _reusable(record: dict[str, Any], scope: Scope) -> bool:
@@ -146,7 +148,7 @@ def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
 
 
 def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequence[str],
-                mode: str, policy_path: str, force: bool, started: float,
+                mode: str, said: dict[str, str], force: bool, started: float,
                 compiling: EarlyCompile | None) -> LoadReport:
     replaced = _replaced(scope, record)
     if compiling is not None:
@@ -167,7 +169,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
             make_private(scope.pin_dir / name)
         generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, [])
-        _save(scope, ir, generation, attachments, policy_path, compiled.compile_seconds)
+        _save(scope, ir, generation, attachments, said, compiled.compile_seconds)
     except BaseException:
         _detach_all(scope, attachments)
         _unpin(scope)
@@ -180,7 +182,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
 
 
 def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], mode: str,
-            policy_path: str, force: bool, started: float) -> LoadReport:
+            said: dict[str, str], force: bool, started: float) -> LoadReport:
     maps = _open_maps(scope)
     progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
     try:
@@ -192,7 +194,7 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         new = live
         if record.get("digest") != ir.digest or int(record["generation"]) != live:
             new = program.next_generation(maps, ir, _slot_files(scope, make=True))
-        _save(scope, ir, new, attachments, policy_path, float(record.get("compile_seconds", 0)))
+        _save(scope, ir, new, attachments, said, float(record.get("compile_seconds", 0)))
     finally:
         for fd in (*maps.values(), *progs.values()):
             os.close(fd)
@@ -204,29 +206,28 @@ def _open_maps(scope: Scope) -> dict[str, int]:
 
 
 def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str, int],
-                force: bool) -> tuple[str, str]:
+                our_xdp: int, force: bool) -> tuple[str, str]:
     """Attach one interface; return (mode, why).
 
     Another tool's XDP program, or another tool's TC filter in our slot, is
-    refused unless `force`; our own program (attached by a command killed
-    before it wrote its record) is simply attached again.
+    refused unless `force`; our own XDP program (`our_xdp`, its id: attached by
+    a command killed before it wrote its record) is simply attached again.
     """
-    ours = bpfsys.prog_info(prog_fds["xdp"]).id == links.xdp_state(sock, link.index)[0]
-    force = force or ours
+    xdp_force = force or links.xdp_state(sock, link.index)[0] == our_xdp
     if requested == "tc" or (requested == "auto" and link.kind):
         links.attach_tc(sock, link, prog_fds["tc"], replace=force)
         return "tc", "requested" if requested == "tc" else WHY_TC_VIRTUAL.format(kind=link.kind)
     if link.kind == "veth":
-        links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=force)
+        links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=xdp_force)
         return "xdpgeneric", WHY_GENERIC_ON_VETH
     try:
-        links.attach_xdp(sock, link, prog_fds["xdp"], "xdp", replace=force)
+        links.attach_xdp(sock, link, prog_fds["xdp"], "xdp", replace=xdp_force)
         return "xdp", "requested" if requested == "xdp" else WHY_XDP_NATIVE
     except BackendError as err:
         if "already has an XDP program" in str(err):
             raise
         if requested == "xdp":
-            links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=force)
+            links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=xdp_force)
             return "xdpgeneric", f"no native XDP on this driver ({err}); generic XDP"
         links.attach_tc(sock, link, prog_fds["tc"], replace=force)
         return "tc", WHY_TC_FALLBACK.format(error=err)
@@ -252,6 +253,7 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
         # re-attachment below is never undone.
         _detach(sock, [a for a in known if a not in kept and a.ifindex in present])
         done = {a.ifindex for a in kept}
+        our_xdp = bpfsys.prog_info(prog_fds["xdp"]).id
         added: list[Attachment] = []
         try:
             for link in wanted:
@@ -259,14 +261,14 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
                     continue
                 try:
                     clsact_before = links.has_clsact(sock, link.index)
-                    chosen, why = choose_mode(sock, link, mode, prog_fds, force)
-                    prog_id = links.xdp_state(sock, link.index)[0] if chosen != "tc" else 0
+                    chosen, why = choose_mode(sock, link, mode, prog_fds, our_xdp, force)
                 except (BackendError, NetlinkError):
                     if link.index not in {found.index for found in links.links(sock)}:
                         continue  # deleted while we attached: nothing left to enforce on
                     raise
                 added.append(Attachment(link.name, link.index, chosen, why,
-                                        chosen == "tc" and not clsact_before, prog_id))
+                                        chosen == "tc" and not clsact_before,
+                                        our_xdp if chosen != "tc" else 0))
         except BaseException:
             _detach(sock, added)
             raise
@@ -290,20 +292,20 @@ def _detach_all(scope: Scope, attachments: Sequence[Attachment]) -> None:
 
 
 def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachment],
-          policy_path: str, compile_seconds: float) -> None:
-    scope.write(backend.record(BACKEND, scope, ir, policy_path, generation, attachments,
+          said: dict[str, str], compile_seconds: float) -> None:
+    """`said`: the command's policy_path and on_failure."""
+    scope.write(backend.record(BACKEND, scope, ir, said["policy_path"], generation, attachments,
+                               on_failure=said["on_failure"],
                                compile_seconds=round(compile_seconds, 3)))
 
 
 def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
     """What each slot holds, beside the record; `make`: create its directory, root's alone."""
-    if make:
-        private_dir(RUN_DIR)
-        private_dir(scope.record_path.parent)
-    return program.SlotFiles(scope.record_path.parent)
+    return program.SlotFiles(scope.make_run_dir() if make else scope.run_dir)
 
 
 def _unpin(scope: Scope) -> None:
+    """Remove the pins and the files saying what the pinned maps' slots hold."""
     for slot in (0, 1):
         _slot_files(scope).forget(slot)
     if not scope.pin_dir.exists():
@@ -330,8 +332,8 @@ def _teardown(scope: Scope, record: dict[str, Any] | None) -> list[str]:
                 links.detach_tc(sock, link, bool(entry and entry.get("added_clsact")))
                 removed.append(f"{link.name} (tc)")
     if scope.pin_dir.exists():
-        _unpin(scope)
         removed.append(f"pins under {scope.pin_dir}")
+    _unpin(scope)  # the slot files too, when bpffs lost the pins under us
     if record is not None and record.get("backend") == BACKEND:
         scope.forget()
     return removed
@@ -387,12 +389,12 @@ def status(scope: Scope) -> dict[str, Any] | None:
     try:
         generation = program.active_generation(maps)
         record["generation"] = generation
-        counters = program.read_counters(maps, generation)
         names = {rule_id: (name, text) for rule_id, name, text in record["rules"]}
+        counters = program.read_counters(maps, generation, sorted(names))
         record["counters"] = [
             {"rule": names[rule_id][0], "text": names[rule_id][1], "packets": packets,
              "bytes": nbytes}
-            for rule_id, (packets, nbytes) in sorted(counters.items()) if rule_id in names
+            for rule_id, (packets, nbytes) in counters.items()
         ]
         record["connections"] = program.count_connections(maps)
         record["maps"] = program.map_fill(maps)
@@ -417,7 +419,7 @@ def status(scope: Scope) -> dict[str, Any] | None:
     return record
 
 
-class Tracer:
+class Tracer(Resource):
     """Verdict events from the loaded program, while this is open (`with`).
 
     Opening sets the program's event rate (per CPU and second; beyond it the
@@ -436,27 +438,18 @@ class Tracer:
         self._rules: dict[int, tuple[str, str]] = {}
         self._ifnames: dict[int, str] = {}
 
-    def __enter__(self) -> Tracer:
+    def _open(self) -> None:
         record = self.scope.read()
         if record is None or record.get("backend") != BACKEND:
             raise BackendError("no eBPF program is loaded here")
         self._learn(record)
-        try:
-            self._maps = {name: bpfsys.obj_get(str(self.scope.pin_dir / name))
-                          for name in ("event_rate", "event_tokens")}
-            self._events = perf.PerfEventArray(str(self.scope.pin_dir / "events"))
-            self._suppressed_before = program.suppressed_events(self._maps)
-            program.set_event_rate(self._maps, self.per_second)
-        except BaseException:
-            self._close()
-            raise
-        return self
+        self._maps = {name: bpfsys.obj_get(str(self.scope.pin_dir / name))
+                      for name in ("event_rate", "event_tokens")}
+        self._events = perf.PerfEventArray(str(self.scope.pin_dir / "events"))
+        self._suppressed_before = program.suppressed_events(self._maps)
+        program.set_event_rate(self._maps, self.per_second)
 
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._close()
-
-    def _close(self) -> None:
+    def close(self) -> None:
         if "event_rate" in self._maps:
             program.set_event_rate(self._maps, 0)
         if "event_tokens" in self._maps:

@@ -99,15 +99,12 @@ class _Tools:
                                f"{(done.stderr or done.stdout).strip()}")
         return done.stdout
 
-    def tool(self, version: int, verb: str) -> str:
-        """`iptables-nft-save` and the like; the plain name where only that exists."""
-        flavoured = f"{IP_VERSIONS[version]}-{self.flavour}-{verb}"
-        return flavoured if shutil.which(flavoured) else f"{IP_VERSIONS[version]}-{verb}"
-
-    def command(self, version: int) -> str:
-        """`iptables-nft` and the like; the plain name where only that exists."""
-        flavoured = f"{IP_VERSIONS[version]}-{self.flavour}"
-        return flavoured if shutil.which(flavoured) else IP_VERSIONS[version]
+    def tool(self, version: int, verb: str = "") -> str:
+        """`iptables-nft-save`, `iptables-nft` and the like; the plain name where only
+        that exists."""
+        suffix = f"-{verb}" if verb else ""
+        flavoured = f"{IP_VERSIONS[version]}-{self.flavour}{suffix}"
+        return flavoured if shutil.which(flavoured) else f"{IP_VERSIONS[version]}{suffix}"
 
     def save(self, version: int) -> str:
         return self.run([self.tool(version, "save"), "-c", "-t", "filter"])
@@ -172,7 +169,12 @@ class _Family:
 
     @property
     def jump_targets(self) -> list[str]:
-        return [spec.rsplit(" -j ", 1)[1] for _, spec, _, _ in self.forward if " -j " in spec]
+        return [target for _, spec, _, _ in self.forward if (target := _target(spec))]
+
+
+def _target(spec: str) -> str:
+    """A rule's `-j` target ("" for none), as iptables-save writes it."""
+    return spec.rsplit(" -j ", 1)[1].split()[0] if " -j " in spec else ""
 
 
 def _tag(spec: str) -> str | None:
@@ -456,12 +458,13 @@ def _attachments(layout: Layout, tools: _Tools, why: str) -> list[Attachment]:
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
-         force: bool = False, chain: str | None = None) -> LoadReport:
+         force: bool = False, on_failure: str = "closed", chain: str | None = None) -> LoadReport:
     """Enforce `ir` in the scope's namespace, or update what is enforced there.
 
     `globs`, `mode` and `force` are the eBPF backend's: here every forwarded
     packet passes FORWARD, whatever its interface. `chain` names the isolation
-    chain (default: the one in force, else dcos-isolation).
+    chain (default: the one in force, else dcos-isolation). `on_failure` is
+    recorded (backend.load acts on it).
     """
     with scope.locked():
         started = time.monotonic()
@@ -486,7 +489,8 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         why = _why(layout.kind, found, hidden)
         attachments = _attachments(layout, tools, why)
         scope.write(backend.record(
-            BACKEND, scope, ir, policy_path, generation, attachments, chain=layout.chain,
+            BACKEND, scope, ir, policy_path, generation, attachments, on_failure=on_failure,
+            chain=layout.chain,
             flavour=tools.flavour, iptables_layout=layout.kind, set_types=list(found),
             sets=[s.name for s in layout.sets], revoked=revoked))
     return LoadReport(generation, False, 0.0, time.monotonic() - started, tuple(attachments),
@@ -518,7 +522,7 @@ def canary(scope: Scope) -> list[str]:
     found = []
     for version, tool in IP_VERSIONS.items():
         try:
-            first = tools.run([tools.command(version), "-w", LOCK_WAIT_SECONDS, "-S", "FORWARD",
+            first = tools.run([tools.tool(version), "-w", LOCK_WAIT_SECONDS, "-S", "FORWARD",
                                "1"]).strip()
         except BackendError:
             first = ""  # no FORWARD rule at all, or no filter table
@@ -541,8 +545,7 @@ def tracer(scope: Scope, per_second: int) -> nftrace.Tracer:
     chain = str(record["chain"])
 
     def chain_rules(version: int) -> list[tuple[str, str]]:
-        return [(_tag(spec) or "foreign", nftrace.ACTIONS.get(
-                    spec.rsplit(" -j ", 1)[-1].split()[0] if " -j " in spec else "", "allow"))
+        return [(_tag(spec) or "foreign", nftrace.ACTIONS.get(_target(spec), "allow"))
                 for spec, _, _ in _read_family(tools, version).chains.get(chain, [])]
 
     return nftrace.Tracer(scope.netns, tools.run, chain, chain_rules,
@@ -627,10 +630,8 @@ def unload(scope: Scope) -> list[str]:
         ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
         tools.ipset(_destroy_text(ours))
         removed += [f"ipset {name}" for name in ours]
-        if tools.flavour == "nft" and nftrace.TABLE in tools.run(["nft", "list", "tables", "inet"]).split():
-            # Left by a trace that was killed before it could delete it.
-            tools.run(["nft", "delete", "table", "inet", nftrace.TABLE])
-            removed.append(f"nft table inet {nftrace.TABLE}")
+        if tools.flavour == "nft" and nftrace.remove_table(tools.run):
+            removed.append(f"nft table inet {nftrace.TABLE}")  # a killed trace's
         if mine:
             scope.forget()
         return removed

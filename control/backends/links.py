@@ -122,14 +122,20 @@ def detach_xdp(sock: Any, link: Link, mode: str) -> None:
             raise BackendError(f"cannot detach XDP from {link.name}: {err}") from err
 
 
-def _our_filters(sock: Any, index: int) -> list[Any]:
+def _ingress_filters(sock: Any, index: int) -> list[tuple[int, str | None, dict[str, Any]]]:
+    """(priority, kind, bpf attributes) of each filter entry on clsact ingress. A
+    priority's own header entry is a bpf entry without attributes."""
     try:
         found = sock.get_filters(index=index, parent=CLSACT_INGRESS)
     except NetlinkError:
         return []
-    return [f for f in found if f.get_attr("TCA_KIND") == "bpf"
-            and (f.get_attr("TCA_OPTIONS") or {}).get("attrs") is not None
-            and dict(f.get_attr("TCA_OPTIONS")["attrs"]).get("TCA_BPF_NAME") == TC_NAME]
+    return [(f["info"] >> 16, f.get_attr("TCA_KIND"),
+             dict((f.get_attr("TCA_OPTIONS") or {}).get("attrs") or []))
+            for f in found]
+
+
+def _ours(kind: str | None, attrs: dict[str, Any]) -> bool:
+    return kind == "bpf" and attrs.get("TCA_BPF_NAME") == TC_NAME
 
 
 def has_clsact(sock: Any, index: int) -> bool:
@@ -138,18 +144,8 @@ def has_clsact(sock: Any, index: int) -> bool:
 
 def _slot_taken(sock: Any, index: int) -> bool:
     """Another tool's filter at our priority on clsact ingress (replacing ours would drop it)."""
-    try:
-        found = sock.get_filters(index=index, parent=CLSACT_INGRESS)
-    except NetlinkError:
-        return False
-    for f in found:
-        options = f.get_attr("TCA_OPTIONS") or {}
-        attrs = dict(options.get("attrs") or [])
-        if f["info"] >> 16 != TC_PRIO or (f.get_attr("TCA_KIND") == "bpf" and not attrs):
-            continue  # another priority, or the priority's own header entry
-        if attrs.get("TCA_BPF_NAME") != TC_NAME:
-            return True
-    return False
+    return any(prio == TC_PRIO and not _ours(kind, attrs) and (kind != "bpf" or attrs)
+               for prio, kind, attrs in _ingress_filters(sock, index))
 
 
 def attach_tc(sock: Any, link: Link, prog_fd: int, replace: bool = False) -> bool:
@@ -174,13 +170,13 @@ def attach_tc(sock: Any, link: Link, prog_fd: int, replace: bool = False) -> boo
 
 
 def has_our_tc(sock: Any, index: int) -> bool:
-    return bool(_our_filters(sock, index))
+    return any(_ours(kind, attrs) for _, kind, attrs in _ingress_filters(sock, index))
 
 
 def detach_tc(sock: Any, link: Link, remove_clsact: bool) -> None:
     """Remove our filter; the clsact qdisc too if we added it and nothing else uses it."""
     try:
-        if _our_filters(sock, link.index):
+        if has_our_tc(sock, link.index):
             sock.tc("del-filter", "bpf", link.index, TC_HANDLE, parent=CLSACT_INGRESS,
                     prio=TC_PRIO)
         if remove_clsact and has_clsact(sock, link.index) and not sock.get_filters(

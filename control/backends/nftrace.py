@@ -9,8 +9,8 @@ to our rule names by position: `nft -a list chain` and `iptables-save` list our
 chain in the same order.
 
 The table is outside the filter table the drift check and the canary read, and is
-deleted when tracing ends (SIGTERM ends tracing like Ctrl-C); one left behind by a
-trace killed outright is replaced by the next trace.
+deleted when tracing ends; one left behind by a trace killed outright is replaced
+by the next trace, or removed by `unload`.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ import contextlib
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
 from typing import Protocol
 
 import netaddr
 
 from ..errors import BackendError
+from ..resource import Resource
 from ..trace import Verdict
 
 TABLE = "isoebpf-trace"
@@ -55,6 +54,14 @@ class Run(Protocol):
 
 # Our chain's rules in one family, in order: (rule name, action), from iptables-save.
 ChainRules = Callable[[int], list[tuple[str, str]]]
+
+
+def remove_table(run: Run) -> bool:
+    """Delete our table where one is left (a trace killed outright); whether it was."""
+    if TABLE not in run(["nft", "list", "tables", "inet"]).split():
+        return False
+    run(["nft", "delete", "table", "inet", TABLE])
+    return True
 
 
 def table_script(per_second: int) -> str:
@@ -106,7 +113,7 @@ class Packet:
         return packet
 
 
-class Tracer:
+class Tracer(Resource):
     """Verdicts of our chain, while this is open (`with`); `suppressed` counts the
     packets the rate limit left untraced. `lost` stays 0: netlink overruns are not
     counted."""
@@ -126,24 +133,13 @@ class Tracer:
         self._monitor: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._table = False
-        self._sigterm: Callable[[int, FrameType | None], object] | int | None = None
 
-    def __enter__(self) -> Tracer:
-        try:
-            self.learn()
-            self._monitor = subprocess.Popen(
-                [*(["ip", "netns", "exec", self.netns] if self.netns else []),
-                 "nft", "-a", "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            self._start()
-            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
-        except BaseException:
-            self._close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._close()
+    def _open(self) -> None:
+        self.learn()
+        self._monitor = subprocess.Popen(
+            [*(["ip", "netns", "exec", self.netns] if self.netns else []),
+             "nft", "-a", "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._start()
 
     def _start(self) -> None:
         """Create our table once `nft monitor` listens: it reports the table it sees
@@ -160,10 +156,7 @@ class Tracer:
         raise BackendError("nft monitor did not start listening in "
                            f"{READY_SECONDS:.0f} s; is nftables installed and working?")
 
-    def _close(self) -> None:
-        if self._sigterm is not None:
-            signal.signal(signal.SIGTERM, self._sigterm)
-            self._sigterm = None
+    def close(self) -> None:
         try:
             if self._table:
                 self._table = False
@@ -266,8 +259,3 @@ def _protocol_number(name: str) -> int:
         return socket.getprotobyname(name)
     except OSError:
         return 0
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM stops tracing the way Ctrl-C does, so our table is deleted."""
-    raise KeyboardInterrupt

@@ -19,7 +19,6 @@ import ctypes
 import fcntl
 import mmap
 import os
-import platform
 import select
 import struct
 from collections.abc import Iterator
@@ -42,10 +41,6 @@ ATTR_SIZE = 112  # PERF_ATTR_SIZE_VER5; the kernel zero-fills what we leave out
 DATA_HEAD, DATA_TAIL = 1024, 1032
 RING_PAGES = 64  # per CPU, a power of two: 256 KiB holds thousands of events
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
 def _attr() -> bytes:
     """perf_event_attr: a BPF output event, one sample per write, woken on each."""
     head = struct.pack("=IIQQQQQI", PERF_TYPE_SOFTWARE, ATTR_SIZE, PERF_COUNT_SW_BPF_OUTPUT,
@@ -54,26 +49,14 @@ def _attr() -> bytes:
 
 
 def _open_event(cpu: int) -> int:
-    number = _NR_PERF_EVENT_OPEN.get(platform.machine())
-    if number is None:
-        raise BackendError(f"perf_event_open: no syscall number known for {platform.machine()}")
+    number = bpfsys.syscall_number(_NR_PERF_EVENT_OPEN, "perf_event_open")
     attr = ctypes.create_string_buffer(_attr(), ATTR_SIZE)
-    fd = _libc.syscall(number, attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    fd = bpfsys.LIBC.syscall(number, attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         code = ctypes.get_errno()
         raise BackendError(f"perf_event_open on CPU {cpu} failed: {os.strerror(code)}"
                            + (" (are you root?)" if code in (1, 13) else ""))
     return int(fd)
-
-
-def online_cpus() -> list[int]:
-    with open("/sys/devices/system/cpu/online", encoding="ascii") as f:
-        text = f.read().strip()
-    cpus: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus += range(int(low), int(high or low) + 1)
-    return cpus
 
 
 @dataclass
@@ -111,7 +94,7 @@ class PerfEventArray:
         self.lost = 0
         try:
             slots = bpfsys.map_info(self._map_fd).max_entries
-            for cpu in online_cpus():
+            for cpu in bpfsys.cpu_list("online"):
                 if cpu >= slots:
                     continue
                 fd = _open_event(cpu)

@@ -6,9 +6,9 @@ their pins can update the policy and read counters without bcc or a
 recompile. Only this module (and its siblings) imports bcc.
 
 Policy updates go by generation, in two slots (bpf/maps.h explains why):
-`write_generation(maps, ir, g + 1, held=...)`, `activate(maps, ir, g + 1)`;
-`SlotFile` remembers what each slot holds, so that the next update writes
-only what differs from it.
+`first_generation` fills fresh maps, `next_generation` writes the slot the
+live generation does not use and flips to it; `SlotFiles` remembers what
+each slot holds, so that an update writes only what differs from it.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from __future__ import annotations
 import array
 import ctypes
 import marshal
-import operator
-import os
 import re
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from .. import abi, capacity, evaluate
 from ..errors import BackendError, ProgramRejected
 from ..evaluate import Classifier
 from ..ir import IR, PROTO_TCP, PROTO_UDP
+from ..state import write_atomically
 from . import bpfsys
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
@@ -47,7 +45,7 @@ SIZE_MACROS = ("ISOEBPF_MAX_RULES", *sorted(set(abi.MAP_SIZE_MACROS.values()) - 
 
 _LOCAL_INCLUDE = re.compile(r'#include "([^"]+)"\s*$')
 
-# The maps that hold policy tables, each keyed by generation.
+# The maps that hold policy tables, each keyed by slot (generation & 1).
 _POLICY_MAPS: dict[str, type[ctypes.Structure]] = {
     "classes_v4": abi.ClassV4Key,
     "classes_v6": abi.ClassV6Key,
@@ -257,12 +255,7 @@ def _check_fits(maps: Maps, ir: IR, gen: int, tables: Tables,
 
 
 def _needed(ir: IR, tables: Tables) -> dict[str, int]:
-    return {**entry_counts(tables), "counters": _highest_rule(ir) + 1}
-
-
-def _highest_rule(ir: IR) -> int:
-    highest: int = max(map(operator.attrgetter("id"), ir.rules))
-    return highest
+    return {**entry_counts(tables), "counters": capacity.rule_slots(ir)}
 
 
 def entry_counts(tables: Tables) -> dict[str, int]:
@@ -272,11 +265,11 @@ def entry_counts(tables: Tables) -> dict[str, int]:
 def _write(maps: Maps, ir: IR, gen: int, tables: Tables, held: Tables | None) -> None:
     slot = slot_of(gen)
     slots = max_rules(maps)
-    highest = _highest_rule(ir)  # _check_fits made sure it has a counter
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
-    # Only the slots this policy's rules count in: the others are never read for it.
-    used = highest + 1
+    # Only the slots this policy's rules count in (_check_fits made sure it has them):
+    # the others are never read for it.
+    used = capacity.rule_slots(ir)
     indexes = array.array("I", range(slot * slots, slot * slots + used))
     bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * used, used)
     _write_tables(maps, slot, tables, held)
@@ -349,11 +342,9 @@ class SlotFiles:
         self.path(slot).unlink(missing_ok=True)
 
     def remember(self, maps: Maps, slot: int, tables: Tables) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".slot-{slot}.")
-        with os.fdopen(fd, "wb") as out:
-            header = marshal.dumps((_maps_identity(maps), entry_counts(tables)))
-            out.write(len(header).to_bytes(4, "little") + header + marshal.dumps(tables))
-        os.replace(tmp, self.path(slot))
+        header = marshal.dumps((_maps_identity(maps), entry_counts(tables)))
+        write_atomically(self.path(slot),
+                         len(header).to_bytes(4, "little") + header + marshal.dumps(tables))
 
 
 def _maps_identity(maps: Maps) -> list[int]:
@@ -408,14 +399,16 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
     classifier: Classifier | None = None  # built only when there is a connection to judge
     allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
-    for raw in list(bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey))):
+    forbidden: list[bytes] = []
+    for raw in bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey)):
         verdict_key = _verdict_key(raw)
         if verdict_key not in allowed:
             classifier = classifier or Classifier(ir)
             first = evaluate.first_packet(flow_of(abi.FlowKey.from_buffer_copy(raw)))
             allowed[verdict_key] = classifier.judge(first).action == "allow"
         if not allowed[verdict_key]:
-            bpfsys.map_delete(maps["conntrack"], raw)
+            forbidden.append(raw)
+    bpfsys.map_delete_many(maps["conntrack"], forbidden)
 
 
 _SPORT = slice(abi.FlowKey.sport.offset, abi.FlowKey.sport.offset + abi.FlowKey.sport.size)
@@ -476,18 +469,13 @@ def read_counter(maps: Maps, gen: int, rule: int) -> tuple[int, int]:
     slots = max_rules(maps)
     if not 0 <= rule < slots:
         return 0, 0
-    values = _percpu(maps, "counters", (gen & 1) * slots + rule, abi.Counter)
+    values = _percpu(maps, "counters", slot_of(gen) * slots + rule, abi.Counter)
     return sum(v.packets for v in values), sum(v.bytes for v in values)
 
 
-def read_counters(maps: Maps, gen: int) -> dict[int, tuple[int, int]]:
-    """Rule id -> (packets, bytes) for every rule slot of generation `gen`."""
-    slots = max_rules(maps)
-    found: dict[int, tuple[int, int]] = {}
-    for rule in range(slots):
-        values = _percpu(maps, "counters", (gen & 1) * slots + rule, abi.Counter)
-        found[rule] = (sum(v.packets for v in values), sum(v.bytes for v in values))
-    return found
+def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Rule id -> (packets, bytes) for these rules of generation `gen`."""
+    return {rule: read_counter(maps, gen, rule) for rule in rules}
 
 
 def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:

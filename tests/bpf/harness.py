@@ -28,6 +28,23 @@ PROGRAMS = ("xdp", "tc")
 ICMPV4_ERRORS = {3, 4, 5, 11, 12}  # RFC 1122 3.2.2: never answered with an error
 
 
+def slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]]:
+    """What the kernel holds in one slot of the policy maps."""
+    found = set()
+    for name, key_type in program._POLICY_MAPS.items():
+        info = bpfsys.map_info(maps[name])
+        for raw in bpfsys.map_keys(maps[name], info.key_size):
+            if key_type.from_buffer_copy(raw).slot == slot:
+                found.add((name, raw, bpfsys.map_lookup(maps[name], raw, info.value_size) or b""))
+    return found
+
+
+def slot_wanted(ir: IR, slot: int) -> set[tuple[str, bytes, bytes]]:
+    """What one slot of the policy maps holds with `ir` written into it."""
+    return {(name, bytes(key), bytes(value)) for name, key, value in program.policy_entries(ir, slot)}
+
+
+
 @dataclass(frozen=True)
 class Run:
     verdict: str  # "pass" | "drop" | "tx"

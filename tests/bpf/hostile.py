@@ -30,6 +30,7 @@ from tests.packets import (
     IPPROTO_FRAGMENT,
     Wire,
     build,
+    transport,
 )
 from tests.policygen import GeneratedPolicy, random_first_packet
 
@@ -102,7 +103,7 @@ class HostileEpisode(Episode):
         """A frame cut at a header boundary, or one byte either side of it."""
         rng = self.rng
         frame = self.some_frame()
-        l3 = 18 if frame[12:14] == b"\x81\x00" else 14
+        l3 = _l3(frame)
         boundaries = [l3 - 4, l3, l3 + 1, l3 + 19, l3 + 20, l3 + 39, l3 + 40]
         l4 = l3 + (frame[l3] & 15) * 4 if frame[l3] >> 4 == 4 else l3 + 40
         boundaries += [l4 + n for n in (0, 1, 2, 4, 7, 8, 9, 13, 14, 19, 20, 28, 36, 48)]
@@ -115,7 +116,7 @@ class HostileEpisode(Episode):
         if pkt.src.version == 6:
             pkt = random_first_packet(rng, self.generated)
         frame = bytearray(build(pkt, self.wire(pkt)))
-        l3 = 18 if frame[12:14] == b"\x81\x00" else 14
+        l3 = _l3(frame)
         if frame[l3] >> 4 != 4:
             return bytes(frame)
         damage = rng.choice(["short", "beyond", "total-short", "total-long"])
@@ -150,13 +151,11 @@ class HostileEpisode(Episode):
         pkt = random_first_packet(rng, self.generated, version=6) if rng.random() < 0.7 else self.known()
         if pkt.src.version == 4:
             pkt = random_first_packet(rng, self.generated, version=6)
-        if pkt.src.version == 4:  # the policy has no IPv6 overlays
-            return self.some_frame()
         count = rng.choice([1, 2, 7, 8, 9, 12])
         same = rng.choice(EXTENSION_HEADERS[:3])
         chain = [same if rng.random() < 0.4 else rng.choice(EXTENSION_HEADERS) for _ in range(count)]
         last = rng.choice([pkt.proto] * 4 + list(UNKNOWN_NEXT_HEADERS))
-        l4 = build(pkt, Wire(payload=self.rng.randbytes(rng.choice([0, 8, 40]))))[14 + 40 :]
+        l4 = transport(pkt, Wire(payload=self.rng.randbytes(rng.choice([0, 8, 40]))))
         ext = b""
         for i, kind in enumerate(chain):
             following = chain[i + 1] if i + 1 < len(chain) else last
@@ -203,7 +202,7 @@ class HostileEpisode(Episode):
                                         payload=struct.pack("!HH", 1, pkt.dport) + bytes(16)))
         self.fragments.append(pkt)
         frame = build(pkt, replace(self.wire(pkt), ext_headers=()))
-        l3 = 18 if frame[12:14] == b"\x81\x00" else 14
+        l3 = _l3(frame)
         header = (frame[l3] & 0xF) * 4 if pkt.src.version == 4 else 48
         return frame[: l3 + header + rng.choice([0, 1, 4, 7, 8, 12, 16, 19])]
 
@@ -264,3 +263,7 @@ class HostileEpisode(Episode):
         ethertype = ETH_P_IP if frame[12:14] == struct.pack("!H", ETH_P_IPV6) else ETH_P_IPV6
         return frame[:12] + struct.pack("!H", ethertype) + frame[14:]
 
+
+def _l3(frame: bytes) -> int:
+    """Where a frame's IP header starts: after one VLAN tag, if it has one."""
+    return 18 if frame[12:14] == b"\x81\x00" else 14

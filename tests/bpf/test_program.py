@@ -15,9 +15,8 @@ from isoebpf.backends import bpfsys, program
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
 from isoebpf.evaluate import TCP_SYN
-from isoebpf.ir import IR
 from tests.bpf.cases import HR, IT, POLICY, SYN_80, tcp
-from tests.bpf.harness import Datapath
+from tests.bpf.harness import Datapath, slot_contents, slot_wanted
 from tests.packets import build
 
 pytestmark = pytest.mark.bpf
@@ -87,7 +86,7 @@ def test_status_readers(loaded: Datapath) -> None:
     assert flows[(6, HR, 40000, IT, 80)].gen == loaded.gen
     assert program.count_connections(loaded.maps) == len(flows)
     rule = {r.name: r.id for r in compile_policy(policy.loads(POLICY)).rules}["allow:0"]
-    assert program.read_counters(loaded.maps, loaded.gen)[rule] == program.read_counter(
+    assert program.read_counters(loaded.maps, loaded.gen, [rule])[rule] == program.read_counter(
         loaded.maps, loaded.gen, rule) == (1, len(build(SYN_80)))
     fill = program.map_fill(loaded.maps)
     assert fill["conntrack"]["entries"] == len(flows)
@@ -115,21 +114,6 @@ def test_pins_and_names(loaded: Datapath) -> None:
     assert bpfsys.prog_name(prog.id) == program.XDP_NAME
 
 
-def _slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]]:
-    """What the kernel holds in one slot of the policy maps."""
-    found = set()
-    for name, key_type in program._POLICY_MAPS.items():
-        info = bpfsys.map_info(maps[name])
-        for raw in bpfsys.map_keys(maps[name], info.key_size):
-            if key_type.from_buffer_copy(raw).slot == slot:
-                found.add((name, raw, bpfsys.map_lookup(maps[name], raw, info.value_size) or b""))
-    return found
-
-
-def _wanted(ir: IR, slot: int) -> set[tuple[str, bytes, bytes]]:
-    return {(name, bytes(key), bytes(value)) for name, key, value in program.policy_entries(ir, slot)}
-
-
 def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) -> None:
     """After every update the live slot holds exactly its policy and the other
     exactly the one before, as its file says, so the next difference is right;
@@ -142,13 +126,13 @@ def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) 
         maps = compiled.map_fds
         slots = program.SlotFiles(tmp_path)
         program.first_generation(maps, irs[0], slots)
-        assert _slot_contents(maps, 0) == _wanted(irs[0], 0)
-        assert _slot_contents(maps, 1) == _wanted(irs[0], 1)
+        assert slot_contents(maps, 0) == slot_wanted(irs[0], 0)
+        assert slot_contents(maps, 1) == slot_wanted(irs[0], 1)
         for before, ir in itertools.pairwise(irs):
             gen = program.next_generation(maps, ir, slots)
             slot = program.slot_of(gen)
-            assert _slot_contents(maps, slot) == _wanted(ir, slot)
-            assert _slot_contents(maps, 1 - slot) == _wanted(before, 1 - slot)
+            assert slot_contents(maps, slot) == slot_wanted(ir, slot)
+            assert slot_contents(maps, 1 - slot) == slot_wanted(before, 1 - slot)
             assert slots.read(maps, slot) == program.tables_of(ir)
         # Killed while writing: the next slot's file gone, half of some policy in it.
         slot = program.slot_of(program.active_generation(maps) + 1)
@@ -156,7 +140,7 @@ def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) 
         for name, key, value in list(program.policy_entries(irs[1], slot))[::2]:
             bpfsys.map_update(maps[name], key, value)
         program.next_generation(maps, irs[2], slots)
-        assert _slot_contents(maps, slot) == _wanted(irs[2], slot)
+        assert slot_contents(maps, slot) == slot_wanted(irs[2], slot)
         # A file about other maps (a load since) says nothing.
         assert program.SlotFiles(tmp_path).read({**maps, "allowed": maps["hairpins"]}, slot) is None
     finally:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import select
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +25,7 @@ from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "examples" / "it-hr.yaml"
+DOCKER = ROOT / "tests" / "data" / "docker-fresh.iptables.save"  # Docker's own chains
 # Policy B swaps which of HR's services IT hosts may reach, and opens IT -> HR tcp/80:
 # tries that A and B answer differently tell which one is in force.
 POLICY_B = SEED.read_text().replace(
@@ -39,14 +48,125 @@ def policies(tmp_path: Path) -> dict[str, tuple[Path, IR]]:
     return policy_files(tmp_path)
 
 
-def isoebpf(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process of its own, as a user runs it."""
+def isoebpf(*args: str, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, as a user runs it; `env`: more environment."""
     done = subprocess.run([sys.executable, "-m", "isoebpf.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     if check and done.returncode != 0:
         raise AssertionError(f"isoebpf {' '.join(args)} exited {done.returncode}:\n"
                              f"{done.stdout}{done.stderr}")
     return done
+
+
+class Trace:
+    """`isoebpf trace --json` running beside the traffic a test makes, once it listens."""
+
+    def __init__(self, testbed: Testbed, backend: str, *options: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "isoebpf.cli", "trace", "--netns", testbed.router, "--json",
+             "--timeout", "20", *options],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.process.stderr is not None
+        started = self.process.stderr.readline()
+        assert started.startswith(f"tracing {backend} verdicts"), started + self.process.stderr.read()
+
+    def finish(self) -> tuple[list[dict[str, Any]], str]:
+        out, err = self.process.communicate(timeout=30)
+        assert self.process.returncode == 0, err
+        return [json.loads(line) for line in out.splitlines()], err
+
+
+def flood_udp(testbed: Testbed, client: str, address: str, port: int, count: int) -> None:
+    """`count` datagrams from `client` to address:port, as fast as a socket sends them."""
+    testbed.run_in(testbed.netns(client), sys.executable, "-c",
+                   "import socket\nsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                   f"for _ in range({count}): sock.sendto(b'x', ({address!r}, {port}))")
+
+
+def suppressed(summary: str) -> int:
+    """The verdicts `trace`'s closing summary says the rate limit kept back."""
+    return int(summary.split(" verdicts suppressed")[0].rsplit(" ", 1)[1])
+
+
+def packets_by_rule(record: dict[str, Any]) -> dict[str, int]:
+    """Rule name -> packets, from a status record's counters."""
+    return {c["rule"]: c["packets"] for c in record["counters"]}
+
+
+def flush_iptables(testbed: Testbed) -> None:
+    """Empty the router's nat and filter tables (what a test restored there)."""
+    for table in ("nat", "filter"):
+        for step in ("-F", "-X"):
+            testbed.run_in(testbed.router, "iptables", "-t", table, step)
+
+
+class AgentProcess:
+    """`isoebpf agent` running in a process of its own, its JSON log lines read as they come."""
+
+    def __init__(self, policy: Path, netns: str, *more: str) -> None:
+        self.events: list[dict[str, object]] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "isoebpf.cli", "agent", str(policy), "--netns", netns,
+             "--iface", "v-*", "--repair-interval", "0.5", *more],
+            stderr=subprocess.PIPE, cwd=ROOT)
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """Lines of the agent's log into a queue; "" at the end. Owns (and closes) the pipe."""
+        assert self.process.stderr is not None
+        fd = self.process.stderr.fileno()
+        pending = b""
+        while True:
+            if not select.select([fd], [], [], 0.2)[0]:
+                if self._done.is_set():
+                    break
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._lines.put(line.decode() + "\n")
+        self.process.stderr.close()
+        self._lines.put("")
+
+    def wait_for(self, event: str, timeout: float = 30.0) -> dict[str, object]:
+        """The next log line of this kind (earlier lines of other kinds are kept)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if not line:
+                raise AssertionError(f"agent exited while waiting for {event}: {self.events}")
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"event": "unstructured", "line": line.rstrip()}
+            self.events.append(entry)
+            if entry["event"] == event:
+                return entry
+        raise AssertionError(f"no {event} within {timeout} s: {self.events}")
+
+    def __enter__(self) -> AgentProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=10)
+        self._done.set()
+        self._reader.join()
+        return code
 
 
 @pytest.fixture(scope="module")

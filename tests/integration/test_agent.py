@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import select
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from isoebpf.testbed import Host, Testbed
-from tests.integration.conftest import ROOT, isoebpf
-
-SEED = ROOT / "examples" / "it-hr.yaml"
+from tests.integration.conftest import DOCKER, SEED, AgentProcess, flush_iptables, isoebpf
 
 
 def free_port() -> int:
@@ -35,66 +27,6 @@ def free_port() -> int:
 METRICS_PORT = free_port()
 ATTACH_BOUND_MS = 100
 REPAIR_BOUND_S = 2.0
-
-
-class AgentProcess:
-    def __init__(self, policy: Path, netns: str, *more: str) -> None:
-        self.events: list[dict[str, object]] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "isoebpf.cli", "agent", str(policy), "--netns", netns,
-             "--iface", "v-*", "--repair-interval", "0.5", *more],
-            stderr=subprocess.PIPE, cwd=ROOT)
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._done = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        """Lines of the agent's log into a queue; "" at the end. Owns (and closes) the pipe."""
-        assert self.process.stderr is not None
-        fd = self.process.stderr.fileno()
-        pending = b""
-        while True:
-            if not select.select([fd], [], [], 0.2)[0]:
-                if self._done.is_set():
-                    break
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                self._lines.put(line.decode() + "\n")
-        self.process.stderr.close()
-        self._lines.put("")
-
-    def wait_for(self, event: str, timeout: float = 30.0) -> dict[str, object]:
-        """The next log line of this kind (earlier lines of other kinds are kept)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if not line:
-                raise AssertionError(f"agent exited while waiting for {event}: {self.events}")
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                entry = {"event": "unstructured", "line": line.rstrip()}
-            self.events.append(entry)
-            if entry["event"] == event:
-                return entry
-        raise AssertionError(f"no {event} within {timeout} s: {self.events}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=10)
-        self._done.set()
-        self._reader.join()
-        return code
 
 
 @pytest.fixture
@@ -222,7 +154,7 @@ def test_iptables_backend_is_repaired_after_others_undo_it(testbed: Testbed,
     try:
         running.wait_for("applied", timeout=60)
         subprocess.run(["ip", "netns", "exec", router, "iptables-restore", "--noflush"],
-                       input=(ROOT / "tests" / "data" / "docker-fresh.iptables.save").read_text(),
+                       input=DOCKER.read_text(),
                        text=True, check=True)
         for name, commands in DISRUPTIONS.items():
             disrupted = time.time()
@@ -246,7 +178,4 @@ def test_iptables_backend_is_repaired_after_others_undo_it(testbed: Testbed,
     finally:
         running.stop()
         isoebpf("unload", "--netns", router)
-        for table in ("nat", "filter"):
-            for step in ("-F", "-X"):
-                subprocess.run(["ip", "netns", "exec", router, "iptables", "-t", table, step],
-                               check=True)
+        flush_iptables(testbed)

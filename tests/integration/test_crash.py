@@ -17,15 +17,12 @@ The agent is killed as the real `isoebpf agent` process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,7 +33,8 @@ from isoebpf.cli import main
 from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
-from tests.integration.conftest import ROOT, isoebpf
+from tests.bpf.harness import slot_contents, slot_wanted
+from tests.integration.conftest import AgentProcess, isoebpf
 from tests.integration.test_ebpf_traffic import assert_clean
 from tests.integration.test_iptables_traffic import snapshot
 from tests.scenarios import expected_outcome
@@ -49,6 +47,8 @@ TELLING = [("hr1", "tcp", "it1", 80), ("hr1", "tcp", "it1", 22), ("it1", "tcp", 
 KILLS = {"ebpf-load": 2, "ebpf-update": 200, "ebpf-unload": 2, "iptables-load": 2,
          "iptables-update": 10, "iptables-unload": 2, "agent-ebpf": 2, "agent-iptables": 1}
 SOAK_FACTOR = 10
+# How many times KILLS: CI's run, and `make soak`'s.
+SCALES = [pytest.param(1, id="ci"), pytest.param(SOAK_FACTOR, marks=pytest.mark.soak, id="soak")]
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +107,6 @@ def load_args(path: Path, testbed: Testbed, name: str) -> list[str]:
 # -- what is in force ----------------------------------------------------------------
 
 
-def _entries(maps: dict[str, int], slot: int) -> set[tuple[str, bytes, bytes]]:
-    found = set()
-    for name, key_type in program._POLICY_MAPS.items():
-        for raw in bpfsys.map_keys(maps[name], ctypes.sizeof(key_type)):
-            if key_type.from_buffer_copy(raw).slot == slot:
-                value = bpfsys.map_lookup(maps[name], raw, bpfsys.map_info(maps[name]).value_size)
-                found.add((name, raw, value or b""))
-    return found
-
-
 def ebpf_in_force(testbed: Testbed, policies: dict[str, tuple[Path, IR]]) -> tuple[str, int]:
     """(which policy the datapath enforces: "A", "B" or "none", on how many interfaces).
 
@@ -139,10 +129,9 @@ def ebpf_in_force(testbed: Testbed, policies: dict[str, tuple[Path, IR]]) -> tup
             assert attached == 0, "attached before a generation was live"
             return "none", 0
         slot = program.slot_of(live)
-        entries = _entries(maps, slot)
+        entries = slot_contents(maps, slot)
         for name, (_, ir) in policies.items():
-            wanted = {(m, bytes(k), bytes(v)) for m, k, v in program.policy_entries(ir, slot)}
-            if entries == wanted:
+            if entries == slot_wanted(ir, slot):
                 return name, attached
         raise AssertionError(f"generation {live} is neither policy whole")
     finally:
@@ -166,9 +155,9 @@ def fully(testbed: Testbed) -> int:
 # -- the eBPF backend -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("factor", SCALES)
 def test_ebpf_killed_anywhere(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                              rng: random.Random, request: pytest.FixtureRequest) -> None:
-    factor = SOAK_FACTOR if request.node.get_closest_marker("soak") else 1
+                              rng: random.Random, factor: int) -> None:
     landed: Counter[str] = Counter()
     try:
         _ebpf_kills(testbed, policies, rng, landed, factor)
@@ -233,9 +222,9 @@ def _ebpf_kills(testbed: Testbed, policies: dict[str, tuple[Path, IR]], rng: ran
 # -- the iptables backend ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("factor", SCALES)
 def test_iptables_killed_anywhere(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                                  rng: random.Random, request: pytest.FixtureRequest) -> None:
-    factor = SOAK_FACTOR if request.node.get_closest_marker("soak") else 1
+                                  rng: random.Random, factor: int) -> None:
     before = snapshot(testbed)
     landed: Counter[str] = Counter()
     args = {name: load_args(path, testbed, "iptables") for name, (path, _) in policies.items()}
@@ -276,39 +265,14 @@ def test_iptables_killed_anywhere(testbed: Testbed, policies: dict[str, tuple[Pa
 # -- the agent --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def agent(policy_file: Path, testbed: Testbed, name: str) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "isoebpf.cli", "agent", str(policy_file), "--backend", name,
-         "--netns", testbed.router, "--iface", "v-*", "--mode", "tc", "--repair-interval", "0.3"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        yield process
-    finally:
-        process.kill()
-        process.wait()
-        if process.stderr:
-            process.stderr.close()
-
-
-def wait_applied(process: subprocess.Popen[str], count: int = 1) -> None:
-    assert process.stderr is not None
-    seen = 0
-    for line in process.stderr:
-        if '"event": "applied"' in line:
-            seen += 1
-            if seen == count:
-                return
-    raise AssertionError("the agent ended before applying")
-
-
+@pytest.mark.parametrize("factor", SCALES)
 @pytest.mark.parametrize("name", ["ebpf", "iptables"])
 def test_agent_killed_while_applying(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
                                      rng: random.Random, tmp_path: Path, name: str,
-                                     request: pytest.FixtureRequest) -> None:
+                                     factor: int) -> None:
     """The agent SIGKILLed at a random point after its policy file changed; a new agent
     takes over and converges."""
-    factor = SOAK_FACTOR if request.node.get_closest_marker("soak") else 1
+    options = ("--backend", name, "--mode", "tc", "--repair-interval", "0.3")
     live = tmp_path / "live.yaml"
     texts = {n: path.read_text() for n, (path, _) in policies.items()}
     live.write_text(texts["A"])
@@ -317,21 +281,20 @@ def test_agent_killed_while_applying(testbed: Testbed, policies: dict[str, tuple
     try:
         isoebpf(*load_args(live, testbed, name))
         while landed < KILLS[f"agent-{name}"] * factor:
-            with agent(live, testbed, name) as process:
-                wait_applied(process)
+            with AgentProcess(live, testbed.router, *options) as running:
+                running.wait_for("applied", timeout=60)
                 target = "B" if current == "A" else "A"
                 live.write_text(texts[target])
                 time.sleep(rng.uniform(0, 0.6))  # the agent polls every 0.2 s, applies in ms
-                process.kill()
-                process.wait()
+                running.process.kill()
                 landed += 1
             if name == "ebpf":
                 in_force, attached = ebpf_in_force(testbed, policies)
                 assert in_force in (current, target) and attached == fully(testbed)
             else:
                 assert probed(testbed, policies) & {current, target}
-            with agent(live, testbed, name) as process:  # the next agent converges
-                wait_applied(process)
+            with AgentProcess(live, testbed.router, *options) as running:  # the next converges
+                running.wait_for("applied", timeout=60)
                 current = target
                 record = Scope(testbed.router).read()
                 assert record is not None and record["digest"] == policies[current][1].digest
@@ -369,15 +332,3 @@ def test_concurrent_loads_serialize_on_the_lock(testbed: Testbed,
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
-
-
-@pytest.mark.soak
-def test_ebpf_killed_anywhere_soak(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                                   rng: random.Random, request: pytest.FixtureRequest) -> None:
-    test_ebpf_killed_anywhere(testbed, policies, rng, request)
-
-
-@pytest.mark.soak
-def test_iptables_killed_anywhere_soak(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                                       rng: random.Random, request: pytest.FixtureRequest) -> None:
-    test_iptables_killed_anywhere(testbed, policies, rng, request)

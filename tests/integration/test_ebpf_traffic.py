@@ -16,10 +16,9 @@ from isoebpf.errors import ProgramRejected
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import PATHS_TAKEN
-from tests.integration.conftest import ROOT, isoebpf
+from tests.integration.conftest import SEED, isoebpf
 from tests.scenarios import IT_HR_TRIES, expected_outcome
 
-SEED = ROOT / "examples" / "it-hr.yaml"
 # A rejected try must be answered at once, not by a timeout.
 PROMPT_MS = 500
 
@@ -41,8 +40,7 @@ def assert_clean(testbed: Testbed) -> None:
     assert not scope.pin_dir.exists(), "pins left behind"
     assert scope.read() is None, "state record left behind"
     # Only the record of a refused change may stay: status shows it until one succeeds.
-    left = {p.name for p in scope.record_path.parent.glob("*")} | {
-        p.name for p in scope.record_path.parent.glob(".*")}
+    left = {p.name for p in scope.run_dir.iterdir()} if scope.run_dir.exists() else set()
     assert left <= {scope.failure_path.name}, f"state files left behind: {left}"
     with links.netlink(testbed.router) as sock:
         for link in links.links(sock):

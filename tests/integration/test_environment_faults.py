@@ -199,11 +199,7 @@ def test_full_connection_table_keeps_allowed_directions_flowing(
     """The conntrack map is an LRU of 64 entries here: a flood of allowed flows fills it
     and evicts the oldest; an open session whose entry went is re-admitted by its
     initiator's next packet, and new allowed connections still open."""
-    env = {**os.environ, "ISOEBPF_MAX_CONNECTIONS": "64"}
-    done = subprocess.run([f"{ROOT}/.venv/bin/python", "-m", "isoebpf.cli",
-                           *load_args(policies["A"][0], testbed, "ebpf")],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stderr
+    isoebpf(*load_args(policies["A"][0], testbed, "ebpf"), env={"ISOEBPF_MAX_CONNECTIONS": "64"})
     session = testbed.session("hr1", "it1", 80)
     try:
         assert session.exchange() == "echoed"
@@ -261,10 +257,8 @@ def test_our_lock_held_by_another_command(testbed: Testbed,
     try:
         time.sleep(0.3)
         started = time.monotonic()
-        done = subprocess.run(
-            [f"{ROOT}/.venv/bin/python", "-m", "isoebpf.cli",
-             *load_args(policies["B"][0], testbed, "ebpf")],
-            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "ISOEBPF_LOCK_WAIT": "1"})
+        done = isoebpf(*load_args(policies["B"][0], testbed, "ebpf"), check=False,
+                       env={"ISOEBPF_LOCK_WAIT": "1"})
         assert done.returncode == 1
         assert time.monotonic() - started < 10
         assert "has held" in done.stderr and "nothing was changed" in done.stderr, done.stderr

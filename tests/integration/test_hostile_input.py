@@ -31,11 +31,11 @@ from isoebpf.compiler import compile_policy
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import require
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, SEED
 from tests.integration.test_ebpf_traffic import assert_clean
 from tests.integration.test_iptables_traffic import snapshot
+from tests.policygen import many_exceptions, many_overlays, many_ports, many_ranges
 
-SEED = ROOT / "examples" / "it-hr.yaml"
 CORPUS = sorted((ROOT / "tests" / "policies" / "bad").glob("*.yaml"))
 LOCATED = re.compile(r"^\S+\.yaml:\d+:\d+: error: ", re.MULTILINE)
 
@@ -46,42 +46,13 @@ SMALL = {"ISOEBPF_MAX_CLASSES": "64", "ISOEBPF_MAX_HAIRPINS": "16", "ISOEBPF_MAX
 POLICY_MAPS = ("classes_v4", "classes_v6", "exceptions", "hairpins", "allowed", "config", "params")
 
 
-def overlays(count: int, isolated: bool = False) -> str:
-    lines = ["version: 1", "default: deny", "overlays:"]
-    for n in range(count):
-        lines += [f"  o{n}:", f"    subnets: [10.{n // 256}.{n % 256}.0/24]"]
-        if isolated:
-            lines.append("    isolated: true")
-    return "\n".join(lines) + "\n"
-
-
-def ports(count: int) -> str:
-    rules = "".join(f"  - {{from: a, to: b, ports: [tcp/{1000 + n}]}}\n" for n in range(count))
-    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
-            f"  b:\n    subnets: [10.2.0.0/16]\nallow:\n{rules}")
-
-
-def ranges(count: int) -> str:
-    """Rules whose odd port ranges take a few dozen allow entries each."""
-    rules = "".join(f"  - {{from: a, to: b, ports: [tcp/{n * 3000 + 1}-{n * 3000 + 2998}]}}\n"
-                    for n in range(count))
-    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
-            f"  b:\n    subnets: [10.2.0.0/16]\nallow:\n{rules}")
-
-
-def exceptions(count: int) -> str:
-    pairs = "".join(f"  - {{from: 10.1.{n}.0/24, to: 10.2.{n}.0/24}}\n" for n in range(count))
-    return ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
-            f"  b:\n    subnets: [10.2.0.0/16]\nexceptions:\n{pairs}")
-
-
 # name -> (policy text, the constant its refusal must name); each over one SMALL limit.
 OVERSIZED = {
-    "classes": (overlays(70, isolated=True), "ISOEBPF_MAX_CLASSES"),
-    "hairpins": (overlays(20), "ISOEBPF_MAX_HAIRPINS"),
-    "exceptions": (exceptions(20), "ISOEBPF_MAX_EXCEPTIONS"),
-    "allowed": (ranges(21), "ISOEBPF_MAX_ALLOWED"),
-    "rules": (ports(124), "ISOEBPF_MAX_RULES"),
+    "classes": (many_overlays(70, isolated=True), "ISOEBPF_MAX_CLASSES"),
+    "hairpins": (many_overlays(20), "ISOEBPF_MAX_HAIRPINS"),
+    "exceptions": (many_exceptions(20), "ISOEBPF_MAX_EXCEPTIONS"),
+    "allowed": (many_ranges(21), "ISOEBPF_MAX_ALLOWED"),
+    "rules": (many_ports(124), "ISOEBPF_MAX_RULES"),
 }
 
 
@@ -285,7 +256,7 @@ def test_only_root_changes_state(testbed: Testbed, ebpf_running: Scope) -> None:
 
 
 def test_state_is_roots_alone(ebpf_running: Scope) -> None:
-    for folder in (state.BPFFS, ebpf_running.pin_dir, state.RUN_DIR, ebpf_running.record_path.parent):
+    for folder in (state.BPFFS, ebpf_running.pin_dir, state.RUN_DIR, ebpf_running.run_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
         assert folder.stat().st_uid == 0, folder
     files = [*ebpf_running.pin_dir.iterdir(), ebpf_running.record_path, ebpf_running.lock_path]

@@ -7,11 +7,9 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,12 +22,19 @@ from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import require
-from tests.integration.conftest import ROOT, isoebpf
+from tests.integration.conftest import (
+    DOCKER,
+    SEED,
+    Trace,
+    flood_udp,
+    flush_iptables,
+    isoebpf,
+    packets_by_rule,
+    suppressed,
+)
 from tests.scenarios import IT_HR_TRIES, expected_outcome, first_packet
 from tests.unit.test_import import first_packets
 
-SEED = ROOT / "examples" / "it-hr.yaml"
-DOCKER = ROOT / "tests" / "data" / "docker-fresh.iptables.save"
 PROMPT_MS = 500  # a rejected try is answered at once, not by a timeout
 
 # HR gains an IPv6 subnet and is isolated; one exception; rules that differ from the seed's.
@@ -123,7 +128,7 @@ def packets(testbed: Testbed) -> dict[str, int]:
     """Per-rule packet counters, from the status call the CLI's status makes."""
     record = iptables_backend.status(Scope(testbed.router))
     assert record is not None
-    return {c["rule"]: c["packets"] for c in record["counters"]}
+    return packets_by_rule(record)
 
 
 def run_suite(testbed: Testbed, path: Path) -> None:
@@ -252,10 +257,7 @@ def test_dockers_chains_stay_intact_and_in_order(
         isoebpf("unload", "--netns", testbed.router)
         assert snapshot(testbed) == with_docker, "unload removes exactly what isoebpf added"
     finally:
-        for table in ("nat", "filter"):
-            for step in ("-F", "-X"):
-                subprocess.run(["ip", "netns", "exec", testbed.router, "iptables", "-t", table,
-                                step], check=True)
+        flush_iptables(testbed)
 
 
 def test_connections_the_new_policy_forbids_are_cut(
@@ -337,29 +339,11 @@ def test_iptables_legacy_is_driven_with_its_own_tools(
         assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "refused"
         record = iptables_backend.status(scope)
         assert record is not None and record["flavour"] == "legacy"
-        counted = {c["rule"]: c["packets"] for c in record["counters"]}
+        counted = packets_by_rule(record)
         assert counted["allow:0"] > 0 and counted["default"] > 0
     finally:
         iptables_backend.unload(scope)
     assert "isoebpf" not in testbed.run_in(testbed.router, "iptables-legacy-save").stdout
-
-
-def start_trace(testbed: Testbed, *options: str) -> subprocess.Popen[str]:
-    """`isoebpf trace --json` running beside the traffic a test makes, once it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "isoebpf.cli", "trace", "--netns", testbed.router, "--json",
-         "--timeout", "20", *options],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stderr is not None
-    started = process.stderr.readline()
-    assert started.startswith("tracing iptables verdicts"), started + process.stderr.read()
-    return process
-
-
-def finish_trace(process: subprocess.Popen[str]) -> tuple[list[dict[str, Any]], str]:
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err
-    return [json.loads(line) for line in out.splitlines()], err
 
 
 def trace_table(testbed: Testbed) -> bool:
@@ -370,12 +354,12 @@ def test_trace_names_the_iptables_rule_and_action_and_is_no_drift(
         testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
     scope, ir = Scope(testbed.router), compile_policy(policy.load(SEED))
-    tracing = start_trace(testbed, "--rule", "allow:0", "--rule", "default", "--count", "2")
+    tracing = Trace(testbed, "iptables", "--rule", "allow:0", "--rule", "default", "--count", "2")
     assert trace_table(testbed)
     assert iptables_backend.drift(scope, ir) == [] and iptables_backend.canary(scope) == []
     assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
     assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
-    events, _ = finish_trace(tracing)
+    events, _ = tracing.finish()
     assert [(e["protocol"], e["src"], e["dst"], e["dport"], e["rule"], e["action"])
             for e in events] == [
         ("tcp", "192.168.1.10", "10.250.1.10", 80, "allow:0", "allow"),
@@ -386,39 +370,36 @@ def test_trace_names_the_iptables_rule_and_action_and_is_no_drift(
 
 def test_trace_filters_and_rate_limit_on_iptables(testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
-    tracing = start_trace(testbed, "--rule", "allow:*", "--overlay", "hr", "--address",
+    tracing = Trace(testbed, "iptables", "--rule", "allow:*", "--overlay", "hr", "--address",
                           "192.168.2.0/24", "--count", "2")
     assert testbed.probe("it1", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
     assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
     assert testbed.probe("hr2", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
     assert testbed.probe("hr2", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    events, _ = finish_trace(tracing)
+    events, _ = tracing.finish()
     assert [(e["src"], e["dst"], e["rule"], e["action"]) for e in events] == [
         ("192.168.2.20", "10.250.2.20", "allow:0", "allow"),
         ("192.168.2.20", "10.250.1.10", "allow:0", "allow")]
 
     # 300 datagrams HR -> IT udp/53, each rejected: far more than the rate; then SIGTERM.
     rate = 5
-    tracing = start_trace(testbed, "--rate", str(rate))
-    testbed.run_in(testbed.netns("hr1"), sys.executable, "-c",
-                   "import socket\nsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                   "for _ in range(300): sock.sendto(b'x', ('10.250.1.10', 53))")
+    tracing = Trace(testbed, "iptables", "--rate", str(rate))
+    flood_udp(testbed, "hr1", "10.250.1.10", 53, 300)
     time.sleep(0.5)
-    tracing.send_signal(signal.SIGTERM)
-    events, summary = finish_trace(tracing)
+    tracing.process.send_signal(signal.SIGTERM)
+    events, summary = tracing.finish()
     rejected = [e for e in events if e["rule"] == "default"]
     # nftables' limit is per namespace, with a burst of 5 packets.
     assert 0 < len(rejected) <= len(events) <= rate * 4 + 5, len(events)
-    suppressed = int(summary.split(" verdicts suppressed")[0].rsplit(" ", 1)[1])
-    assert suppressed >= 300 - len(events), summary
+    assert suppressed(summary) >= 300 - len(events), summary
     assert not trace_table(testbed), "SIGTERM left the trace table behind"
 
 
 def test_unload_removes_the_table_a_killed_trace_left(testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
-    tracing = start_trace(testbed)
-    tracing.kill()
-    tracing.communicate(timeout=30)
+    tracing = Trace(testbed, "iptables")
+    tracing.process.kill()
+    tracing.process.communicate(timeout=30)
     assert trace_table(testbed), "a SIGKILLed trace cannot delete its table"
     removed = isoebpf("unload", "--netns", testbed.router).stdout
     assert "removed nft table inet isoebpf-trace" in removed

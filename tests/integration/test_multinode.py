@@ -13,10 +13,7 @@ from isoebpf.backends import ebpf
 from isoebpf.multinode import VXLAN, MultiNode, it_hr_two_nodes
 from isoebpf.state import Scope
 from tests.conftest import require
-from tests.integration.conftest import ROOT, isoebpf
-from tests.integration.test_agent import AgentProcess
-
-SEED = ROOT / "examples" / "it-hr.yaml"
+from tests.integration.conftest import SEED, AgentProcess, isoebpf, packets_by_rule
 
 
 def require_vxlan() -> None:
@@ -62,7 +59,7 @@ def agents(cluster: MultiNode) -> Iterator[dict[str, AgentProcess]]:
 def counters(cluster: MultiNode, node: str) -> dict[str, int]:
     record = ebpf.status(Scope(cluster.node(node)))
     assert record is not None
-    return {c["rule"]: c["packets"] for c in record["counters"]}
+    return packets_by_rule(record)
 
 
 def test_cross_node_verdicts_and_replies_through_both_nodes(

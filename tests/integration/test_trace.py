@@ -3,18 +3,13 @@ filters, and the kernel's rate limit."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from isoebpf.testbed import Testbed
-from tests.integration.conftest import ROOT, isoebpf
-
-SEED = ROOT / "examples" / "it-hr.yaml"
+from tests.integration.conftest import SEED, Trace, flood_udp, isoebpf, suppressed
 
 
 @pytest.fixture(scope="module")
@@ -26,26 +21,8 @@ def loaded(testbed: Testbed) -> Iterator[Testbed]:
         isoebpf("unload", "--netns", testbed.router)
 
 
-class Trace:
-    """`isoebpf trace --json` running beside the traffic a test makes."""
-
-    def __init__(self, testbed: Testbed, *filters: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "isoebpf.cli", "trace", "--netns", testbed.router, "--json",
-             "--timeout", "20", *filters],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.process.stderr is not None
-        started = self.process.stderr.readline()
-        assert started.startswith("tracing ebpf verdicts"), started
-
-    def finish(self) -> tuple[list[dict[str, object]], str]:
-        out, err = self.process.communicate(timeout=30)
-        assert self.process.returncode == 0, err
-        return [json.loads(line) for line in out.splitlines()], err
-
-
 def test_verdicts_name_rule_action_and_interface(loaded: Testbed) -> None:
-    tracing = Trace(loaded, "--action", "reject", "--count", "1")
+    tracing = Trace(loaded, "ebpf", "--action", "reject", "--count", "1")
     assert loaded.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
     assert loaded.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
     (event,), _ = tracing.finish()
@@ -55,7 +32,7 @@ def test_verdicts_name_rule_action_and_interface(loaded: Testbed) -> None:
 
 
 def test_filters_by_overlay_rule_and_address(loaded: Testbed) -> None:
-    tracing = Trace(loaded, "--rule", "allow:*", "--overlay", "hr", "--address",
+    tracing = Trace(loaded, "ebpf", "--rule", "allow:*", "--overlay", "hr", "--address",
                     "192.168.2.0/24", "--count", "2")
     assert loaded.probe("it1", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
     assert loaded.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
@@ -69,14 +46,11 @@ def test_filters_by_overlay_rule_and_address(loaded: Testbed) -> None:
 
 def test_the_kernel_limits_the_event_rate(loaded: Testbed) -> None:
     rate, seconds = 5, 2.0
-    tracing = Trace(loaded, "--rate", str(rate), "--timeout", str(seconds))
+    tracing = Trace(loaded, "ebpf", "--rate", str(rate), "--timeout", str(seconds))
     # 300 datagrams HR -> IT udp/53, each rejected: far more verdicts than the rate.
-    loaded.run_in(loaded.netns("hr1"), sys.executable, "-c",
-                  "import socket\nsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                  "for _ in range(300): sock.sendto(b'x', ('10.250.1.10', 53))")
+    flood_udp(loaded, "hr1", "10.250.1.10", 53, 300)
     events, summary = tracing.finish()
     cpus = os.cpu_count() or 1
     # Each CPU's bucket starts full (one second's worth) and refills at the rate.
     assert 0 < len(events) <= cpus * rate * (1 + seconds) + 1, len(events)
-    suppressed = int(summary.split(" verdicts suppressed")[0].rsplit(" ", 1)[1])
-    assert suppressed >= 300 - len(events), summary
+    assert suppressed(summary) >= 300 - len(events), summary

@@ -9,22 +9,15 @@ from isoebpf.abi import ISOEBPF_MAX_RULES, MAP_SIZE_MACROS
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
 from isoebpf.ir import IR
+from tests.policygen import many_overlays, many_ports
 
 
-def many_overlays(count: int, hairpin: bool = True) -> IR:
-    lines = ["version: 1", "default: deny", "overlays:"]
-    for n in range(count):
-        lines += [f"  o{n}:", f"    subnets: [10.{n // 256}.{n % 256}.0/24]"]
-        if not hairpin:
-            lines.append("    isolated: true")
-    return compile_policy(policy.loads("\n".join(lines) + "\n", "big.yaml"))
+def overlays_ir(count: int, hairpin: bool = True) -> IR:
+    return compile_policy(policy.loads(many_overlays(count, isolated=not hairpin), "big.yaml"))
 
 
-def many_ports(count: int) -> IR:
-    rules = "".join(f"  - {{from: a, to: b, ports: [tcp/{1000 + n}]}}\n" for n in range(count))
-    text = ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
-            f"  b:\n    subnets: [10.2.0.0/16]\nallow:\n{rules}")
-    return compile_policy(policy.loads(text, "ports.yaml"))
+def ports_ir(count: int) -> IR:
+    return compile_policy(policy.loads(many_ports(count), "ports.yaml"))
 
 
 def test_the_defaults_are_read_from_the_headers() -> None:
@@ -34,14 +27,14 @@ def test_the_defaults_are_read_from_the_headers() -> None:
 
 
 def test_a_policy_that_fits_has_no_problems() -> None:
-    assert capacity.problems(many_ports(10), capacity.sized(capacity.default_sizes()), {}) == []
+    assert capacity.problems(ports_ir(10), capacity.sized(capacity.default_sizes()), {}) == []
 
 
 @pytest.mark.parametrize(("ir", "macro", "limit", "needed"), [
-    (many_overlays(70), "ISOEBPF_MAX_CLASSES", 64, 70),
-    (many_overlays(20), "ISOEBPF_MAX_HAIRPINS", 16, 20),
-    (many_ports(300), "ISOEBPF_MAX_ALLOWED", 256, 300),
-    (many_ports(300), "ISOEBPF_MAX_RULES", 128, max(r.id for r in many_ports(300).rules) + 1),
+    (overlays_ir(70), "ISOEBPF_MAX_CLASSES", 64, 70),
+    (overlays_ir(20), "ISOEBPF_MAX_HAIRPINS", 16, 20),
+    (ports_ir(300), "ISOEBPF_MAX_ALLOWED", 256, 300),
+    (ports_ir(300), "ISOEBPF_MAX_RULES", 128, max(r.id for r in ports_ir(300).rules) + 1),
 ], ids=["classes", "hairpins", "allowed", "rules"])
 def test_too_big_names_the_map_the_count_the_limit_and_the_constant(
     ir: IR, macro: str, limit: int, needed: int,
@@ -56,7 +49,7 @@ def test_too_big_names_the_map_the_count_the_limit_and_the_constant(
 
 
 def test_an_update_must_fit_beside_the_policy_in_force() -> None:
-    ir = many_ports(100)
+    ir = ports_ir(100)
     sizes = capacity.sized({**capacity.default_sizes(), "ISOEBPF_MAX_ALLOWED": 150})
     assert capacity.problems(ir, sizes, {}) == []
     found = capacity.problems(ir, sizes, {"allowed": 60})
