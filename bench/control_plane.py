@@ -12,19 +12,28 @@ policy is parsed and compiled again (end to end), then written as generation
 program is not recompiled. The load total adds the phases up, whereas
 `isoebpf load` runs the program compile beside the parse (see cli.load). Map
 memory is the kernel's own account (`memlock` in /proc/self/fdinfo of each
-map), after the fill.
+map), after the fill. The phases run with Python's collector paused, as in
+`isoebpf load`.
+
+End to end, as a user sees it: the wall-clock time of `isoebpf load` (a process
+of its own: start-up, parse, the compile beside it, attach, fill) enforcing the
+policy on one veth in a namespace of the bench's own, and of the second
+`isoebpf load` that changes one rule.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import policies
+from bench import policies, topology
 from bench.stats import summary
+from bench.topology import PYTHON
 from isoebpf import policy
 from isoebpf.backends import program
 from isoebpf.compiler import compile_policy
@@ -48,6 +57,11 @@ def _timed(work: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _one(rules: int) -> dict[str, Any]:
+    with policy.collector_paused():
+        return {**_phases(rules), **_cli(rules)}
+
+
+def _phases(rules: int) -> dict[str, Any]:
     text = policies.scaled_policy(rules)
     model, parse_s = _timed(lambda: policy.loads(text))
     ir, ir_s = _timed(lambda: compile_policy(model))
@@ -72,6 +86,35 @@ def _one(rules: int) -> dict[str, Any]:
             "entries": len(ir.allowed) + len(ir.classes)}
 
 
+def _cli(rules: int) -> dict[str, float]:
+    """Wall-clock seconds of `isoebpf load` (a first load, then a one-rule change)."""
+    netns = f"isob{os.getpid() % 100000}-b6"
+    env = {**os.environ, **{name: str(size) for name, size in policies.map_sizes(rules).items()}}
+
+    def load(path: Path) -> float:
+        started = time.perf_counter()
+        subprocess.run([PYTHON, "-m", "isoebpf.cli", "load", "--backend", "ebpf", "--netns", netns,
+                        "--iface", "b6-*", str(path)], check=True, capture_output=True, env=env)
+        return time.perf_counter() - started
+
+    topology.run("ip", "netns", "add", netns)
+    try:
+        topology.run("ip", "-n", netns, "link", "add", "b6-a", "type", "veth", "peer", "name", "b6-b")
+        topology.run("ip", "-n", netns, "link", "set", "b6-a", "up")
+        with tempfile.TemporaryDirectory(prefix="isoebpf-b6-") as files:
+            first, change = Path(files, "first.yaml"), Path(files, "change.yaml")
+            first.write_text(policies.scaled_policy(rules), encoding="utf-8")
+            change.write_text(policies.changed_policy(rules), encoding="utf-8")
+            first_s = load(first)
+            try:
+                return {"cli_load_s": first_s, "cli_change_s": load(change)}
+            finally:
+                subprocess.run([PYTHON, "-m", "isoebpf.cli", "unload", "--netns", netns],
+                               check=False, capture_output=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
+
+
 def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
     taken: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for r in range(rounds):
@@ -81,12 +124,14 @@ def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[
             say(f"B6 {rules:>6} rules: parse {one['parse_s']:.2f}s, IR {one['ir_compile_s']:.2f}s, "
                 f"bcc {one['program_compile_s']:.2f}s, fill {one['map_fill_s']:.2f}s; change "
                 f"{one['change_apply_s'] * 1000:.0f} ms apply, {one['change_end_to_end_s']:.2f}s end to end; "
-                f"maps {one['map_bytes'] / 2**20:.1f} MiB")
+                f"maps {one['map_bytes'] / 2**20:.1f} MiB; isoebpf load {one['cli_load_s']:.2f}s, "
+                f"its change {one['cli_change_s']:.2f}s")
     results = []
     for rules, runs in taken.items():
         row: dict[str, Any] = {"rules": rules}
         for key in ("parse_s", "ir_compile_s", "program_compile_s", "map_fill_s", "load_total_s",
-                    "change_apply_s", "change_end_to_end_s", "map_bytes"):
+                    "change_apply_s", "change_end_to_end_s", "map_bytes", "cli_load_s",
+                    "cli_change_s"):
             row[key] = summary([run[key] for run in runs])
         row["map_bytes_by_map"] = runs[-1]["map_bytes_by_map"]
         row["entries"] = runs[-1]["entries"]

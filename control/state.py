@@ -94,10 +94,11 @@ class Scope:
         return record
 
     def write(self, record: dict[str, Any]) -> None:
-        """Replace the record atomically: readers see the old one or the new one."""
+        """Replace the record atomically: readers see the old one or the new one.
+        Compact: with `indent`, json encodes in Python, not C (100k rules: 1 s, not 0.1)."""
         self.make_run_dir()
         write_atomically(self.record_path,
-                         json.dumps({**record, "layout": LAYOUT}, indent=1, sort_keys=True).encode())
+                         json.dumps({**record, "layout": LAYOUT}, sort_keys=True).encode())
 
     def forget(self) -> None:
         self.record_path.unlink(missing_ok=True)

@@ -250,15 +250,10 @@ def _batch(cmd: int, fd: int, keys: bytes, values: bytes | None, count: int) -> 
     return count
 
 
-def map_update_many(fd: int, entries: Sequence[tuple[Buffer, Buffer]]) -> None:
-    """Write many entries in one BPF_MAP_UPDATE_BATCH where the kernel has it
-    (a 100k-entry policy: one system call, not 100k)."""
-    map_update_packed(fd, b"".join(bytes(k) for k, _ in entries),
-                      b"".join(bytes(v) for _, v in entries), len(entries))
-
-
 def map_update_packed(fd: int, keys: bytes, values: bytes, count: int) -> None:
-    """map_update_many over `count` keys and values already packed back to back."""
+    """Write `count` entries, their keys and values packed back to back, in one
+    BPF_MAP_UPDATE_BATCH where the kernel has it (a 100k-entry policy: one system
+    call, not 100k)."""
     if not count:
         return
     done = _batch(BPF_MAP_UPDATE_BATCH, fd, keys, values, count)

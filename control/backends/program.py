@@ -16,9 +16,12 @@ from __future__ import annotations
 import array
 import ctypes
 import marshal
+import operator
 import re
+import struct
+import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,46 +181,65 @@ def slot_of(gen: int) -> int:
     return gen & 1
 
 
+_ALLOW_KEY_FIELDS = operator.attrgetter("match_bits", "src_class", "dst_class", "proto", "port")
+
+
 def tables_of(ir: IR) -> Tables:
     """The entries `ir` takes in each policy map, without the slot."""
     classes: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {4: {}, 6: {}}
     for c in ir.classes:
-        network = c.network
-        classes[network.version][(network.prefixlen, network.first)] = (c.class_id, c.overlay_id)
+        network = c.network  # a policy CIDR: no host bits, so its value is its first address
+        classes[network.version][(network.prefixlen, network.value)] = (c.class_id, c.overlay_id)
     return {
         "classes_v4": classes[4],
         "classes_v6": classes[6],
         "exceptions": {(e.src_class, e.dst_class): (e.rule,) for e in ir.exceptions},
         "hairpins": {(o.id,): (o.hairpin_rule,) for o in ir.overlays if o.hairpin_rule},
-        "allowed": {(a.match_bits, a.src_class, a.dst_class, a.proto, a.port): (a.rule,)
-                    for a in ir.allowed},
+        "allowed": {_ALLOW_KEY_FIELDS(a): (a.rule,) for a in ir.allowed},
     }
 
 
-def _key(name: str, slot: int, fields: tuple[int, ...]) -> ctypes.Structure:
-    if name in ("classes_v4", "classes_v6"):
-        prefixlen, network = fields
-        size = 4 if name == "classes_v4" else 16
-        key = _POLICY_MAPS[name](abi.CLASS_FIXED_BITS + prefixlen, slot)
-        key.addr[:] = network.to_bytes(size, "big")
-        return key
+# Keys and values packed by struct in abi's layouts (tests/unit/test_packing.py
+# compares them byte for byte): a ctypes struct per entry cost 7 us, which made
+# writing 100k entries take seconds. The LPM keys begin with a native u32 prefix
+# length and go on big-endian, so they pack big-endian with that length swapped.
+_NATIVE_U32_AS_BIG = tuple(int.from_bytes(n.to_bytes(4, sys.byteorder), "big") for n in range(256))
+_CLASS_V4 = struct.Struct(">III")  # prefixlen, slot, address
+_CLASS_V6 = struct.Struct(">IIQQ")  # prefixlen, slot, address (high, low half)
+_ALLOW = struct.Struct(">IIIIBHx")  # prefixlen, slot, src class, dst class, proto, port
+_LOW64 = 2**64 - 1
+_VALUES = {"classes_v4": struct.Struct("=II"), "classes_v6": struct.Struct("=II"),
+           "exceptions": struct.Struct("=I"), "hairpins": struct.Struct("=I"),
+           "allowed": struct.Struct("=I")}
+_NATIVE_KEYS = {"exceptions": struct.Struct("=III"), "hairpins": struct.Struct("=II")}
+
+
+def key_packer(name: str, slot: int) -> Callable[[tuple[int, ...]], bytes]:
+    """fields -> the packed key of map `name` in `slot` (fields as in Tables)."""
+    swapped = _NATIVE_U32_AS_BIG
+    if name == "classes_v4":
+        v4 = _CLASS_V4.pack
+        return lambda f: v4(swapped[abi.CLASS_FIXED_BITS + f[0]], slot, f[1])
+    if name == "classes_v6":
+        v6 = _CLASS_V6.pack
+        return lambda f: v6(swapped[abi.CLASS_FIXED_BITS + f[0]], slot, f[1] >> 64, f[1] & _LOW64)
     if name == "allowed":
-        match_bits, src_class, dst_class, proto, port = fields
-        allow = abi.AllowKey(abi.ALLOW_FIXED_BITS + match_bits, slot, src_class, dst_class, proto)
-        allow.port[:] = port.to_bytes(2, "big")
-        return allow
-    return _POLICY_MAPS[name](slot, *fields)
+        allow = _ALLOW.pack
+        return lambda f: allow(swapped[abi.ALLOW_FIXED_BITS + f[0]], slot, *f[1:])
+    native = _NATIVE_KEYS[name].pack
+    return lambda f: native(slot, *f)
 
 
-def _value(name: str, fields: tuple[int, ...]) -> ctypes.Structure:
-    return abi.ClassValue(*fields) if name.startswith("classes") else abi.RuleValue(*fields)
+def pack_value(name: str, fields: tuple[int, ...]) -> bytes:
+    return _VALUES[name].pack(*fields)
 
 
-def policy_entries(ir: IR, slot: int) -> Iterator[tuple[str, ctypes.Structure, ctypes.Structure]]:
-    """(map, key, value) for every policy table entry of `ir` in slot `slot`."""
+def policy_entries(ir: IR, slot: int) -> Iterator[tuple[str, bytes, bytes]]:
+    """(map, key, value), packed, for every policy table entry of `ir` in slot `slot`."""
     for name, table in tables_of(ir).items():
+        pack_key = key_packer(name, slot)
         for key, value in table.items():
-            yield name, _key(name, slot, key), _value(name, value)
+            yield name, pack_key(key), pack_value(name, value)
 
 
 def _slot_entries(maps: Maps, slot: int) -> dict[str, list[bytes]]:
@@ -284,11 +306,14 @@ def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) ->
     for name, table in tables.items():
         before = held.get(name, {})
         # Comprehensions, not set operations on items(): no set of 100k pairs to build.
-        gone = [bytes(_key(name, slot, key)) for key in before if key not in table]
+        if before == table:  # one dict comparison, in C: most maps of a small change
+            continue
+        pack_key, pack = key_packer(name, slot), _VALUES[name].pack
+        gone = [pack_key(key) for key in before if key not in table]
         bpfsys.map_delete_many(maps[name], gone)
-        changed = [(_key(name, slot, key), _value(name, value)) for key, value in table.items()
-                   if before.get(key) != value]
-        bpfsys.map_update_many(maps[name], changed)
+        changed = [key for key, value in table.items() if before.get(key) != value]
+        bpfsys.map_update_packed(maps[name], b"".join(map(pack_key, changed)),
+                                 b"".join(pack(*table[key]) for key in changed), len(changed))
 
 
 def _room(maps: Maps) -> dict[str, int]:
