@@ -36,6 +36,7 @@ from bench import policies
 from bench.rulesets import ipset_rules, nft_ruleset
 from bench.topology import ROUTER_IFACES, Topology
 from isoebpf import backend
+from isoebpf.backends import bpfsys, ebpf
 from isoebpf.ir import IR, with_digest
 from isoebpf.state import Scope
 
@@ -58,6 +59,22 @@ def enforcing(name: str, topo: Topology, rules: int, ir: IR, xdp_drop: int) -> I
 
 
 Setup = Callable[[Topology, int, IR, int], tuple[Callable[[], None], Callable[[], None]]]
+
+
+def program_ids(name: str, topo: Topology, xdp_drop: int) -> list[int]:
+    """Ids of the BPF programs enforcer `name` runs (none for the netfilter ones)."""
+    if name == "xdp-drop":
+        return [bpfsys.prog_info(xdp_drop).id]
+    if not name.startswith("ebpf-"):
+        return []
+    ids = []
+    for pin in ebpf.PROG_PINS.values():
+        fd = bpfsys.obj_get(str(Scope(topo.router).pin_dir / pin))
+        try:
+            ids.append(bpfsys.prog_info(fd).id)
+        finally:
+            os.close(fd)
+    return ids
 
 
 def _none(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -112,13 +112,21 @@ def control_plane(results: dict[str, Any]) -> list[Target]:
     if top is None:
         return [Target("B6: loading 100k rules <= 3 s including compile", "<= 3 s", "not measured", None),
                 Target("B6: a one-rule change <= 100 ms, no recompile", "<= 100 ms", "not measured", None)]
-    load = float(top["load_total_s"]["median"])
+    phases = float(top["load_total_s"]["median"])
     change = float(top["change_apply_s"]["median"])
     rules = top["rules"]
+    if "cli_load_s" in top:  # results from before the bench timed `isoebpf load` have only phases
+        load = float(top["cli_load_s"]["median"])
+        said = f"{load:.2f} s (`isoebpf load`; its phases add up to {phases:.2f} s)"
+        change_said = (f"{change * 1000:.0f} ms (map writes; the program is not recompiled; `isoebpf load` "
+                       f"of the change: {float(top['cli_change_s']['median']):.2f} s)")
+    else:
+        load, said = phases, f"{phases:.2f} s (phases added up)"
+        change_said = f"{change * 1000:.0f} ms (map writes; the program is not recompiled)"
     return [
-        Target(f"B6: loading {rules} rules <= 3 s including compile", "<= 3 s", f"{load:.2f} s", load <= 3.0),
+        Target(f"B6: loading {rules} rules <= 3 s including compile", "<= 3 s", said, load <= 3.0),
         Target(f"B6: a one-rule change at {rules} rules <= 100 ms, no recompile", "<= 100 ms",
-               f"{change * 1000:.0f} ms (map writes; the program is not recompiled)", change <= 0.1),
+               change_said, change <= 0.1),
     ]
 
 

@@ -19,6 +19,11 @@ routes (bench/topology.py), so every packet rate here is bounded by the
 generator's share of that CPU too (`generator_share`, its user and system
 time); `cpu_ns_per_packet` removes it: the CPU's softirq time (the router's
 receive, forward, enforce and answer work) over the packets processed.
+
+On denied traffic, a second, shorter window follows with the kernel's run-time
+statistics on (they cost every program run a little, so the first window runs
+without): `program_ns_per_packet` is the time the enforcer's BPF programs took
+per packet, theirs alone.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,7 @@ from bench.topology import (
     cpu_times,
 )
 from isoebpf import policy
+from isoebpf.backends import bpfsys
 from isoebpf.compiler import compile_policy
 
 FLOW_SPORT = 40000
@@ -85,7 +91,8 @@ class Runner:
         self.topo.exec(self.topo.sink, PYTHON, "-c", send, str(policies.BENCH_PORT), GEN_ADDR, str(FLOW_SPORT))
         time.sleep(0.05)
 
-    def packets(self, kind: str) -> dict[str, float]:
+    def packets(self, kind: str, programs: Sequence[int] = ()) -> dict[str, float]:
+        """`programs`: ids of the enforcer's BPF programs, whose own time denied traffic measures."""
         conf = self.conf_dir / f"{kind}.trafgen"
         conf.write_text(trafgen_config(kind, self.topo.macs, self.topo), encoding="ascii")
         sink_drop = kind in ("flow", "new")
@@ -105,6 +112,7 @@ class Runner:
             before, cpu_before, t0 = self.topo.counters(), cpu_times(), time.monotonic()
             time.sleep(self.window)
             after, cpu_after, t1 = self.topo.counters(), cpu_times(), time.monotonic()
+            program_ns = self._program_ns(programs) if kind == "denied" else None
         finally:
             _stop_group(gen)
             if sink_drop:
@@ -116,7 +124,7 @@ class Runner:
         cpu = {k: (cpu_after[GEN_CPU][k] - cpu_before[GEN_CPU][k]) * TICK_SECONDS
                for k in cpu_after[GEN_CPU]}
         processed = rate("router:r-gen", "rx")
-        return {
+        return ({} if program_ns is None else {"program_ns_per_packet": program_ns}) | {
             "offered_pps": rate("gen:eth0", "tx"),
             "processed_pps": processed,
             "forwarded_pps": rate("sink:eth0", "rx"),
@@ -125,6 +133,22 @@ class Runner:
             "generator_share": (cpu["user"] + cpu["system"]) / dt,
             "cpu_ns_per_packet": cpu["softirq"] * 1e9 / (processed * dt) if processed else 0.0,
         }
+
+    def _program_ns(self, ids: Sequence[int]) -> float | None:
+        """ns per packet the enforcer's programs (`ids`) take, by the kernel's run-time
+        statistics over half a window; None for an enforcer that is no BPF program."""
+        if not ids:
+            return None
+        statistics = bpfsys.run_time_statistics()
+        try:
+            first = [bpfsys.prog_info_by_id(i) for i in ids]
+            time.sleep(self.window / 2)
+            last = [bpfsys.prog_info_by_id(i) for i in ids]
+        finally:
+            os.close(statistics)
+        # Each program sees each packet once: their times per run add up.
+        return float(sum((b.run_time_ns - a.run_time_ns) / (b.run_cnt - a.run_cnt)
+                         for a, b in zip(first, last, strict=True) if a and b and b.run_cnt > a.run_cnt))
 
     def tcp(self) -> dict[str, float]:
         seconds = max(2, round(self.window + 1))
@@ -165,7 +189,8 @@ def run_all(rules_sizes: list[int], rounds: int, window: float,
                         if rules == min(rules_sizes) and name not in DISCARD_ONLY:
                             measures.append("new")
                         for measure in measures:
-                            got = runner.tcp() if measure == "tcp" else runner.packets(measure)
+                            got = (runner.tcp() if measure == "tcp" else
+                                   runner.packets(measure, enforcers.program_ids(name, topo, refs.xdp_drop)))
                             rows.setdefault((rules, name, measure), []).append(got)
                             say(f"traffic {rules:>6} rules, round {rnd}, {name:14} {measure:6} "
                                 + ", ".join(f"{k} {v:,.2f}" for k, v in got.items()

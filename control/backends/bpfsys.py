@@ -36,6 +36,9 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
+BPF_ENABLE_STATS = 32
+
+BPF_STATS_RUN_TIME = 0
 
 BPF_ANY = 0
 
@@ -91,8 +94,19 @@ class _ProgInfo(ctypes.Structure):
         ("type", _u32), ("id", _u32), ("tag", _u8 * 8), ("jited_prog_len", _u32),
         ("xlated_prog_len", _u32), ("jited_prog_insns", _u64), ("xlated_prog_insns", _u64),
         ("load_time", _u64), ("created_by_uid", _u32), ("nr_map_ids", _u32), ("map_ids", _u64),
-        ("name", ctypes.c_char * 16),
+        ("name", ctypes.c_char * 16), ("ifindex", _u32), ("gpl_compatible", _u32),
+        ("netns_dev", _u64), ("netns_ino", _u64), ("nr_jited_ksyms", _u32),
+        ("nr_jited_func_lens", _u32), ("jited_ksyms", _u64), ("jited_func_lens", _u64),
+        ("btf_id", _u32), ("func_info_rec_size", _u32), ("func_info", _u64),
+        ("nr_func_info", _u32), ("nr_line_info", _u32), ("line_info", _u64),
+        ("jited_line_info", _u64), ("nr_jited_line_info", _u32), ("line_info_rec_size", _u32),
+        ("jited_line_info_rec_size", _u32), ("nr_prog_tags", _u32), ("prog_tags", _u64),
+        ("run_time_ns", _u64), ("run_cnt", _u64),
     ]
+
+
+class _EnableStatsAttr(ctypes.Structure):
+    _fields_ = [("type", _u32)]
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,8 @@ class ProgInfo:
     type: int
     id: int
     name: str
+    run_time_ns: int  # summed over its runs while run-time statistics were on
+    run_cnt: int
 
 
 @dataclass(frozen=True)
@@ -176,22 +192,39 @@ def prog_info(fd: int) -> ProgInfo:
     except OSError as err:
         raise _permission(err, "reading program info") or BackendError(
             f"fd {fd} is not a BPF program: {err.strerror}") from err
-    return ProgInfo(info.type, info.id, info.name.decode(errors="replace"))
+    return ProgInfo(info.type, info.id, info.name.decode(errors="replace"), info.run_time_ns,
+                    info.run_cnt)
 
 
-def prog_name(prog_id: int) -> str:
-    """The name of a loaded program by id ("" if it is gone): whose XDP program is this?"""
+def prog_info_by_id(prog_id: int) -> ProgInfo | None:
+    """A loaded program's info by id; None if it is gone."""
     try:
         fd = _bpf(BPF_PROG_GET_FD_BY_ID, _GetFdByIdAttr(id=prog_id))
     except OSError as err:
         if err.errno == errno.ENOENT:
-            return ""
+            return None
         raise _permission(err, f"opening program {prog_id}") or BackendError(
             f"cannot open program {prog_id}: {err.strerror}") from err
     try:
-        return prog_info(fd).name
+        return prog_info(fd)
     finally:
         os.close(fd)
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of a loaded program by id ("" if it is gone): whose XDP program is this?"""
+    info = prog_info_by_id(prog_id)
+    return info.name if info else ""
+
+
+def run_time_statistics() -> int:
+    """An fd that has the kernel count every program's run time while it is open
+    (BPF_ENABLE_STATS: the sysctl kernel.bpf_stats_enabled, undone by closing)."""
+    try:
+        return _bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
+    except OSError as err:
+        raise _permission(err, "enabling run-time statistics") or BackendError(
+            f"cannot enable run-time statistics: {err.strerror}") from err
 
 
 def _map_name(fd: int) -> str:

@@ -114,6 +114,22 @@ def test_pins_and_names(loaded: Datapath) -> None:
     assert bpfsys.prog_name(prog.id) == program.XDP_NAME
 
 
+def test_run_time_statistics_count_each_run_while_on(loaded: Datapath) -> None:
+    """What the bench reads as a program's own time per packet (bench/traffic.py)."""
+    fd = loaded.compiled.prog_fds["xdp"]
+    statistics = bpfsys.run_time_statistics()
+    try:
+        before = bpfsys.prog_info(fd)
+        bpfsys.prog_test_run(fd, build(SYN_80), repeat=100)
+        after = bpfsys.prog_info_by_id(before.id)
+    finally:
+        os.close(statistics)
+    assert after is not None
+    assert after.run_cnt - before.run_cnt == 100
+    assert after.run_time_ns > before.run_time_ns
+    assert bpfsys.prog_info_by_id(2**32 - 1) is None
+
+
 def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) -> None:
     """After every update the live slot holds exactly its policy and the other
     exactly the one before, as its file says, so the next difference is right;
