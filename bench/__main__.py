@@ -1,5 +1,7 @@
 """`python -m bench [--quick] [--only b1,b6,traffic]`: run the suite, write
-bench/results/<time>.json, bench/RESULTS.md and bench/plots/*.png.
+bench/results/<time>.json, bench/RESULTS.md and bench/plots/*.png. A quick run
+writes the same under bench/quick/ (not kept in git), so that it never
+replaces the full run's report.
 
 The suite cleans up after itself (namespaces, programs, rules) on failure,
 Ctrl-C and SIGTERM alike; `--report FILE` only regenerates the report.
@@ -56,7 +58,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.report:
         saved: dict[str, Any] = json.loads(args.report.read_text(encoding="utf-8"))
-        report.write(saved)
+        home = _home(saved["quick"])
+        report.write(saved, home / "RESULTS.md", home / "plots")
         return _verdict(saved)
     signal.signal(signal.SIGTERM, _stop)
     rounds, b1_sizes, b6_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
@@ -79,12 +82,18 @@ def main(argv: list[str]) -> int:
         results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, say)
     if not args.into:
         results["duration_s"] = time.monotonic() - started
-    out = HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(exist_ok=True)
+    home = _home(results["quick"])
+    out = home / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    report.write(results)
-    say(f"wrote {out.relative_to(HERE.parent)}, bench/RESULTS.md, bench/plots/")
+    report.write(results, home / "RESULTS.md", home / "plots")
+    say(f"wrote {out.relative_to(HERE.parent)}, {(home / 'RESULTS.md').relative_to(HERE.parent)}, "
+        f"{(home / 'plots').relative_to(HERE.parent)}/")
     return _verdict(results)
+
+
+def _home(quick: bool) -> Path:
+    return HERE / "quick" if quick else HERE
 
 
 def _verdict(results: dict[str, Any]) -> int:

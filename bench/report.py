@@ -186,6 +186,8 @@ def plot(results: dict[str, Any], where: Path) -> list[str]:
             values = [r[key]["median"] for r in rows]
             ax.bar(labels, values, bottom=bottom, label=key.removesuffix("_s").replace("_", " "))
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        if all("cli_load_s" in r for r in rows):
+            ax.plot(labels, [r["cli_load_s"]["median"] for r in rows], "ko-", label="isoebpf load, end to end")
         ax.axhline(3.0, color="black", linestyle="--", label="target 3 s")
         ax.set_yscale("symlog")
         ax.set_ylabel("seconds")

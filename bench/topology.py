@@ -26,6 +26,7 @@ from isoebpf.resource import Resource
 GEN_ADDR, ROUTER_GEN_ADDR = "192.168.1.10", "192.168.1.1"
 SINK_ADDR, ROUTER_SINK_ADDR = "10.250.1.10", "10.250.1.1"
 GEN_CPU = 0  # generates, and routes: see above
+SINK_CPU = 1  # where iperf3's server reads, so that every TCP run places its processes alike
 ROUTER_IFACES = ("r-gen", "r-sink")
 
 
@@ -73,7 +74,7 @@ class Topology(Resource):
         return str(shown[0]["address"])
 
     def _start_iperf_server(self) -> None:
-        server = subprocess.Popen(["ip", "netns", "exec", self.sink, "iperf3", "-s", "-p", "5201"],
+        server = subprocess.Popen(["ip", "netns", "exec", self.sink, "iperf3", "-s", "-p", "5201", "-A", str(SINK_CPU)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         self._servers.append(server)
 
