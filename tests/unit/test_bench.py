@@ -63,6 +63,16 @@ def test_targets_move_with_the_numbers() -> None:
     assert got["B4: eBPF (auto) discard at the most rules >= 50 x iptables plain rules"] is False
 
 
+def test_loading_is_judged_on_isoebpf_load_where_the_bench_timed_it() -> None:
+    doc = results()
+    doc["b6"] = [{"rules": 100000, "load_total_s": s(2.5), "change_apply_s": s(0.05),
+                  "cli_load_s": s(3.5), "cli_change_s": s(1.0)}]
+    load, change = targets.control_plane(doc)
+    assert (load.met, load.value) == (False, "3.50 s (`isoebpf load`; its phases add up to 2.50 s)")
+    assert change.met is True
+    assert "`isoebpf load` of the change: 1.00 s" in change.value
+
+
 def test_an_empty_document_measures_nothing() -> None:
     assert set(verdicts({}).values()) == {None}
 
