@@ -305,10 +305,10 @@ def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) ->
         held = {}
     for name, table in tables.items():
         before = held.get(name, {})
-        # Comprehensions, not set operations on items(): no set of 100k pairs to build.
         if before == table:  # one dict comparison, in C: most maps of a small change
             continue
         pack_key, pack = key_packer(name, slot), _VALUES[name].pack
+        # Comprehensions, not set operations on items(): no set of 100k pairs to build.
         gone = [pack_key(key) for key in before if key not in table]
         bpfsys.map_delete_many(maps[name], gone)
         changed = [key for key, value in table.items() if before.get(key) != value]

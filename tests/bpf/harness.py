@@ -41,7 +41,7 @@ def slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]
 
 def slot_wanted(ir: IR, slot: int) -> set[tuple[str, bytes, bytes]]:
     """What one slot of the policy maps holds with `ir` written into it."""
-    return {(name, bytes(key), bytes(value)) for name, key, value in program.policy_entries(ir, slot)}
+    return set(program.policy_entries(ir, slot))
 
 
 
