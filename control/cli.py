@@ -289,6 +289,9 @@ def unload(netns: str | None) -> None:
     """Remove every program, pin, chain and set isoebpf made; safe to repeat."""
     require_privilege("unload")
     scope = Scope(netns)
+    if scope.namespace_gone:
+        click.echo(f"namespace {netns} is gone, and its interfaces and rules with it: "
+                   "removing isoebpf's own state of it")
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
     scope.clear_failure()
     for what in removed:

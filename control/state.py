@@ -30,6 +30,7 @@ LAYOUT = 1
 BPFFS = Path(os.environ.get("ISOEBPF_BPFFS", "/sys/fs/bpf/isoebpf"))
 RUN_DIR = Path(os.environ.get("ISOEBPF_RUN_DIR", "/run/isoebpf"))
 NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps named namespaces
 # State is root's alone: directories 0700, pins, records and locks 0600.
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -48,6 +49,12 @@ class Scope:
     @property
     def name(self) -> str:
         return "root" if self.netns is None else f"netns-{self.netns}"
+
+    @property
+    def namespace_gone(self) -> bool:
+        """A named namespace deleted since (`ip netns del`): its interfaces and
+        firewall went with it, and only our state (pins, records) is left."""
+        return self.netns is not None and not (NETNS_DIR / self.netns).exists()
 
     @property
     def pin_dir(self) -> Path:

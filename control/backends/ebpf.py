@@ -317,6 +317,16 @@ def _unpin(scope: Scope) -> None:
 
 def _teardown(scope: Scope, record: dict[str, Any] | None) -> list[str]:
     """Detach what the record lists and anything of ours found by name; unpin; forget."""
+    removed = [] if scope.namespace_gone else _detach_ours(scope, record)
+    if scope.pin_dir.exists():
+        removed.append(f"pins under {scope.pin_dir}")
+    _unpin(scope)  # the slot files too, when bpffs lost the pins under us
+    if record is not None and record.get("backend") == BACKEND:
+        scope.forget()
+    return removed
+
+
+def _detach_ours(scope: Scope, record: dict[str, Any] | None) -> list[str]:
     removed: list[str] = []
     with links.netlink(scope.netns) as sock:
         recorded = {a["ifindex"]: a for a in (record or {}).get("attachments", [])}
@@ -331,11 +341,6 @@ def _teardown(scope: Scope, record: dict[str, Any] | None) -> list[str]:
             if links.has_our_tc(sock, link.index):
                 links.detach_tc(sock, link, bool(entry and entry.get("added_clsact")))
                 removed.append(f"{link.name} (tc)")
-    if scope.pin_dir.exists():
-        removed.append(f"pins under {scope.pin_dir}")
-    _unpin(scope)  # the slot files too, when bpffs lost the pins under us
-    if record is not None and record.get("backend") == BACKEND:
-        scope.forget()
     return removed
 
 

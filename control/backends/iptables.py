@@ -616,22 +616,30 @@ def unload(scope: Scope) -> list[str]:
         except StateError:
             record = None
         mine = record if record and record.get("backend") == BACKEND else None
-        tools = _Tools(scope.netns, str(mine["flavour"]) if mine else flavour())
-        removed: list[str] = []
-        for version in (4, 6):
-            family = _read_family(tools, version)
-            chains = _our_chains(family, (mine or {}).get("chain"), DEFAULT_CHAIN)
-            ops = [*_forward_ops(family, []), *(o for c in chains for o in (f"-F {c}", f"-X {c}"))]
-            if ops:
-                tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
-                tool = IP_VERSIONS[version]
-                removed += [f"{tool} FORWARD rule {_tag(spec)}" for _, spec, _, _ in family.forward]
-                removed += [f"{tool} chain {c}" for c in chains]
-        ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
-        tools.ipset(_destroy_text(ours))
-        removed += [f"ipset {name}" for name in ours]
-        if tools.flavour == "nft" and nftrace.remove_table(tools.run):
-            removed.append(f"nft table inet {nftrace.TABLE}")  # a killed trace's
+        if scope.namespace_gone:
+            removed = [f"the record of rules that went with namespace {scope.netns}"] if mine else []
+        else:
+            removed = _remove_ours(scope, mine)
         if mine:
             scope.forget()
         return removed
+
+
+def _remove_ours(scope: Scope, mine: dict[str, Any] | None) -> list[str]:
+    tools = _Tools(scope.netns, str(mine["flavour"]) if mine else flavour())
+    removed: list[str] = []
+    for version in (4, 6):
+        family = _read_family(tools, version)
+        chains = _our_chains(family, (mine or {}).get("chain"), DEFAULT_CHAIN)
+        ops = [*_forward_ops(family, []), *(o for c in chains for o in (f"-F {c}", f"-X {c}"))]
+        if ops:
+            tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
+            tool = IP_VERSIONS[version]
+            removed += [f"{tool} FORWARD rule {_tag(spec)}" for _, spec, _, _ in family.forward]
+            removed += [f"{tool} chain {c}" for c in chains]
+    ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
+    tools.ipset(_destroy_text(ours))
+    removed += [f"ipset {name}" for name in ours]
+    if tools.flavour == "nft" and nftrace.remove_table(tools.run):
+        removed.append(f"nft table inet {nftrace.TABLE}")  # a killed trace's
+    return removed

@@ -19,6 +19,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError, NetNS
 
 from ..errors import BackendError
+from ..state import NETNS_DIR
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -51,7 +52,7 @@ def netlink(netns: str | None, keep: bool = True) -> Iterator[Any]:
     """A netlink socket in the given namespace (None: our own); reused by the same
     thread while the namespace is the same one (not deleted and re-made)."""
     try:
-        identity = (netns, os.stat(f"/run/netns/{netns}").st_ino if netns else 0)
+        identity = (netns, os.stat(NETNS_DIR / netns).st_ino if netns else 0)
     except OSError as err:
         raise BackendError(f"cannot open network namespace '{netns}': {err} "
                            "(does 'ip netns list' show it?)") from err

@@ -316,3 +316,31 @@ def test_a_change_that_cannot_be_applied(testbed: Testbed, policies: dict[str, t
                                                "--json").stdout)
     assert metrics(scope, on_failure)["isoebpf_change_failed"] == 0
     assert not scope.failure_path.exists()
+
+
+@pytest.mark.parametrize("name", ["ebpf", "iptables"])
+def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, IR]],
+                                                name: str) -> None:
+    """`ip netns del` takes the interfaces and rules with it but not our pins and
+    records: unload still removes those, and says why there was nothing to detach."""
+    netns = f"isogone{os.getpid() % 100000}"
+    scope = Scope(netns)
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "add", "v-a", "type", "veth", "peer", "name", "v-b"],
+                       check=True)
+        isoebpf("load", str(policies["A"][0]), "--backend", name, "--netns", netns, "--iface", "v-*",
+                "--mode", "tc")
+        assert scope.read() is not None
+        assert scope.pin_dir.exists() == (name == "ebpf")
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    try:
+        done = isoebpf("unload", "--netns", netns)
+        assert f"namespace {netns} is gone" in done.stdout
+        assert "nothing was loaded" not in done.stdout
+        assert not scope.pin_dir.exists()
+        assert scope.read() is None
+        assert not scope.run_dir.exists()
+    finally:
+        isoebpf("unload", "--netns", netns, check=False)
