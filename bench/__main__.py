@@ -65,14 +65,13 @@ def main(argv: list[str]) -> int:
     rounds, b1_sizes, b6_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
     only = set(args.only.split(","))
     started = time.monotonic()
-    results: dict[str, Any] = {
-        "command": "make bench-quick" if args.quick else "make bench", "quick": args.quick,
-        "rounds": rounds, "machine": machine.describe(),
-    }
     if args.into:
-        results = json.loads(args.into.read_text(encoding="utf-8"))
+        results: dict[str, Any] = json.loads(args.into.read_text(encoding="utf-8"))
         results.setdefault("remeasured", {}).update(
             {family: time.strftime("%Y-%m-%d %H:%M:%S %Z") for family in only})
+    else:
+        results = {"command": "make bench-quick" if args.quick else "make bench", "quick": args.quick,
+                   "rounds": rounds, "machine": machine.describe()}
     say(f"machine: {results['machine']['cpu']}, kernel {results['machine']['kernel']}")
     if "b1" in only:
         results["b1"] = classifier.run(b1_sizes, rounds, say)

@@ -90,7 +90,7 @@ def _phases(rules: int) -> dict[str, Any]:
 
 def _cli(rules: int) -> dict[str, float]:
     """Wall-clock seconds of `isoebpf load` (a first load, then a one-rule change)."""
-    netns = f"isob{os.getpid() % 100000}-b6"
+    netns = f"{topology.PREFIX}-b6"
     env = {**os.environ, **{name: str(size) for name, size in policies.map_sizes(rules).items()}}
 
     def load(path: Path) -> float:
@@ -107,14 +107,13 @@ def _cli(rules: int) -> dict[str, float]:
             first, change = Path(files, "first.yaml"), Path(files, "change.yaml")
             first.write_text(policies.scaled_policy(rules), encoding="utf-8")
             change.write_text(policies.changed_policy(rules), encoding="utf-8")
-            first_s = load(first)
             try:
+                first_s = load(first)
                 return {"cli_load_s": first_s, "cli_change_s": load(change)}
             finally:
-                subprocess.run([PYTHON, "-m", "isoebpf.cli", "unload", "--netns", netns],
-                               check=False, capture_output=True)
+                topology.run(PYTHON, "-m", "isoebpf.cli", "unload", "--netns", netns, check=False)
     finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
+        topology.run("ip", "netns", "del", netns, check=False)
 
 
 def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[str, Any]]:

@@ -67,14 +67,7 @@ def program_ids(name: str, topo: Topology, xdp_drop: int) -> list[int]:
         return [bpfsys.prog_info(xdp_drop).id]
     if not name.startswith("ebpf-"):
         return []
-    ids = []
-    for pin in ebpf.PROG_PINS.values():
-        fd = bpfsys.obj_get(str(Scope(topo.router).pin_dir / pin))
-        try:
-            ids.append(bpfsys.prog_info(fd).id)
-        finally:
-            os.close(fd)
-    return ids
+    return list(ebpf.program_ids(Scope(topo.router)).values())
 
 
 def _none(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:

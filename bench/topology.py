@@ -34,9 +34,12 @@ def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout)
 
 
+PREFIX = f"isob{os.getpid() % 100000}"  # the bench's namespaces are named after it
+
+
 class Topology(Resource):
     def __init__(self) -> None:
-        self.prefix = f"isob{os.getpid() % 100000}"
+        self.prefix = PREFIX
         self.gen, self.router, self.sink = (f"{self.prefix}-{n}" for n in ("gen", "rtr", "sink"))
         self._made: list[str] = []
         self._servers: list[subprocess.Popen[str]] = []

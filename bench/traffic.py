@@ -92,7 +92,7 @@ class Runner:
         time.sleep(0.05)
 
     def packets(self, kind: str, programs: Sequence[int] = ()) -> dict[str, float]:
-        """`programs`: ids of the enforcer's BPF programs, whose own time denied traffic measures."""
+        """`programs`: ids of the enforcer's BPF programs whose own time to measure too."""
         conf = self.conf_dir / f"{kind}.trafgen"
         conf.write_text(trafgen_config(kind, self.topo.macs, self.topo), encoding="ascii")
         sink_drop = kind in ("flow", "new")
@@ -112,7 +112,7 @@ class Runner:
             before, cpu_before, t0 = self.topo.counters(), cpu_times(), time.monotonic()
             time.sleep(self.window)
             after, cpu_after, t1 = self.topo.counters(), cpu_times(), time.monotonic()
-            program_ns = self._program_ns(programs) if kind == "denied" else None
+            program_ns = self._program_ns(programs)
         finally:
             _stop_group(gen)
             if sink_drop:
@@ -191,9 +191,10 @@ def run_all(rules_sizes: list[int], rounds: int, window: float,
                         measures = ["denied"] if name in DISCARD_ONLY else ["denied", "flow", "tcp"]
                         if rules == min(rules_sizes) and name not in DISCARD_ONLY:
                             measures.append("new")
+                        programs = enforcers.program_ids(name, topo, refs.xdp_drop)
                         for measure in measures:
                             got = (runner.tcp() if measure == "tcp" else
-                                   runner.packets(measure, enforcers.program_ids(name, topo, refs.xdp_drop)))
+                                   runner.packets(measure, programs if measure == "denied" else ()))
                             rows.setdefault((rules, name, measure), []).append(got)
                             say(f"traffic {rules:>6} rules, round {rnd}, {name:14} {measure:6} "
                                 + ", ".join(f"{k} {v:,.2f}" for k, v in got.items()

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from . import capacity
-from .errors import IsoebpfError, PolicyError, ProgramRejected
+from .errors import IsoebpfError, ProgramRejected
 from .ir import IR
 from .state import Scope
 
@@ -65,11 +65,18 @@ def record(name: str, scope: Scope, ir: IR, policy_path: str, generation: int,
         "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "generation": generation,
         "rules": [[r.id, r.name, r.text] for r in ir.rules],
-        "overlays": {o.name: [str(c.network) for c in ir.classes if c.overlay_id == o.id]
-                     for o in ir.overlays},
+        "overlays": _networks_by_overlay(ir),
         "attachments": [a.as_record() for a in attachments],
         **extra,
     }
+
+
+def _networks_by_overlay(ir: IR) -> dict[str, list[str]]:
+    """Overlay name -> the networks of its classes (what trace's --overlay matches)."""
+    found: dict[int, list[str]] = {o.id: [] for o in ir.overlays}
+    for c in ir.classes:
+        found[c.overlay_id].append(str(c.network))
+    return {o.name: found[o.id] for o in ir.overlays}
 
 
 def module(name: str) -> ModuleType:
@@ -122,10 +129,8 @@ def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str]
         if previous:
             notes.append(f"removed the {previous} backend's enforcement first")
         try:
-            if chosen == "ebpf" and compiling is not None:
-                extra = {**extra, "compiling": compiling}
             report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
-                                         on_failure=on_failure, **extra)
+                                         on_failure=on_failure, compiling=compiling, **extra)
         except ProgramRejected as err:
             if requested != "auto":
                 raise
@@ -135,8 +140,6 @@ def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str]
                                          on_failure=on_failure)
     except IsoebpfError as err:
         raise fail(scope, ir, on_failure, err) from err
-    with scope.locked():
-        scope.clear_failure()
     return chosen, report, notes
 
 
@@ -167,7 +170,7 @@ def fail(scope: Scope, ir: IR, on_failure: str, err: IsoebpfError) -> IsoebpfErr
     scope.write_failure({"on_failure": on_failure, "error": str(err), "wanted": ir.digest,
                          "enforcing": enforcing, "consequence": consequence,
                          "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return type(err)(f"{err}\n{consequence}") if type(err) is not PolicyError else err
+    return type(err)(f"{err}\n{consequence}")
 
 
 def loaded(scope: Scope) -> str | None:

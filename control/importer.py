@@ -23,10 +23,17 @@ import netaddr
 from . import policy as policy_mod
 from .cidr import parse_cidr
 from .errors import Diagnostic, IsoebpfError, PolicyError
-from .iptables_layout import NET, NET_NET, NET_PORT_NET, SET_PREFIX, TAG
+from .iptables_layout import (
+    ALLOWING_TARGETS,
+    NET,
+    NET_NET,
+    NET_PORT_NET,
+    SET_PREFIX,
+    TAG,
+    target_action,
+)
 
 LIST_SET = "list:set"
-ALLOWING = {"RETURN", "ACCEPT"}
 RESERVED = ("dcos-", "mesos-")
 RULE_COMMENT = re.compile(r"(allow|exception):(\d+)\Z")
 PORT_FIELD = re.compile(r"(?:(tcp|udp):)?(\d+)(?:-(\d+))?\Z")
@@ -263,7 +270,8 @@ class _Importer:
         self.overlays: dict[str, _Overlay] = {}  # by overlay name
         self.overlay_of_set: dict[str, str | None] = {}  # None: not usable as an overlay
         self.allows: list[_Allow] = []
-        self.exceptions: list[tuple[str, str, int | None]] = []  # (src, dst, family as in _Allow)
+        # (src, dst) -> the families it was read in (as in _Allow), in the order first read
+        self.exceptions: dict[tuple[str, str], set[int | None]] = {}
         self.default: str | None = None  # "allow" | "reject" | "drop"
         self.position = 0
 
@@ -351,8 +359,7 @@ class _Importer:
         self.allows.append(_Allow(src, dst, ports, order, family))
 
     def add_exception(self, src: str, dst: str, family: int | None = None) -> None:
-        if (src, dst, family) not in self.exceptions:
-            self.exceptions.append((src, dst, family))
+        self.exceptions.setdefault((src, dst), set()).add(family)
 
     def families(self, end: str) -> set[int]:
         """The address families an endpoint (an overlay's name or a CIDR) has addresses in."""
@@ -479,7 +486,7 @@ def _read_chain(imp: _Importer, rules: list[Rule], where: str, notes: _Notes) ->
         kind = _classify(rule)
         if kind == "default":
             if terminal is None:
-                imp.default = _action(rule)
+                imp.default = target_action(rule.target)
                 if rule.unconditional:
                     terminal = rule
         elif kind == "established":
@@ -502,7 +509,7 @@ def _classify(rule: Rule) -> str:
     if rule.target in ("REJECT", "DROP") and not (rule.src or rule.dst or rule.sets or rule.dports
                                                   or rule.ctstate or rule.unknown):
         return "default"
-    if rule.target not in ALLOWING or rule.unknown or rule.icmp_type:
+    if rule.target not in ALLOWING_TARGETS or rule.unknown or rule.icmp_type:
         return "other"
     if rule.unconditional:
         return "default"
@@ -523,12 +530,6 @@ def _classify(rule: Rule) -> str:
             and len(dst_sets) + bool(rule.dst) == 1:
         return "endpoints"
     return "other"
-
-
-def _action(rule: Rule) -> str:
-    if rule.target == "DROP":
-        return "drop"
-    return "reject" if rule.target == "REJECT" else "allow"
 
 
 def _dead(rule: Rule, terminal: Rule) -> str:
@@ -702,7 +703,7 @@ def _policy_text(imp: _Importer, sources: list[str],
                                     "naming it are left out")
         del imp.overlays[overlay.name]
         imp.allows = [a for a in imp.allows if overlay.name not in (a.src, a.dst)]
-        imp.exceptions = [e for e in imp.exceptions if overlay.name not in e[:2]]
+        imp.exceptions = {pair: seen for pair, seen in imp.exceptions.items() if overlay.name not in pair}
     if not imp.overlays:
         raise LayoutError("the layout names no overlay with subnets: no hash:net set used for "
                           "hairpins or rules, or listed in the overlays set, has any")
@@ -719,9 +720,7 @@ def _policy_text(imp: _Importer, sources: list[str],
                   f"    subnets: [{', '.join(_cidr_text(n) for n in overlay.subnets)}]"]
         if not overlay.hairpin:
             lines.append("    isolated: true")
-    exceptions: dict[tuple[str, str], set[int | None]] = {}
-    for src, dst, family in imp.exceptions:
-        exceptions.setdefault((src, dst), set()).add(family)
+    exceptions = imp.exceptions
     if exceptions:
         lines.append("exceptions:")
         lines += [f"  - {{from: {s}, to: {d}}}" for (src, dst), seen in exceptions.items()

@@ -69,6 +69,12 @@ ND_TYPES = (133, 134, 135, 136, 137)
 REJECT_WITH = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
 ICMP_PROTO = {4: "icmp", 6: "ipv6-icmp"}
 PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+ALLOWING_TARGETS = ("RETURN", "ACCEPT")  # our chain hands a packet it allows back to FORWARD
+
+
+def target_action(target: str | None) -> str:
+    """What a rule with this iptables target does to a packet, in our words."""
+    return "drop" if target == "DROP" else "reject" if target == "REJECT" else "allow"
 
 # Rule comments that are not policy rules.
 FORWARDED = "forwarded"

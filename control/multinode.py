@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import netaddr
 
-from .testbed import Host, Network, Testbed, _ip
+from .testbed import Host, Network, Testbed, _ip, bare_address
 
 VXLAN_ID = "42"
 VXLAN_PORT = "4789"
@@ -40,9 +40,7 @@ class MultiNode(Testbed):
 
     nodes: tuple[Node, ...] = ()
 
-    def node(self, name: str) -> str:
-        """A node's namespace."""
-        return f"{self.prefix}-{name}"
+    node = Testbed.netns  # a node's namespace is named as a host's
 
     def node_of_network(self, network: str) -> Node:
         return next(n for n in self.nodes if network in n.networks)
@@ -61,7 +59,7 @@ class MultiNode(Testbed):
             _ip("-n", ns, "addr", "add", node.underlay, "dev", UNDERLAY)
             _ip("-n", ns, "link", "set", UNDERLAY, "up")
             _ip("-n", ns, "link", "add", VXLAN, "type", "vxlan", "id", VXLAN_ID,
-                "local", _bare(node.underlay), "remote", _bare(other.underlay),
+                "local", bare_address(node.underlay), "remote", bare_address(other.underlay),
                 "dstport", VXLAN_PORT, "dev", UNDERLAY)
             _ip("-n", ns, "addr", "add", node.transit, "dev", VXLAN)
             _ip("-n", ns, "link", "set", VXLAN, "up")
@@ -69,13 +67,11 @@ class MultiNode(Testbed):
                 self._add_bridge(ns, net)
             for net in (n for n in self.networks if n.name in other.networks):
                 subnet = str(netaddr.IPNetwork(net.gateway).cidr)
-                _ip("-n", ns, "route", "add", subnet, "via", _bare(other.transit), "dev", VXLAN)
+                _ip("-n", ns, "route", "add", subnet, "via", bare_address(other.transit), "dev", VXLAN)
         for host in self.hosts:
             self._plug(host)
 
 
-def _bare(address: str) -> str:
-    return address.split("/")[0]
 
 
 def it_hr_two_nodes() -> MultiNode:

@@ -102,13 +102,22 @@ class Scope:
 
     def write(self, record: dict[str, Any]) -> None:
         """Replace the record atomically: readers see the old one or the new one.
-        Compact: with `indent`, json encodes in Python, not C (100k rules: 1 s, not 0.1)."""
-        self.make_run_dir()
-        write_atomically(self.record_path,
-                         json.dumps({**record, "layout": LAYOUT}, sort_keys=True).encode())
+        A backend writes it last, when a change has succeeded: that ends the failure
+        a change before it recorded."""
+        self._write_json(self.record_path, {**record, "layout": LAYOUT})
+        self.failure_path.unlink(missing_ok=True)
 
     def forget(self) -> None:
-        self.record_path.unlink(missing_ok=True)
+        self._remove(self.record_path)
+
+    def _write_json(self, path: Path, content: dict[str, Any]) -> None:
+        """Compact: with `indent`, json encodes in Python, not C (100k rules: 1 s, not 0.1)."""
+        self.make_run_dir()
+        write_atomically(path, json.dumps(content, sort_keys=True).encode())
+
+    def _remove(self, path: Path) -> None:
+        """Remove one of the scope's files, and its run directory once that is empty."""
+        path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: someone else's files; leave them
             self.run_dir.rmdir()
 
@@ -128,13 +137,10 @@ class Scope:
         return failure
 
     def write_failure(self, failure: dict[str, Any]) -> None:
-        self.make_run_dir()
-        write_atomically(self.failure_path, json.dumps(failure, sort_keys=True).encode())
+        self._write_json(self.failure_path, failure)
 
     def clear_failure(self) -> None:
-        self.failure_path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.run_dir.rmdir()
+        self._remove(self.failure_path)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -145,7 +151,8 @@ class Scope:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         os.fchmod(fd, PRIVATE_FILE)
         try:
-            deadline = time.monotonic() + lock_wait()
+            wait = lock_wait()
+            deadline = time.monotonic() + wait
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,7 +162,7 @@ class Scope:
                         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                         raise StateError(
                             f"another isoebpf command (pid {holder}) has held {self.lock_path} "
-                            f"for over {lock_wait():g} s; nothing was changed") from None
+                            f"for over {wait:g} s; nothing was changed") from None
                     time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -116,11 +116,11 @@ class Testbed(Resource):
         _ip("-n", ns, "addr", "add", f"{host.address}/{prefixlen}", "dev", "eth0")
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "route", "add", "default", "via", net.gateway.split("/")[0])
+        _ip("-n", ns, "route", "add", "default", "via", bare_address(net.gateway))
         if host.address6 and net.gateway6:
             length6 = netaddr.IPNetwork(net.gateway6).prefixlen
             _ip("-n", ns, "addr", "add", f"{host.address6}/{length6}", "dev", "eth0", "nodad")
-            _ip("-n", ns, "-6", "route", "add", "default", "via", net.gateway6.split("/")[0])
+            _ip("-n", ns, "-6", "route", "add", "default", "via", bare_address(net.gateway6))
         self._start_server(host)
 
     def _add_netns(self, name: str) -> None:
@@ -203,6 +203,11 @@ class Session:
         for stream in (self.process.stdin, self.process.stdout):
             if stream:
                 stream.close()
+
+
+def bare_address(address: str) -> str:
+    """10.0.0.1/24 -> 10.0.0.1"""
+    return address.split("/")[0]
 
 
 def _ip(*args: str) -> None:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import netaddr
 
 from .errors import IsoebpfError
+from .evaluate import IPPROTO_ICMPV6
+from .ir import PROTO_CODES
 
-PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+PROTOCOLS = {code: name for name, code in PROTO_CODES.items()} | {IPPROTO_ICMPV6: "icmpv6"}
 
 
 @dataclass(frozen=True)

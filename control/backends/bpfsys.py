@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 from collections.abc import Iterator, Mapping, Sequence
@@ -156,7 +157,8 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     return ret
 
 
-def _permission(err: OSError, what: str) -> BackendError | None:
+def permission_error(err: OSError, what: str) -> BackendError | None:
+    """The error to raise when `err` is a refused permission, else None."""
     if err.errno in (errno.EPERM, errno.EACCES):
         return BackendError(f"{what}: {err.strerror}: run as root (or with CAP_BPF and "
                             "CAP_NET_ADMIN)")
@@ -172,13 +174,20 @@ def _address(buf: ctypes.Array[ctypes.c_char]) -> int:
     return ctypes.addressof(buf)
 
 
+def _read_only(data: bytes) -> int:
+    """The address of bytes the kernel only reads: the object's own contents, valid
+    while it lives, no copy (a 100k-entry batch is megabytes; the bpf tier runs
+    millions of frames)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
 def map_info(fd: int) -> MapInfo:
     info = _MapInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     try:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     except OSError as err:
-        raise _permission(err, "reading map info") or BackendError(
+        raise permission_error(err, "reading map info") or BackendError(
             f"fd {fd} is not a BPF map: {err.strerror}") from err
     return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
                    info.name.decode(errors="replace"))
@@ -190,7 +199,7 @@ def prog_info(fd: int) -> ProgInfo:
     try:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     except OSError as err:
-        raise _permission(err, "reading program info") or BackendError(
+        raise permission_error(err, "reading program info") or BackendError(
             f"fd {fd} is not a BPF program: {err.strerror}") from err
     return ProgInfo(info.type, info.id, info.name.decode(errors="replace"), info.run_time_ns,
                     info.run_cnt)
@@ -203,7 +212,7 @@ def prog_info_by_id(prog_id: int) -> ProgInfo | None:
     except OSError as err:
         if err.errno == errno.ENOENT:
             return None
-        raise _permission(err, f"opening program {prog_id}") or BackendError(
+        raise permission_error(err, f"opening program {prog_id}") or BackendError(
             f"cannot open program {prog_id}: {err.strerror}") from err
     try:
         return prog_info(fd)
@@ -223,7 +232,7 @@ def run_time_statistics() -> int:
     try:
         return _bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
     except OSError as err:
-        raise _permission(err, "enabling run-time statistics") or BackendError(
+        raise permission_error(err, "enabling run-time statistics") or BackendError(
             f"cannot enable run-time statistics: {err.strerror}") from err
 
 
@@ -244,7 +253,7 @@ def map_lookup(fd: int, key: Buffer, value_size: int) -> bytes | None:
     except OSError as err:
         if err.errno == errno.ENOENT:
             return None
-        raise _permission(err, f"reading map {_map_name(fd)}") or BackendError(
+        raise permission_error(err, f"reading map {_map_name(fd)}") or BackendError(
             f"cannot read map {_map_name(fd)}: {err.strerror}") from err
     return value.raw
 
@@ -262,7 +271,7 @@ def map_update(fd: int, key: Buffer, value: Buffer, flags: int = BPF_ANY) -> Non
                 f"map {info.name} is full ({info.max_entries} entries): raise {macro} "
                 f"(e.g. 'isoebpf unload', then '{macro}={info.max_entries * 2} isoebpf load ...': "
                 "sizes are fixed when the program is compiled), or simplify the policy") from err
-        raise _permission(err, f"writing map {_map_name(fd)}") or BackendError(
+        raise permission_error(err, f"writing map {_map_name(fd)}") or BackendError(
             f"cannot write map {_map_name(fd)}: {err.strerror}") from err
 
 
@@ -271,10 +280,8 @@ def _batch(cmd: int, fd: int, keys: bytes, values: bytes | None, count: int) -> 
     elements it did. Short of `count` (a kernel or map type without batches, a
     full map, a missing key), the caller does the rest one by one, which names
     any real problem."""
-    key_buf = _buffer(keys)
-    value_buf = _buffer(values) if values is not None else None
-    attr = _BatchAttr(keys=_address(key_buf), count=count, map_fd=fd,
-                      values=_address(value_buf) if value_buf is not None else 0)
+    attr = _BatchAttr(keys=_read_only(keys), count=count, map_fd=fd,
+                      values=_read_only(values) if values is not None else 0)
     try:
         _bpf(cmd, attr)
     except OSError as err:
@@ -312,7 +319,7 @@ def map_delete(fd: int, key: Buffer) -> bool:
     except OSError as err:
         if err.errno == errno.ENOENT:
             return False
-        raise _permission(err, f"writing map {_map_name(fd)}") or BackendError(
+        raise permission_error(err, f"writing map {_map_name(fd)}") or BackendError(
             f"cannot delete from map {_map_name(fd)}: {err.strerror}") from err
     return True
 
@@ -329,7 +336,7 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
         except OSError as err:
             if err.errno == errno.ENOENT:
                 return
-            raise _permission(err, f"reading map {_map_name(fd)}") or BackendError(
+            raise permission_error(err, f"reading map {_map_name(fd)}") or BackendError(
                 f"cannot walk map {_map_name(fd)}: {err.strerror}") from err
         yield following.raw
         current = following
@@ -343,7 +350,7 @@ def obj_pin(fd: int, path: str) -> None:
         if err.errno == errno.EEXIST:
             raise BackendError(f"cannot pin {path}: it exists already (run 'isoebpf unload' "
                                "to clear stale state)") from err
-        raise _permission(err, f"pinning {path}") or BackendError(
+        raise permission_error(err, f"pinning {path}") or BackendError(
             f"cannot pin {path}: {err.strerror} (is bpffs mounted at /sys/fs/bpf?)") from err
 
 
@@ -356,29 +363,27 @@ def obj_get(path: str) -> int:
         if err.errno == errno.ENOENT:
             raise BackendError(f"no pinned object at {path}: is isoebpf loaded here? "
                                "('isoebpf status' tells)") from err
-        raise _permission(err, f"opening {path}") or BackendError(
+        raise permission_error(err, f"opening {path}") or BackendError(
             f"cannot open {path}: {err.strerror}") from err
 
 
 def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
     """Run a program on one frame in the kernel (BPF_PROG_TEST_RUN), maps and all."""
-    # The kernel only reads data_in: point it at the bytes object itself, no copy
-    # (the bpf tier runs millions of frames through here).
-    data_in = ctypes.c_char_p(frame)
     data_out = ctypes.create_string_buffer(TEST_RUN_OUTPUT)
     attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=TEST_RUN_OUTPUT,
-                        data_in=ctypes.cast(data_in, ctypes.c_void_p).value or 0,
-                        data_out=ctypes.addressof(data_out), repeat=repeat)
+                        data_in=_read_only(frame), data_out=ctypes.addressof(data_out), repeat=repeat)
     try:
         _bpf(BPF_PROG_TEST_RUN, attr)
     except OSError as err:
-        raise _permission(err, "running a test") or BackendError(
+        raise permission_error(err, "running a test") or BackendError(
             f"BPF_PROG_TEST_RUN failed on a {len(frame)}-byte frame: {err.strerror}") from err
     return TestRun(attr.retval, data_out.raw[:attr.data_size_out], attr.duration)
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """How many CPUs a per-CPU map holds a value for (the kernel's cpu_possible_mask)."""
+    """How many CPUs a per-CPU map holds a value for (the kernel's cpu_possible_mask,
+    fixed from boot: read once)."""
     return len(cpu_list("possible"))
 
 

@@ -128,8 +128,24 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         return _first_load(ir, scope, record, globs, mode, said, force, started, compiling)
 
 
+def program_ids(scope: Scope) -> dict[str, int]:
+    """Kind ("xdp", "tc") -> id of the scope's pinned program."""
+    found = {}
+    for kind, pin in PROG_PINS.items():
+        fd = bpfsys.obj_get(str(scope.pin_dir / pin))
+        try:
+            found[kind] = bpfsys.prog_info(fd).id
+        finally:
+            os.close(fd)
+    return found
+
+
+def _ours_in_this_layout(record: dict[str, Any]) -> bool:
+    return record.get("layout") == LAYOUT and record.get("backend") == BACKEND
+
+
 def _reusable(record: dict[str, Any], scope: Scope) -> bool:
-    if record.get("layout") != LAYOUT or record.get("backend") != BACKEND:
+    if not _ours_in_this_layout(record):
         return False
     needed = [*PROG_PINS.values(), *program.MAP_NAMES]
     return all((scope.pin_dir / name).exists() for name in needed)
@@ -138,7 +154,7 @@ def _reusable(record: dict[str, Any], scope: Scope) -> bool:
 def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
     """What unusable state a first load finds in its way, or None."""
     if record is not None:
-        if record.get("layout") != LAYOUT or record.get("backend") != BACKEND:
+        if not _ours_in_this_layout(record):
             return f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
         return (f"the state of {record.get('loaded_at', '?')} without its pins under "
                 f"{scope.pin_dir} (was bpffs unmounted or remounted?)")
@@ -206,31 +222,31 @@ def _open_maps(scope: Scope) -> dict[str, int]:
 
 
 def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str, int],
-                our_xdp: int, force: bool) -> tuple[str, str]:
-    """Attach one interface; return (mode, why).
+                our_xdp: int, force: bool) -> tuple[str, str, bool]:
+    """Attach one interface; return (mode, why, whether we added its clsact qdisc).
 
     Another tool's XDP program, or another tool's TC filter in our slot, is
     refused unless `force`; our own XDP program (`our_xdp`, its id: attached by
     a command killed before it wrote its record) is simply attached again.
     """
-    xdp_force = force or links.xdp_state(sock, link.index)[0] == our_xdp
     if requested == "tc" or (requested == "auto" and link.kind):
-        links.attach_tc(sock, link, prog_fds["tc"], replace=force)
-        return "tc", "requested" if requested == "tc" else WHY_TC_VIRTUAL.format(kind=link.kind)
+        added = links.attach_tc(sock, link, prog_fds["tc"], replace=force)
+        return "tc", "requested" if requested == "tc" else WHY_TC_VIRTUAL.format(kind=link.kind), added
+    xdp_force = force or links.xdp_state(sock, link.index)[0] == our_xdp
     if link.kind == "veth":
         links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=xdp_force)
-        return "xdpgeneric", WHY_GENERIC_ON_VETH
+        return "xdpgeneric", WHY_GENERIC_ON_VETH, False
     try:
         links.attach_xdp(sock, link, prog_fds["xdp"], "xdp", replace=xdp_force)
-        return "xdp", "requested" if requested == "xdp" else WHY_XDP_NATIVE
+        return "xdp", "requested" if requested == "xdp" else WHY_XDP_NATIVE, False
     except BackendError as err:
         if "already has an XDP program" in str(err):
             raise
         if requested == "xdp":
             links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=xdp_force)
-            return "xdpgeneric", f"no native XDP on this driver ({err}); generic XDP"
-        links.attach_tc(sock, link, prog_fds["tc"], replace=force)
-        return "tc", WHY_TC_FALLBACK.format(error=err)
+            return "xdpgeneric", f"no native XDP on this driver ({err}); generic XDP", False
+        added = links.attach_tc(sock, link, prog_fds["tc"], replace=force)
+        return "tc", WHY_TC_FALLBACK.format(error=err), added
 
 
 def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mode: str,
@@ -260,14 +276,13 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
                 if link.index in done:
                     continue
                 try:
-                    clsact_before = links.has_clsact(sock, link.index)
-                    chosen, why = choose_mode(sock, link, mode, prog_fds, our_xdp, force)
+                    chosen, why, added_clsact = choose_mode(sock, link, mode, prog_fds, our_xdp,
+                                                            force)
                 except (BackendError, NetlinkError):
                     if link.index not in {found.index for found in links.links(sock)}:
                         continue  # deleted while we attached: nothing left to enforce on
                     raise
-                added.append(Attachment(link.name, link.index, chosen, why,
-                                        chosen == "tc" and not clsact_before,
+                added.append(Attachment(link.name, link.index, chosen, why, added_clsact,
                                         our_xdp if chosen != "tc" else 0))
         except BaseException:
             _detach(sock, added)
@@ -403,13 +418,7 @@ def status(scope: Scope) -> dict[str, Any] | None:
         ]
         record["connections"] = program.count_connections(maps)
         record["maps"] = program.map_fill(maps)
-        record["programs"] = {}
-        for kind, pin in PROG_PINS.items():
-            fd = bpfsys.obj_get(str(scope.pin_dir / pin))
-            try:
-                record["programs"][kind] = bpfsys.prog_info(fd).id
-            finally:
-                os.close(fd)
+        record["programs"] = program_ids(scope)
     finally:
         for fd in maps.values():
             os.close(fd)

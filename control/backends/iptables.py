@@ -56,6 +56,7 @@ from ..iptables_layout import (
     ipset_restore,
     iptables_restore,
     rename_sets,
+    target_action,
 )
 from ..ir import IR, PROTO_ICMP
 from ..state import Scope
@@ -458,10 +459,11 @@ def _attachments(layout: Layout, tools: _Tools, why: str) -> list[Attachment]:
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
-         force: bool = False, on_failure: str = "closed", chain: str | None = None) -> LoadReport:
+         force: bool = False, on_failure: str = "closed", chain: str | None = None,
+         compiling: Any | None = None) -> LoadReport:
     """Enforce `ir` in the scope's namespace, or update what is enforced there.
 
-    `globs`, `mode` and `force` are the eBPF backend's: here every forwarded
+    `globs`, `mode`, `force` and `compiling` are the eBPF backend's: here every forwarded
     packet passes FORWARD, whatever its interface. `chain` names the isolation
     chain (default: the one in force, else dcos-isolation). `on_failure` is
     recorded (backend.load acts on it).
@@ -545,7 +547,7 @@ def tracer(scope: Scope, per_second: int) -> nftrace.Tracer:
     chain = str(record["chain"])
 
     def chain_rules(version: int) -> list[tuple[str, str]]:
-        return [(_tag(spec) or "foreign", nftrace.ACTIONS.get(_target(spec), "allow"))
+        return [(_tag(spec) or "foreign", target_action(_target(spec)))
                 for spec, _, _ in _read_family(tools, version).chains.get(chain, [])]
 
     return nftrace.Tracer(scope.netns, tools.run, chain, chain_rules,

@@ -29,7 +29,9 @@ from typing import Protocol
 import netaddr
 
 from ..errors import BackendError
+from ..evaluate import IPPROTO_ICMPV6
 from ..resource import Resource
+from ..trace import PROTOCOLS as PROTOCOLS_BY_CODE
 from ..trace import Verdict
 
 TABLE = "isoebpf-trace"
@@ -38,8 +40,8 @@ PRIORITY = -200  # before iptables-nft's filter chains (priority 0)
 READY_SECONDS = 10.0  # how long `nft monitor` may take to subscribe
 MAX_PENDING = 10000  # traces still waiting for their verdict; older ones are forgotten
 FAMILIES = {"ip": 4, "ip6": 6}
-PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58, "icmpv6": 58}
-ACTIONS = {"RETURN": "allow", "ACCEPT": "allow", "DROP": "drop", "REJECT": "reject"}
+# Protocol names as nft prints them (ICMPv6 also as "ipv6-icmp").
+PROTOCOLS = {name: code for code, name in PROTOCOLS_BY_CODE.items()} | {"ipv6-icmp": IPPROTO_ICMPV6}
 TRACE = re.compile(r"trace id (\w+) (\S+) (\S+) (\S+) (.*)\Z")
 VERDICT = re.compile(r"handle (\d+) \(verdict ([^)]*)\)")
 HANDLE = re.compile(r"# handle (\d+)\Z")

@@ -22,7 +22,7 @@ import os
 import select
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import BackendError
 from . import bpfsys
@@ -40,6 +40,7 @@ ATTR_SIZE = 112  # PERF_ATTR_SIZE_VER5; the kernel zero-fills what we leave out
 # data_head and data_tail in struct perf_event_mmap_page.
 DATA_HEAD, DATA_TAIL = 1024, 1032
 RING_PAGES = 64  # per CPU, a power of two: 256 KiB holds thousands of events
+RING_BYTES = RING_PAGES * mmap.PAGESIZE
 
 def _attr() -> bytes:
     """perf_event_attr: a BPF output event, one sample per write, woken on each."""
@@ -53,20 +54,16 @@ def _open_event(cpu: int) -> int:
     attr = ctypes.create_string_buffer(_attr(), ATTR_SIZE)
     fd = bpfsys.LIBC.syscall(number, attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
-        code = ctypes.get_errno()
-        raise BackendError(f"perf_event_open on CPU {cpu} failed: {os.strerror(code)}"
-                           + (" (are you root?)" if code in (1, 13) else ""))
+        err = OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        raise bpfsys.permission_error(err, f"perf_event_open on CPU {cpu}") or BackendError(
+            f"perf_event_open on CPU {cpu} failed: {err.strerror}")
     return int(fd)
 
 
 @dataclass
 class _Ring:
     fd: int
-    area: mmap.mmap
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = RING_PAGES * mmap.PAGESIZE
+    area: mmap.mmap  # a header page, then RING_BYTES of data
 
     def records(self) -> Iterator[tuple[int, bytes]]:
         """(type, body) of every record written since the last call; frees their room."""
@@ -80,8 +77,8 @@ class _Ring:
 
     def _copy(self, offset: int, length: int) -> bytes:
         """`length` bytes at ring offset `offset`, across the ring's end if need be."""
-        start = offset % self.size
-        first = self.area[mmap.PAGESIZE + start:mmap.PAGESIZE + min(start + length, self.size)]
+        start = offset % RING_BYTES
+        first = self.area[mmap.PAGESIZE + start:mmap.PAGESIZE + min(start + length, RING_BYTES)]
         return first + self.area[mmap.PAGESIZE:mmap.PAGESIZE + length - len(first)]
 
 
@@ -91,6 +88,7 @@ class PerfEventArray:
     def __init__(self, pin: str) -> None:
         self._map_fd = bpfsys.obj_get(pin)
         self._rings: list[_Ring] = []
+        self._poller = select.poll()
         self.lost = 0
         try:
             slots = bpfsys.map_info(self._map_fd).max_entries
@@ -99,12 +97,13 @@ class PerfEventArray:
                     continue
                 fd = _open_event(cpu)
                 try:
-                    area = mmap.mmap(fd, (1 + RING_PAGES) * mmap.PAGESIZE, mmap.MAP_SHARED,
+                    area = mmap.mmap(fd, mmap.PAGESIZE + RING_BYTES, mmap.MAP_SHARED,
                                      mmap.PROT_READ | mmap.PROT_WRITE)
                 except OSError:
                     os.close(fd)
                     raise
                 self._rings.append(_Ring(fd, area))
+                self._poller.register(fd, select.POLLIN)
                 fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
                 bpfsys.map_update(self._map_fd, ctypes.c_uint32(cpu), ctypes.c_uint32(fd))
         except BaseException:
@@ -113,10 +112,7 @@ class PerfEventArray:
 
     def poll(self, timeout: float) -> Iterator[bytes]:
         """The raw samples that arrive within `timeout` seconds (at least one wait)."""
-        poller = select.poll()
-        for ring in self._rings:
-            poller.register(ring.fd, select.POLLIN)
-        poller.poll(int(timeout * 1000))
+        self._poller.poll(int(timeout * 1000))
         for ring in self._rings:
             for kind, body in ring.records():
                 if kind == PERF_RECORD_SAMPLE:

@@ -36,7 +36,7 @@ from ..ir import IR, PROTO_TCP, PROTO_UDP
 from ..state import write_atomically
 from . import bpfsys
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+BPF_DIR = capacity.BPF_DIR
 SOURCE = BPF_DIR / "isoebpf.c"
 XDP_NAME = "xdp_isoebpf"
 TC_NAME = "tc_isoebpf"
@@ -230,16 +230,9 @@ def key_packer(name: str, slot: int) -> Callable[[tuple[int, ...]], bytes]:
     return lambda f: native(slot, *f)
 
 
-def pack_value(name: str, fields: tuple[int, ...]) -> bytes:
-    return _VALUES[name].pack(*fields)
-
-
-def policy_entries(ir: IR, slot: int) -> Iterator[tuple[str, bytes, bytes]]:
-    """(map, key, value), packed, for every policy table entry of `ir` in slot `slot`."""
-    for name, table in tables_of(ir).items():
-        pack_key = key_packer(name, slot)
-        for key, value in table.items():
-            yield name, pack_key(key), pack_value(name, value)
+def value_packer(name: str) -> Callable[..., bytes]:
+    """value fields -> the packed value of map `name`."""
+    return _VALUES[name].pack
 
 
 def _slot_entries(maps: Maps, slot: int) -> dict[str, list[bytes]]:
@@ -307,13 +300,13 @@ def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) ->
         before = held.get(name, {})
         if before == table:  # one dict comparison, in C: most maps of a small change
             continue
-        pack_key, pack = key_packer(name, slot), _VALUES[name].pack
+        pack_key, pack_value = key_packer(name, slot), value_packer(name)
         # Comprehensions, not set operations on items(): no set of 100k pairs to build.
         gone = [pack_key(key) for key in before if key not in table]
         bpfsys.map_delete_many(maps[name], gone)
         changed = [key for key, value in table.items() if before.get(key) != value]
         bpfsys.map_update_packed(maps[name], b"".join(map(pack_key, changed)),
-                                 b"".join(pack(*table[key]) for key in changed), len(changed))
+                                 b"".join(pack_value(*table[key]) for key in changed), len(changed))
 
 
 def _room(maps: Maps) -> dict[str, int]:
@@ -491,16 +484,18 @@ def _percpu(maps: Maps, name: str, index: int, value_type: type[ctypes.Structure
 
 def read_counter(maps: Maps, gen: int, rule: int) -> tuple[int, int]:
     """(packets, bytes) of one rule in generation `gen`'s slot, summed over CPUs."""
-    slots = max_rules(maps)
-    if not 0 <= rule < slots:
-        return 0, 0
-    values = _percpu(maps, "counters", slot_of(gen) * slots + rule, abi.Counter)
-    return sum(v.packets for v in values), sum(v.bytes for v in values)
+    return read_counters(maps, gen, [rule])[rule]
 
 
 def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple[int, int]]:
-    """Rule id -> (packets, bytes) for these rules of generation `gen`."""
-    return {rule: read_counter(maps, gen, rule) for rule in rules}
+    """Rule id -> (packets, bytes) for these rules of generation `gen`, summed over CPUs."""
+    slots = max_rules(maps)
+    found = {}
+    for rule in rules:
+        values = (_percpu(maps, "counters", slot_of(gen) * slots + rule, abi.Counter)
+                  if 0 <= rule < slots else [])
+        found[rule] = sum(v.packets for v in values), sum(v.bytes for v in values)
+    return found
 
 
 def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:

@@ -10,6 +10,7 @@ evaluator requires of it. Benchmarks import both.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from isoebpf import abi
@@ -39,9 +40,17 @@ def slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]
     return found
 
 
+def policy_entries(ir: IR, slot: int) -> Iterator[tuple[str, bytes, bytes]]:
+    """(map, key, value), packed, for every policy table entry of `ir` in slot `slot`."""
+    for name, table in program.tables_of(ir).items():
+        pack_key, pack_value = program.key_packer(name, slot), program.value_packer(name)
+        for key, value in table.items():
+            yield name, pack_key(key), pack_value(*value)
+
+
 def slot_wanted(ir: IR, slot: int) -> set[tuple[str, bytes, bytes]]:
     """What one slot of the policy maps holds with `ir` written into it."""
-    return set(program.policy_entries(ir, slot))
+    return set(policy_entries(ir, slot))
 
 
 

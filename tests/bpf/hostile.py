@@ -112,13 +112,11 @@ class HostileEpisode(Episode):
 
     def bad_ihl(self) -> bytes:
         rng = self.rng
-        pkt = self.known() if self.rng.random() < 0.5 else random_first_packet(rng, self.generated)
+        pkt = self.known() if rng.random() < 0.5 else random_first_packet(rng, self.generated, version=4)
         if pkt.src.version == 6:
-            pkt = random_first_packet(rng, self.generated)
+            pkt = random_first_packet(rng, self.generated, version=4)
         frame = bytearray(build(pkt, self.wire(pkt)))
         l3 = _l3(frame)
-        if frame[l3] >> 4 != 4:
-            return bytes(frame)
         damage = rng.choice(["short", "beyond", "total-short", "total-long"])
         if damage == "short":
             frame[l3] = 0x40 | rng.randrange(5)

@@ -16,7 +16,7 @@ from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
 from isoebpf.evaluate import TCP_SYN
 from tests.bpf.cases import HR, IT, POLICY, SYN_80, tcp
-from tests.bpf.harness import Datapath, slot_contents, slot_wanted
+from tests.bpf.harness import Datapath, policy_entries, slot_contents, slot_wanted
 from tests.packets import build
 
 pytestmark = pytest.mark.bpf
@@ -153,7 +153,7 @@ def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) 
         # Killed while writing: the next slot's file gone, half of some policy in it.
         slot = program.slot_of(program.active_generation(maps) + 1)
         slots.forget(slot)
-        for name, key, value in list(program.policy_entries(irs[1], slot))[::2]:
+        for name, key, value in list(policy_entries(irs[1], slot))[::2]:
             bpfsys.map_update(maps[name], key, value)
         program.next_generation(maps, irs[2], slots)
         assert slot_contents(maps, slot) == slot_wanted(irs[2], slot)

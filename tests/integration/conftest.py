@@ -67,14 +67,50 @@ class Trace:
             [sys.executable, "-m", "isoebpf.cli", "trace", "--netns", testbed.router, "--json",
              "--timeout", "20", *options],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.process.stderr is not None
-        started = self.process.stderr.readline()
-        assert started.startswith(f"tracing {backend} verdicts"), started + self.process.stderr.read()
+        try:
+            assert self.process.stderr is not None
+            started = self.process.stderr.readline()
+            assert started.startswith(f"tracing {backend} verdicts"), started + self.process.stderr.read()
+        except BaseException:
+            self.close()
+            raise
 
     def finish(self) -> tuple[list[dict[str, Any]], str]:
         out, err = self.process.communicate(timeout=30)
         assert self.process.returncode == 0, err
         return [json.loads(line) for line in out.splitlines()], err
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the trace if it still runs (SIGTERM, which removes its nft table; SIGKILL
+        if that takes over 10 s) and wait for it, its pipes closed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.communicate()
+        self.process.wait()
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def filtered_trace(testbed: Testbed, backend: str) -> list[dict[str, Any]]:
+    """The events of a trace filtered to HR's allow rules from 192.168.2.0/24 (two
+    wanted), beside traffic of which only hr2's two connections match every filter."""
+    with Trace(testbed, backend, "--rule", "allow:*", "--overlay", "hr", "--address",
+               "192.168.2.0/24", "--count", "2") as tracing:
+        for client, server in (("it1", "it2"), ("hr1", "it1"), ("hr2", "it2"), ("hr2", "it1")):
+            assert testbed.probe(client, "tcp", server, 80, timeout=1.0)["outcome"] == "connected"
+        events, _ = tracing.finish()
+    return events
 
 
 def flood_udp(testbed: Testbed, client: str, address: str, port: int, count: int) -> None:
@@ -163,7 +199,11 @@ class AgentProcess:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=10)
+        try:
+            code = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # deaf to SIGTERM: killed, its code says so (-9)
+            self.process.kill()
+            code = self.process.wait()
         self._done.set()
         self._reader.join()
         return code
@@ -176,5 +216,9 @@ def testbed() -> Iterator[Testbed]:
     if probe.returncode != 0:
         require("network namespaces", probe.stderr.strip())
     subprocess.run(["ip", "netns", "del", "isoebpf-capability-probe"], check=True)
-    with it_hr() as bed:
-        yield bed
+    bed = it_hr()
+    try:
+        with bed:
+            yield bed
+    finally:  # a backstop: whatever a failed test left loaded never reaches the next module
+        isoebpf("unload", "--netns", bed.router, check=False)

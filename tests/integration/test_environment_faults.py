@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ from isoebpf.testbed import Testbed
 from tests.integration.conftest import ROOT, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
 from tests.integration.test_ebpf_traffic import assert_clean
+
+CLI = f"{shlex.quote(sys.executable)} -m isoebpf.cli"  # for shell scripts: this interpreter's CLI
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,31 +59,30 @@ def enforcing_a(testbed: Testbed, policies: dict[str, tuple[Path, IR]]) -> None:
 
 
 def test_bpffs_unmounted_under_us(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
-                                  unloaded: None) -> None:
+                                  unloaded: None, tmp_path: Path) -> None:
     """In a private mount namespace (the host's bpffs is untouched): load, unmount bpffs
     (the pins vanish, the programs stay attached), then status says so and load
     remounts, tears down the orphaned attachments and enforces again."""
     args = " ".join(load_args(policies["A"][0], testbed, "ebpf"))
-    python = f"{ROOT}/.venv/bin/python -m isoebpf.cli"
+    status = tmp_path / "status.json"
     script = textwrap.dedent(f"""\
         set -u
         umount /sys/fs/bpf; umount /sys/fs/bpf 2>/dev/null  # our copy of the host's mounts
         mount -t bpf bpf /sys/fs/bpf
-        {python} {args} >/dev/null || exit 10
+        {CLI} {args} >/dev/null || exit 10
         umount /sys/fs/bpf
         mountpoint -q /sys/fs/bpf && exit 11
-        {python} status --netns {testbed.router}; echo "status exit $?"
-        {python} {args}; echo "load exit $?"
-        {python} status --netns {testbed.router} --json > {testbed.prefix}-status.json
-        python3 - {testbed.prefix}-status.json <<'EOF'
+        {CLI} status --netns {testbed.router}; echo "status exit $?"
+        {CLI} {args}; echo "load exit $?"
+        {CLI} status --netns {testbed.router} --json > {status}
+        python3 - {status} <<'EOF'
         import json, sys; record = json.load(open(sys.argv[1]))
         print("attached", sorted(a["state"] for a in record["attachments"]))
         EOF
-        {python} unload --netns {testbed.router}; echo "unload exit $?"
+        {CLI} unload --netns {testbed.router}; echo "unload exit $?"
         """)
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, cwd=ROOT)
-    Path(ROOT / f"{testbed.prefix}-status.json").unlink(missing_ok=True)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "pins under" in out and "are gone (was bpffs unmounted?)" in out, out
@@ -100,6 +103,8 @@ def test_another_xdp_program_is_refused_unless_forced(
     foreign = _foreign_xdp()
     fd = foreign.funcs[b"foreign_xdp"].fd
     veth = testbed.veth("it1")
+    link: links.Link | None = None
+    theirs: tuple[int, str | None] | None = None
     try:
         with links.netlink(testbed.router) as sock:
             link = next(x for x in links.links(sock) if x.name == veth)
@@ -119,11 +124,16 @@ def test_another_xdp_program_is_refused_unless_forced(
         with links.netlink(testbed.router) as sock:
             assert links.xdp_state(sock, link.index)[0] != theirs[0]
     finally:
-        isoebpf("unload", "--netns", testbed.router)
-        with links.netlink(testbed.router) as sock:
-            if links.xdp_state(sock, link.index)[0] == theirs[0]:
-                links.detach_xdp(sock, link, "xdpgeneric")
-        foreign.cleanup()
+        # Theirs first, whatever failed: still attached (never displaced by ours, or no id
+        # read back, when ours was not loaded yet), it goes; then ours, which `unloaded` checks.
+        try:
+            if link is not None:
+                with links.netlink(testbed.router) as sock:
+                    if theirs is None or links.xdp_state(sock, link.index)[0] == theirs[0]:
+                        links.detach_xdp(sock, link, "xdpgeneric")
+        finally:
+            foreign.cleanup()
+            isoebpf("unload", "--netns", testbed.router, check=False)
 
 
 def _foreign_tc_filter(testbed: Testbed, veth: str, fd: int, prio: int) -> None:
@@ -143,9 +153,9 @@ def test_another_tc_filter_in_our_place_is_refused_unless_forced(
     priority is left alone: ours goes beside it, and unload leaves it there."""
     veth = testbed.veth("hr1")
     foreign = BPF(text=b"int foreign_tc(struct __sk_buff *skb) { return 0; }")
-    fd = foreign.load_func(b"foreign_tc", BPF.SCHED_CLS).fd
-    testbed.run_in(testbed.router, "tc", "qdisc", "add", "dev", veth, "clsact")
     try:
+        fd = foreign.load_func(b"foreign_tc", BPF.SCHED_CLS).fd
+        testbed.run_in(testbed.router, "tc", "qdisc", "add", "dev", veth, "clsact")
         _foreign_tc_filter(testbed, veth, fd, 7)
         refused = isoebpf(*load_args(policies["A"][0], testbed, "ebpf"), check=False)
         assert refused.returncode == 1
@@ -164,9 +174,13 @@ def test_another_tc_filter_in_our_place_is_refused_unless_forced(
         shown = _filters(testbed, veth)
         assert "foreign_tc" in shown and "isoebpf" not in shown, shown
     finally:
-        isoebpf("unload", "--netns", testbed.router)
-        testbed.run_in(testbed.router, "tc", "qdisc", "del", "dev", veth, "clsact", check=False)
-        foreign.cleanup()
+        # Theirs first, whatever failed (the qdisc takes every filter on it along); then
+        # ours, which `unloaded` checks.
+        try:
+            testbed.run_in(testbed.router, "tc", "qdisc", "del", "dev", veth, "clsact", check=False)
+        finally:
+            foreign.cleanup()
+            isoebpf("unload", "--netns", testbed.router, check=False)
 
 
 def test_xtables_lock_held_by_someone_else(testbed: Testbed,
@@ -174,14 +188,13 @@ def test_xtables_lock_held_by_someone_else(testbed: Testbed,
     """iptables-nft does not use the xtables lock (nf_tables transactions serialize in
     the kernel): a load proceeds while another process holds it. Held only inside a
     private mount namespace, over a private file, so nobody else is disturbed."""
-    python = f"{ROOT}/.venv/bin/python -m isoebpf.cli"
     args = " ".join(load_args(policies["A"][0], testbed, "iptables"))
     script = textwrap.dedent(f"""\
         lock=$(mktemp); mount --bind "$lock" /run/xtables.lock || exit 10
         flock --no-fork -x /run/xtables.lock sleep 60 </dev/null >/dev/null 2>&1 & holder=$!
         sleep 0.3; flock -n /run/xtables.lock true; echo "lock free $?"
-        timeout 60 {python} {args}; echo "load exit $?"
-        {python} unload --netns {testbed.router} >/dev/null; echo "unload exit $?"
+        timeout 60 {CLI} {args}; echo "load exit $?"
+        {CLI} unload --netns {testbed.router} >/dev/null; echo "unload exit $?"
         kill $holder; rm -f "$lock"
         """)
     try:
@@ -204,7 +217,7 @@ def test_full_connection_table_keeps_allowed_directions_flowing(
     try:
         assert session.exchange() == "echoed"
         flood = subprocess.Popen(
-            ["ip", "netns", "exec", testbed.netns("it1"), f"{ROOT}/.venv/bin/python", "-m",
+            ["ip", "netns", "exec", testbed.netns("it1"), sys.executable, "-m",
              "isoebpf.probe", "loop", "--try", "udp", testbed.address_of("it2"), "53",
              "--try", "tcp", testbed.address_of("it2"), "22", "--pause", "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -326,16 +339,16 @@ def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, 
     netns = f"isogone{os.getpid() % 100000}"
     scope = Scope(netns)
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        subprocess.run(["ip", "-n", netns, "link", "add", "v-a", "type", "veth", "peer", "name", "v-b"],
-                       check=True)
-        isoebpf("load", str(policies["A"][0]), "--backend", name, "--netns", netns, "--iface", "v-*",
-                "--mode", "tc")
-        assert scope.read() is not None
-        assert scope.pin_dir.exists() == (name == "ebpf")
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-    try:
+    try:  # whatever fails, nothing stays: no pins under /sys/fs/bpf/isoebpf, no record under /run
+        try:
+            subprocess.run(["ip", "-n", netns, "link", "add", "v-a", "type", "veth", "peer", "name",
+                            "v-b"], check=True)
+            isoebpf("load", str(policies["A"][0]), "--backend", name, "--netns", netns, "--iface",
+                    "v-*", "--mode", "tc")
+            assert scope.read() is not None
+            assert scope.pin_dir.exists() == (name == "ebpf")
+        finally:
+            subprocess.run(["ip", "netns", "del", netns], check=False)
         done = isoebpf("unload", "--netns", netns)
         assert f"namespace {netns} is gone" in done.stdout
         assert "nothing was loaded" not in done.stdout

@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     DOCKER,
     SEED,
     Trace,
+    filtered_trace,
     flood_udp,
     flush_iptables,
     isoebpf,
@@ -354,12 +355,12 @@ def test_trace_names_the_iptables_rule_and_action_and_is_no_drift(
         testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
     scope, ir = Scope(testbed.router), compile_policy(policy.load(SEED))
-    tracing = Trace(testbed, "iptables", "--rule", "allow:0", "--rule", "default", "--count", "2")
-    assert trace_table(testbed)
-    assert iptables_backend.drift(scope, ir) == [] and iptables_backend.canary(scope) == []
-    assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
-    events, _ = tracing.finish()
+    with Trace(testbed, "iptables", "--rule", "allow:0", "--rule", "default", "--count", "2") as tracing:
+        assert trace_table(testbed)
+        assert iptables_backend.drift(scope, ir) == [] and iptables_backend.canary(scope) == []
+        assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+        assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+        events, _ = tracing.finish()
     assert [(e["protocol"], e["src"], e["dst"], e["dport"], e["rule"], e["action"])
             for e in events] == [
         ("tcp", "192.168.1.10", "10.250.1.10", 80, "allow:0", "allow"),
@@ -370,24 +371,18 @@ def test_trace_names_the_iptables_rule_and_action_and_is_no_drift(
 
 def test_trace_filters_and_rate_limit_on_iptables(testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
-    tracing = Trace(testbed, "iptables", "--rule", "allow:*", "--overlay", "hr", "--address",
-                          "192.168.2.0/24", "--count", "2")
-    assert testbed.probe("it1", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
-    assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    assert testbed.probe("hr2", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
-    assert testbed.probe("hr2", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    events, _ = tracing.finish()
+    events = filtered_trace(testbed, "iptables")
     assert [(e["src"], e["dst"], e["rule"], e["action"]) for e in events] == [
         ("192.168.2.20", "10.250.2.20", "allow:0", "allow"),
         ("192.168.2.20", "10.250.1.10", "allow:0", "allow")]
 
     # 300 datagrams HR -> IT udp/53, each rejected: far more than the rate; then SIGTERM.
     rate = 5
-    tracing = Trace(testbed, "iptables", "--rate", str(rate))
-    flood_udp(testbed, "hr1", "10.250.1.10", 53, 300)
-    time.sleep(0.5)
-    tracing.process.send_signal(signal.SIGTERM)
-    events, summary = tracing.finish()
+    with Trace(testbed, "iptables", "--rate", str(rate)) as tracing:
+        flood_udp(testbed, "hr1", "10.250.1.10", 53, 300)
+        time.sleep(0.5)
+        tracing.process.send_signal(signal.SIGTERM)
+        events, summary = tracing.finish()
     rejected = [e for e in events if e["rule"] == "default"]
     # nftables' limit is per namespace, with a burst of 5 packets.
     assert 0 < len(rejected) <= len(events) <= rate * 4 + 5, len(events)
@@ -397,9 +392,9 @@ def test_trace_filters_and_rate_limit_on_iptables(testbed: Testbed, unloaded: No
 
 def test_unload_removes_the_table_a_killed_trace_left(testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
-    tracing = Trace(testbed, "iptables")
-    tracing.process.kill()
-    tracing.process.communicate(timeout=30)
+    with Trace(testbed, "iptables") as tracing:
+        tracing.process.kill()
+        tracing.process.communicate(timeout=30)
     assert trace_table(testbed), "a SIGKILLed trace cannot delete its table"
     removed = isoebpf("unload", "--netns", testbed.router).stdout
     assert "removed nft table inet isoebpf-trace" in removed

@@ -52,8 +52,12 @@ def agents(cluster: MultiNode) -> Iterator[dict[str, AgentProcess]]:
     finally:
         for agent in running.values():
             agent.stop()
-        for node in cluster.nodes:
-            isoebpf("unload", "--netns", cluster.node(node.name))
+        # Every node unloaded, whichever fails; then any failure is reported.
+        unloads = [isoebpf("unload", "--netns", cluster.node(node.name), check=False)
+                   for node in cluster.nodes]
+        failed = [f"{' '.join(done.args)}: {done.stdout}{done.stderr}"
+                  for done in unloads if done.returncode != 0]
+        assert not failed, failed
 
 
 def counters(cluster: MultiNode, node: str) -> dict[str, int]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from isoebpf.testbed import Testbed
-from tests.integration.conftest import SEED, Trace, flood_udp, isoebpf, suppressed
+from tests.integration.conftest import SEED, Trace, filtered_trace, flood_udp, isoebpf, suppressed
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +22,17 @@ def loaded(testbed: Testbed) -> Iterator[Testbed]:
 
 
 def test_verdicts_name_rule_action_and_interface(loaded: Testbed) -> None:
-    tracing = Trace(loaded, "ebpf", "--action", "reject", "--count", "1")
-    assert loaded.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    assert loaded.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
-    (event,), _ = tracing.finish()
+    with Trace(loaded, "ebpf", "--action", "reject", "--count", "1") as tracing:
+        assert loaded.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+        assert loaded.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+        (event,), _ = tracing.finish()
     assert {k: event[k] for k in ("ifname", "protocol", "src", "dst", "dport", "action", "rule")} \
         == {"ifname": "v-it1", "protocol": "tcp", "src": "10.250.1.10", "dst": "192.168.1.10",
             "dport": 80, "action": "reject", "rule": "default"}
 
 
 def test_filters_by_overlay_rule_and_address(loaded: Testbed) -> None:
-    tracing = Trace(loaded, "ebpf", "--rule", "allow:*", "--overlay", "hr", "--address",
-                    "192.168.2.0/24", "--count", "2")
-    assert loaded.probe("it1", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
-    assert loaded.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    assert loaded.probe("hr2", "tcp", "it2", 80, timeout=1.0)["outcome"] == "connected"
-    assert loaded.probe("hr2", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
-    events, _ = tracing.finish()
+    events = filtered_trace(loaded, "ebpf")
     assert [(e["ifname"], e["src"], e["dst"], e["rule"], e["action"]) for e in events] == [
         ("v-hr2", "192.168.2.20", "10.250.2.20", "allow:0", "allow"),
         ("v-hr2", "192.168.2.20", "10.250.1.10", "allow:0", "allow")]
@@ -46,10 +40,10 @@ def test_filters_by_overlay_rule_and_address(loaded: Testbed) -> None:
 
 def test_the_kernel_limits_the_event_rate(loaded: Testbed) -> None:
     rate, seconds = 5, 2.0
-    tracing = Trace(loaded, "ebpf", "--rate", str(rate), "--timeout", str(seconds))
-    # 300 datagrams HR -> IT udp/53, each rejected: far more verdicts than the rate.
-    flood_udp(loaded, "hr1", "10.250.1.10", 53, 300)
-    events, summary = tracing.finish()
+    with Trace(loaded, "ebpf", "--rate", str(rate), "--timeout", str(seconds)) as tracing:
+        # 300 datagrams HR -> IT udp/53, each rejected: far more verdicts than the rate.
+        flood_udp(loaded, "hr1", "10.250.1.10", 53, 300)
+        events, summary = tracing.finish()
     cpus = os.cpu_count() or 1
     # Each CPU's bucket starts full (one second's worth) and refills at the rate.
     assert 0 < len(events) <= cpus * rate * (1 + seconds) + 1, len(events)

@@ -90,10 +90,11 @@ def alternate(testbed: Testbed, name: str, count: int, tmp_path: Path) -> Counte
     expected = {client: [(expected_outcome(ir_a, testbed, client, *t),
                           expected_outcome(ir_b, testbed, client, *t)) for t in tries]
                 for client, tries in LOOPS.items()}
-    isoebpf("load", str(path_a), "--backend", name, "--netns", testbed.router,
-            "--iface", "v-*", "--mode", "tc")
-    clients = Clients(testbed)
+    clients: Clients | None = None
     try:
+        isoebpf("load", str(path_a), "--backend", name, "--netns", testbed.router,
+                "--iface", "v-*", "--mode", "tc")
+        clients = Clients(testbed)
         time.sleep(1.0)  # every loop running before the first change
         started = time.monotonic()
         for n in range(count):
@@ -102,7 +103,8 @@ def alternate(testbed: Testbed, name: str, count: int, tmp_path: Path) -> Counte
         elapsed = time.monotonic() - started
         time.sleep(1.0)
     finally:
-        clients.stop()
+        if clients is not None:
+            clients.stop()
         isoebpf("unload", "--netns", testbed.router)
     classes: Counter[str] = Counter()
     wrong = []

@@ -20,6 +20,9 @@ def ports_ir(count: int) -> IR:
     return compile_policy(policy.loads(many_ports(count), "ports.yaml"))
 
 
+PORTS_300 = ports_ir(300)  # compiled once, at collection, for the two cases below
+
+
 def test_the_defaults_are_read_from_the_headers() -> None:
     sizes = capacity.default_sizes()
     assert set(MAP_SIZE_MACROS.values()) <= set(sizes)
@@ -33,8 +36,8 @@ def test_a_policy_that_fits_has_no_problems() -> None:
 @pytest.mark.parametrize(("ir", "macro", "limit", "needed"), [
     (overlays_ir(70), "ISOEBPF_MAX_CLASSES", 64, 70),
     (overlays_ir(20), "ISOEBPF_MAX_HAIRPINS", 16, 20),
-    (ports_ir(300), "ISOEBPF_MAX_ALLOWED", 256, 300),
-    (ports_ir(300), "ISOEBPF_MAX_RULES", 128, max(r.id for r in ports_ir(300).rules) + 1),
+    (PORTS_300, "ISOEBPF_MAX_ALLOWED", 256, 300),
+    (PORTS_300, "ISOEBPF_MAX_RULES", 128, max(r.id for r in PORTS_300.rules) + 1),
 ], ids=["classes", "hairpins", "allowed", "rules"])
 def test_too_big_names_the_map_the_count_the_limit_and_the_constant(
     ir: IR, macro: str, limit: int, needed: int,

@@ -54,4 +54,4 @@ def test_keys_pack_as_the_abi_structs(name: str, fields: tuple[int, ...],
 ])
 def test_values_pack_as_the_abi_structs(name: str, fields: tuple[int, ...],
                                         expected: ctypes.Structure) -> None:
-    assert program.pack_value(name, fields) == bytes(expected)
+    assert program.value_packer(name)(*fields) == bytes(expected)
