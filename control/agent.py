@@ -122,7 +122,7 @@ class Agent:
             if not self._chosen:
                 # One compile serves both the choice (auto's preflight) and a first load.
                 compiling = backend.compile_early(self.backend_name, self.scope)
-                self._chosen, reason = backend.choose(self.backend_name, compiling)
+                self._chosen, reason = backend.choose(self.backend_name, self.scope, compiling)
                 self.log("backend", backend=self._chosen, why=reason)
             started = time.monotonic()
             try:

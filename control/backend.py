@@ -1,4 +1,5 @@
-"""Which backend enforces a scope: the one asked for, or the best that works here.
+"""Which backend enforces a scope: the one in force, the one asked for, or the best
+that works here; and switching between them without a gap.
 
 Backends are imported only when used, so reading commands (validate, explain,
 render) never need bcc or pyroute2. Each backend module offers the same calls:
@@ -20,8 +21,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from . import capacity
-from .errors import IsoebpfError, ProgramRejected
+from .errors import BackendError, IsoebpfError, ProgramRejected
 from .ir import IR
 from .state import Scope
 
@@ -52,6 +52,8 @@ class LoadReport:
     apply_seconds: float
     attachments: tuple[Attachment, ...]
     replaced_layout: str | None  # what older state was torn down, if any
+    detached: tuple[str, ...] = ()  # interfaces no longer enforced on, and why
+    warnings: tuple[str, ...] = ()  # what the user should act on before the next change
 
 
 def record(name: str, scope: Scope, ir: IR, policy_path: str, generation: int,
@@ -83,10 +85,16 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f".backends.{name}", __package__)
 
 
-def choose(requested: str, compiling: Any | None = None) -> tuple[str, str]:
-    """(backend, why) for `--backend requested`; `compiling`: see compile_early()."""
+def choose(requested: str, scope: Scope, compiling: Any | None = None) -> tuple[str, str]:
+    """(backend, why) for `--backend requested` in `scope`; `compiling`: see compile_early().
+
+    `auto` keeps the backend in force: a routine update never switches backends,
+    only a `--backend` that names another one does (switch_from says so)."""
     if requested != "auto":
         return requested, "asked for"
+    current = loaded(scope)
+    if current in BACKENDS:
+        return current, "in force here (--backend NAME switches)"
     try:
         problem = module("ebpf").preflight(compiling)
     except ImportError as err:
@@ -94,6 +102,16 @@ def choose(requested: str, compiling: Any | None = None) -> tuple[str, str]:
     if problem is None:
         return "ebpf", "eBPF preflight passed (bpf syscall, bpffs, bcc compiles)"
     return "iptables", f"eBPF unavailable: {problem}"
+
+
+def switch_from(scope: Scope, chosen: str) -> str | None:
+    """The backend in force that loading with `chosen` would replace, or None."""
+    current = loaded(scope)
+    if current is None or current == chosen:
+        return None
+    if current not in BACKENDS:
+        raise IsoebpfError(f"state in {scope.record_path} names an unknown backend '{current}'")
+    return current
 
 
 def compile_early(requested: str, scope: Scope) -> Any | None:
@@ -104,43 +122,115 @@ def compile_early(requested: str, scope: Scope) -> Any | None:
     if requested not in ("auto", "ebpf"):
         return None
     try:
+        if requested == "auto" and loaded(scope) == "iptables":
+            return None  # auto keeps iptables
         ebpf = module("ebpf")
-    except ImportError:
-        return None  # choose() says why
+    except (ImportError, IsoebpfError):
+        return None  # choose() or the load says why
     return ebpf.compile_early(scope)
 
 
 def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
          policy_path: str, force: bool = False, on_failure: str = "closed",
          compiling: Any | None = None, **extra: Any) -> tuple[str, LoadReport, list[str]]:
-    """Load with `chosen`, first removing another backend's enforcement; under
-    `--backend auto` a kernel that refuses the eBPF program gets the iptables
-    backend instead. Returns (backend, report, notes: what else was done, for
-    the user). `compiling` is compile_early()'s program, used by an eBPF first load.
+    """Load with `chosen`; under `--backend auto` a kernel that refuses the eBPF
+    program gets the iptables backend instead (a first load only: auto never
+    switches). Returns (backend, report, notes: what else was done, for the user).
+    `compiling` is compile_early()'s program, used by an eBPF first load.
 
-    A change that cannot be applied leaves what `on_failure` says (see fail())
-    and is recorded for `status` and the metrics until a later change succeeds.
+    Make before break: a switch loads and verifies `chosen` while the backend in
+    force still enforces (each packet meets both, so neither policy's denials are
+    lost), and only then removes the old one. A change that cannot be applied
+    leaves what `on_failure` says (see fail()) and is recorded for `status` and
+    the metrics until a later change succeeds.
     """
     if on_failure not in FAILURE_MODES:
         raise IsoebpfError(f"on-failure '{on_failure}': choose {' or '.join(FAILURE_MODES)}")
-    notes = []
+    notes: list[str] = []
     try:
-        previous = _switch_from(scope, chosen, ir)
-        if previous:
-            notes.append(f"removed the {previous} backend's enforcement first")
-        try:
-            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
-                                         on_failure=on_failure, compiling=compiling, **extra)
-        except ProgramRejected as err:
-            if requested != "auto":
-                raise
-            notes.append(f"backend iptables: this kernel refused the eBPF program ({err})")
-            chosen = "iptables"
-            report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
-                                         on_failure=on_failure)
+        with scope.locked():
+            notes += finish_switch(scope)
+            previous = switch_from(scope, chosen)
+            if previous:
+                report = _switch(previous, chosen, ir, scope, globs, mode, policy_path, force,
+                                 on_failure, compiling, **extra)
+                notes.append(f"switched from {previous}: {chosen} was loaded and verified while "
+                             f"{previous} still enforced, then {previous}'s enforcement removed")
+                return chosen, report, notes
+            try:
+                report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
+                                             on_failure=on_failure, compiling=compiling, **extra)
+            except ProgramRejected as err:
+                if requested != "auto":
+                    raise
+                notes.append(f"backend iptables: this kernel refused the eBPF program ({err})")
+                chosen = "iptables"
+                report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
+                                             on_failure=on_failure)
     except IsoebpfError as err:
         raise fail(scope, ir, on_failure, err) from err
     return chosen, report, notes
+
+
+def _switch(previous: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
+            policy_path: str, force: bool, on_failure: str, compiling: Any | None,
+            **extra: Any) -> LoadReport:
+    """Replace `previous` by `chosen` (the caller holds the scope's lock)."""
+    before = scope.read()
+    assert before is not None, "switch_from found a backend in force"
+    scope.write_switch(previous, chosen)
+    try:
+        report: LoadReport = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
+                                     on_failure=on_failure, compiling=compiling, **extra)
+        drifted = module(chosen).drift(scope, ir)
+        if drifted:
+            raise BackendError(f"the {chosen} backend does not read back as loaded: "
+                               f"{', '.join(drifted)}")
+    except IsoebpfError as err:
+        problem = _undo_partial(chosen, scope, before)
+        if problem:
+            raise type(err)(f"{err}\n{problem}") from err
+        raise
+    except BaseException:
+        _undo_partial(chosen, scope, before)
+        raise
+    try:
+        module(previous).unload(scope)
+    except IsoebpfError as err:
+        raise BackendError(f"{chosen} enforces the new policy, but removing the {previous} "
+                           f"backend's enforcement failed ({err}); both filter until the next "
+                           "'isoebpf load' finishes the switch") from err
+    scope.clear_switch()
+    return report
+
+
+def _undo_partial(chosen: str, scope: Scope, before: dict[str, Any]) -> str | None:
+    """Remove what a failed switch made of `chosen`, and put back the record of the
+    backend it was to replace, which was never touched (`chosen`'s unload finds its
+    objects without a record). Why that failed too, or None."""
+    try:
+        module(chosen).unload(scope)
+        if scope.read() != before:
+            scope.write(before)
+    except IsoebpfError as err:
+        return (f"removing the partly loaded {chosen} backend failed too ({err}); "
+                "the next 'isoebpf load' or 'isoebpf unload' removes it")
+    scope.clear_switch()
+    return None
+
+
+def finish_switch(scope: Scope) -> list[str]:
+    """Finish or undo a switch a killed command left (under the scope's lock): the
+    backend the record names is the one that enforces whole; the other goes."""
+    switch = scope.read_switch()
+    if switch is None:
+        return []
+    current = loaded(scope)
+    leftover = switch["from"] if current == switch["to"] else switch["to"]
+    module(leftover).unload(scope)
+    scope.clear_switch()
+    return [f"finished an interrupted switch from {switch['from']} to {switch['to']}: "
+            f"removed the {leftover} backend's enforcement"]
 
 
 def fail(scope: Scope, ir: IR, on_failure: str, err: IsoebpfError) -> IsoebpfError:
@@ -186,17 +276,3 @@ def status(scope: Scope) -> dict[str, Any] | None:
     if failure is None:
         return record
     return {**(record or {"backend": None}), "failure": failure}
-
-
-def _switch_from(scope: Scope, chosen: str, ir: IR) -> str | None:
-    """Unload another backend's enforcement before `chosen` takes over the scope,
-    once `ir` is sure to fit `chosen` (the eBPF program's maps)."""
-    current = loaded(scope)
-    if current is None or current == chosen:
-        return None
-    if current not in BACKENDS:
-        raise IsoebpfError(f"state in {scope.record_path} names an unknown backend '{current}'")
-    if chosen == "ebpf":
-        capacity.check_first_load(ir)
-    module(current).unload(scope)
-    return current

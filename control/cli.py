@@ -165,11 +165,15 @@ def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, 
     globs = list(ifaces) or list(ir.interfaces or ())
     netns = scope.netns
     where = f"namespace {netns}" if netns else "this namespace"
-    chosen, why = backend.choose(backend_name, compiling)
+    chosen, why = backend.choose(backend_name, scope, compiling)
     click.echo(f"backend {chosen}: {why}")
     if chain and chosen != "iptables":
         raise click.UsageError(f"--chain names the iptables backend's chain, not {chosen}'s")
     if dry_run:
+        previous = backend.switch_from(scope, chosen)
+        if previous:
+            click.echo(f"would switch from {previous} to {chosen}: {chosen} is loaded and "
+                       f"verified first, then {previous}'s enforcement is removed")
         click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
                    f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
         return
@@ -188,6 +192,10 @@ def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, 
     click.echo(f"applied in {report.apply_seconds * 1000:.0f} ms")
     for a in report.attachments:
         click.echo(f"  {a.ifname:15} {a.mode:10} {a.reason}")
+    for detached in report.detached:
+        click.echo(f"detached from {detached}")
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -294,6 +302,7 @@ def unload(netns: str | None) -> None:
                    "removing isoebpf's own state of it")
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
     scope.clear_failure()
+    scope.clear_switch()  # both backends are gone: nothing is left to finish
     for what in removed:
         click.echo(f"removed {what}")
     click.echo("unloaded" if removed else "nothing was loaded")

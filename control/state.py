@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,9 @@ NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps named namespaces
 # State is root's alone: directories 0700, pins, records and locks 0600.
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+# The scopes whose lock this thread holds (Scope.locked), per thread: the agent's
+# threads must still exclude each other.
+_locks_held = threading.local()
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,12 @@ class Scope:
     @property
     def failure_path(self) -> Path:
         return self.run_dir / "failure.json"
+
+    @property
+    def switch_path(self) -> Path:
+        """Present while a backend switch is under way (backend.load): a command
+        killed midway leaves it, and the next one finishes or undoes the switch."""
+        return self.run_dir / "switch.json"
 
     @property
     def lock_path(self) -> Path:
@@ -142,10 +152,38 @@ class Scope:
     def clear_failure(self) -> None:
         self._remove(self.failure_path)
 
+    def read_switch(self) -> dict[str, str] | None:
+        """The backend switch a killed command left unfinished: {"from": ..., "to": ...}."""
+        try:
+            switch: dict[str, str] = json.loads(self.switch_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return switch
+
+    def write_switch(self, old: str, new: str) -> None:
+        self._write_json(self.switch_path, {"from": old, "to": new})
+
+    def clear_switch(self) -> None:
+        self._remove(self.switch_path)
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the scope's lock for the duration. A concurrent command is waited for,
-        at most LOCK_WAIT seconds; the holder's pid is in the lock file."""
+        at most LOCK_WAIT seconds; the holder's pid is in the lock file. Re-entrant
+        within a thread: a backend switch holds it across both backends' calls."""
+        held: set[str] = vars(_locks_held).setdefault("scopes", set())
+        if self.name in held:
+            yield
+            return
+        held.add(self.name)
+        try:
+            with self._flocked():
+                yield
+        finally:
+            held.discard(self.name)
+
+    @contextmanager
+    def _flocked(self) -> Iterator[None]:
         private_dir(RUN_DIR)
         # CLOEXEC: a tool we run (iptables, tc) must not hold the lock after we die.
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)

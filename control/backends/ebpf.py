@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import NetlinkError
@@ -152,8 +153,9 @@ def _reusable(record: dict[str, Any], scope: Scope) -> bool:
 
 
 def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
-    """What unusable state a first load finds in its way, or None."""
-    if record is not None:
+    """What unusable state a first load finds in its way, or None (another backend's
+    record is not in its way: backend.load switches from that backend)."""
+    if record is not None and record.get("backend") in (BACKEND, None):
         if not _ours_in_this_layout(record):
             return f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
         return (f"the state of {record.get('loaded_at', '?')} without its pins under "
@@ -184,8 +186,9 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
             make_private(scope.pin_dir / name)
         generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
-        attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, [])
+        attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, []).now
         _save(scope, ir, generation, attachments, said, compiled.compile_seconds)
+        warnings = _next_update_warnings(compiled.map_fds, ir)
     except BaseException:
         _detach_all(scope, attachments)
         _unpin(scope)
@@ -194,27 +197,60 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         compiled.close()
     applied = time.monotonic() - started - waited
     return LoadReport(generation, True, compiled.compile_seconds, applied, tuple(attachments),
-                      replaced)
+                      replaced, (), warnings)
 
 
 def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], mode: str,
             said: dict[str, str], force: bool, started: float) -> LoadReport:
+    """Make before break: check the new policy fits, attach new interfaces (they
+    enforce the live policy meanwhile), make the new generation live, and only
+    then detach what is no longer wanted. A failure before the flip detaches
+    only what this update attached: the policy in force stays, where it was."""
     maps = _open_maps(scope)
     progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
     try:
         live = program.active_generation(maps)
         known = [Attachment(**a) for a in record.get("attachments", [])]
-        # Attach first: an interface that cannot be enforced on fails the update before
-        # the new policy is live (new interfaces enforce the live one meanwhile).
-        attachments = _attach_all(scope, progs, globs, mode, force, known)
-        new = live
-        if record.get("digest") != ir.digest or int(record["generation"]) != live:
-            new = program.next_generation(maps, ir, _slot_files(scope, make=True))
-        _save(scope, ir, new, attachments, said, float(record.get("compile_seconds", 0)))
+        slots = _slot_files(scope, make=True)
+        changed = record.get("digest") != ir.digest or int(record["generation"]) != live
+        tables = program.prepare_next(maps, ir, slots) if changed else None
+        attached = _attach_all(scope, progs, globs, mode, force, known)
+        try:
+            new = program.next_generation(maps, ir, slots, tables) if changed else live
+            _save(scope, ir, new, attached.now, said, float(record.get("compile_seconds", 0)))
+        except BaseException:
+            # The live generation's slot was never written: flipping back restores
+            # the policy in force exactly (the connections the sweep cut are judged afresh).
+            program.set_active(maps, live)
+            _detach_all(scope, attached.added)
+            raise
+        detached = _retire(scope, attached.retired)
+        warnings = _next_update_warnings(maps, ir, tables) if changed else ()
     finally:
         for fd in (*maps.values(), *progs.values()):
             os.close(fd)
-    return LoadReport(new, False, 0.0, time.monotonic() - started, tuple(attachments), None)
+    return LoadReport(new, False, 0.0, time.monotonic() - started, tuple(attached.now), None,
+                      detached, warnings)
+
+
+def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[str, ...]:
+    """Detach attachments the change in force no longer has; what was detached, and why."""
+    if not retired:
+        return ()
+    try:
+        _detach_all(scope, [a for a, _ in retired])
+    except (BackendError, NetlinkError) as err:
+        raise BackendError(f"the new policy is in force, but detaching from "
+                           f"{', '.join(a.ifname for a, _ in retired)} failed ({err}): "
+                           "'isoebpf unload' removes every attachment of ours") from err
+    return tuple(f"{a.ifname} ({a.mode}): {why}" for a, why in retired)
+
+
+def _next_update_warnings(maps: program.Maps, ir: IR,
+                          tables: program.Tables | None = None) -> tuple[str, ...]:
+    """What would refuse the next update: it writes its policy beside this one."""
+    return tuple(f"the next update would not fit: {problem}"
+                 for problem in program.room_for_next(maps, ir, tables))
 
 
 def _open_maps(scope: Scope) -> dict[str, int]:
@@ -249,9 +285,33 @@ def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str,
         return "tc", WHY_TC_FALLBACK.format(error=err), added
 
 
+@dataclass(frozen=True)
+class _Attached:
+    """What an attach pass did: `kept`, `replaced` (ours again in the same hook, in
+    one step: a renamed interface) and `added` (on an interface that had none of
+    ours there) enforce from now on; `retired` are earlier attachments that still
+    enforce the policy in force and are to be detached once the change is live
+    (interfaces no longer matched, or moved to another hook), each with why."""
+
+    kept: list[Attachment]
+    replaced: list[Attachment]
+    added: list[Attachment]
+    retired: list[tuple[Attachment, str]]
+
+    @property
+    def now(self) -> list[Attachment]:
+        return self.kept + self.replaced + self.added
+
+
+def _hook(mode: str) -> str:
+    return "tc" if mode == "tc" else "xdp"
+
+
 def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mode: str,
-                force: bool, known: list[Attachment]) -> list[Attachment]:
-    """Attach to every matching interface not attached already; forget vanished ones."""
+                force: bool, known: list[Attachment]) -> _Attached:
+    """Attach to every matching interface not attached already; forget vanished ones.
+    Nothing is detached here: an attachment to retire keeps enforcing the policy in
+    force until the caller's change is live, so a failure leaves it exactly as it was."""
     if not globs:
         raise BackendError("no interfaces to enforce on: give --iface GLOB or 'interfaces:' "
                            "in the policy")
@@ -265,12 +325,12 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
         kept = [a for a in known if a.ifindex in wanted_indexes
                 and present[a.ifindex].name == a.ifname
                 and (mode == "auto" or a.mode.startswith(mode)) and _attached(sock, a.as_record())]
-        # Detach what is no longer wanted (or was half-removed by someone) first, so a
-        # re-attachment below is never undone.
-        _detach(sock, [a for a in known if a not in kept and a.ifindex in present])
+        stale = {a.ifindex: a for a in known if a not in kept and a.ifindex in present}
         done = {a.ifindex for a in kept}
         our_xdp = bpfsys.prog_info(prog_fds["xdp"]).id
         added: list[Attachment] = []
+        replaced: list[Attachment] = []
+        retired: list[tuple[Attachment, str]] = []
         try:
             for link in wanted:
                 if link.index in done:
@@ -282,12 +342,22 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
                     if link.index not in {found.index for found in links.links(sock)}:
                         continue  # deleted while we attached: nothing left to enforce on
                     raise
-                added.append(Attachment(link.name, link.index, chosen, why, added_clsact,
-                                        our_xdp if chosen != "tc" else 0))
+                before = stale.pop(link.index, None)
+                same_hook = before is not None and _hook(before.mode) == _hook(chosen)
+                if before is not None and not same_hook:
+                    retired.append((before, f"now {chosen}"))
+                # The same hook: the attach replaced ours in place, and the clsact
+                # qdisc we once added is still ours to remove.
+                ours_before = same_hook and before is not None and before.added_clsact
+                attachment = Attachment(link.name, link.index, chosen, why,
+                                        added_clsact or ours_before,
+                                        our_xdp if chosen != "tc" else 0)
+                (replaced if same_hook else added).append(attachment)
         except BaseException:
             _detach(sock, added)
             raise
-        return kept + added
+        retired += [(a, f"no longer matches {', '.join(globs)}") for a in stale.values()]
+        return _Attached(kept, replaced, added, retired)
 
 
 def _detach(sock: Any, attachments: Sequence[Attachment]) -> None:

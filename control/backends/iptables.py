@@ -287,14 +287,37 @@ def _forward_ops(family: _Family, specs: Sequence[str]) -> list[str]:
             *(f"-I FORWARD {i} {spec}" for i, spec in enumerate(specs, start=1))]
 
 
-def _switch(tools: _Tools, layout: Layout, names: dict[str, str]) -> None:
-    """One transaction per family: our rules as `layout` says, sets under `names`."""
+def _switch(tools: _Tools, layout: Layout, names: dict[str, str],
+            before: _State | None = None) -> None:
+    """One transaction per family: our rules as `layout` says, sets under `names`.
+    `before`: the state to put back in a family already switched when a later
+    family's transaction fails, so no family is left on the new policy alone."""
+    switched: list[int] = []
     for version in (4, 6):
         family = _read_family(tools, version)
         drop = [op for c in _stale_chains(layout, version, family) for op in (f"-F {c}", f"-X {c}")]
         specs = [rename_sets(spec, names) for spec in layout.families[version].forward]
-        tools.restore(version, iptables_restore(layout, version, _forward_ops(family, specs) + drop,
-                                                names))
+        try:
+            tools.restore(version, iptables_restore(layout, version,
+                                                    _forward_ops(family, specs) + drop, names))
+        except BackendError:
+            if before is not None:
+                for done in switched:
+                    _put_back(tools, done, before.families[done], layout)
+            raise
+        switched.append(version)
+
+
+def _put_back(tools: _Tools, version: int, saved: _Family, layout: Layout) -> None:
+    """Our FORWARD rules and chains of one family as `saved` read them, in one transaction."""
+    now = _read_family(tools, version)
+    chains = _our_chains(saved)
+    gone = [c for c in _our_chains(now, layout.chain) if c not in chains]
+    lines = ["*filter", *(f":{c} - [0:0]" for c in chains),
+             *_forward_ops(now, [spec for _, spec, _, _ in saved.forward]),
+             *(f"-A {c} {spec}" for c in chains for spec, _, _ in saved.chains[c]),
+             *(op for c in gone for op in (f"-F {c}", f"-X {c}")), "COMMIT"]
+    tools.restore(version, "".join(f"{line}\n" for line in lines))
 
 
 def _in_use(state: _State) -> set[str]:
@@ -323,40 +346,53 @@ def _fill_named(layout: Layout, sets: Sequence[IpSet], state: _State,
     return lines
 
 
-def _apply(tools: _Tools, layout: Layout, state: _State) -> None:
-    """Make the kernel match `layout`, switching each family over in one transaction.
+def _apply(tools: _Tools, layout: Layout, state: _State) -> list[str]:
+    """Make the kernel match `layout`, switching each family over in one transaction;
+    returns what is left to finish (empty when all is done).
 
     Sets our rules do not use yet are filled under their own names before the
     switch. Sets they use cannot change under them (a packet would meet new
     sets and old rules): those are filled under temporary names, the rules
     switch to them, the named sets are refilled, and the rules switch back.
+    The first switch commits: a failure before it leaves the policy in force as
+    it was; after it the new policy is in force whole, and what failed is only
+    the tidying (names, temporary sets), which the next load or repair redoes.
     """
     changed = [s for s in layout.sets if not _same_set(s, state.sets.get(s.name))]
     in_use = _in_use(state)
     fresh = (f"{TMP_PREFIX}{i}" for i in itertools.count() if f"{TMP_PREFIX}{i}" not in state.sets)
     temp: dict[str, str] = {}
+    committed = False
     try:
         tools.ipset(_fill_named(layout, [s for s in changed if s.name not in in_use], state, fresh))
         busy = [s for s in changed if s.name in in_use]
         if busy:
             temp = {s.name: next(fresh) for s in busy}
             tools.ipset(ipset_restore(layout, temp, only=temp))
-            _switch(tools, layout, temp)  # from here on the new policy is in force, whole
+            _switch(tools, layout, temp, before=state)
+            committed = True  # from here on the new policy is in force, whole
             tools.ipset(_fill_named(layout, busy, state, fresh))
-        _switch(tools, layout, {})
+            _switch(tools, layout, {})
+        else:
+            _switch(tools, layout, {}, before=state)
+            committed = True
         wanted = {s.name for s in layout.sets}
         tools.ipset(_destroy_text([*temp.values(), *(n for n in state.sets if n not in wanted)]))
     except BackendError as err:
-        _drop_unused_temps(tools)
-        raise BackendError(f"{err}\nthe policy may be partly applied: run 'isoebpf load' again, "
-                           "or 'isoebpf unload'") from err
+        if committed:
+            return [f"the new policy is in force, but tidying up after the change failed "
+                    f"({err}); the next 'isoebpf load' or the agent's repair finishes it"]
+        _drop_unused_temps(tools, [s.name for s in changed if s.name not in state.sets])
+        raise BackendError(f"{err}\nnothing of the new policy was put in force") from err
+    return []
 
 
-def _drop_unused_temps(tools: _Tools) -> None:
-    """Destroy temporary sets no rule uses (those in use carry the policy in force)."""
+def _drop_unused_temps(tools: _Tools, made: Sequence[str]) -> None:
+    """Destroy the temporary sets, and the sets `made` by a failed change, that no
+    rule uses (those in use carry the policy in force)."""
     listing = tools.run(["ipset", "list", "-t"])
-    unused = re.findall(rf"^Name: ({TMP_PREFIX}\d+)\n(?:.+\n)*?References: 0$", listing,
-                        re.MULTILINE)
+    names = "|".join([rf"{TMP_PREFIX}\d+", *map(re.escape, made)])
+    unused = re.findall(rf"^Name: ({names})\n(?:.+\n)*?References: 0$", listing, re.MULTILINE)
     tools.ipset(_destroy_text(unused))
 
 
@@ -484,8 +520,9 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         state = _read_state(tools)
         drifted = differences(layout, state)
         generation = int((mine or {}).get("generation", 0))
+        unfinished: list[str] = []
         if drifted or not mine or mine.get("digest") != ir.digest:
-            _apply(tools, layout, state)
+            unfinished = _apply(tools, layout, state)
             generation += 1
         revoked = revoke(scope.netns, ir)
         why = _why(layout.kind, found, hidden)
@@ -496,7 +533,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
             flavour=tools.flavour, iptables_layout=layout.kind, set_types=list(found),
             sets=[s.name for s in layout.sets], revoked=revoked))
     return LoadReport(generation, False, 0.0, time.monotonic() - started, tuple(attachments),
-                      None)
+                      None, (), tuple(unfinished))
 
 
 def drift(scope: Scope, ir: IR) -> list[str]:

@@ -380,23 +380,41 @@ def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> int:
     activate(maps, ir, 1)
     slots.remember(maps, 1, tables)
     copy: Tables = {}
-    if not capacity.problems(ir, _room(maps), entry_counts(tables), _needed(ir, tables)):
+    if not room_for_next(maps, ir, tables):
         _write_tables(maps, 0, tables, {})
         copy = tables
     slots.remember(maps, 0, copy)
     return 1
 
 
-def next_generation(maps: Maps, ir: IR, slots: SlotFiles) -> int:
+def room_for_next(maps: Maps, ir: IR, tables: Tables | None = None) -> list[str]:
+    """Why an update to a policy the size of `ir` would not fit beside it (an update
+    writes the new policy while the one in force stays), or [] when it would."""
+    tables = tables if tables is not None else tables_of(ir)
+    needed = _needed(ir, tables)
+    return capacity.problems(ir, _room(maps), needed, needed)
+
+
+def prepare_next(maps: Maps, ir: IR, slots: SlotFiles) -> Tables:
+    """`ir`'s tables, once sure they fit beside the live generation's entries; a
+    policy that does not is refused before the update writes or attaches anything."""
+    tables = tables_of(ir)
+    new = active_generation(maps) + 1
+    _check_fits(maps, ir, new, tables, slots.read_counts(maps, 1 - slot_of(new)))
+    return tables
+
+
+def next_generation(maps: Maps, ir: IR, slots: SlotFiles, tables: Tables | None = None) -> int:
     """Make `ir` the active policy as the generation after the live one; returns it.
+    `tables`: prepare_next's (None: checked here).
 
     Writes into the slot the live generation does not use only what differs
     from what that slot holds (the policy before the live one, usually), and
     leaves the live generation's entries in place for the next update."""
+    if tables is None:
+        tables = prepare_next(maps, ir, slots)
     new = active_generation(maps) + 1
     slot = slot_of(new)
-    tables = tables_of(ir)
-    _check_fits(maps, ir, new, tables, slots.read_counts(maps, 1 - slot))
     held = slots.read(maps, slot)
     slots.forget(slot)
     _write(maps, ir, new, tables, held)
@@ -414,7 +432,7 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     cuts the others now, so that a connection this policy forbids stays cut
     even if the next policy would allow it again (as evaluate.Conntrack.revalidate).
     """
-    bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
+    set_active(maps, gen)
     classifier: Classifier | None = None  # built only when there is a connection to judge
     allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
     forbidden: list[bytes] = []
@@ -427,6 +445,11 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
         if not allowed[verdict_key]:
             forbidden.append(raw)
     bpfsys.map_delete_many(maps["conntrack"], forbidden)
+
+
+def set_active(maps: Maps, gen: int) -> None:
+    """The one word every packet reads first: which generation judges it."""
+    bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
 
 
 _SPORT = slice(abi.FlowKey.sport.offset, abi.FlowKey.sport.offset + abi.FlowKey.sport.size)
