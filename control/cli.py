@@ -52,6 +52,7 @@ on_failure_option = click.option(
 
 
 @click.group(cls=_Group)
+@click.version_option(package_name="isoebpf", prog_name="isoebpf", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -98,3 +99,10 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def test_mixed_families_are_refused() -> None:
     code, _, err = run("explain", SEED, "--src", "fd00::1", "--dst", "10.250.0.7", "--dport", "1")
     assert code == 1 and "must both be IPv4 or both IPv6" in err
+
+
+# -- --version, --json and exit codes on every command ---------------------------------
+
+def test_version_comes_from_the_package_metadata() -> None:
+    code, out, _ = run("--version")
+    assert code == 0 and out == f"isoebpf {importlib.metadata.version('isoebpf')}\n"
