@@ -248,14 +248,47 @@ def import_cmd(v4_file: TextIO | None, v6_file: TextIO | None, set_file: TextIO)
 
 @main.command()
 @click.option("--netns", metavar="NAME", help="The network namespace to report on.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(netns: str | None, as_json: bool) -> None:
-    """Everything loaded in one view: policy, attachments, per-rule counters, connections, maps."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the record as one line of JSON, with ok (the exit code is 0) and problems.")
+@click.pass_context
+def status(ctx: click.Context, netns: str | None, as_json: bool) -> None:
+    """Everything loaded in one view: policy, attachments, per-rule counters, connections, maps.
+
+    \b
+    Exit codes:
+      0  enforcement is in place and the last change succeeded; or nothing is
+         loaded, and no change failed, in a namespace that exists (a valid state)
+      1  the last change failed (shown first, with everything else); an
+         interface is detached or gone; the state cannot be read
+    """
     scope = Scope(netns)
     record = backend.status(scope)
+    problems = _problems(record)
     if as_json:
-        click.echo(json.dumps(record, sort_keys=True))
-        return
+        shown = record if record is not None else {"backend": None, "netns": netns}
+        click.echo(json.dumps({**shown, "ok": not problems, "problems": problems,
+                               **({"error": "; ".join(problems)} if problems else {})},
+                              sort_keys=True))
+    else:
+        _say_status(record, netns)
+    if problems:
+        click.echo(f"isoebpf: status: {'; '.join(problems)}", err=True)
+        ctx.exit(1)
+
+
+def _problems(record: dict[str, Any] | None) -> list[str]:
+    """What makes `status` exit 1: a failed last change, attachments not in place."""
+    if record is None:
+        return []
+    problems = []
+    if record.get("failure"):
+        problems.append("the last change failed")
+    problems += [f"{a['ifname']} ({a['mode']}) {a['state']}" for a in record.get("attachments", [])
+                 if a.get("state", "attached") != "attached"]
+    return problems
+
+
+def _say_status(record: dict[str, Any] | None, netns: str | None) -> None:
     failure = (record or {}).get("failure")
     if failure:
         click.echo(f"LAST CHANGE FAILED at {failure['at']} (on-failure {failure['on_failure']}): "

@@ -305,8 +305,10 @@ def test_a_change_that_cannot_be_applied(testbed: Testbed, policies: dict[str, t
     failing[failing.index("v-*")] = "v-none*"
     done = isoebpf(*failing, "--on-failure", on_failure, check=False)
     assert done.returncode == 1 and "no interface in namespace" in done.stderr
-    record = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)
-    text = isoebpf("status", "--netns", testbed.router).stdout
+    shown = isoebpf("status", "--netns", testbed.router, "--json", check=False)
+    record = json.loads(shown.stdout)
+    text = isoebpf("status", "--netns", testbed.router, check=False).stdout
+    assert shown.returncode == 1 and record["ok"] is False  # until a change succeeds
     assert record["failure"]["on_failure"] == on_failure
     assert "LAST CHANGE FAILED" in text
     gauges = metrics(scope, on_failure)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+from isoebpf import backend
 from isoebpf.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,3 +109,56 @@ def test_mixed_families_are_refused() -> None:
 def test_version_comes_from_the_package_metadata() -> None:
     code, out, _ = run("--version")
     assert code == 0 and out == f"isoebpf {importlib.metadata.version('isoebpf')}\n"
+
+
+def one_document(out: str) -> dict[str, Any]:
+    """--json's stdout: exactly one JSON object, on one line."""
+    assert out.endswith("\n") and out.count("\n") == 1, out
+    document = json.loads(out)
+    assert isinstance(document, dict)
+    return document
+
+
+def record(**more: Any) -> dict[str, Any]:
+    """A status record as a backend returns it: one attachment, one counter."""
+    return {"backend": "iptables", "policy": "/p.yaml", "digest": "d" * 64, "generation": 1,
+            "loaded_at": "now", "on_failure": "closed", "connections": 0,
+            "attachments": [{"ifname": "v-a", "mode": "tc", "state": "attached", "reason": "r"}],
+            "counters": [{"rule": "allow:0", "text": "hr -> it", "packets": 5, "bytes": 300}],
+            **more}
+
+
+FAILURE = {"at": "then", "on_failure": "closed", "error": "no interface matches",
+           "consequence": "fail-closed: the policy in force (digest dddddddddddd) stays"}
+
+
+@pytest.mark.parametrize(
+    ("shown", "code", "problems"),
+    [
+        (None, 0, []),
+        (record(), 0, []),
+        (record(failure=FAILURE), 1, ["the last change failed"]),
+        ({"backend": None, "failure": FAILURE}, 1, ["the last change failed"]),
+        (record(attachments=[{"ifname": "v-a", "mode": "tc", "state": "detached", "reason": "r"},
+                             {"ifname": "v-b", "mode": "tc", "state": "interface gone",
+                              "reason": "r"}]),
+         1, ["v-a (tc) detached", "v-b (tc) interface gone"]),
+    ],
+)
+def test_status_exit_code_says_whether_all_is_in_place(
+        monkeypatch: pytest.MonkeyPatch, shown: dict[str, Any] | None, code: int,
+        problems: list[str]) -> None:
+    monkeypatch.setattr(backend, "status", lambda scope: copy.deepcopy(shown))
+    text_code, text, err = run("status")
+    assert text_code == code
+    if shown and shown.get("failure"):
+        assert text.startswith("LAST CHANGE FAILED at then (on-failure closed): fail-closed")
+    if shown and shown.get("backend"):
+        assert "allow:0" in text and "v-a" in text, "the whole view, whatever the exit code"
+    assert err == (f"isoebpf: status: {'; '.join(problems)}\n" if problems else "")
+    json_code, out, _ = run("status", "--json")
+    document = one_document(out)
+    assert json_code == code and document["ok"] is (code == 0)
+    assert document["problems"] == problems
+    assert document.get("error") == ("; ".join(problems) if problems else None)
+    assert document["backend"] == (shown or {}).get("backend")
