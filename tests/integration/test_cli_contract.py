@@ -1,4 +1,5 @@
-"""The command line's contract on real namespaces: what `status` exits with."""
+"""The command line's contract on real namespaces: what `status` exits with, what
+`load --json` and `unload --json` say."""
 
 from __future__ import annotations
 
@@ -98,3 +99,46 @@ def test_status_exits_1_while_the_last_change_failed_or_a_hook_is_gone(
     assert "detached" in detached.stdout and "allow:0" in detached.stdout
     record = one_document(status(testbed, "--json").stdout)
     assert record["problems"] == ["FORWARD (iptables) detached"]
+
+
+@pytest.mark.parametrize("name", ["ebpf", "iptables"])
+def test_load_and_unload_json_name_what_was_attached_and_removed(
+        testbed: Testbed, policies: dict[str, tuple[Path, IR]], unloaded: None,
+        name: str) -> None:
+    path, ir = policies["A"]
+    scope = Scope(testbed.router)
+    args = ["load", str(path), "--backend", name, "--netns", testbed.router, "--iface", "v-*",
+            "--mode", "tc", "--json"]
+    done = isoebpf(*args)
+    assert f"backend {name}: asked for" in done.stderr, "progress goes to stderr"
+    loaded = one_document(done.stdout)
+    assert (loaded["ok"], loaded["dry_run"], loaded["backend"]) == (True, False, name)
+    assert (loaded["digest"], loaded["netns"], loaded["generation"]) == (ir.digest, testbed.router, 1)
+    assert loaded["interfaces"] == ["v-*"] and loaded["notes"] == [] and loaded["warnings"] == []
+    assert loaded["apply_seconds"] > 0
+    attached = {(a["ifname"], a["mode"]) for a in loaded["attachments"]}
+    if name == "ebpf":
+        assert attached == {(testbed.veth(h.name), "tc") for h in testbed.hosts}
+        assert loaded["compiled"] is True and loaded["compile_seconds"] > 0
+    else:
+        assert attached == {("FORWARD", "iptables")}  # policy A has IPv4 overlays only
+    in_force = scope.read()
+    assert in_force is not None
+    assert [a["ifname"] for a in in_force["attachments"]] == [a["ifname"] for a in loaded["attachments"]]
+    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
+
+    would = one_document(isoebpf(*args, "--dry-run").stdout)
+    assert (would["ok"], would["dry_run"], would["backend"]) == (True, True, name)
+    assert "attachments" not in would and scope.read() == in_force, "a dry run changes nothing"
+
+    removed = one_document(isoebpf("unload", "--netns", testbed.router, "--json").stdout)
+    assert (removed["ok"], removed["unloaded"], removed["namespace_gone"]) == (True, True, False)
+    if name == "ebpf":
+        assert set(removed["removed"]) == {f"{testbed.veth(h.name)} (tc)" for h in testbed.hosts} | {
+            f"pins under {scope.pin_dir}"}
+    else:
+        assert "iptables chain dcos-isolation" in removed["removed"], removed
+        assert any(r.startswith("iptables FORWARD rule") for r in removed["removed"]), removed
+    assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "connected"
+    again = one_document(isoebpf("unload", "--netns", testbed.router, "--json").stdout)
+    assert (again["removed"], again["unloaded"]) == ([], False)
