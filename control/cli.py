@@ -17,7 +17,7 @@ import netaddr
 from . import backend
 from . import policy as policy_mod
 from .compiler import compile_policy
-from .errors import Diagnostic, IsoebpfError, PolicyError
+from .errors import Diagnostic, IsoebpfError, PolicyError, StateError
 from .explain import PortNeededError, Question, explain
 from .ir import IR
 from .state import Scope, require_privilege
@@ -95,6 +95,21 @@ def _emit(document: dict[str, Any]) -> None:
 def _diagnostics(diagnostics: Iterable[Diagnostic]) -> list[dict[str, Any]]:
     """Diagnostics as JSON objects: file, line, column, severity, message."""
     return [dataclasses.asdict(d) for d in diagnostics]
+
+
+def _require_namespace(scope: Scope) -> None:
+    """Refuse a named network namespace that does not exist, before anything is
+    read or written for it (a load would leave a failure record behind)."""
+    if not scope.namespace_gone:
+        return
+    message = f"no network namespace {scope.netns} ('ip netns list' shows those there are)"
+    try:
+        if scope.holds_state:
+            message += (f"; isoebpf still holds state of it (deleted with 'ip netns del'?): "
+                        f"'isoebpf unload --netns {scope.netns}' removes it")
+    except OSError:
+        pass  # not root: cannot look; the message above stands
+    raise StateError(message)
 
 
 # Options `load` and `agent` share.
@@ -219,6 +234,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         require_privilege("load")
     _trusted(policy_file, force)
     scope = Scope(netns)
+    _require_namespace(scope)
     # A first eBPF load compiles the program (seconds): on another core, meanwhile.
     compiling = None if dry_run else backend.compile_early(backend_name, scope)
     try:
@@ -347,9 +363,11 @@ def status(ctx: click.Context, netns: str | None, as_json: bool) -> None:
       0  enforcement is in place and the last change succeeded; or nothing is
          loaded, and no change failed, in a namespace that exists (a valid state)
       1  the last change failed (shown first, with everything else); an
-         interface is detached or gone; the state cannot be read
+         interface is detached or gone; no network namespace NAME; the state
+         cannot be read
     """
     scope = Scope(netns)
+    _require_namespace(scope)
     record = backend.status(scope)
     problems = _problems(record)
     if as_json:
@@ -408,10 +426,16 @@ def _say_status(record: dict[str, Any] | None, netns: str | None) -> None:
 @click.option("--netns", metavar="NAME", help="The network namespace to clean up.")
 @json_option("Print what was removed as one line of JSON.")
 def unload(netns: str | None, as_json: bool) -> None:
-    """Remove every program, pin, chain and set isoebpf made; safe to repeat."""
+    """Remove every program, pin, chain and set isoebpf made; safe to repeat.
+
+    After 'ip netns del' it removes isoebpf's state of the namespace; a
+    namespace that does not exist and of which isoebpf holds nothing is an error.
+    """
     require_privilege("unload")
     scope = Scope(netns)
     gone = scope.namespace_gone
+    if gone and not scope.holds_state:
+        _require_namespace(scope)  # raises: no namespace, and nothing of ours to remove either
     if gone:
         click.echo(f"namespace {netns} is gone, and its interfaces and rules with it: "
                    "removing isoebpf's own state of it", err=as_json)
@@ -452,6 +476,7 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
     from .backends import links
 
     require_privilege("agent")
+    _require_namespace(Scope(netns))
     _trusted(policy_file, force)
     runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
                    on_failure=on_failure)
@@ -505,6 +530,7 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
     from . import trace as trace_mod
 
     scope = Scope(netns)
+    _require_namespace(scope)
     record = scope.read()
     if record is None:
         raise IsoebpfError("nothing loaded" + (f" in namespace {netns}" if netns else ""))

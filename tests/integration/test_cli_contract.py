@@ -1,11 +1,13 @@
 """The command line's contract on real namespaces: what `status` exits with, what
-`load --json` and `unload --json` say."""
+`load --json` and `unload --json` say, and a namespace that does not exist."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
-from tests.integration.conftest import isoebpf, packets_by_rule
+from tests.integration.conftest import ROOT, SEED, isoebpf, packets_by_rule
 from tests.integration.test_ebpf_traffic import assert_clean
 
 
@@ -142,3 +144,24 @@ def test_load_and_unload_json_name_what_was_attached_and_removed(
     assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "connected"
     again = one_document(isoebpf("unload", "--netns", testbed.router, "--json").stdout)
     assert (again["removed"], again["unloaded"]) == ([], False)
+
+
+def test_a_namespace_that_does_not_exist_is_refused_before_anything_is_written() -> None:
+    netns = f"isonone{os.getpid() % 100000}"
+    scope = Scope(netns)
+    said = f"isoebpf: error: no network namespace {netns} ('ip netns list' shows those there are)"
+    for args in (["load", str(SEED), "--backend", "iptables"], ["load", str(SEED), "--backend", "ebpf"],
+                 ["load", str(SEED), "--dry-run"], ["status"], ["unload"], ["trace", "--timeout", "1"]):
+        for json_flag in ([], ["--json"]):
+            done = isoebpf(*args, "--netns", netns, *json_flag, check=False)
+            assert done.returncode == 1, done
+            assert said in done.stderr, done.stderr
+            if json_flag:
+                assert one_document(done.stdout)["error"].startswith(f"no network namespace {netns}")
+            else:
+                assert done.stdout == ""
+    agent = subprocess.run([sys.executable, "-m", "isoebpf.cli", "agent", str(SEED), "--netns", netns],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert agent.returncode == 1 and said in agent.stderr, agent
+    assert not scope.run_dir.exists(), "no failure record, no state record"
+    assert not scope.pin_dir.exists() and not scope.lock_path.exists()

@@ -227,6 +227,19 @@ def test_load_json_with_an_invalid_policy_lists_the_errors() -> None:
     assert len(one_document(out)["diagnostics"]) == 7
 
 
+def test_a_namespace_that_does_not_exist_is_an_error_and_writes_nothing(
+        no_state_here: Path) -> None:
+    for args in (["status"], ["load", SEED, "--dry-run", "--backend", "iptables"]):
+        code, out, err = run(*args, "--netns", "isoebpf-no-such-ns")
+        assert code == 1 and out == ""
+        assert ("isoebpf: error: no network namespace isoebpf-no-such-ns "
+                "('ip netns list' shows those there are)") in err
+        code, out, _ = run(*args, "--netns", "isoebpf-no-such-ns", "--json")
+        assert code == 1
+        assert one_document(out)["error"].startswith("no network namespace isoebpf-no-such-ns")
+    assert not (no_state_here / "run").exists() and not (no_state_here / "bpffs").exists()
+
+
 def record(**more: Any) -> dict[str, Any]:
     """A status record as a backend returns it: one attachment, one counter."""
     return {"backend": "iptables", "policy": "/p.yaml", "digest": "d" * 64, "generation": 1,
