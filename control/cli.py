@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import click
 import netaddr
@@ -15,29 +17,99 @@ import netaddr
 from . import backend
 from . import policy as policy_mod
 from .compiler import compile_policy
-from .errors import IsoebpfError, PolicyError
-from .explain import Question, explain
+from .errors import Diagnostic, IsoebpfError, PolicyError, StateError
+from .explain import PortNeededError, Question, explain
 from .ir import IR
 from .state import Scope, require_privilege
 
 
 class _Group(click.Group):
-    """Turns our errors into one clear message and exit 1; --debug adds the traceback."""
+    """Turns our errors into one clear message and exit 1; --debug adds the traceback.
+    Under --json the error is also one JSON object on stdout ({"ok": false, ...}),
+    usage errors (exit 2) too."""
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        # Whether --json was asked for, known before the command's options are parsed:
+        # an error in parsing them is answered in JSON too.
+        if command is not None and any(p.name == "as_json" for p in command.params):
+            options = rest[:rest.index("--")] if "--" in rest else rest
+            ctx.meta[_JSON_ASKED] = "--json" in options
+        return name, command, rest
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PolicyError as err:
+            count = sum(1 for d in err.diagnostics if d.severity == "error")
+            summary = f"{count} error{'s' if count != 1 else ''}; nothing was applied"
+            if _json_wanted(ctx):
+                _emit({"ok": False, "error": summary, "exit_code": 1,
+                       "diagnostics": _diagnostics(err.diagnostics)})
             for diagnostic in err.diagnostics:
                 click.echo(str(diagnostic), err=True)
-            count = sum(1 for d in err.diagnostics if d.severity == "error")
-            click.echo(f"{count} error{'s' if count != 1 else ''}; nothing was applied", err=True)
+            click.echo(summary, err=True)
             ctx.exit(1)
         except IsoebpfError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
+            if _json_wanted(ctx):
+                extra = {"by_port": err.by_port} if isinstance(err, PortNeededError) else {}
+                _emit({"ok": False, "error": str(err), "exit_code": 1, **extra})
             click.echo(f"isoebpf: error: {err}", err=True)
             ctx.exit(1)
+        except click.ClickException as err:  # usage errors (2), unreadable files (1): click shows them
+            if _json_wanted(ctx):
+                _emit({"ok": False, "error": err.format_message(), "exit_code": err.exit_code})
+            raise
+
+
+_JSON_ASKED = "isoebpf.json_asked"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _json_wanted(ctx: click.Context) -> bool:
+    """--json was given (parsed), or is among the options of a command that failed to parse them."""
+    return bool((ctx.obj or {}).get("json") or ctx.meta.get(_JSON_ASKED))
+
+
+def _json_given(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)["json"] = True
+    return value
+
+
+def json_option(help: str = "Print the result as one line of JSON; an error as "
+                            '{"ok": false, "error": ...}.') -> Callable[[_F], _F]:
+    """--json; eager, so that an error in the options after it is answered in JSON too."""
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_json_given,
+                        help=help)
+
+
+def _emit(document: dict[str, Any]) -> None:
+    """One JSON document, on one line of stdout: all that --json prints there."""
+    click.echo(json.dumps(document, sort_keys=True, default=str))
+
+
+def _diagnostics(diagnostics: Iterable[Diagnostic]) -> list[dict[str, Any]]:
+    """Diagnostics as JSON objects: file, line, column, severity, message."""
+    return [dataclasses.asdict(d) for d in diagnostics]
+
+
+def _require_namespace(scope: Scope) -> None:
+    """Refuse a named network namespace that does not exist, before anything is
+    read or written for it (a load would leave a failure record behind)."""
+    if not scope.namespace_gone:
+        return
+    message = f"no network namespace {scope.netns} ('ip netns list' shows those there are)"
+    try:
+        if scope.holds_state:
+            message += (f"; isoebpf still holds state of it (deleted with 'ip netns del'?): "
+                        f"'isoebpf unload --netns {scope.netns}' removes it")
+    except OSError:
+        pass  # not root: cannot look; the message above stands
+    raise StateError(message)
 
 
 # Options `load` and `agent` share.
@@ -52,10 +124,16 @@ on_failure_option = click.option(
 
 
 @click.group(cls=_Group)
+@click.version_option(package_name="isoebpf", prog_name="isoebpf", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """isoebpf: isolation between overlay networks, enforced by eBPF."""
+    """isoebpf: isolation between overlay networks, enforced by eBPF.
+
+    Exit codes: 0 success, 1 failure or invalid policy, 2 usage error. With
+    --json a command prints one JSON document on stdout, an error included
+    ({"ok": false, "error": ...}); messages for people go to stderr.
+    """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
@@ -78,9 +156,17 @@ def _load(path: str) -> tuple[policy_mod.Policy, IR]:
 
 @main.command()
 @click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
-def validate(policy_file: str) -> None:
+@json_option()
+def validate(policy_file: str, as_json: bool) -> None:
     """Check POLICY; print a one-line summary or every error."""
     policy, ir = _load(policy_file)
+    if as_json:
+        _emit({"ok": True, "file": policy_file, "overlays": len(policy.overlays),
+               "exceptions": len(policy.exceptions), "rules": len(policy.rules),
+               "default": policy.default, "deny_action": policy.deny_action,
+               "address_classes": len(ir.classes), "allow_entries": len(ir.allowed),
+               "digest": ir.digest, "warnings": _diagnostics(policy.warnings)})
+        return
     rule_word = "rule" if len(policy.rules) == 1 else "rules"
     default = "allow" if policy.default == "allow" else f"deny ({policy.deny_action})"
     click.echo(
@@ -105,16 +191,16 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> netaddr.
 @click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]), default="tcp",
               show_default=True)
 @click.option("--dport", type=click.IntRange(1, 65535), help="Destination port (tcp, udp).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress, proto: str,
                 dport: int | None, as_json: bool) -> None:
     """The verdict for the first packet of a new connection, and the rule that decides it."""
     if proto == "icmp" and dport is not None:
         raise click.UsageError("--dport goes with --proto tcp or udp")
-    _, ir = _load(policy_file)
+    policy, ir = _load(policy_file)
     answer = explain(ir, Question(src, dst, proto, dport))
     if as_json:
-        click.echo(json.dumps(answer, sort_keys=True))
+        _emit({"ok": True, **answer, "warnings": _diagnostics(policy.warnings)})
         return
     what = proto if dport is None else f"{proto}/{dport}"
     src_where = answer["src_overlay"] or "no overlay"
@@ -139,63 +225,88 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
 @click.option("--chain", metavar="NAME",
               help="iptables backend: the isolation chain [default: the one in force, "
                    "else dcos-isolation].")
+@json_option("Print what was done (with --dry-run: what would be) as one line of JSON.")
 def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
          netns: str | None, dry_run: bool, force: bool, on_failure: str,
-         chain: str | None) -> None:
+         chain: str | None, as_json: bool) -> None:
     """Start enforcing POLICY, or atomically replace the policy enforced."""
     if not dry_run:
         require_privilege("load")
     _trusted(policy_file, force)
     scope = Scope(netns)
+    _require_namespace(scope)
     # A first eBPF load compiles the program (seconds): on another core, meanwhile.
     compiling = None if dry_run else backend.compile_early(backend_name, scope)
     try:
         with policy_mod.collector_paused():
-            _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force, on_failure,
-                     chain, compiling)
+            result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
+                              on_failure, chain, compiling, as_json)
     finally:
         if compiling is not None:
             compiling.discard()
+    if as_json:
+        _emit({"ok": True, **result})
+    else:
+        _say_enforced(result)
 
 
 def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
              scope: Scope, dry_run: bool, force: bool, on_failure: str, chain: str | None,
-             compiling: Any | None) -> None:
-    _, ir = _load(policy_file)
+             compiling: Any | None, as_json: bool) -> dict[str, Any]:
+    """Load (or, dry run, only choose): the result, for _say_enforced or as JSON. The
+    backend and why are said at once (on stderr under --json), before the seconds a
+    load may take."""
+    policy, ir = _load(policy_file)
     globs = list(ifaces) or list(ir.interfaces or ())
-    netns = scope.netns
-    where = f"namespace {netns}" if netns else "this namespace"
     chosen, why = backend.choose(backend_name, scope, compiling)
-    click.echo(f"backend {chosen}: {why}")
+    click.echo(f"backend {chosen}: {why}", err=as_json)
     if chain and chosen != "iptables":
         raise click.UsageError(f"--chain names the iptables backend's chain, not {chosen}'s")
+    result: dict[str, Any] = {"policy": policy_file, "digest": ir.digest, "netns": scope.netns,
+                              "interfaces": globs, "dry_run": dry_run, "why": why,
+                              "warnings": _diagnostics(policy.warnings)}
     if dry_run:
-        previous = backend.switch_from(scope, chosen)
-        if previous:
-            click.echo(f"would switch from {previous} to {chosen}: {chosen} is loaded and "
-                       f"verified first, then {previous}'s enforcement is removed")
-        click.echo(f"would enforce {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where} "
-                   f"on interfaces matching {', '.join(globs) or '(none given)'}; nothing changed")
-        return
+        return {**result, "backend": chosen, "switch_from": backend.switch_from(scope, chosen)}
     extra = {"chain": chain} if chain else {}
     chosen, report, notes = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
                                         force=force, on_failure=on_failure, compiling=compiling,
                                         **extra)
-    for note in notes:
+    # Every field of the report, whatever it holds: attachments become objects, and
+    # what the user should act on joins the policy's warnings.
+    fields = dataclasses.asdict(report)
+    cautions = [{"severity": "warning", "message": w} for w in fields.pop("warnings")]
+    return {**fields, **result, "backend": chosen, "notes": notes,
+            "warnings": [*result["warnings"], *cautions]}
+
+
+def _say_enforced(result: dict[str, Any]) -> None:
+    """load's result (_enforce's), as text."""
+    netns = result["netns"]
+    where = f"namespace {netns}" if netns else "this namespace"
+    what = f"{result['policy']} (digest {result['digest'][:12]}) with {result['backend']} in {where}"
+    if result["dry_run"]:
+        previous = result["switch_from"]
+        if previous:
+            click.echo(f"would switch from {previous} to {result['backend']}: {result['backend']} "
+                       f"is loaded and verified first, then {previous}'s enforcement is removed")
+        click.echo(f"would enforce {what} on interfaces matching "
+                   f"{', '.join(result['interfaces']) or '(none given)'}; nothing changed")
+        return
+    for note in result["notes"]:
         click.echo(note)
-    if report.replaced_layout:
-        click.echo(f"removed older state ({report.replaced_layout}) instead of reusing it")
-    click.echo(f"enforcing {policy_file} (digest {ir.digest[:12]}) with {chosen} in {where}, "
-               f"generation {report.generation}")
-    if report.compiled:
-        click.echo(f"compiled the program in {report.compile_seconds:.2f} s")
-    click.echo(f"applied in {report.apply_seconds * 1000:.0f} ms")
-    for a in report.attachments:
-        click.echo(f"  {a.ifname:15} {a.mode:10} {a.reason}")
-    for detached in report.detached:
+    if result["replaced_layout"]:
+        click.echo(f"removed older state ({result['replaced_layout']}) instead of reusing it")
+    click.echo(f"enforcing {what}, generation {result['generation']}")
+    if result["compiled"]:
+        click.echo(f"compiled the program in {result['compile_seconds']:.2f} s")
+    click.echo(f"applied in {result['apply_seconds'] * 1000:.0f} ms")
+    for a in result["attachments"]:
+        click.echo(f"  {a['ifname']:15} {a['mode']:10} {a['reason']}")
+    for detached in result["detached"]:
         click.echo(f"detached from {detached}")
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    for warning in result["warnings"]:
+        if "file" not in warning:  # the policy's own warnings were said as it loaded
+            click.echo(f"warning: {warning['message']}", err=True)
 
 
 @main.command()
@@ -255,14 +366,47 @@ def import_cmd(v4_file: TextIO | None, v6_file: TextIO | None, set_file: TextIO)
 
 @main.command()
 @click.option("--netns", metavar="NAME", help="The network namespace to report on.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(netns: str | None, as_json: bool) -> None:
-    """Everything loaded in one view: policy, attachments, per-rule counters, connections, maps."""
+@json_option("Print the record as one line of JSON, with ok (the exit code is 0) and problems.")
+@click.pass_context
+def status(ctx: click.Context, netns: str | None, as_json: bool) -> None:
+    """Everything loaded in one view: policy, attachments, per-rule counters, connections, maps.
+
+    \b
+    Exit codes:
+      0  enforcement is in place and the last change succeeded; or nothing is
+         loaded, and no change failed, in a namespace that exists (a valid state)
+      1  the last change failed (shown first, with everything else); an
+         interface is detached or gone; no network namespace NAME; the state
+         cannot be read
+    """
     scope = Scope(netns)
+    _require_namespace(scope)
     record = backend.status(scope)
+    problems = _problems(record)
     if as_json:
-        click.echo(json.dumps(record, sort_keys=True))
-        return
+        shown = record if record is not None else {"backend": None, "netns": netns}
+        _emit({**shown, "ok": not problems, "problems": problems,
+               **({"error": "; ".join(problems)} if problems else {})})
+    else:
+        _say_status(record, netns)
+    if problems:
+        click.echo(f"isoebpf: status: {'; '.join(problems)}", err=True)
+        ctx.exit(1)
+
+
+def _problems(record: dict[str, Any] | None) -> list[str]:
+    """What makes `status` exit 1: a failed last change, attachments not in place."""
+    if record is None:
+        return []
+    problems = []
+    if record.get("failure"):
+        problems.append("the last change failed")
+    problems += [f"{a['ifname']} ({a['mode']}) {a['state']}" for a in record.get("attachments", [])
+                 if a.get("state", "attached") != "attached"]
+    return problems
+
+
+def _say_status(record: dict[str, Any] | None, netns: str | None) -> None:
     failure = (record or {}).get("failure")
     if failure:
         click.echo(f"LAST CHANGE FAILED at {failure['at']} (on-failure {failure['on_failure']}): "
@@ -293,16 +437,28 @@ def status(netns: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.option("--netns", metavar="NAME", help="The network namespace to clean up.")
-def unload(netns: str | None) -> None:
-    """Remove every program, pin, chain and set isoebpf made; safe to repeat."""
+@json_option("Print what was removed as one line of JSON.")
+def unload(netns: str | None, as_json: bool) -> None:
+    """Remove every program, pin, chain and set isoebpf made; safe to repeat.
+
+    After 'ip netns del' it removes isoebpf's state of the namespace; a
+    namespace that does not exist and of which isoebpf holds nothing is an error.
+    """
     require_privilege("unload")
     scope = Scope(netns)
-    if scope.namespace_gone:
+    gone = scope.namespace_gone
+    if gone and not scope.holds_state:
+        _require_namespace(scope)  # raises: no namespace, and nothing of ours to remove either
+    if gone:
         click.echo(f"namespace {netns} is gone, and its interfaces and rules with it: "
-                   "removing isoebpf's own state of it")
+                   "removing isoebpf's own state of it", err=as_json)
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
     scope.clear_failure()
     scope.clear_switch()  # both backends are gone: nothing is left to finish
+    if as_json:
+        _emit({"ok": True, "netns": netns, "namespace_gone": gone, "removed": removed,
+               "unloaded": bool(removed)})
+        return
     for what in removed:
         click.echo(f"removed {what}")
     click.echo("unloaded" if removed else "nothing was loaded")
@@ -334,6 +490,7 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
     from .backends import links
 
     require_privilege("agent")
+    _require_namespace(Scope(netns))
     _trusted(policy_file, force)
     runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
                    on_failure=on_failure)
@@ -372,7 +529,7 @@ def _serve_metrics(address: str, runner: Any) -> None:
               help="Only verdicts with this action.")
 @click.option("--address", "addresses", multiple=True, metavar="CIDR",
               help="Only packets from or to this address or subnet.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@json_option('One JSON object a line; an error as {"ok": false, "error": ...}.')
 @click.option("--count", type=click.IntRange(1), help="Stop after this many shown events.")
 @click.option("--timeout", type=click.FloatRange(0.1), help="Stop after this many seconds.")
 @click.option("--rate", type=click.IntRange(1, 100000), default=1000, show_default=True,
@@ -387,6 +544,7 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
     from . import trace as trace_mod
 
     scope = Scope(netns)
+    _require_namespace(scope)
     record = scope.read()
     if record is None:
         raise IsoebpfError("nothing loaded" + (f" in namespace {netns}" if netns else ""))

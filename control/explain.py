@@ -20,7 +20,12 @@ class Question:
 
 
 class PortNeededError(IsoebpfError):
-    """The verdict depends on the destination port and none was given."""
+    """The verdict depends on the destination port and none was given; `by_port`
+    holds one port of each stretch that is judged alike, with its verdict."""
+
+    def __init__(self, message: str, by_port: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.by_port = by_port
 
 
 def explain(ir: IR, question: Question) -> dict[str, object]:
@@ -36,7 +41,10 @@ def explain(ir: IR, question: Question) -> dict[str, object]:
         differing = ", ".join(
             f"{question.proto}/{p}: {a[0]} by {ir.rule(a[1]).name}" for p, a in answers.items()
         )
-        raise PortNeededError(f"the verdict depends on the port; give --dport ({differing})")
+        by_port: list[dict[str, object]] = [
+            {"dport": p, "action": a[0], "rule": ir.rule(a[1]).name} for p, a in answers.items()
+        ]
+        raise PortNeededError(f"the verdict depends on the port; give --dport ({differing})", by_port)
     action, rule_id, filtered, reason = next(iter(answers.values()))
     rule = ir.rule(rule_id)
     _, src_overlay = classifier.address_class(question.src)

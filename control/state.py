@@ -61,6 +61,17 @@ class Scope:
         return self.netns is not None and not (NETNS_DIR / self.netns).exists()
 
     @property
+    def holds_state(self) -> bool:
+        """Anything of ours is left for this scope: pins, the record, a failure
+        record, slot files (the lock file, never deleted, does not count)."""
+        if self.pin_dir.exists():
+            return True
+        try:
+            return any(self.run_dir.iterdir())
+        except FileNotFoundError:
+            return False
+
+    @property
     def pin_dir(self) -> Path:
         return BPFFS / self.name
 

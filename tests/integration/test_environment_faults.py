@@ -305,8 +305,10 @@ def test_a_change_that_cannot_be_applied(testbed: Testbed, policies: dict[str, t
     failing[failing.index("v-*")] = "v-none*"
     done = isoebpf(*failing, "--on-failure", on_failure, check=False)
     assert done.returncode == 1 and "no interface in namespace" in done.stderr
-    record = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)
-    text = isoebpf("status", "--netns", testbed.router).stdout
+    shown = isoebpf("status", "--netns", testbed.router, "--json", check=False)
+    record = json.loads(shown.stdout)
+    text = isoebpf("status", "--netns", testbed.router, check=False).stdout
+    assert shown.returncode == 1 and record["ok"] is False  # until a change succeeds
     assert record["failure"]["on_failure"] == on_failure
     assert "LAST CHANGE FAILED" in text
     gauges = metrics(scope, on_failure)
@@ -349,11 +351,17 @@ def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, 
             assert scope.pin_dir.exists() == (name == "ebpf")
         finally:
             subprocess.run(["ip", "netns", "del", netns], check=False)
+        shown = isoebpf("status", "--netns", netns, check=False)
+        assert shown.returncode == 1 and f"no network namespace {netns}" in shown.stderr
+        assert (f"isoebpf still holds state of it (deleted with 'ip netns del'?): "
+                f"'isoebpf unload --netns {netns}' removes it") in shown.stderr, shown.stderr
         done = isoebpf("unload", "--netns", netns)
         assert f"namespace {netns} is gone" in done.stdout
         assert "nothing was loaded" not in done.stdout
         assert not scope.pin_dir.exists()
         assert scope.read() is None
         assert not scope.run_dir.exists()
+        again = isoebpf("unload", "--netns", netns, check=False)
+        assert again.returncode == 1 and f"no network namespace {netns}" in again.stderr, again
     finally:
         isoebpf("unload", "--netns", netns, check=False)

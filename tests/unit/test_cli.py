@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+from isoebpf import backend, policy, state
 from isoebpf.cli import main
+from isoebpf.compiler import compile_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = str(ROOT / "examples" / "it-hr.yaml")
@@ -98,3 +103,183 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def test_mixed_families_are_refused() -> None:
     code, _, err = run("explain", SEED, "--src", "fd00::1", "--dst", "10.250.0.7", "--dport", "1")
     assert code == 1 and "must both be IPv4 or both IPv6" in err
+
+
+# -- --version, --json and exit codes on every command ---------------------------------
+
+def test_version_comes_from_the_package_metadata() -> None:
+    code, out, _ = run("--version")
+    assert code == 0 and out == f"isoebpf {importlib.metadata.version('isoebpf')}\n"
+
+
+WARNED = (  # valid, with one warning: tcp/80 listed twice
+    "version: 1\ndefault: deny\noverlays:\n  it: {subnets: [10.250.0.0/16]}\n"
+    "  hr: {subnets: [192.168.0.0/16]}\nallow:\n  - {from: hr, to: it, ports: [tcp/80, tcp/80]}\n"
+)
+
+
+def one_document(out: str) -> dict[str, Any]:
+    """--json's stdout: exactly one JSON object, on one line."""
+    assert out.endswith("\n") and out.count("\n") == 1, out
+    document = json.loads(out)
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture
+def warned(tmp_path: Path) -> str:
+    path = tmp_path / "warned.yaml"
+    path.write_text(WARNED)
+    return str(path)
+
+
+@pytest.fixture
+def no_state_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """State roots in tmp_path, so a test sees whatever a command would write."""
+    monkeypatch.setattr(state, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr(state, "BPFFS", tmp_path / "bpffs")
+    return tmp_path
+
+
+def test_validate_json_has_the_summary_and_structured_warnings(warned: str) -> None:
+    code, out, err = run("validate", warned, "--json")
+    assert code == 0
+    summary = one_document(out)
+    assert summary["ok"] is True and summary["file"] == warned
+    assert (summary["overlays"], summary["exceptions"], summary["rules"]) == (2, 0, 1)
+    assert (summary["default"], summary["deny_action"]) == ("deny", "reject")
+    assert summary["digest"] == compile_policy(policy.load(warned)).digest
+    assert summary["warnings"] == [{"file": warned, "line": 7, "column": 40, "severity": "warning",
+                                    "message": "'tcp/80' is listed twice"}]
+    assert f"{warned}:7:40: warning: 'tcp/80' is listed twice" in err  # for people, still
+
+
+def test_validate_json_errors_are_located_objects_and_exit_1() -> None:
+    code, out, err = run("validate", BAD, "--json")
+    assert code == 1
+    failed = one_document(out)
+    assert failed["ok"] is False and failed["error"] == "7 errors; nothing was applied"
+    assert len(failed["diagnostics"]) == 7
+    assert failed["diagnostics"][0] == {"file": BAD, "line": 1, "column": 10, "severity": "error",
+                                        "message": "unknown version 3: this tool reads version 1"}
+    assert err.splitlines()[-1] == "7 errors; nothing was applied"
+
+
+@pytest.mark.parametrize("extra", [[], ["--proto", "tcp"]])
+def test_explain_json_asking_for_a_port_answers_in_json(extra: list[str]) -> None:
+    code, out, err = run("explain", SEED, "--src", "192.168.1.5", "--dst", "10.250.0.7", "--json",
+                         *extra)
+    assert code == 1
+    failed = one_document(out)
+    assert failed["ok"] is False and "give --dport" in failed["error"]
+    assert failed["by_port"] == [{"dport": 1, "action": "reject", "rule": "default"},
+                                 {"dport": 80, "action": "allow", "rule": "allow:0"},
+                                 {"dport": 81, "action": "reject", "rule": "default"}]
+    assert "isoebpf: error: the verdict depends on the port; give --dport" in err
+
+
+def test_explain_json_keeps_warnings_off_stdout(warned: str) -> None:
+    code, out, err = run("explain", warned, "--src", "192.168.1.5", "--dst", "10.250.0.7",
+                         "--proto", "udp", "--json")
+    assert code == 0 and "warning: 'tcp/80' is listed twice" in err
+    answer = one_document(out)
+    assert (answer["ok"], answer["action"], answer["rule"]) == (True, "reject", "default")
+    assert [w["message"] for w in answer["warnings"]] == ["'tcp/80' is listed twice"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["explain", SEED, "--json", "--src", "10.1", "--dst", "10.250.0.7"],
+        ["explain", SEED, "--src", "10.0.0.1", "--json"],
+        ["explain", SEED, "--src", "10.0.0.1", "--dst", "10.250.0.7", "--proto", "icmp",
+         "--dport", "80", "--json"],
+        ["load", SEED, "--backend", "bogus", "--json"],
+        ["status", "--json", "--netns", "a/b", "--bogus"],
+    ],
+)
+def test_usage_errors_exit_2_with_json_when_asked(args: list[str]) -> None:
+    code, out, err = run(*args)
+    assert code == 2 and "Usage:" in err
+    failed = one_document(out)
+    assert failed["ok"] is False and failed["exit_code"] == 2 and failed["error"]
+
+
+def test_usage_errors_without_json_print_nothing_on_stdout() -> None:
+    assert run("explain", SEED, "--src", "10.0.0.1")[:2] == (2, "")
+
+
+def test_load_dry_run_json_says_what_would_be_done(no_state_here: Path) -> None:
+    code, out, err = run("load", SEED, "--dry-run", "--backend", "iptables", "--iface", "v-*",
+                         "--json")
+    assert code == 0 and "backend iptables: asked for" in err
+    would = one_document(out)
+    assert would["ok"] is True and would["dry_run"] is True
+    assert (would["backend"], would["netns"], would["interfaces"]) == ("iptables", None, ["v-*"])
+    assert would["digest"] == compile_policy(policy.load(SEED)).digest
+    assert "generation" not in would, "nothing was loaded"
+    assert not (no_state_here / "run").exists() and not (no_state_here / "bpffs").exists()
+
+
+def test_load_json_with_an_invalid_policy_lists_the_errors() -> None:
+    code, out, _ = run("load", BAD, "--dry-run", "--backend", "iptables", "--json")
+    assert code == 1
+    assert len(one_document(out)["diagnostics"]) == 7
+
+
+def test_a_namespace_that_does_not_exist_is_an_error_and_writes_nothing(
+        no_state_here: Path) -> None:
+    for args in (["status"], ["load", SEED, "--dry-run", "--backend", "iptables"]):
+        code, out, err = run(*args, "--netns", "isoebpf-no-such-ns")
+        assert code == 1 and out == ""
+        assert ("isoebpf: error: no network namespace isoebpf-no-such-ns "
+                "('ip netns list' shows those there are)") in err
+        code, out, _ = run(*args, "--netns", "isoebpf-no-such-ns", "--json")
+        assert code == 1
+        assert one_document(out)["error"].startswith("no network namespace isoebpf-no-such-ns")
+    assert not (no_state_here / "run").exists() and not (no_state_here / "bpffs").exists()
+
+
+def record(**more: Any) -> dict[str, Any]:
+    """A status record as a backend returns it: one attachment, one counter."""
+    return {"backend": "iptables", "policy": "/p.yaml", "digest": "d" * 64, "generation": 1,
+            "loaded_at": "now", "on_failure": "closed", "connections": 0,
+            "attachments": [{"ifname": "v-a", "mode": "tc", "state": "attached", "reason": "r"}],
+            "counters": [{"rule": "allow:0", "text": "hr -> it", "packets": 5, "bytes": 300}],
+            **more}
+
+
+FAILURE = {"at": "then", "on_failure": "closed", "error": "no interface matches",
+           "consequence": "fail-closed: the policy in force (digest dddddddddddd) stays"}
+
+
+@pytest.mark.parametrize(
+    ("shown", "code", "problems"),
+    [
+        (None, 0, []),
+        (record(), 0, []),
+        (record(failure=FAILURE), 1, ["the last change failed"]),
+        ({"backend": None, "failure": FAILURE}, 1, ["the last change failed"]),
+        (record(attachments=[{"ifname": "v-a", "mode": "tc", "state": "detached", "reason": "r"},
+                             {"ifname": "v-b", "mode": "tc", "state": "interface gone",
+                              "reason": "r"}]),
+         1, ["v-a (tc) detached", "v-b (tc) interface gone"]),
+    ],
+)
+def test_status_exit_code_says_whether_all_is_in_place(
+        monkeypatch: pytest.MonkeyPatch, shown: dict[str, Any] | None, code: int,
+        problems: list[str]) -> None:
+    monkeypatch.setattr(backend, "status", lambda scope: copy.deepcopy(shown))
+    text_code, text, err = run("status")
+    assert text_code == code
+    if shown and shown.get("failure"):
+        assert text.startswith("LAST CHANGE FAILED at then (on-failure closed): fail-closed")
+    if shown and shown.get("backend"):
+        assert "allow:0" in text and "v-a" in text, "the whole view, whatever the exit code"
+    assert err == (f"isoebpf: status: {'; '.join(problems)}\n" if problems else "")
+    json_code, out, _ = run("status", "--json")
+    document = one_document(out)
+    assert json_code == code and document["ok"] is (code == 0)
+    assert document["problems"] == problems
+    assert document.get("error") == ("; ".join(problems) if problems else None)
+    assert document["backend"] == (shown or {}).get("backend")
