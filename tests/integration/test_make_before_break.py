@@ -269,6 +269,8 @@ def test_a_plain_load_keeps_the_backend_in_force_and_dry_run_shows_a_switch(
     dry = cli(*plain, "--backend", "ebpf", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "would switch from iptables to ebpf: ebpf is loaded and verified first" in dry.output
+    planned = json.loads(cli(*plain, "--backend", "ebpf", "--dry-run", "--json").stdout)
+    assert planned["switch_from"] == "iptables" and planned["backend"] == "ebpf"
     assert_enforcing(testbed, pair, "A", "iptables")
     assert "would switch" not in cli(*plain, "--dry-run").output
     done = cli(*plain)
@@ -401,6 +403,10 @@ def test_a_narrower_iface_says_what_it_detached(testbed: Testbed, pair: Policies
     in_force_with(testbed, pair, "A", "ebpf")
     narrower = load_args(pair["A"][0], testbed, "ebpf")
     narrower[narrower.index("v-*")] = "v-it*"
+    done = cli(*narrower, "--json")
+    assert done.exit_code == 0, done.output
+    assert len(json.loads(done.stdout)["detached"]) == 3
+    in_force_with(testbed, pair, "A", "ebpf")
     done = cli(*narrower)
     assert done.exit_code == 0, done.output
     for host in ("hr1", "hr2", "out1"):
