@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 from collections.abc import Iterator
@@ -92,6 +93,24 @@ def test_status_readers(loaded: Datapath) -> None:
     assert fill["conntrack"]["entries"] == len(flows)
     first = next(k for k, _ in program.connections(loaded.maps))
     assert evaluate.first_packet(program.flow_of(first)).tcp_flags == TCP_SYN
+
+
+def test_counters_are_read_one_by_one_where_the_kernel_has_no_batches(
+    loaded: Datapath, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loaded.run("tc", build(SYN_80))
+    rules = [r.id for r in compile_policy(policy.loads(POLICY)).rules]
+    batched = program.read_counters(loaded.maps, loaded.gen, rules)
+    assert sum(packets for packets, _ in batched.values()) == 1
+    syscall = bpfsys._bpf
+
+    def without_batches(cmd: int, attr: ctypes.Structure) -> int:
+        if cmd == bpfsys.BPF_MAP_LOOKUP_BATCH:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return syscall(cmd, attr)
+
+    monkeypatch.setattr(bpfsys, "_bpf", without_batches)
+    assert program.read_counters(loaded.maps, loaded.gen, rules) == batched
 
 
 def test_pins_and_names(loaded: Datapath) -> None:
