@@ -33,7 +33,7 @@ from typing import Any
 
 from pyroute2 import NetlinkError
 
-from .. import abi, backend, capacity
+from .. import abi, backend, capacity, counts
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
@@ -185,7 +185,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
             make_private(scope.pin_dir / name)
         generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, [])
-        _save(scope, ir, generation, attachments, said, compiled.compile_seconds)
+        _save(scope, ir, generation, attachments, said, compiled.compile_seconds, carried={})
     except BaseException:
         _detach_all(scope, attachments)
         _unpin(scope)
@@ -207,10 +207,14 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         # Attach first: an interface that cannot be enforced on fails the update before
         # the new policy is live (new interfaces enforce the live one meanwhile).
         attachments = _attach_all(scope, progs, globs, mode, force, known)
-        new = live
+        new, carried = live, record.get("carried", {})
         if record.get("digest") != ir.digest or int(record["generation"]) != live:
             new = program.next_generation(maps, ir, _slot_files(scope, make=True))
-        _save(scope, ir, new, attachments, said, float(record.get("compile_seconds", 0)))
+            # Unequal generations: a killed update went live without its record, and the
+            # outgoing slot counts rules the record does not name.
+            counted = live if int(record["generation"]) == live else None
+            carried = program.carried_over(maps, counted, record["rules"], carried, ir)
+        _save(scope, ir, new, attachments, said, float(record.get("compile_seconds", 0)), carried)
     finally:
         for fd in (*maps.values(), *progs.values()):
             os.close(fd)
@@ -307,11 +311,11 @@ def _detach_all(scope: Scope, attachments: Sequence[Attachment]) -> None:
 
 
 def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachment],
-          said: dict[str, str], compile_seconds: float) -> None:
-    """`said`: the command's policy_path and on_failure."""
+          said: dict[str, str], compile_seconds: float, carried: counts.Carried) -> None:
+    """`said`: the command's policy_path and on_failure; `carried`: see counts."""
     scope.write(backend.record(BACKEND, scope, ir, said["policy_path"], generation, attachments,
                                on_failure=said["on_failure"],
-                               compile_seconds=round(compile_seconds, 3)))
+                               compile_seconds=round(compile_seconds, 3), carried=carried))
 
 
 def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
@@ -407,15 +411,16 @@ def status(scope: Scope) -> dict[str, Any] | None:
                          "'isoebpf unload' removes what is left")
     maps = _open_maps(scope)
     try:
-        generation = program.active_generation(maps)
-        record["generation"] = generation
+        # The record's rules count in its generation's slot: the live one, except
+        # between an update's flip and its record (or after a killed update).
+        counted = int(record["generation"])
+        record["generation"] = program.active_generation(maps)
         names = {rule_id: (name, text) for rule_id, name, text in record["rules"]}
-        counters = program.read_counters(maps, generation, sorted(names))
-        record["counters"] = [
-            {"rule": names[rule_id][0], "text": names[rule_id][1], "packets": packets,
-             "bytes": nbytes}
-            for rule_id, (packets, nbytes) in counters.items()
-        ]
+        live = program.read_counters(maps, counted, sorted(names))
+        record["counters"] = counts.report(
+            [names[rule_id] for rule_id in live],
+            {names[rule_id][0]: count for rule_id, count in live.items()},
+            record.get("carried", {}))
         record["connections"] = program.count_connections(maps)
         record["maps"] = program.map_fill(maps)
         record["programs"] = program_ids(scope)

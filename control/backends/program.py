@@ -21,7 +21,7 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import netaddr
 from bcc import BPF
 
-from .. import abi, capacity, evaluate
+from .. import abi, capacity, counts, evaluate
 from ..errors import BackendError, ProgramRejected
 from ..evaluate import Classifier
 from ..ir import IR, PROTO_TCP, PROTO_UDP
@@ -507,6 +507,24 @@ def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple
     per_rule = list(zip(summed(abi.Counter.packets.offset), summed(abi.Counter.bytes.offset),
                         strict=True))
     return {rule: per_rule[rule] if 0 <= rule < read else (0, 0) for rule in wanted}
+
+
+def carried_over(maps: Maps, outgoing: int | None, rules: Sequence[Sequence[Any]],
+                 carried: Mapping[str, Sequence[int]], ir: IR) -> counts.Carried:
+    """What each rule of `ir`, now live, carries from the policy it replaced: those
+    `rules` ([id, name, text], as the state record lists them) counted what they
+    `carried` and what is in generation `outgoing`'s slot (None: that slot counts
+    other rules, and only `carried` is known).
+
+    Read after the flip, not before: a packet that read the config word just
+    before it still counts in the outgoing slot, and none counts there later."""
+    live: dict[str, counts.Count] = {}
+    if outgoing is not None:
+        names = {int(rule_id): str(name) for rule_id, name, _ in rules}
+        live = {names[i]: count for i, count in read_counters(maps, outgoing, names).items()
+                if count != (0, 0)}  # a rule that counted nothing carries nothing
+    return counts.carry(counts.totals(live, carried), [(str(n), str(t)) for _, n, t in rules],
+                        [(r.name, r.text) for r in ir.rules])
 
 
 def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:
