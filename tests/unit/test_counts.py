@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from isoebpf import counts, policy
+from isoebpf.backends import iptables as iptables_backend
 from isoebpf.compiler import compile_policy
-from isoebpf.ir import rule_identities
+from isoebpf.importer import Element, SavedSet
+from isoebpf.iptables_layout import FULL, Layout, build
+from isoebpf.ir import IR, rule_identities
 
 POLICY = """\
 version: 1
@@ -128,3 +133,65 @@ def test_status_reports_live_plus_carried_with_identities() -> None:
                                   "identity": "allow hr -> it tcp/80", "packets": 6, "bytes": 600}
     assert (by_name["allow:1"]["packets"], by_name["default"]["packets"]) == (3, 2)
     assert by_name["established"]["packets"] == 0
+
+
+# -- the iptables backend's carry, in the full layout (the kernel here may lack its set types) --
+
+def in_force(layout: Layout, packets: dict[str, int]) -> iptables_backend._State:
+    """The kernel holding `layout`, where the first rule line or set element named after
+    each rule in `packets` counted that many packets (of 1 byte each), and nothing else."""
+    left = dict(packets)
+
+    def counted(name: str | None) -> tuple[int, int]:
+        count = left.pop(name, 0) if name else 0
+        return count, count
+
+    families = {}
+    for version, rules in layout.families.items():
+        forward = [(i, spec, *counted(iptables_backend._tag(spec)))
+                   for i, spec in enumerate(rules.forward, start=1)]
+        chain = [(spec, *counted(iptables_backend._tag(spec))) for spec in rules.chain]
+        families[version] = iptables_backend._Family(forward, {layout.chain: chain})
+    sets = {s.name: SavedSet(s.name, s.type, s.version, 0, elements=[
+        Element(tuple(element.split(",")), note, 0, *counted(note)) for element, note in s.elements])
+        for s in layout.sets}
+    return iptables_backend._State(families, sets)
+
+
+def shown(state: iptables_backend._State, layout: Layout, ir: IR,
+          carried: Mapping[str, Sequence[int]]) -> dict[str, counts.Count]:
+    """Rule name -> what status shows with `state` in the kernel."""
+    live = iptables_backend._counted(state.families.values(), layout.chain, state.sets.values(),
+                                     layout.kind, [r.name for r in ir.rules])
+    return counts.totals(live, carried)
+
+
+def test_iptables_carries_what_the_update_resets_and_not_what_kept_sets_still_count() -> None:
+    with_exception = POLICY.replace("  - {from: 10.250.7.0/24, to: 192.168.9.0/24}\n",
+                                    "  - {from: 10.250.7.0/24, to: 192.168.9.0/24}\n"
+                                    "  - {from: 10.250.2.0/24, to: hr}\n")
+    old_ir, new_ir = (compile_policy(policy.loads(t))
+                      for t in (with_exception, with_rule_above(with_exception)))
+    old_layout, new_layout = build(old_ir), build(new_ir)
+    assert old_layout.kind == FULL
+    # 20 packets reached our rules, 5 of them an exception's (which skips the jump).
+    before = in_force(old_layout, {"forwarded": 20, "jump": 12, "exception:1": 5,
+                                   "established": 4, "allow:0": 3})
+    mine = {"sets": [s.name for s in old_layout.sets], "chain": old_layout.chain,
+            "iptables_layout": old_layout.kind, "rules": [[r.id, r.name, r.text] for r in old_ir.rules],
+            "carried": {"allow:0": [10, 10]}}
+    refilled = {s.name for s in new_layout.sets
+                if not iptables_backend._same_set(s, before.sets.get(s.name))}
+    assert "dcos-overlay-exceptions" not in refilled and "dcos-allowed-ports" in refilled
+    carried = iptables_backend._carried(mine, before, new_layout, new_ir, refilled)
+    assert "exception:1" not in carried, "its element keeps counting"
+    # After the update: rules and refilled sets at 0, the exceptions set as it was.
+    fresh = in_force(new_layout, {})
+    after = iptables_backend._State(fresh.families, {
+        name: s if name in refilled else before.sets[name] for name, s in fresh.sets.items()})
+    old_shown, new_shown = shown(before, old_layout, old_ir, mine["carried"]), shown(
+        after, new_layout, new_ir, carried)
+    assert new_shown["allow:1"] == old_shown["allow:0"] == (13, 13)
+    for name in ("exception:1", "unfiltered", "established"):
+        assert new_shown[name] == old_shown[name], name
+    assert new_shown["unfiltered"] == (3, 3)
