@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from prometheus_client.core import Metric
+
 from isoebpf import counts, policy
+from isoebpf.agent import Stats
 from isoebpf.backends import iptables as iptables_backend
 from isoebpf.compiler import compile_policy
 from isoebpf.importer import Element, SavedSet
 from isoebpf.iptables_layout import FULL, Layout, build
 from isoebpf.ir import IR, rule_identities
+from isoebpf.metrics import StatusCollector
 
 POLICY = """\
 version: 1
@@ -133,6 +137,19 @@ def test_status_reports_live_plus_carried_with_identities() -> None:
                                   "identity": "allow hr -> it tcp/80", "packets": 6, "bytes": 600}
     assert (by_name["allow:1"]["packets"], by_name["default"]["packets"]) == (3, 2)
     assert by_name["established"]["packets"] == 0
+
+
+def samples(metric: Metric) -> dict[tuple[str, ...], float]:
+    return {tuple(s.labels.values()): s.value for s in metric.samples if s.name.endswith("_total")}
+
+
+def test_rule_metrics_are_labelled_with_the_identity() -> None:
+    record = {"counters": counts.report(named(with_rule_above(POLICY)), {}, {"allow:1": [5, 500]})}
+    collected = {m.name: m for m in StatusCollector(lambda: record, Stats(), lambda: "deny").collect()}
+    packets = samples(collected["isoebpf_rule_packets"])
+    assert packets[("allow:1", "allow hr -> it tcp/80")] == 5
+    assert samples(collected["isoebpf_rule_bytes"])[("allow:1", "allow hr -> it tcp/80")] == 500
+    assert "identity" in collected["isoebpf_rule_packets"].documentation
 
 
 # -- the iptables backend's carry, in the full layout (the kernel here may lack its set types) --
