@@ -112,7 +112,8 @@ BPF_TABLE("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
  * Packets and bytes per rule, index (gen & 1) * ISOEBPF_MAX_RULES + rule.
  * Per-CPU so that counting needs no atomics; program.read_counters sums the
  * CPUs. program.py zeroes the slot's counters of the policy's rules before
- * its generation goes live (status reads no others).
+ * its generation goes live (status reads no others), and an update carries
+ * what the outgoing slot counted into the state record (carried_over).
  */
 BPF_PERCPU_ARRAY(counters, struct counter, 2 * ISOEBPF_MAX_RULES);
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import netaddr
@@ -136,6 +137,35 @@ class IR:
             "rules": [[r.id, r.name, r.text, r.line] for r in self.rules],
             "interfaces": list(self.interfaces) if self.interfaces is not None else None,
         }
+
+
+def rule_identities(rules: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Rule name -> what the rule is, for the (name, text) rules of one policy, in
+    rule order: the same in every version of the policy that keeps the rule.
+
+    Names number exception and allow rules by their place in the file, so
+    inserting a rule renames those after it; identities do not: a fixed rule
+    is its name, a hairpin its overlay, an exception or allow rule its kind and
+    text, with " #n" from its second occurrence among rules of equal kind and
+    text on (editing a rule's text makes it another rule).
+
+    Rules of one identity have one text (a hairpin's and a fixed rule's follow
+    from the name), and a rule's identity depends on the rules of its text
+    alone: a caller may pass only the rules of the texts it cares about.
+    """
+    found: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for name, text in rules:
+        kind, _, what = name.partition(":")
+        if kind == "hairpin":
+            found[name] = f"{kind} {what}"
+        elif kind in ("exception", "allow"):
+            identity = f"{kind} {text}"
+            seen[identity] = seen.get(identity, 0) + 1
+            found[name] = identity if seen[identity] == 1 else f"{identity} #{seen[identity]}"
+        else:
+            found[name] = name
+    return found
 
 
 def with_digest(ir: IR) -> IR:

@@ -16,6 +16,12 @@ from .backend import FAILURE_MODES
 FIXED_ACTIONS = {"unfiltered": "allow", "established": "allow", "fragment": "drop",
                  "malformed": "drop"}
 
+# Why a rule's series carry two labels: names number rules by their place in the
+# file, identities (ir.rule_identities) stay with the rule, and its count with them.
+RULE_LABELS_HELP = ("; rule: its name now (allow:<i> moves when rules are inserted above it), "
+                    "identity: the rule itself, whose count goes on across policy updates "
+                    "(aggregate by identity)")
+
 
 class StatusCollector(Collector):
     def __init__(self, status: Callable[[], dict[str, Any] | None], stats: Stats,
@@ -27,15 +33,16 @@ class StatusCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         record = self._status() or {}
-        packets = CounterMetricFamily("isoebpf_rule_packets", "Packets decided by each rule",
-                                      labels=["rule"])
-        octets = CounterMetricFamily("isoebpf_rule_bytes", "Bytes decided by each rule",
-                                     labels=["rule"])
+        packets = CounterMetricFamily("isoebpf_rule_packets", "Packets decided by each rule"
+                                      + RULE_LABELS_HELP, labels=["rule", "identity"])
+        octets = CounterMetricFamily("isoebpf_rule_bytes", "Bytes decided by each rule"
+                                     + RULE_LABELS_HELP, labels=["rule", "identity"])
         verdicts = CounterMetricFamily("isoebpf_verdicts", "Packets by action", labels=["action"])
         by_action: dict[str, int] = {}
         for counter in record.get("counters", []):
-            packets.add_metric([counter["rule"]], counter["packets"])
-            octets.add_metric([counter["rule"]], counter["bytes"])
+            labels = [counter["rule"], counter["identity"]]
+            packets.add_metric(labels, counter["packets"])
+            octets.add_metric(labels, counter["bytes"])
             rule = counter["rule"]
             action = FIXED_ACTIONS.get(rule) or (
                 self._default_action() if rule == "default" else "allow")

@@ -34,7 +34,7 @@ from typing import Any
 
 from pyroute2 import NetlinkError
 
-from .. import abi, backend, capacity
+from .. import abi, backend, capacity, counts
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, IsoebpfError, StateError
 from ..ir import IR
@@ -187,7 +187,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
             make_private(scope.pin_dir / name)
         generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, []).now
-        _save(scope, ir, generation, attachments, said, compiled.compile_seconds)
+        _save(scope, ir, generation, attachments, said, compiled.compile_seconds, carried={})
         warnings = _next_update_warnings(compiled.map_fds, ir)
     except BaseException:
         _detach_all(scope, attachments)
@@ -215,9 +215,17 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         changed = record.get("digest") != ir.digest or int(record["generation"]) != live
         tables = program.prepare_next(maps, ir, slots) if changed else None
         attached = _attach_all(scope, progs, globs, mode, force, known)
+        carried = record.get("carried", {})
         try:
-            new = program.next_generation(maps, ir, slots, tables) if changed else live
-            _save(scope, ir, new, attached.now, said, float(record.get("compile_seconds", 0)))
+            new = live
+            if changed:
+                new = program.next_generation(maps, ir, slots, tables)
+                # Unequal generations: a killed update went live without its record, and
+                # the outgoing slot counts rules the record does not name.
+                counted = live if int(record["generation"]) == live else None
+                carried = program.carried_over(maps, counted, record["rules"], carried, ir)
+            _save(scope, ir, new, attached.now, said, float(record.get("compile_seconds", 0)),
+                  carried)
         except BaseException:
             # The live generation's slot was never written: flipping back restores
             # the policy in force exactly (the connections the sweep cut are judged afresh).
@@ -377,11 +385,11 @@ def _detach_all(scope: Scope, attachments: Sequence[Attachment]) -> None:
 
 
 def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachment],
-          said: dict[str, str], compile_seconds: float) -> None:
-    """`said`: the command's policy_path and on_failure."""
+          said: dict[str, str], compile_seconds: float, carried: counts.Carried) -> None:
+    """`said`: the command's policy_path and on_failure; `carried`: see counts."""
     scope.write(backend.record(BACKEND, scope, ir, said["policy_path"], generation, attachments,
                                on_failure=said["on_failure"],
-                               compile_seconds=round(compile_seconds, 3)))
+                               compile_seconds=round(compile_seconds, 3), carried=carried))
 
 
 def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
@@ -477,15 +485,16 @@ def status(scope: Scope) -> dict[str, Any] | None:
                          "'isoebpf unload' removes what is left")
     maps = _open_maps(scope)
     try:
-        generation = program.active_generation(maps)
-        record["generation"] = generation
+        # The record's rules count in its generation's slot: the live one, except
+        # between an update's flip and its record (or after a killed update).
+        counted = int(record["generation"])
+        record["generation"] = program.active_generation(maps)
         names = {rule_id: (name, text) for rule_id, name, text in record["rules"]}
-        counters = program.read_counters(maps, generation, sorted(names))
-        record["counters"] = [
-            {"rule": names[rule_id][0], "text": names[rule_id][1], "packets": packets,
-             "bytes": nbytes}
-            for rule_id, (packets, nbytes) in counters.items()
-        ]
+        live = program.read_counters(maps, counted, sorted(names))
+        record["counters"] = counts.report(
+            [names[rule_id] for rule_id in live],
+            {names[rule_id][0]: count for rule_id, count in live.items()},
+            record.get("carried", {}))
         record["connections"] = program.count_connections(maps)
         record["maps"] = program.map_fill(maps)
         record["programs"] = program_ids(scope)

@@ -37,7 +37,7 @@ from pyroute2 import Conntrack, NetlinkError
 from pyroute2.ipset import IPSet
 from pyroute2.netlink.exceptions import IPSetError
 
-from .. import backend
+from .. import backend, counts
 from ..backend import Attachment, LoadReport
 from ..errors import BackendError, StateError
 from ..evaluate import IPPROTO_ICMPV6, Classifier, Packet, first_packet
@@ -45,6 +45,7 @@ from ..importer import SavedSet, _Notes, parse_ipset_save
 from ..iptables_layout import (
     DEFAULT_CHAIN,
     FORWARDED,
+    FULL,
     JUMP,
     ROLES,
     SET_PREFIX,
@@ -346,9 +347,10 @@ def _fill_named(layout: Layout, sets: Sequence[IpSet], state: _State,
     return lines
 
 
-def _apply(tools: _Tools, layout: Layout, state: _State) -> list[str]:
+def _apply(tools: _Tools, layout: Layout, state: _State) -> tuple[set[str], list[str]]:
     """Make the kernel match `layout`, switching each family over in one transaction;
-    returns what is left to finish (empty when all is done).
+    returns the names of the sets it filled anew (their counters start at 0), and
+    what is left to finish (empty when all is done).
 
     Sets our rules do not use yet are filled under their own names before the
     switch. Sets they use cannot change under them (a packet would meet new
@@ -380,11 +382,12 @@ def _apply(tools: _Tools, layout: Layout, state: _State) -> list[str]:
         tools.ipset(_destroy_text([*temp.values(), *(n for n in state.sets if n not in wanted)]))
     except BackendError as err:
         if committed:
-            return [f"the new policy is in force, but tidying up after the change failed "
-                    f"({err}); the next 'isoebpf load' or the agent's repair finishes it"]
+            return {s.name for s in changed}, [
+                f"the new policy is in force, but tidying up after the change failed ({err}); "
+                "the next 'isoebpf load' or the agent's repair finishes it"]
         _drop_unused_temps(tools, [s.name for s in changed if s.name not in state.sets])
         raise BackendError(f"{err}\nnothing of the new policy was put in force") from err
-    return []
+    return {s.name for s in changed}, []
 
 
 def _drop_unused_temps(tools: _Tools, made: Sequence[str]) -> None:
@@ -520,10 +523,12 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         state = _read_state(tools)
         drifted = differences(layout, state)
         generation = int((mine or {}).get("generation", 0))
+        carried = (mine or {}).get("carried", {})
         unfinished: list[str] = []
         if drifted or not mine or mine.get("digest") != ir.digest:
-            unfinished = _apply(tools, layout, state)
+            refilled, unfinished = _apply(tools, layout, state)
             generation += 1
+            carried = _carried(mine, state, layout, ir, refilled) if mine else {}
         revoked = revoke(scope.netns, ir)
         why = _why(layout.kind, found, hidden)
         attachments = _attachments(layout, tools, why)
@@ -531,7 +536,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
             BACKEND, scope, ir, policy_path, generation, attachments, on_failure=on_failure,
             chain=layout.chain,
             flavour=tools.flavour, iptables_layout=layout.kind, set_types=list(found),
-            sets=[s.name for s in layout.sets], revoked=revoked))
+            sets=[s.name for s in layout.sets], revoked=revoked, carried=carried))
     return LoadReport(generation, False, 0.0, time.monotonic() - started, tuple(attachments),
                       None, (), tuple(unfinished))
 
@@ -591,43 +596,66 @@ def tracer(scope: Scope, per_second: int) -> nftrace.Tracer:
                           {str(name): str(text) for _, name, text in record["rules"]}, per_second)
 
 
+def _counted(families: Iterable[_Family], chain: str, sets: Iterable[SavedSet], layout_kind: str,
+             rule_names: Sequence[str]) -> dict[str, counts.Count]:
+    """Rule name -> (packets, bytes) as our FORWARD rules, `chain`'s rules and the
+    elements of `sets` count them now."""
+    counted: dict[str, counts.Count] = {}
+
+    def count(name: str | None, packets: int, octets: int) -> None:
+        if name:
+            now = counted.get(name, (0, 0))
+            counted[name] = (now[0] + packets, now[1] + octets)
+
+    for family in families:
+        for _, spec, packets, octets in family.forward:
+            count(_tag(spec), packets, octets)
+        for spec, packets, octets in family.chains.get(chain, []):
+            count(_tag(spec), packets, octets)
+    for s in sets:
+        for element in s.elements:
+            count(element.comment, element.packets, element.bytes)
+    # Reached our FORWARD rules without taking the jump: outside the overlays, or (full
+    # layout, where the jump itself skips them) an exception's.
+    unfiltered = [counted.get(FORWARDED, (0, 0))[i] - counted.get(JUMP, (0, 0))[i] for i in (0, 1)]
+    if layout_kind == FULL:
+        for name in rule_names:
+            if name.startswith("exception:"):
+                unfiltered = [u - c for u, c in zip(unfiltered, counted.get(name, (0, 0)),
+                                                    strict=True)]
+    count("unfiltered", *unfiltered)
+    return counted
+
+
+def _carried(mine: dict[str, Any], state: _State, layout: Layout, ir: IR,
+             refilled: set[str]) -> counts.Carried:
+    """What each rule of `ir` carries once `_apply` rewrote our rules and `refilled`
+    sets: what the rules `mine` recorded had counted in `state` (read before), less
+    what the sets left alone go on counting."""
+    recorded = set(mine["sets"])
+    before = _counted(state.families.values(), str(mine["chain"]),
+                      [s for n, s in state.sets.items() if n in recorded],
+                      str(mine["iptables_layout"]), [str(name) for _, name, _ in mine["rules"]])
+    left_alone = [state.sets[s.name] for s in layout.sets if s.name not in refilled]
+    kept = _counted([], layout.chain, left_alone, layout.kind, [r.name for r in ir.rules])
+    return counts.carry(counts.totals(before, mine.get("carried", {})),
+                        [(str(n), str(t)) for _, n, t in mine["rules"]],
+                        [(r.name, r.text) for r in ir.rules], kept)
+
+
 def status(scope: Scope) -> dict[str, Any] | None:
     record = scope.read()
     if record is None or record.get("backend") != BACKEND:
         return record
     tools = _Tools(scope.netns, str(record["flavour"]))
     chain = str(record["chain"])
-    counted: dict[str, list[int]] = {}
-
-    def count(name: str | None, packets: int, octets: int) -> None:
-        if name:
-            totals = counted.setdefault(name, [0, 0])
-            totals[0] += packets
-            totals[1] += octets
-
     families = {v: _read_family(tools, v) for v in (4, 6)}
-    for family in families.values():
-        for _, spec, packets, octets in family.forward:
-            count(_tag(spec), packets, octets)
-        for spec, packets, octets in family.chains.get(chain, []):
-            count(_tag(spec), packets, octets)
     saved = {n: s for n, s in tools.sets().items() if n in set(record["sets"])}
-    for s in saved.values():
-        for element in s.elements:
-            count(element.comment, element.packets, element.bytes)
-    # Reached our FORWARD rules without taking the jump: outside the overlays, or (full
-    # layout, where the jump itself skips them) an exception's.
-    unfiltered = [counted.get(FORWARDED, [0, 0])[i] - counted.get(JUMP, [0, 0])[i] for i in (0, 1)]
-    if record["iptables_layout"] == "full":
-        for _, name, _ in record["rules"]:
-            if str(name).startswith("exception:"):
-                unfiltered = [u - c for u, c in zip(unfiltered, counted.get(name, [0, 0]),
-                                                    strict=True)]
-    count("unfiltered", *unfiltered)
-    record["counters"] = [
-        {"rule": name, "text": text, "packets": counted.get(name, [0, 0])[0],
-         "bytes": counted.get(name, [0, 0])[1]}
-        for _, name, text in record["rules"] if name not in NOT_MEASURED]
+    counted = _counted(families.values(), chain, saved.values(), record["iptables_layout"],
+                       [str(name) for _, name, _ in record["rules"]])
+    record["counters"] = counts.report(
+        [(name, text) for _, name, text in record["rules"] if name not in NOT_MEASURED], counted,
+        record.get("carried", {}))
     overlays = netaddr.IPSet(netaddr.IPNetwork(e.fields[0]) for v in (4, 6)
                              for e in getattr(saved.get(f"{SET_PREFIX[v]}-overlays"), "elements", []))
     record["connections"] = _count_connections(scope.netns, overlays)

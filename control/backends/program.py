@@ -21,7 +21,7 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import netaddr
 from bcc import BPF
 
-from .. import abi, capacity, evaluate
+from .. import abi, capacity, counts, evaluate
 from ..errors import BackendError, ProgramRejected
 from ..evaluate import Classifier
 from ..ir import IR, PROTO_TCP, PROTO_UDP
@@ -511,14 +511,43 @@ def read_counter(maps: Maps, gen: int, rule: int) -> tuple[int, int]:
 
 
 def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple[int, int]]:
-    """Rule id -> (packets, bytes) for these rules of generation `gen`, summed over CPUs."""
+    """Rule id -> (packets, bytes) for these rules of generation `gen`, summed over CPUs:
+    one batch read of the slot's counters up to the highest id asked for."""
+    wanted = list(rules)
     slots = max_rules(maps)
-    found = {}
-    for rule in rules:
-        values = (_percpu(maps, "counters", slot_of(gen) * slots + rule, abi.Counter)
-                  if 0 <= rule < slots else [])
-        found[rule] = sum(v.packets for v in values), sum(v.bytes for v in values)
-    return found
+    cpus = bpfsys.possible_cpus()
+    words = ctypes.sizeof(abi.Counter) // 8  # u64 fields: no padding between CPUs' values
+    read = max((r for r in wanted if 0 <= r < slots), default=-1) + 1
+    raw = bpfsys.map_lookup_range(maps["counters"], slot_of(gen) * slots, read, words * 8 * cpus)
+    values = array.array("Q", raw)  # per rule, per CPU: the fields of struct counter
+    stride = words * cpus
+
+    def summed(field: int) -> Iterator[int]:
+        """One field of every rule, summed over CPUs (zip and sum loop in C)."""
+        return map(sum, zip(*(values[cpu * words + field // 8::stride] for cpu in range(cpus)),
+                            strict=True))
+
+    per_rule = list(zip(summed(abi.Counter.packets.offset), summed(abi.Counter.bytes.offset),
+                        strict=True))
+    return {rule: per_rule[rule] if 0 <= rule < read else (0, 0) for rule in wanted}
+
+
+def carried_over(maps: Maps, outgoing: int | None, rules: Sequence[Sequence[Any]],
+                 carried: Mapping[str, Sequence[int]], ir: IR) -> counts.Carried:
+    """What each rule of `ir`, now live, carries from the policy it replaced: those
+    `rules` ([id, name, text], as the state record lists them) counted what they
+    `carried` and what is in generation `outgoing`'s slot (None: that slot counts
+    other rules, and only `carried` is known).
+
+    Read after the flip, not before: a packet that read the config word just
+    before it still counts in the outgoing slot, and none counts there later."""
+    live: dict[str, counts.Count] = {}
+    if outgoing is not None:
+        names = {int(rule_id): str(name) for rule_id, name, _ in rules}
+        live = {names[i]: count for i, count in read_counters(maps, outgoing, names).items()
+                if count != (0, 0)}  # a rule that counted nothing carries nothing
+    return counts.carry(counts.totals(live, carried), [(str(n), str(t)) for _, n, t in rules],
+                        [(r.name, r.text) for r in ir.rules])
 
 
 def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:

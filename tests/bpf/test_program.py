@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 from collections.abc import Iterator
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import abi, evaluate, policy
+from isoebpf import abi, counts, evaluate, policy
 from isoebpf.backends import bpfsys, program
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError
 from isoebpf.evaluate import TCP_SYN
-from tests.bpf.cases import HR, IT, POLICY, SYN_80, tcp
+from isoebpf.ir import IR
+from tests.bpf.cases import HR, HR5, IT, IT3, POLICY, SYN_22, SYN_80, tcp
 from tests.bpf.harness import Datapath, policy_entries, slot_contents, slot_wanted
 from tests.packets import build
 
@@ -94,6 +96,24 @@ def test_status_readers(loaded: Datapath) -> None:
     assert evaluate.first_packet(program.flow_of(first)).tcp_flags == TCP_SYN
 
 
+def test_counters_are_read_one_by_one_where_the_kernel_has_no_batches(
+    loaded: Datapath, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loaded.run("tc", build(SYN_80))
+    rules = [r.id for r in compile_policy(policy.loads(POLICY)).rules]
+    batched = program.read_counters(loaded.maps, loaded.gen, rules)
+    assert sum(packets for packets, _ in batched.values()) == 1
+    syscall = bpfsys._bpf
+
+    def without_batches(cmd: int, attr: ctypes.Structure) -> int:
+        if cmd == bpfsys.BPF_MAP_LOOKUP_BATCH:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return syscall(cmd, attr)
+
+    monkeypatch.setattr(bpfsys, "_bpf", without_batches)
+    assert program.read_counters(loaded.maps, loaded.gen, rules) == batched
+
+
 def test_pins_and_names(loaded: Datapath) -> None:
     pin = Path(f"/sys/fs/bpf/isoebpf-test-{os.getpid()}")
     bpfsys.obj_pin(loaded.maps["conntrack"], str(pin))
@@ -161,6 +181,58 @@ def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) 
         assert program.SlotFiles(tmp_path).read({**maps, "allowed": maps["hairpins"]}, slot) is None
     finally:
         compiled.close()
+
+
+# POLICY with a rule inserted first (its allow:0 becomes allow:1) and its allow:1
+# (192.168.5.0/24 -> 10.250.3.0/24) removed.
+POLICY_RULE_ABOVE = POLICY.replace("allow:\n", "allow:\n  - {from: lab, to: hr, ports: [tcp/22]}\n") \
+    .replace("  - {from: 192.168.5.0/24, to: 10.250.3.0/24}\n", "")
+
+
+def recorded(ir: IR) -> list[list[object]]:
+    """The rules as the state record lists them."""
+    return [[r.id, r.name, r.text] for r in ir.rules]
+
+
+def totals(datapath: Datapath, ir: IR, carried: counts.Carried) -> dict[str, counts.Count]:
+    """What status would show for `ir`, live in `datapath`'s generation: name -> total."""
+    live = program.read_counters(datapath.maps, datapath.gen, [r.id for r in ir.rules])
+    return counts.totals({ir.rule(i).name: count for i, count in live.items()}, carried)
+
+
+def test_counts_survive_an_update_by_rule_identity(datapath: Datapath) -> None:
+    """Each rule the new policy keeps carries what it counted, under its new name; a
+    removed rule's count goes with it; a new rule starts at 0; no total goes down."""
+    first, second = (compile_policy(policy.loads(text)) for text in (POLICY, POLICY_RULE_ABOVE))
+    syn = len(build(SYN_80))  # every SYN below has this length
+    datapath.load(first)
+    datapath.clear_state()
+    for sport in range(41000, 41003):
+        datapath.run("tc", build(tcp(HR, IT, 80, sport=sport)))
+    datapath.run("tc", build(tcp(HR5, IT3, 9999)))  # allow:1, which the second policy drops
+    datapath.run("tc", build(SYN_22))  # default
+    before = totals(datapath, first, {})
+    assert (before["allow:0"], before["allow:1"], before["default"]) == (
+        (3, 3 * syn), (1, syn), (1, syn))
+
+    outgoing = datapath.gen
+    datapath.load(second)
+    carried = program.carried_over(datapath.maps, outgoing, recorded(first), {}, second)
+    after = totals(datapath, second, carried)
+    assert after["allow:1"] == (3, 3 * syn), "hr -> it tcp/80 is allow:1 now, its count with it"
+    assert after["allow:0"] == (0, 0), "the inserted rule starts at 0"
+    assert after["default"] == (1, syn)
+    assert sum(packets for packets, _ in after.values()) == 4, "the removed rule's packet is gone"
+
+    # Counting on, then back: the removed rule returns at 0, the kept ones keep theirs.
+    datapath.run("tc", build(tcp(HR, IT, 80, sport=41003)))
+    assert totals(datapath, second, carried)["allow:1"] == (4, 4 * syn)
+    outgoing = datapath.gen
+    datapath.load(first)
+    carried = program.carried_over(datapath.maps, outgoing, recorded(second), carried, first)
+    again = totals(datapath, first, carried)
+    assert (again["allow:0"], again["allow:1"]) == ((4, 4 * syn), (0, 0))
+    assert all(again[name] >= before[name] for name in before if name != "allow:1")
 
 
 def test_map_limits_say_what_to_raise() -> None:

@@ -32,6 +32,11 @@ POLICY_B = SEED.read_text().replace(
     "  - {from: hr, to: it, ports: [tcp/80]}",
     "  - {from: hr, to: it, ports: [tcp/22, udp/53]}\n  - {from: it, to: hr, ports: [tcp/80]}")
 
+# The seed with a rule inserted above its only allow rule, `hr -> it tcp/80`, which
+# becomes allow:1 (WEB is what it is, whatever its name).
+SEED_RULE_ABOVE = SEED.read_text().replace("allow:\n", "allow:\n  - {from: it, to: hr, ports: [udp/53]}\n")
+WEB = "allow hr -> it tcp/80"
+
 
 def policy_files(folder: Path) -> dict[str, tuple[Path, IR]]:
     """Policies A (the seed) and B written into `folder`, with their compiled IRs."""
@@ -128,6 +133,11 @@ def suppressed(summary: str) -> int:
 def packets_by_rule(record: dict[str, Any]) -> dict[str, int]:
     """Rule name -> packets, from a status record's counters."""
     return {c["rule"]: c["packets"] for c in record["counters"]}
+
+
+def counts_by_identity(record: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """Rule identity -> (its name now, packets), from a status record's counters."""
+    return {c["identity"]: (c["rule"], c["packets"]) for c in record["counters"]}
 
 
 def flush_iptables(testbed: Testbed) -> None:

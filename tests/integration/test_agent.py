@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -13,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from isoebpf.testbed import Host, Testbed
-from tests.integration.conftest import DOCKER, SEED, AgentProcess, flush_iptables, isoebpf
+from tests.integration.conftest import (
+    DOCKER,
+    SEED,
+    SEED_RULE_ABOVE,
+    WEB,
+    AgentProcess,
+    flush_iptables,
+    isoebpf,
+)
 
 
 def free_port() -> int:
@@ -92,17 +101,38 @@ def test_a_detached_program_is_reattached(agent: AgentProcess, testbed: Testbed)
     assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
 
 
-def test_metrics_are_served_and_sigterm_leaves_enforcement(agent: AgentProcess,
-                                                          testbed: Testbed) -> None:
+def scrape() -> str:
+    body: bytes = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics",
+                                         timeout=5).read()
+    return body.decode()
+
+
+def packets_series(text: str, identity: str) -> dict[str, float]:
+    """The rule label -> value of each isoebpf_rule_packets_total series of `identity`."""
+    found = {}
+    for line in text.splitlines():
+        series = re.fullmatch(r"isoebpf_rule_packets_total\{(.*)\} (\S+)", line)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', series[1])) if series else {}
+        if series and labels["identity"] == identity:
+            found[labels["rule"]] = float(series[2])
+    return found
+
+
+def test_metrics_are_served_and_sigterm_leaves_enforcement(agent: AgentProcess, testbed: Testbed,
+                                                          policy_file: Path) -> None:
     testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read()
-    text = body.decode()
-    assert 'isoebpf_rule_packets_total{rule="allow:0"}' in text
-    allowed = next(line for line in text.splitlines()
-                   if line.startswith('isoebpf_rule_packets_total{rule="allow:0"}'))
-    assert float(allowed.split()[-1]) > 0
+    text = scrape()
+    before = packets_series(text, WEB)
+    assert list(before) == ["allow:0"] and before["allow:0"] > 0
     assert 'isoebpf_applies_total{result="ok"} 1.0' in text
     assert "isoebpf_last_apply_success 1.0" in text
+    # A rule inserted above renames it allow:1: the series of its identity counts on.
+    edited = policy_file.with_name("edited.yaml")
+    edited.write_text(SEED_RULE_ABOVE)
+    os.replace(edited, policy_file)
+    assert agent.wait_for("applied")["generation"] == 2
+    after = packets_series(scrape(), WEB)
+    assert list(after) == ["allow:1"] and after["allow:1"] >= before["allow:0"]
     assert agent.stop() == 0
     assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
 

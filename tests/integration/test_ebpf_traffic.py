@@ -16,7 +16,7 @@ from isoebpf.errors import ProgramRejected
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import PATHS_TAKEN
-from tests.integration.conftest import SEED, isoebpf
+from tests.integration.conftest import SEED, SEED_RULE_ABOVE, WEB, counts_by_identity, isoebpf
 from tests.scenarios import IT_HR_TRIES, expected_outcome
 
 # A rejected try must be answered at once, not by a timeout.
@@ -109,6 +109,35 @@ def test_update_is_applied_without_recompiling_and_unload_restores_everything(
     assert_clean(testbed)
     for try_, _, seen in outcomes(testbed, SEED):
         assert seen == "connected", f"{try_} still filtered after unload"
+
+
+def test_counters_survive_an_update_that_renames_the_rule(testbed: Testbed,
+                                                          tmp_path: Path) -> None:
+    above = tmp_path / "above.yaml"
+    above.write_text(SEED_RULE_ABOVE)
+    load = ("--netns", testbed.router, "--iface", "v-*")
+
+    def counted() -> dict[str, tuple[str, int]]:
+        return counts_by_identity(json.loads(isoebpf("status", *load[:2], "--json").stdout))
+
+    try:
+        isoebpf("load", str(SEED), *load)
+        for _ in range(3):
+            assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+        before = counted()
+        assert before[WEB] == ("allow:0", 3), "each connection's first packet"
+        assert "generation 2" in isoebpf("load", str(above), *load).stdout
+        after = counted()
+        assert after[WEB] == ("allow:1", 3)
+        assert after["allow it -> hr udp/53"] == ("allow:0", 0), "a new rule starts at 0"
+        assert all(after[rule][1] >= packets for rule, (_, packets) in before.items())
+        assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+        # The same policy again writes nothing and carries nothing twice.
+        assert "generation 2" in isoebpf("load", str(above), *load).stdout
+        assert counted()[WEB] == ("allow:1", 4)
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
 
 
 def test_state_from_an_older_layout_is_torn_down_not_reused(testbed: Testbed) -> None:

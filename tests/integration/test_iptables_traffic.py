@@ -25,7 +25,10 @@ from tests.conftest import require
 from tests.integration.conftest import (
     DOCKER,
     SEED,
+    SEED_RULE_ABOVE,
+    WEB,
     Trace,
+    counts_by_identity,
     filtered_trace,
     flood_udp,
     flush_iptables,
@@ -231,6 +234,43 @@ def test_update_adds_ipv6_isolation_and_an_exception_atomically(
     load(testbed, SEED)
     run_suite(testbed, SEED)
     assert "dcos-isolation" not in testbed.run_in(testbed.router, "ip6tables-save").stdout
+
+
+# it2 (10.250.2.20) to HR passes unfiltered: in the full layout the exception's
+# element sits in a set an update of the allow rules leaves alone, counters and all.
+EXCEPTION = "exceptions:\n  - {from: 10.250.2.0/24, to: hr}\n"
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["kernel-types", "forced-degraded"])
+def test_counters_survive_an_update_that_renames_the_rule(
+    testbed: Testbed, unloaded: None, forced: bool, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    if forced:
+        monkeypatch.setenv(iptables_backend.TEST_MISSING_TYPES, f"{NET_NET} {NET_PORT_NET}")
+    seed, above = tmp_path / "seed.yaml", tmp_path / "above.yaml"
+    seed.write_text(SEED.read_text() + EXCEPTION)
+    above.write_text(SEED_RULE_ABOVE + EXCEPTION)
+    load(testbed, seed)
+    for client, target in (("hr1", "it1"), ("hr1", "it1"), ("it2", "hr1")):
+        assert testbed.probe(client, "tcp", target, 80, timeout=1.0)["outcome"] == "connected"
+    time.sleep(0.5)  # the last connection's closing packets
+    before = counts_by_identity(status(testbed))
+    assert before[WEB] == ("allow:0", 2), "each connection's first packet"
+    assert before["exception 10.250.2.0/24 -> hr unfiltered"][1] > 0
+    assert "generation 2" in load(testbed, above)
+    after = counts_by_identity(status(testbed))
+    assert after[WEB] == ("allow:1", 2)
+    assert after["allow it -> hr udp/53"] == ("allow:0", 0), "a new rule starts at 0"
+    # Kept counters are not carried again: no traffic between overlays since, so these
+    # stayed as they were (`unfiltered` counts bridged neighbour discovery too).
+    assert {rule: packets for rule, (_, packets) in after.items() if rule in before} == {
+        rule: packets for rule, (_, packets) in before.items()} | {
+        "unfiltered": after["unfiltered"][1]}
+    assert after["unfiltered"][1] >= before["unfiltered"][1]
+    assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+    assert "generation 2" in load(testbed, above), "the same policy again writes nothing"
+    assert counts_by_identity(status(testbed))[WEB] == ("allow:1", 3)
 
 
 def test_dockers_chains_stay_intact_and_in_order(
