@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from isoebpf import policy
+from isoebpf.backends import links
 from isoebpf.compiler import compile_policy
 from isoebpf.ir import IR
+from isoebpf.state import Scope
 from isoebpf.testbed import Testbed, it_hr
 from tests.conftest import require
 
@@ -62,6 +64,30 @@ def isoebpf(*args: str, check: bool = True,
         raise AssertionError(f"isoebpf {' '.join(args)} exited {done.returncode}:\n"
                              f"{done.stdout}{done.stderr}")
     return done
+
+
+def assert_clean(testbed: Testbed) -> None:
+    scope = Scope(testbed.router)
+    assert not scope.pin_dir.exists(), "pins left behind"
+    assert scope.read() is None, "state record left behind"
+    # Only the record of a refused change may stay: status shows it until one succeeds.
+    left = {p.name for p in scope.run_dir.iterdir()} if scope.run_dir.exists() else set()
+    assert left <= {scope.failure_path.name}, f"state files left behind: {left}"
+    with links.netlink(testbed.router) as sock:
+        for link in links.links(sock):
+            assert links.xdp_state(sock, link.index) == (0, None), link.name
+            assert not links.has_our_tc(sock, link.index), link.name
+
+
+@pytest.fixture
+def unloaded(testbed: Testbed) -> Iterator[None]:
+    """Nothing loaded before the test, nothing left after it."""
+    isoebpf("unload", "--netns", testbed.router)
+    try:
+        yield
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
 
 
 class Trace:

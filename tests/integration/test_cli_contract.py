@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.integration.conftest import ROOT, SEED, isoebpf, packets_by_rule
-from tests.integration.test_ebpf_traffic import assert_clean
 
 
 def one_document(out: str) -> dict[str, Any]:
@@ -32,17 +30,6 @@ def one_document(out: str) -> dict[str, Any]:
 
 def status(testbed: Testbed, *more: str) -> subprocess.CompletedProcess[str]:
     return isoebpf("status", "--netns", testbed.router, *more, check=False)
-
-
-@pytest.fixture
-def unloaded(testbed: Testbed) -> Iterator[None]:
-    """Nothing loaded before the test, nothing left after it."""
-    isoebpf("unload", "--netns", testbed.router)
-    try:
-        yield
-    finally:
-        isoebpf("unload", "--netns", testbed.router)
-    assert_clean(testbed)
 
 
 def test_status_exits_1_while_the_last_change_failed_or_a_hook_is_gone(

@@ -34,8 +34,7 @@ from isoebpf.ir import IR
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.bpf.harness import slot_contents, slot_wanted
-from tests.integration.conftest import AgentProcess, isoebpf
-from tests.integration.test_ebpf_traffic import assert_clean
+from tests.integration.conftest import AgentProcess, assert_clean, isoebpf
 from tests.integration.test_iptables_traffic import snapshot
 from tests.scenarios import expected_outcome
 

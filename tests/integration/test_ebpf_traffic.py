@@ -9,14 +9,21 @@ import pytest
 from click.testing import CliRunner
 
 from isoebpf import policy
-from isoebpf.backends import links, program
+from isoebpf.backends import program
 from isoebpf.cli import main
 from isoebpf.compiler import compile_policy
 from isoebpf.errors import ProgramRejected
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import PATHS_TAKEN
-from tests.integration.conftest import SEED, SEED_RULE_ABOVE, WEB, counts_by_identity, isoebpf
+from tests.integration.conftest import (
+    SEED,
+    SEED_RULE_ABOVE,
+    WEB,
+    assert_clean,
+    counts_by_identity,
+    isoebpf,
+)
 from tests.scenarios import IT_HR_TRIES, expected_outcome
 
 # A rejected try must be answered at once, not by a timeout.
@@ -33,19 +40,6 @@ def outcomes(testbed: Testbed, policy_path: Path) -> list[tuple[tuple[str, str, 
             assert float(str(seen["ms"])) < PROMPT_MS, f"{client}->{target} {proto}: slow {seen}"
         found.append(((client, proto, target, port), want, str(seen["outcome"])))
     return found
-
-
-def assert_clean(testbed: Testbed) -> None:
-    scope = Scope(testbed.router)
-    assert not scope.pin_dir.exists(), "pins left behind"
-    assert scope.read() is None, "state record left behind"
-    # Only the record of a refused change may stay: status shows it until one succeeds.
-    left = {p.name for p in scope.run_dir.iterdir()} if scope.run_dir.exists() else set()
-    assert left <= {scope.failure_path.name}, f"state files left behind: {left}"
-    with links.netlink(testbed.router) as sock:
-        for link in links.links(sock):
-            assert links.xdp_state(sock, link.index) == (0, None), link.name
-            assert not links.has_our_tc(sock, link.index), link.name
 
 
 @pytest.mark.parametrize(("mode", "attached_as"), [

@@ -27,9 +27,8 @@ from isoebpf.ir import IR
 from isoebpf.metrics import StatusCollector
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
-from tests.integration.conftest import ROOT, isoebpf
+from tests.integration.conftest import ROOT, assert_clean, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
-from tests.integration.test_ebpf_traffic import assert_clean
 
 CLI = f"{shlex.quote(sys.executable)} -m isoebpf.cli"  # for shell scripts: this interpreter's CLI
 
@@ -38,17 +37,6 @@ CLI = f"{shlex.quote(sys.executable)} -m isoebpf.cli"  # for shell scripts: this
 def nothing_left(testbed: Testbed) -> Iterator[None]:
     yield
     isoebpf("unload", "--netns", testbed.router)
-    assert_clean(testbed)
-
-
-@pytest.fixture
-def unloaded(testbed: Testbed) -> Iterator[None]:
-    """Nothing loaded before the test, nothing left after it."""
-    isoebpf("unload", "--netns", testbed.router)
-    try:
-        yield
-    finally:
-        isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
 
 

@@ -31,8 +31,7 @@ from isoebpf.compiler import compile_policy
 from isoebpf.state import Scope
 from isoebpf.testbed import Testbed
 from tests.conftest import require
-from tests.integration.conftest import ROOT, SEED
-from tests.integration.test_ebpf_traffic import assert_clean
+from tests.integration.conftest import ROOT, SEED, assert_clean
 from tests.integration.test_iptables_traffic import snapshot
 from tests.policygen import many_exceptions, many_overlays, many_ports, many_ranges
 

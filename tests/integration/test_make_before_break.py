@@ -154,28 +154,21 @@ TO_IPTABLES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 }
 
 
-@pytest.mark.parametrize("step", list(TO_EBPF))
-def test_a_switch_to_ebpf_that_fails_leaves_iptables_enforcing(
-        testbed: Testbed, pair: Policies, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
-    in_force_with(testbed, pair, "A", "iptables")
-    TO_EBPF[step](monkeypatch)
-    done = cli(*load_args(pair["B"][0], testbed, "ebpf"))
+SWITCH_STEPS = {("iptables", "ebpf"): TO_EBPF, ("ebpf", "iptables"): TO_IPTABLES}
+
+
+@pytest.mark.parametrize(("old", "new", "step"), [
+    (old, new, step) for (old, new), steps in SWITCH_STEPS.items() for step in steps])
+def test_a_switch_that_fails_leaves_the_old_backend_enforcing(
+        testbed: Testbed, pair: Policies, monkeypatch: pytest.MonkeyPatch, old: str, new: str,
+        step: str) -> None:
+    in_force_with(testbed, pair, "A", old)
+    SWITCH_STEPS[(old, new)][step](monkeypatch)
+    done = cli(*load_args(pair["B"][0], testbed, new))
     assert done.exit_code == 1, done.output
     assert "injected" in done.output and "fail-closed: the policy in force" in done.output
     monkeypatch.undo()
-    assert_enforcing(testbed, pair, "A", "iptables")
-
-
-@pytest.mark.parametrize("step", list(TO_IPTABLES))
-def test_a_switch_to_iptables_that_fails_leaves_ebpf_enforcing(
-        testbed: Testbed, pair: Policies, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
-    in_force_with(testbed, pair, "A", "ebpf")
-    TO_IPTABLES[step](monkeypatch)
-    done = cli(*load_args(pair["B"][0], testbed, "iptables"))
-    assert done.exit_code == 1, done.output
-    assert "injected" in done.output and "fail-closed: the policy in force" in done.output
-    monkeypatch.undo()
-    assert_enforcing(testbed, pair, "A", "ebpf")
+    assert_enforcing(testbed, pair, "A", old)
 
 
 def test_switches_refused_by_the_environment_leave_the_old_backend(
