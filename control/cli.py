@@ -293,7 +293,8 @@ def unload(netns: str | None) -> None:
         click.echo(f"namespace {netns} is gone, and its interfaces and rules with it: "
                    "removing isoebpf's own state of it")
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
-    scope.clear_failure()
+    with scope.locked():  # so that the scope's lock goes with its last file
+        scope.clear_failure()
     for what in removed:
         click.echo(f"removed {what}")
     click.echo("unloaded" if removed else "nothing was loaded")

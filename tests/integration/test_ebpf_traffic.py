@@ -42,6 +42,7 @@ def assert_clean(testbed: Testbed) -> None:
     # Only the record of a refused change may stay: status shows it until one succeeds.
     left = {p.name for p in scope.run_dir.iterdir()} if scope.run_dir.exists() else set()
     assert left <= {scope.failure_path.name}, f"state files left behind: {left}"
+    assert left or not scope.lock_path.exists(), "lock file left behind"
     with links.netlink(testbed.router) as sock:
         for link in links.links(sock):
             assert links.xdp_state(sock, link.index) == (0, None), link.name

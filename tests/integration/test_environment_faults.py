@@ -355,5 +355,6 @@ def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, 
         assert not scope.pin_dir.exists()
         assert scope.read() is None
         assert not scope.run_dir.exists()
+        assert not scope.lock_path.exists()
     finally:
         isoebpf("unload", "--netns", netns, check=False)
