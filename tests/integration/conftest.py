@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from isoebpf import policy
+from isoebpf import policy, state
 from isoebpf.compiler import compile_policy
 from isoebpf.ir import IR
-from isoebpf.testbed import Testbed, it_hr
+from isoebpf.state import Scope
+from isoebpf.testbed import Testbed, default_prefix, it_hr
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,6 +208,19 @@ class AgentProcess:
         self._done.set()
         self._reader.join()
         return code
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_state_outlives_its_namespace() -> Iterator[None]:
+    """After the tier, nothing is left under /run/isoebpf or in bpffs (record, pins,
+    lock file) for a namespace this run made and deleted."""
+    yield
+    left = []
+    for root in (state.RUN_DIR, state.BPFFS):
+        for path in root.glob(f"netns-{default_prefix()}-*"):
+            if Scope(path.name.removeprefix("netns-").removesuffix(".lock")).namespace_gone:
+                left.append(str(path))
+    assert not left, f"left behind for scopes that no longer exist: {left}"
 
 
 @pytest.fixture(scope="module")

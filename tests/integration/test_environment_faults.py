@@ -26,7 +26,7 @@ from isoebpf.backends import links
 from isoebpf.ir import IR
 from isoebpf.metrics import StatusCollector
 from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.testbed import Testbed, default_prefix
 from tests.integration.conftest import ROOT, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
 from tests.integration.test_ebpf_traffic import assert_clean
@@ -336,7 +336,7 @@ def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, 
                                                 name: str) -> None:
     """`ip netns del` takes the interfaces and rules with it but not our pins and
     records: unload still removes those, and says why there was nothing to detach."""
-    netns = f"isogone{os.getpid() % 100000}"
+    netns = f"{default_prefix()}-gone"
     scope = Scope(netns)
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:  # whatever fails, nothing stays: no pins under /sys/fs/bpf/isoebpf, no record under /run
