@@ -453,8 +453,9 @@ def unload(netns: str | None, as_json: bool) -> None:
         click.echo(f"namespace {netns} is gone, and its interfaces and rules with it: "
                    "removing isoebpf's own state of it", err=as_json)
     removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
-    scope.clear_failure()
-    scope.clear_switch()  # both backends are gone: nothing is left to finish
+    with scope.locked():  # so that the scope's lock goes with its last file
+        scope.clear_failure()
+        scope.clear_switch()  # both backends are gone: nothing is left to finish
     if as_json:
         _emit({"ok": True, "netns": netns, "namespace_gone": gone, "removed": removed,
                "unloaded": bool(removed)})

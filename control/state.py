@@ -3,8 +3,10 @@
 One state root per network namespace ("scope"): eBPF pins under bpffs, and a
 small JSON record (what was loaded, when, where it is attached) under /run.
 Both live as long as the kernel does, which is as long as the enforcement they
-describe. The lock file is never deleted, so two commands can never hold
-different locks for the same scope.
+describe. A scope's lock file lives as long as its state: the command that
+leaves the scope empty deletes it while holding it, and a command that then
+wins the lock on the deleted file sees that and takes the new one, so two
+commands can never hold different locks for the same scope.
 """
 
 from __future__ import annotations
@@ -177,10 +179,16 @@ class Scope:
     def clear_switch(self) -> None:
         self._remove(self.switch_path)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing of ours is left here: no record, failure record, slot files or pins."""
+        return not self.run_dir.exists() and not self.pin_dir.exists()
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the scope's lock for the duration. A concurrent command is waited for,
-        at most LOCK_WAIT seconds; the holder's pid is in the lock file. Re-entrant
+        at most LOCK_WAIT seconds; the holder's pid is in the lock file. Leaving the
+        scope empty deletes the lock file, still holding it (see _lock). Re-entrant
         within a thread: a backend switch holds it across both backends' calls."""
         held: set[str] = vars(_locks_held).setdefault("scopes", set())
         if self.name in held:
@@ -195,33 +203,59 @@ class Scope:
 
     @contextmanager
     def _flocked(self) -> Iterator[None]:
-        private_dir(RUN_DIR)
-        # CLOEXEC: a tool we run (iptables, tc) must not hold the lock after we die.
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
-        os.fchmod(fd, PRIVATE_FILE)
+        fd = self._lock()
         try:
-            wait = lock_wait()
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                        raise StateError(
-                            f"another isoebpf command (pid {holder}) has held {self.lock_path} "
-                            f"for over {wait:g} s; nothing was changed") from None
-                    time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self._sweep_temporaries()
             try:
                 yield
             finally:
+                if self.empty:
+                    self.lock_path.unlink(missing_ok=True)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _lock(self) -> int:
+        """An fd of the lock file, flocked. A command waiting on the file its holder
+        then deleted wins a lock nobody else shares: it must start over on the file
+        now at the path, or two commands would hold "the" lock at once."""
+        private_dir(RUN_DIR)
+        wait = lock_wait()
+        deadline = time.monotonic() + wait
+        while True:
+            # CLOEXEC: a tool we run (iptables, tc) must not hold the lock after we die.
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+            try:
+                os.fchmod(fd, PRIVATE_FILE)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                            raise StateError(
+                                f"another isoebpf command (pid {holder}) has held {self.lock_path} "
+                                f"for over {wait:g} s; nothing was changed") from None
+                        time.sleep(0.02)
+                if _same_file(fd, self.lock_path):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open at `fd`."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def lock_wait() -> float:

@@ -38,13 +38,18 @@ class Host:
     udp_ports: tuple[int, ...] = (53,)
 
 
+def default_prefix() -> str:
+    """What this process's testbeds' namespaces are named after (`<prefix>-<host>`)."""
+    return f"iso{os.getpid() % 100000}"
+
+
 @dataclass
 class Testbed(Resource):
     __test__ = False  # not a pytest class, despite the name
 
     networks: Sequence[Network]
     hosts: list[Host]
-    prefix: str = field(default_factory=lambda: f"iso{os.getpid() % 100000}")
+    prefix: str = field(default_factory=default_prefix)
     _servers: list[subprocess.Popen[str]] = field(default_factory=list)
     _made: list[str] = field(default_factory=list)
 

@@ -10,6 +10,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/.venv"
 export PATH="$venv/bin:$PATH"
 say() { printf 'test-vm: %s\n' "$*"; }
+# A fresh machine's package lists may be empty or stale: read them before installing.
+apt_install() {
+  apt-get update -qq >/dev/null  # image_for prints its answer on stdout
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
 
 missing=()
 for p in qemu-system-x86 busybox-static; do
@@ -17,7 +22,7 @@ for p in qemu-system-x86 busybox-static; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 fi
 "$venv/bin/python" -c 'import virtme_ng' 2>/dev/null || "$venv/bin/python" -m pip install -q virtme-ng
 
@@ -30,7 +35,7 @@ image_for() {
     *)
       if ! dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; then
         say "installing $1" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+        apt_install "$1"
       fi
       local pkg=$1 image
       image=$(dpkg -L "$pkg" | grep '^/boot/vmlinuz-' || true)

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from isoebpf import policy
+from isoebpf import policy, state
 from isoebpf.backends import links
 from isoebpf.compiler import compile_policy
 from isoebpf.ir import IR
 from isoebpf.state import Scope
-from isoebpf.testbed import Testbed, it_hr
+from isoebpf.testbed import Testbed, default_prefix, it_hr
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,7 @@ def assert_clean(testbed: Testbed) -> None:
     # Only the record of a refused change may stay: status shows it until one succeeds.
     left = {p.name for p in scope.run_dir.iterdir()} if scope.run_dir.exists() else set()
     assert left <= {scope.failure_path.name}, f"state files left behind: {left}"
+    assert left or not scope.lock_path.exists(), "lock file left behind"
     with links.netlink(testbed.router) as sock:
         for link in links.links(sock):
             assert links.xdp_state(sock, link.index) == (0, None), link.name
@@ -243,6 +244,19 @@ class AgentProcess:
         self._done.set()
         self._reader.join()
         return code
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_state_outlives_its_namespace() -> Iterator[None]:
+    """After the tier, nothing is left under /run/isoebpf or in bpffs (record, pins,
+    lock file) for a namespace this run made and deleted."""
+    yield
+    left = []
+    for root in (state.RUN_DIR, state.BPFFS):
+        for path in root.glob(f"netns-{default_prefix()}-*"):
+            if Scope(path.name.removeprefix("netns-").removesuffix(".lock")).namespace_gone:
+                left.append(str(path))
+    assert not left, f"left behind for scopes that no longer exist: {left}"
 
 
 @pytest.fixture(scope="module")

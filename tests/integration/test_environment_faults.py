@@ -26,7 +26,7 @@ from isoebpf.backends import links
 from isoebpf.ir import IR
 from isoebpf.metrics import StatusCollector
 from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.testbed import Testbed, default_prefix
 from tests.integration.conftest import ROOT, assert_clean, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
 
@@ -171,19 +171,28 @@ def test_another_tc_filter_in_our_place_is_refused_unless_forced(
             isoebpf("unload", "--netns", testbed.router, check=False)
 
 
-def test_xtables_lock_held_by_someone_else(testbed: Testbed,
-                                           policies: dict[str, tuple[Path, IR]]) -> None:
+def test_xtables_lock_held_by_someone_else(testbed: Testbed, policies: dict[str, tuple[Path, IR]],
+                                           tmp_path: Path) -> None:
     """iptables-nft does not use the xtables lock (nf_tables transactions serialize in
     the kernel): a load proceeds while another process holds it. Held only inside a
-    private mount namespace, over a private file, so nobody else is disturbed."""
+    private mount namespace, whose /run is a tmpfs of its own, so nobody else is
+    disturbed and the host's /run/xtables.lock (absent until iptables first runs) is
+    neither needed nor touched."""
     args = " ".join(load_args(policies["A"][0], testbed, "iptables"))
+    (tmp_path / "host-run").mkdir()
+    host = shlex.quote(str(tmp_path / "host-run"))
     script = textwrap.dedent(f"""\
-        lock=$(mktemp); mount --bind "$lock" /run/xtables.lock || exit 10
+        set -u
+        mount --rbind /run {host} && mount -t tmpfs -o mode=0755 run /run || exit 10
+        # What the CLI and `ip netns exec` use under /run: the host's own.
+        mkdir -p -m 0700 {host}/isoebpf; mkdir /run/isoebpf /run/netns
+        mount --bind {host}/isoebpf /run/isoebpf && mount --rbind {host}/netns /run/netns || exit 10
+        touch /run/xtables.lock
         flock --no-fork -x /run/xtables.lock sleep 60 </dev/null >/dev/null 2>&1 & holder=$!
         sleep 0.3; flock -n /run/xtables.lock true; echo "lock free $?"
         timeout 60 {CLI} {args}; echo "load exit $?"
         {CLI} unload --netns {testbed.router} >/dev/null; echo "unload exit $?"
-        kill $holder; rm -f "$lock"
+        kill $holder
         """)
     try:
         done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
@@ -326,7 +335,7 @@ def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, 
                                                 name: str) -> None:
     """`ip netns del` takes the interfaces and rules with it but not our pins and
     records: unload still removes those, and says why there was nothing to detach."""
-    netns = f"isogone{os.getpid() % 100000}"
+    netns = f"{default_prefix()}-gone"
     scope = Scope(netns)
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:  # whatever fails, nothing stays: no pins under /sys/fs/bpf/isoebpf, no record under /run
@@ -349,6 +358,7 @@ def test_unload_after_the_namespace_was_deleted(policies: dict[str, tuple[Path, 
         assert not scope.pin_dir.exists()
         assert scope.read() is None
         assert not scope.run_dir.exists()
+        assert not scope.lock_path.exists()
         again = isoebpf("unload", "--netns", netns, check=False)
         assert again.returncode == 1 and f"no network namespace {netns}" in again.stderr, again
     finally:

@@ -18,11 +18,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from packaging.requirements import Requirement
 
 from isoebpf import policy, state
 from isoebpf.backends import bpfsys
@@ -236,19 +239,60 @@ def test_forged_icmp_errors_open_nothing_in_real_traffic(testbed: Testbed, ebpf_
     assert_forged_errors_open_nothing(testbed)
 
 
-def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process of its own, as uid/gid 65534 with no groups and no capabilities."""
-    return subprocess.run([sys.executable, "-m", "isoebpf.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, user=65534, group=65534, extra_groups=[], check=False)
+def venv_dependencies() -> Iterator[metadata.Distribution]:
+    """The distributions isoebpf needs at run time, direct or not, that live in our venv
+    (the rest are Debian's, readable by everyone)."""
+    seen, todo = set(), ["isoebpf"]
+    while todo:
+        for text in metadata.distribution(todo.pop()).requires or []:
+            needed = Requirement(text)
+            if (needed.marker is None or needed.marker.evaluate({"extra": ""})) and needed.name not in seen:
+                seen.add(needed.name)
+                todo.append(needed.name)
+    for name in seen:
+        dist = metadata.distribution(name)
+        if Path(str(dist.locate_file(""))).resolve().is_relative_to(Path(sys.prefix).resolve()):
+            yield dist
 
 
-def test_only_root_changes_state(testbed: Testbed, ebpf_running: Scope) -> None:
+@pytest.fixture(scope="module")
+def readable_cli() -> Iterator[Path]:
+    """The CLI, its venv dependencies and the seed policy, copied where uid 65534 can read
+    them: the clone may sit under a directory only root may enter (`mktemp -d`, /root)."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))  # /tmp: every user may pass through it
+    try:
+        shutil.copytree(ROOT / "control", folder / "isoebpf")
+        for dist in venv_dependencies():
+            for file in dist.files or []:
+                if ".." not in file.parts:  # its scripts, in the venv's bin/
+                    (folder / file).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(Path(str(dist.locate_file(file))), folder / file)
+        shutil.copyfile(SEED, folder / SEED.name)
+        # Whatever the clone's modes and the umask.
+        for parent, _, files in os.walk(folder):
+            os.chmod(parent, 0o755)
+            for name in files:
+                os.chmod(os.path.join(parent, name), 0o644)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def as_nobody(cli: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI (a readable copy of it) in a process of its own, as uid/gid 65534 with no
+    groups and no capabilities, run by the venv's interpreter outside the venv."""
+    return subprocess.run([str(Path(sys.executable).resolve()), "-m", "isoebpf.cli", *args],
+                          capture_output=True, text=True, cwd=cli, env={**os.environ, "PYTHONPATH": str(cli)},
+                          user=65534, group=65534, extra_groups=[], check=False)
+
+
+def test_only_root_changes_state(testbed: Testbed, ebpf_running: Scope, readable_cli: Path) -> None:
     before = ebpf_state(ebpf_running)
-    for args in (["load", str(SEED)], ["unload"]):
-        done = as_nobody(*args, "--netns", testbed.router)
+    for args in (["load", str(readable_cli / SEED.name)], ["unload"]):
+        done = as_nobody(readable_cli, *args, "--netns", testbed.router)
         assert done.returncode == 1, done
         assert f"'{args[0]}' changes this host's packet filtering, and uid 65534 may not" in done.stderr
-    seen = as_nobody("status", "--netns", testbed.router, "--json")
+    seen = as_nobody(readable_cli, "status", "--netns", testbed.router, "--json")
     assert seen.returncode == 1 and "isoebpf's state is root's alone; run as root" in seen.stderr, seen
     assert "digest" not in seen.stdout
     assert ebpf_state(ebpf_running) == before
