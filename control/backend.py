@@ -147,9 +147,8 @@ def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str]
     if on_failure not in FAILURE_MODES:
         raise IsoebpfError(f"on-failure '{on_failure}': choose {' or '.join(FAILURE_MODES)}")
     notes: list[str] = []
-    # fail() too, under the lock: its record is the scope's state like any other.
-    with scope.locked():
-        try:
+    try:
+        with scope.locked():
             notes += finish_switch(scope)
             previous = switch_from(scope, chosen)
             if previous:
@@ -168,8 +167,9 @@ def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str]
                 chosen = "iptables"
                 report = module(chosen).load(ir, scope, globs, mode, policy_path, force=force,
                                              on_failure=on_failure)
-        except IsoebpfError as err:
-            raise fail(scope, ir, on_failure, err) from err
+    except IsoebpfError as err:
+        # Also when the lock could not be had: status shows that this change failed.
+        raise fail(scope, ir, on_failure, err) from err
     return chosen, report, notes
 
 
