@@ -122,12 +122,13 @@ def compile_early(requested: str, scope: Scope) -> Any | None:
     if requested not in ("auto", "ebpf"):
         return None
     try:
-        if requested == "auto" and loaded(scope) == "iptables":
-            return None  # auto keeps iptables
+        record = scope.read()
         ebpf = module("ebpf")
     except (ImportError, IsoebpfError):
         return None  # choose() or the load says why
-    return ebpf.compile_early(scope)
+    if requested == "auto" and record is not None and record.get("backend") == "iptables":
+        return None  # auto keeps iptables
+    return ebpf.compile_early(scope, record)
 
 
 def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,
@@ -265,8 +266,7 @@ def fail(scope: Scope, ir: IR, on_failure: str, err: IsoebpfError) -> IsoebpfErr
 
 
 def loaded(scope: Scope) -> str | None:
-    record = scope.read()
-    return str(record["backend"]) if record else None
+    return scope.backend()
 
 
 def status(scope: Scope) -> dict[str, Any] | None:

@@ -70,21 +70,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _json_wanted(ctx: click.Context) -> bool:
-    """--json was given (parsed), or is among the options of a command that failed to parse them."""
-    return bool((ctx.obj or {}).get("json") or ctx.meta.get(_JSON_ASKED))
-
-
-def _json_given(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:
-        ctx.ensure_object(dict)["json"] = True
-    return value
+    """--json is among the command's options (seen before they were parsed, so an
+    error in parsing them is answered in JSON too)."""
+    return bool(ctx.meta.get(_JSON_ASKED))
 
 
 def json_option(help: str = "Print the result as one line of JSON; an error as "
                             '{"ok": false, "error": ...}.') -> Callable[[_F], _F]:
-    """--json; eager, so that an error in the options after it is answered in JSON too."""
-    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_json_given,
-                        help=help)
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def _emit(document: dict[str, Any]) -> None:

@@ -37,6 +37,10 @@ NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps named namespaces
 # State is root's alone: directories 0700, pins, records and locks 0600.
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+# The backend each state record names, by the identity of the record file it was
+# read from (every write renames a new file into place): `backend.loaded` asks
+# several times a command, and a 100k-rule record takes about 70 ms to parse.
+_backends_seen: dict[Path, tuple[tuple[int, int, int], str]] = {}
 # The scopes whose lock this thread holds (Scope.locked), per thread: the agent's
 # threads must still exclude each other.
 _locks_held = threading.local()
@@ -65,7 +69,7 @@ class Scope:
     @property
     def holds_state(self) -> bool:
         """Anything of ours is left for this scope: pins, the record, a failure
-        record, slot files (the lock file, never deleted, does not count)."""
+        record, slot files (the lock file does not count: it goes with the last)."""
         if self.pin_dir.exists():
             return True
         try:
@@ -112,7 +116,9 @@ class Scope:
     def read(self) -> dict[str, Any] | None:
         """The record of what is loaded here, or None."""
         try:
-            record: dict[str, Any] = json.loads(self.record_path.read_text())
+            with self.record_path.open("rb") as saved:
+                identity = _identity(os.fstat(saved.fileno()))
+                record: dict[str, Any] = json.loads(saved.read())
         except FileNotFoundError:
             return None
         except PermissionError as err:
@@ -121,7 +127,24 @@ class Scope:
         except (OSError, ValueError) as err:
             raise StateError(f"{self.record_path} is unreadable ({err}); "
                              "'isoebpf unload' removes it and whatever it described") from err
+        if "backend" in record:
+            _backends_seen[self.record_path] = (identity, str(record["backend"]))
         return record
+
+    def backend(self) -> str | None:
+        """The backend the record names (None: no record), parsed again only when
+        the record changed since this process last read it."""
+        try:
+            identity = _identity(os.stat(self.record_path))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            identity = None  # read() says why
+        seen = _backends_seen.get(self.record_path)
+        if seen is not None and seen[0] == identity:
+            return seen[1]
+        record = self.read()
+        return str(record["backend"]) if record else None
 
     def write(self, record: dict[str, Any]) -> None:
         """Replace the record atomically: readers see the old one or the new one.
@@ -153,11 +176,7 @@ class Scope:
 
     def read_failure(self) -> dict[str, Any] | None:
         """The last change that could not be applied, while no later one succeeded."""
-        try:
-            failure: dict[str, Any] = json.loads(self.failure_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return failure
+        return _read_small(self.failure_path)
 
     def write_failure(self, failure: dict[str, Any]) -> None:
         self._write_json(self.failure_path, failure)
@@ -165,24 +184,15 @@ class Scope:
     def clear_failure(self) -> None:
         self._remove(self.failure_path)
 
-    def read_switch(self) -> dict[str, str] | None:
+    def read_switch(self) -> dict[str, Any] | None:
         """The backend switch a killed command left unfinished: {"from": ..., "to": ...}."""
-        try:
-            switch: dict[str, str] = json.loads(self.switch_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return switch
+        return _read_small(self.switch_path)
 
     def write_switch(self, old: str, new: str) -> None:
         self._write_json(self.switch_path, {"from": old, "to": new})
 
     def clear_switch(self) -> None:
         self._remove(self.switch_path)
-
-    @property
-    def empty(self) -> bool:
-        """Nothing of ours is left here: no record, failure record, slot files or pins."""
-        return not self.run_dir.exists() and not self.pin_dir.exists()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -211,7 +221,7 @@ class Scope:
             try:
                 yield
             finally:
-                if self.empty:
+                if not self.holds_state:
                     self.lock_path.unlink(missing_ok=True)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
@@ -229,23 +239,40 @@ class Scope:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
             try:
                 os.fchmod(fd, PRIVATE_FILE)
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                            raise StateError(
-                                f"another isoebpf command (pid {holder}) has held {self.lock_path} "
-                                f"for over {wait:g} s; nothing was changed") from None
-                        time.sleep(0.02)
-                if _same_file(fd, self.lock_path):
-                    return fd
+                self._flock_by(fd, deadline, wait)
             except BaseException:
                 os.close(fd)
                 raise
+            if _same_file(fd, self.lock_path):
+                return fd
             os.close(fd)
+
+    def _flock_by(self, fd: int, deadline: float, wait: float) -> None:
+        """flock `fd`, polling until `deadline`; then fail naming the holder."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise StateError(
+                        f"another isoebpf command (pid {holder}) has held {self.lock_path} "
+                        f"for over {wait:g} s; nothing was changed") from None
+                time.sleep(0.02)
+
+
+def _identity(found: os.stat_result) -> tuple[int, int, int]:
+    return found.st_ino, found.st_mtime_ns, found.st_size
+
+
+def _read_small(path: Path) -> dict[str, Any] | None:
+    """A small JSON record of ours, or None where it is absent or unreadable."""
+    try:
+        found: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -99,13 +100,9 @@ class EarlyCompile:
         return self._future.exception() is None
 
 
-def compile_early(scope: Scope) -> EarlyCompile | None:
+def compile_early(scope: Scope, record: dict[str, Any] | None) -> EarlyCompile | None:
     """Start compiling now when the scope's next load is a first load (no reusable
-    program pinned); None when it is an update, which never compiles."""
-    try:
-        record = scope.read()
-    except IsoebpfError:
-        return None  # the load itself reports it
+    program pinned beside its `record`); None when it is an update, which never compiles."""
     if record is not None and _reusable(record, scope):
         return None
     return EarlyCompile()
@@ -185,10 +182,11 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         for fd, name in pins:
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
             make_private(scope.pin_dir / name)
-        generation = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True))
+        generation, no_room = program.first_generation(compiled.map_fds, ir,
+                                                       _slot_files(scope, make=True))
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, []).now
         _save(scope, ir, generation, attachments, said, compiled.compile_seconds, carried={})
-        warnings = _next_update_warnings(compiled.map_fds, ir)
+        warnings = _next_update_warnings(no_room)
     except BaseException:
         _detach_all(scope, attachments)
         _unpin(scope)
@@ -233,7 +231,8 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
             _detach_all(scope, attached.added)
             raise
         detached = _retire(scope, attached.retired)
-        warnings = _next_update_warnings(maps, ir, tables) if changed else ()
+        warnings = _next_update_warnings(program.room_for_next(maps, ir, tables)) \
+            if changed else ()
     finally:
         for fd in (*maps.values(), *progs.values()):
             os.close(fd)
@@ -254,11 +253,9 @@ def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[st
     return tuple(f"{a.ifname} ({a.mode}): {why}" for a, why in retired)
 
 
-def _next_update_warnings(maps: program.Maps, ir: IR,
-                          tables: program.Tables | None = None) -> tuple[str, ...]:
-    """What would refuse the next update: it writes its policy beside this one."""
-    return tuple(f"the next update would not fit: {problem}"
-                 for problem in program.room_for_next(maps, ir, tables))
+def _next_update_warnings(no_room: Sequence[str]) -> tuple[str, ...]:
+    """What would refuse the next update (it writes its policy beside this one)."""
+    return tuple(f"the next update would not fit: {problem}" for problem in no_room)
 
 
 def _open_maps(scope: Scope) -> dict[str, int]:
@@ -350,17 +347,18 @@ def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mo
                     if link.index not in {found.index for found in links.links(sock)}:
                         continue  # deleted while we attached: nothing left to enforce on
                     raise
-                before = stale.pop(link.index, None)
-                same_hook = before is not None and _hook(before.mode) == _hook(chosen)
-                if before is not None and not same_hook:
-                    retired.append((before, f"now {chosen}"))
-                # The same hook: the attach replaced ours in place, and the clsact
-                # qdisc we once added is still ours to remove.
-                ours_before = same_hook and before is not None and before.added_clsact
-                attachment = Attachment(link.name, link.index, chosen, why,
-                                        added_clsact or ours_before,
+                attachment = Attachment(link.name, link.index, chosen, why, added_clsact,
                                         our_xdp if chosen != "tc" else 0)
-                (replaced if same_hook else added).append(attachment)
+                before = stale.pop(link.index, None)
+                if before is not None and _hook(before.mode) == _hook(chosen):
+                    # The attach replaced ours in place, and the clsact qdisc we once
+                    # added is still ours to remove.
+                    replaced.append(dataclasses.replace(
+                        attachment, added_clsact=added_clsact or before.added_clsact))
+                    continue
+                if before is not None:
+                    retired.append((before, f"now {chosen}"))
+                added.append(attachment)
         except BaseException:
             _detach(sock, added)
             raise

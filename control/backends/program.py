@@ -369,8 +369,9 @@ def _maps_identity(maps: Maps) -> list[int]:
     return [bpfsys.map_info(maps[name]).id for name in _POLICY_MAPS]
 
 
-def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> int:
-    """Write `ir` into freshly created maps as generation 1 and make it active.
+def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> tuple[int, list[str]]:
+    """Write `ir` into freshly created maps as generation 1 and make it active;
+    returns 1 and why an update to a policy of its size would not fit (room_for_next).
 
     The other slot gets the same policy where both fit, so that the first update
     is a difference too."""
@@ -380,11 +381,12 @@ def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> int:
     activate(maps, ir, 1)
     slots.remember(maps, 1, tables)
     copy: Tables = {}
-    if not room_for_next(maps, ir, tables):
+    no_room = room_for_next(maps, ir, tables)
+    if not no_room:
         _write_tables(maps, 0, tables, {})
         copy = tables
     slots.remember(maps, 0, copy)
-    return 1
+    return 1, no_room
 
 
 def room_for_next(maps: Maps, ir: IR, tables: Tables | None = None) -> list[str]:
