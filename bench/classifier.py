@@ -25,9 +25,8 @@ from typing import Any
 from bench import policies
 from bench.programs import references
 from bench.stats import interleaved, ratio, summary
-from isoebpf import policy
-from isoebpf.backends import bpfsys, program
-from isoebpf.compiler import compile_policy
+from isoebpf import pipeline
+from isoebpf.backends.ebpf import bpfsys, program
 from tests.bpf.cases import CASES
 from tests.bpf.harness import PROGRAMS, Datapath
 
@@ -80,7 +79,7 @@ def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[
         datapath = Datapath(compiled)
         for rules in sizes:
             started = time.monotonic()
-            ir = compile_policy(policy.loads(policies.scaled_policy(rules)))
+            ir = pipeline.loads(policies.scaled_policy(rules)).ir
             datapath.load(ir)
             say(f"B1 {rules} rules loaded in {time.monotonic() - started:.1f}s")
             subjects = [(prog, path) for prog in PROGRAMS for path in PATHS]

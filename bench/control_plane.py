@@ -1,19 +1,17 @@
 """B6: the control plane. How long loading N rules takes, phase by phase, how
 long a one-rule change takes, and how much kernel memory the maps hold.
 
-Phases of a first load, timed apart: parse (YAML to the validated model, and
-its lints), IR compile (model to the tables; `policy.loads` compiles the IR
-for its lints and keeps it, so the bench compiles the model once more, timed,
-and takes that time out of the parse), program compile (bcc: C to loaded programs and created maps; sized for N),
-map fill (the tables written as generation 1 into both slots, and made
-active). A one-rule change is the update path a second `load` takes: the
-policy is parsed and compiled again (end to end), then written as generation
-2 as the difference from what its slot holds, and activated (apply): the
-program is not recompiled. The load total adds the phases up, whereas
-`isoebpf load` runs the program compile beside the parse (see cli.load). Map
-memory is the kernel's own account (`memlock` in /proc/self/fdinfo of each
-map), after the fill. The phases run with Python's collector paused, as in
-`isoebpf load`.
+Phases of a first load, timed apart: parse (YAML to the validated model), IR
+compile (model to the tables, and the lints that need them), program compile
+(bcc: C to loaded programs and created maps; sized for N), map fill (the
+tables written as generation 1 into both slots, and made active). A one-rule
+change is the update path a second `load` takes: the policy is parsed and
+compiled again (end to end), then written as generation 2 as the difference
+from what its slot holds, and activated (apply): the program is not
+recompiled. The load total adds the phases up, whereas `isoebpf load` runs the
+program compile beside the parse (see cli.load). Map memory is the kernel's
+own account (`memlock` in /proc/self/fdinfo of each map), after the fill. The
+phases run with Python's collector paused, as in `isoebpf load`.
 
 End to end, as a user sees it: the wall-clock time of `isoebpf load` (a process
 of its own: start-up, parse, the compile beside it, attach, fill) enforcing the
@@ -28,16 +26,19 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench import policies, topology
 from bench.stats import summary
 from bench.topology import PYTHON
-from isoebpf import policy
-from isoebpf.backends import program
-from isoebpf.compiler import compile_policy
+from isoebpf import pipeline
+from isoebpf.backends.ebpf import program
+from isoebpf.ir.compiler import compile_policy
+from isoebpf.ir.lint import lint
+from isoebpf.ir.tables import IR
+from isoebpf.policy import parse
+from isoebpf.policy.model import Policy
 
 
 def map_memory(maps: program.Maps) -> dict[str, int]:
@@ -58,15 +59,20 @@ def _timed(work: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _one(rules: int) -> dict[str, Any]:
-    with policy.collector_paused():
+    with pipeline.collector_paused():
         return {**_phases(rules), **_cli(rules)}
+
+
+def _compiled_and_linted(model: Policy) -> IR:
+    ir = compile_policy(model)
+    lint(model, ir)
+    return ir
 
 
 def _phases(rules: int) -> dict[str, Any]:
     text = policies.scaled_policy(rules)
-    model, loads_s = _timed(lambda: policy.loads(text))
-    ir, ir_s = _timed(lambda: compile_policy(replace(model, compiled=None)))
-    parse_s = loads_s - ir_s
+    model, parse_s = _timed(lambda: parse.loads(text))
+    ir, ir_s = _timed(lambda: _compiled_and_linted(model))
     compiled, program_s = _timed(lambda: program.compile_program(policies.map_sizes(rules)))
     try:
         maps = compiled.map_fds
@@ -75,7 +81,7 @@ def _phases(rules: int) -> dict[str, Any]:
             _, fill_s = _timed(lambda: program.first_generation(maps, ir, slots))
             memory = map_memory(maps)
             changed = policies.changed_policy(rules)
-            new_ir, change_compile_s = _timed(lambda: compile_policy(policy.loads(changed)))
+            new_ir, change_compile_s = _timed(lambda: pipeline.loads(changed).ir)
             if new_ir.digest == ir.digest:
                 raise RuntimeError("B6: the one-rule change changed nothing")
             _, apply_s = _timed(lambda: program.next_generation(maps, new_ir, slots))

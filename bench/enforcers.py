@@ -35,10 +35,11 @@ from pathlib import Path
 from bench import policies
 from bench.rulesets import ipset_rules, nft_ruleset
 from bench.topology import ROUTER_IFACES, Topology
-from isoebpf import backend
-from isoebpf.backends import bpfsys, ebpf
-from isoebpf.ir import IR, with_digest
-from isoebpf.state import Scope
+from isoebpf.backends import registry
+from isoebpf.backends.ebpf import backend as ebpf
+from isoebpf.backends.ebpf import bpfsys
+from isoebpf.backends.state import Scope
+from isoebpf.ir.tables import IR, with_digest
 
 ALL = ("none", "xdp-drop", "ebpf-xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
 SCALING = ("ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
@@ -97,7 +98,7 @@ def _isoebpf(kind: str, mode: str, deny_action: str = "reject") -> Setup:
             saved = {k: os.environ.get(k) for k in sizes}
             os.environ.update({k: str(v) for k, v in sizes.items()})
             try:
-                backend.module(kind).load(ir, scope, list(ROUTER_IFACES), mode, str(policy_file))
+                registry.get(kind).load(ir, scope, list(ROUTER_IFACES), mode, str(policy_file))
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -106,7 +107,7 @@ def _isoebpf(kind: str, mode: str, deny_action: str = "reject") -> Setup:
                         os.environ[k] = v
 
         def down() -> None:
-            backend.module(kind).unload(scope)
+            registry.get(kind).unload(scope)
             policy_file.unlink(missing_ok=True)
         return up, down
     return setup

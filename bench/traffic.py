@@ -51,9 +51,8 @@ from bench.topology import (
     Topology,
     cpu_times,
 )
-from isoebpf import policy
-from isoebpf.backends import bpfsys
-from isoebpf.compiler import compile_policy
+from isoebpf import pipeline
+from isoebpf.backends.ebpf import bpfsys
 
 FLOW_SPORT = 40000
 
@@ -183,7 +182,7 @@ def run_all(rules_sizes: list[int], rounds: int, window: float,
             runner = Runner(topo, window, Path(tempfile.mkdtemp(prefix="isobench-")), refs.xdp_drop)
             runner.tcp()  # not kept: the first TCP run on a new topology came out 10-20 % low
             for rules in rules_sizes:
-                ir = compile_policy(policy.loads(policies.scaled_policy(rules)))
+                ir = pipeline.loads(policies.scaled_policy(rules)).ir
                 subjects = list(enforcers.ALL if rules == min(rules_sizes) else enforcers.SCALING)
                 for rnd, name in interleaved(rounds, subjects):
                     with enforcers.enforcing(name, topo, rules, ir, refs.xdp_drop) as setup_s:

@@ -1,4 +1,6 @@
-"""The command line: a thin click layer, the only module that imports click."""
+"""The command line: a thin click layer over the pipeline, the backends' enforcer and the
+service stage; the only module that imports click.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +16,11 @@ from typing import Any, TextIO, TypeVar
 import click
 import netaddr
 
-from . import backend
-from . import policy as policy_mod
-from .compiler import compile_policy
+from . import pipeline
+from .backends import enforcer, registry
+from .backends.state import Scope, require_privilege
 from .errors import Diagnostic, IsoebpfError, PolicyError, StateError
-from .explain import PortNeededError, Question, explain
-from .ir import IR
-from .state import Scope, require_privilege
+from .ir.explain import PortNeededError, Question, explain
 
 
 class _Group(click.Group):
@@ -111,7 +111,7 @@ force_option = click.option(
     help="Override safety refusals: a policy file others can write, another tool's XDP program "
          "or TC filter (replaced).")
 on_failure_option = click.option(
-    "--on-failure", type=click.Choice(backend.FAILURE_MODES), default="closed", show_default=True,
+    "--on-failure", type=click.Choice(enforcer.FAILURE_MODES), default="closed", show_default=True,
     help="When a change cannot be applied: closed keeps the policy in force; open removes all "
          "enforcement.")
 
@@ -131,20 +131,15 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _trusted(path: str, force: bool) -> None:
-    """Refuse a policy file others could write (load, agent), unless --force."""
-    problem = policy_mod.untrusted(path)
-    if problem and not force:
-        raise IsoebpfError(policy_mod.refusal(path, problem))
-    if problem:
-        click.echo(f"warning: {problem}; used anyway (--force)", err=True)
-
-
-def _load(path: str) -> tuple[policy_mod.Policy, IR]:
-    policy = policy_mod.load(path)
-    for warning in policy.warnings:
+def _read(path: str, check_trust: bool = False, force: bool = False) -> pipeline.Compiled:
+    """The policy file through the pipeline, its warnings said on stderr. `check_trust`
+    (load, agent): a file others could write is refused unless --force."""
+    compiled = pipeline.read(path, check_trust=check_trust, force=force)
+    if compiled.untrusted:
+        click.echo(f"warning: {compiled.untrusted}; used anyway (--force)", err=True)
+    for warning in compiled.warnings:
         click.echo(str(warning), err=True)
-    return policy, compile_policy(policy)
+    return compiled
 
 
 @main.command()
@@ -152,13 +147,14 @@ def _load(path: str) -> tuple[policy_mod.Policy, IR]:
 @json_option()
 def validate(policy_file: str, as_json: bool) -> None:
     """Check POLICY; print a one-line summary or every error."""
-    policy, ir = _load(policy_file)
+    compiled = _read(policy_file)
+    policy, ir = compiled.policy, compiled.ir
     if as_json:
         _emit({"ok": True, "file": policy_file, "overlays": len(policy.overlays),
                "exceptions": len(policy.exceptions), "rules": len(policy.rules),
                "default": policy.default, "deny_action": policy.deny_action,
                "address_classes": len(ir.classes), "allow_entries": len(ir.allowed),
-               "digest": ir.digest, "warnings": _diagnostics(policy.warnings)})
+               "digest": ir.digest, "warnings": _diagnostics(compiled.warnings)})
         return
     rule_word = "rule" if len(policy.rules) == 1 else "rules"
     default = "allow" if policy.default == "allow" else f"deny ({policy.deny_action})"
@@ -190,10 +186,10 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
     """The verdict for the first packet of a new connection, and the rule that decides it."""
     if proto == "icmp" and dport is not None:
         raise click.UsageError("--dport goes with --proto tcp or udp")
-    policy, ir = _load(policy_file)
-    answer = explain(ir, Question(src, dst, proto, dport))
+    compiled = _read(policy_file)
+    answer = explain(compiled.ir, Question(src, dst, proto, dport))
     if as_json:
-        _emit({"ok": True, **answer, "warnings": _diagnostics(policy.warnings)})
+        _emit({"ok": True, **answer, "warnings": _diagnostics(compiled.warnings)})
         return
     what = proto if dport is None else f"{proto}/{dport}"
     src_where = answer["src_overlay"] or "no overlay"
@@ -205,7 +201,7 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
 
 @main.command()
 @click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
-@click.option("--backend", "backend_name", type=click.Choice(["auto", *backend.BACKENDS]),
+@click.option("--backend", "backend_name", type=click.Choice(["auto", *registry.BACKENDS]),
               default="auto", show_default=True)
 @click.option("--mode", type=click.Choice(["auto", "xdp", "tc"]), default="auto", show_default=True,
               help="eBPF attach mode; auto chooses per interface and says why.")
@@ -225,13 +221,12 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     """Start enforcing POLICY, or atomically replace the policy enforced."""
     if not dry_run:
         require_privilege("load")
-    _trusted(policy_file, force)
     scope = Scope(netns)
     _require_namespace(scope)
     # A first eBPF load compiles the program (seconds): on another core, meanwhile.
-    compiling = None if dry_run else backend.compile_early(backend_name, scope)
+    compiling = None if dry_run else enforcer.compile_early(backend_name, scope)
     try:
-        with policy_mod.collector_paused():
+        with pipeline.collector_paused():
             result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
                               on_failure, chain, compiling, as_json)
     finally:
@@ -249,20 +244,21 @@ def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, 
     """Load (or, dry run, only choose): the result, for _say_enforced or as JSON. The
     backend and why are said at once (on stderr under --json), before the seconds a
     load may take."""
-    policy, ir = _load(policy_file)
+    compiled = _read(policy_file, check_trust=True, force=force)
+    ir = compiled.ir
     globs = list(ifaces) or list(ir.interfaces or ())
-    chosen, why = backend.choose(backend_name, scope, compiling)
+    chosen, why = enforcer.choose(backend_name, scope, compiling)
     click.echo(f"backend {chosen}: {why}", err=as_json)
     if chain and chosen != "iptables":
         raise click.UsageError(f"--chain names the iptables backend's chain, not {chosen}'s")
     result: dict[str, Any] = {"policy": policy_file, "digest": ir.digest, "netns": scope.netns,
                               "interfaces": globs, "dry_run": dry_run, "why": why,
-                              "warnings": _diagnostics(policy.warnings)}
+                              "warnings": _diagnostics(compiled.warnings)}
     if dry_run:
-        return {**result, "backend": chosen, "switch_from": backend.switch_from(scope, chosen)}
+        return {**result, "backend": chosen, "switch_from": enforcer.switch_from(scope, chosen)}
     extra = {"chain": chain} if chain else {}
-    chosen, report, notes = backend.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
-                                        force=force, on_failure=on_failure, compiling=compiling,
+    chosen, report, notes = enforcer.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
+                                         force=force, on_failure=on_failure, compiling=compiling,
                                         **extra)
     # Every field of the report, whatever it holds: attachments become objects, and
     # what the user should act on joins the policy's warnings.
@@ -313,11 +309,13 @@ def _say_enforced(result: dict[str, Any]) -> None:
               help="auto: the layout this kernel's ipset types allow (asks the kernel, as root).")
 def render(policy_file: str, backend_name: str, chain: str, layout_kind: str) -> None:
     """Print the ipset and iptables-restore input that loading POLICY would apply."""
-    from . import iptables_layout
+    from .backends.iptables import layout as iptables_layout
 
-    _, ir = _load(policy_file)
+    ir = _read(policy_file).ir
     if layout_kind == "auto":
-        found, hidden = backend.module(backend_name).set_types()
+        from .backends.iptables import backend as iptables
+
+        found, hidden = iptables.set_types()
     else:
         found, hidden = (iptables_layout.SET_TYPES if layout_kind == "full"
                          else (iptables_layout.NET,)), ()
@@ -346,7 +344,7 @@ def import_cmd(v4_file: TextIO | None, v6_file: TextIO | None, set_file: TextIO)
     Warnings (stderr) say where the layout does something else today: rules
     after a terminal REJECT, an empty or incomplete overlays set, malformed entries.
     """
-    from .importer import import_layout
+    from .backends.iptables.importer import import_layout
 
     rule_files = [(f.name, version, f.read()) for f, version in ((v4_file, 4), (v6_file, 6)) if f]
     if not rule_files:
@@ -374,7 +372,7 @@ def status(ctx: click.Context, netns: str | None, as_json: bool) -> None:
     """
     scope = Scope(netns)
     _require_namespace(scope)
-    record = backend.status(scope)
+    record = enforcer.status(scope)
     problems = _problems(record)
     if as_json:
         shown = record if record is not None else {"backend": None, "netns": netns}
@@ -445,7 +443,7 @@ def unload(netns: str | None, as_json: bool) -> None:
     if gone:
         click.echo(f"namespace {netns} is gone, and its interfaces and rules with it: "
                    "removing isoebpf's own state of it", err=as_json)
-    removed = [what for name in backend.BACKENDS for what in backend.module(name).unload(scope)]
+    removed = [what for name in registry.BACKENDS for what in registry.get(name).unload(scope)]
     with scope.locked():  # so that the scope's lock goes with its last file
         scope.clear_failure()
         scope.clear_switch()  # both backends are gone: nothing is left to finish
@@ -460,7 +458,7 @@ def unload(netns: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
-@click.option("--backend", "backend_name", type=click.Choice(["auto", *backend.BACKENDS]),
+@click.option("--backend", "backend_name", type=click.Choice(["auto", *registry.BACKENDS]),
               default="auto", show_default=True)
 @click.option("--mode", type=click.Choice(["auto", "xdp", "tc"]), default="auto", show_default=True)
 @click.option("--iface", "ifaces", multiple=True, metavar="GLOB",
@@ -480,12 +478,14 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
     """
     import threading
 
-    from .agent import Agent
     from .backends import links
+    from .service.agent import Agent
 
     require_privilege("agent")
     _require_namespace(Scope(netns))
-    _trusted(policy_file, force)
+    forced = pipeline.check_trusted(policy_file, force)
+    if forced:
+        click.echo(f"warning: {forced}; used anyway (--force)", err=True)
     runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
                    on_failure=on_failure)
     stop = threading.Event()
@@ -499,16 +499,16 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
 def _serve_metrics(address: str, runner: Any) -> None:
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from .metrics import StatusCollector
+    from .service.metrics import StatusCollector
 
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise click.UsageError(f"--metrics takes HOST:PORT, not '{address}'")
-    registry = CollectorRegistry()
-    registry.register(StatusCollector(lambda: backend.status(runner.scope), runner.stats,
+    collectors = CollectorRegistry()
+    collectors.register(StatusCollector(lambda: enforcer.status(runner.scope), runner.stats,
                                       lambda: runner.default_action, runner.on_failure))
     try:
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=collectors)
     except OSError as err:
         raise IsoebpfError(f"cannot serve metrics on {address}: {err.strerror}") from err
 
@@ -535,7 +535,7 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
     """Show verdicts live: source, destination, protocol/port, action, rule, interface."""
     import time
 
-    from . import trace as trace_mod
+    from .service import trace as trace_mod
 
     scope = Scope(netns)
     _require_namespace(scope)
@@ -547,7 +547,7 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
     offset = trace_mod.clock_offset()
     deadline = time.monotonic() + timeout if timeout else None
     shown = 0
-    tracer = backend.module(str(record["backend"])).tracer(scope, rate)
+    tracer = registry.get(str(record["backend"])).tracer(scope, rate)
     with tracer:
         click.echo(f"tracing {record['backend']} verdicts in "
                    f"{('namespace ' + netns) if netns else 'this namespace'}", err=True)

@@ -1,4 +1,4 @@
-"""The one exception hierarchy. The CLI turns each into a message and an exit code."""
+"""The one exception hierarchy, below every stage. The CLI turns each into a message and an exit code."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ class PolicyError(IsoebpfError):
         self.diagnostics = diagnostics
         errors = [d for d in diagnostics if d.severity == "error"]
         super().__init__("\n".join(str(d) for d in errors))
+
+
+class UntrustedPolicyError(IsoebpfError):
+    """`load` or `agent` was given a policy file others could change, without --force."""
 
 
 class StateError(IsoebpfError):

@@ -1,5 +1,6 @@
-"""The shape of everything isoebpf opens for the length of a `with`: testbeds,
-tracers. Opening either completes or is undone, and leaving always closes."""
+"""Ground: the shape of everything isoebpf opens for the length of a `with`: testbeds,
+tracers. Opening either completes or is undone, and leaving always closes.
+"""
 
 from __future__ import annotations
 

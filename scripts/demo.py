@@ -13,10 +13,9 @@ import sys
 
 import netaddr
 
-from isoebpf import policy
-from isoebpf.compiler import compile_policy
-from isoebpf.explain import Question, explain
-from isoebpf.testbed import it_hr
+from isoebpf import pipeline
+from isoebpf.ir.explain import Question, explain
+from isoebpf.lab.testbed import it_hr
 
 TRIES = [
     ("HR app -> IT app, tcp/80", "hr1", "tcp", "it1", 80),
@@ -40,7 +39,7 @@ def isoebpf(*args: str) -> str:
 
 
 def main(path: str) -> int:
-    ir = compile_policy(policy.load(path))
+    ir = pipeline.read(path).ir
     with it_hr() as bed:
         print(isoebpf("load", path, "--netns", bed.router, "--iface", "v-*"), end="")
         try:

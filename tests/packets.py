@@ -17,9 +17,9 @@ from typing import Any
 
 import netaddr
 
-from isoebpf.abi import IPV6_MAX_EXT_HEADERS
-from isoebpf.evaluate import ICMP_ERRORS, IPPROTO_ICMPV6, Packet
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.backends.ebpf.abi import IPV6_MAX_EXT_HEADERS
+from isoebpf.ir.evaluate import ICMP_ERRORS, IPPROTO_ICMPV6, Packet
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD

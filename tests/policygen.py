@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import netaddr
 
-from isoebpf.evaluate import ICMP_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN, Packet
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from isoebpf.policy import Policy, PortSpec
+from isoebpf.ir.evaluate import ICMP_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN, Packet
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.policy.model import Policy, PortSpec
 
 OTHER_PROTO = 47  # GRE: an IP protocol that only `any` rules match
 

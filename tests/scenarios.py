@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import netaddr
 
-from isoebpf.evaluate import ICMP_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN, Packet, decide
-from isoebpf.ir import IR, PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from isoebpf.testbed import Testbed
+from isoebpf.ir.evaluate import ICMP_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN, Packet, decide
+from isoebpf.ir.tables import IR, PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.lab.testbed import Testbed
 
 # (client, protocol, target host, port): the IT/HR testbed's interesting pairs.
 IT_HR_TRIES = [

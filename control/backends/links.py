@@ -1,8 +1,10 @@
-"""Interfaces and attachments over netlink (pyroute2), in any named namespace.
+"""Backends stage, shared floor: interfaces and attachments over netlink (pyroute2), in any named namespace.
 
 The control plane stays in the root namespace (where bpffs and the pins are)
 and reaches a namespace's interfaces through a netlink socket opened inside
 it, because `ip netns exec` remounts /sys and hides /sys/fs/bpf.
+
+Used by the eBPF backend (attach) and the agent (new links); builds on `state` for namespace paths.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError, NetNS
 
 from ..errors import BackendError
-from ..state import NETNS_DIR
+from .state import NETNS_DIR
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 import netaddr
 
-from isoebpf.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.packets import (
     BROADCAST_MAC,
     CLIENT_MAC,

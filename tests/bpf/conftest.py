@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from isoebpf.backends import program
+from isoebpf.backends.ebpf import program
 from isoebpf.errors import IsoebpfError
 from tests.bpf.harness import Datapath
 from tests.conftest import require

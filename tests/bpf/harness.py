@@ -13,10 +13,9 @@ import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from isoebpf import abi
-from isoebpf.backends import bpfsys, program
-from isoebpf.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack
-from isoebpf.ir import IR, PROTO_ICMP, PROTO_TCP, RULE_MALFORMED, RULE_UNFILTERED
+from isoebpf.backends.ebpf import abi, bpfsys, program
+from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack
+from isoebpf.ir.tables import IR, PROTO_ICMP, PROTO_TCP, RULE_MALFORMED, RULE_UNFILTERED
 from tests.packets import Parsed, parse, parse_reply
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3

@@ -18,8 +18,8 @@ import random
 import struct
 from dataclasses import replace
 
-from isoebpf.evaluate import ICMP_ERRORS, IPPROTO_ICMPV6, TCP_ACK, TCP_SYN, Packet
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.ir.evaluate import ICMP_ERRORS, IPPROTO_ICMPV6, TCP_ACK, TCP_SYN, Packet
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.bpf.test_differential import Episode
 from tests.packets import (
     ETH_P_8021AD,

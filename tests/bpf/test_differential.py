@@ -25,9 +25,8 @@ from dataclasses import dataclass, field, replace
 import netaddr
 import pytest
 
-from isoebpf import policy
-from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import (
+from isoebpf import pipeline
+from isoebpf.ir.evaluate import (
     ICMP_ECHO_REPLY,
     ICMP_ERRORS,
     IPPROTO_ICMPV6,
@@ -39,7 +38,7 @@ from isoebpf.evaluate import (
     Conntrack,
     Packet,
 )
-from isoebpf.ir import IR, PROTO_ICMP, PROTO_TCP
+from isoebpf.ir.tables import IR, PROTO_ICMP, PROTO_TCP
 from tests.bpf.harness import PROGRAMS, Datapath, expected, reply_problems
 from tests.packets import (
     BROADCAST_MAC,
@@ -212,7 +211,7 @@ class Tally:
 
 def load_random(datapath: Datapath, rng: random.Random, lazy: bool = False) -> tuple[GeneratedPolicy, IR]:
     generated = random_policy(rng)
-    ir = compile_policy(policy.loads(generated.text, "generated.yaml"))
+    ir = pipeline.loads(generated.text, "generated.yaml").ir
     if rng.random() < 0.5:
         instant = rng.choice(["tcp_closing", "tcp_closing", "udp", "icmp", "tcp"])
         ir = replace(ir, timeouts={**ir.timeouts, instant: INSTANT})

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from isoebpf.backends import program
-from isoebpf.evaluate import TCP_ACK
+from isoebpf.backends.ebpf import program
+from isoebpf.ir.evaluate import TCP_ACK
 from tests.bpf.cases import (
     HR,
     HR6,

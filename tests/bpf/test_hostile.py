@@ -24,7 +24,7 @@ from collections import Counter
 
 import pytest
 
-from isoebpf.evaluate import Classifier, Conntrack
+from isoebpf.ir.evaluate import Classifier, Conntrack
 from tests.bpf.harness import PROGRAMS, Datapath, expected, reply_problems
 from tests.bpf.hostile import HOSTILE_KINDS, HostileEpisode
 from tests.bpf.test_differential import TICK, load_random

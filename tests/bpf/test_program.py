@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import abi, counts, evaluate, policy
-from isoebpf.backends import bpfsys, program
-from isoebpf.compiler import compile_policy
+from isoebpf import pipeline
+from isoebpf.backends import counts
+from isoebpf.backends.ebpf import abi, bpfsys, program
 from isoebpf.errors import BackendError
-from isoebpf.evaluate import TCP_SYN
-from isoebpf.ir import IR
+from isoebpf.ir import evaluate
+from isoebpf.ir.evaluate import TCP_SYN
+from isoebpf.ir.tables import IR
 from tests.bpf.cases import HR, HR5, IT, IT3, POLICY, SYN_22, SYN_80, tcp
 from tests.bpf.harness import Datapath, policy_entries, slot_contents, slot_wanted
 from tests.packets import build
@@ -48,7 +49,7 @@ def one_cpu() -> Iterator[None]:
 
 @pytest.fixture
 def loaded(datapath: Datapath) -> Datapath:
-    datapath.load(compile_policy(policy.loads(POLICY)))
+    datapath.load(pipeline.loads(POLICY).ir)
     datapath.clear_state()
     return datapath
 
@@ -77,7 +78,7 @@ def test_events_are_rate_limited(loaded: Datapath, one_cpu: None) -> None:
     assert program.address(first.family, first.src) == HR
     assert program.address(first.family, first.dst) == IT
     assert (first.dport, first.proto, abi.ACTION_NAMES[first.action]) == (80, 6, "allow")
-    names = {r.id: r.name for r in compile_policy(policy.loads(POLICY)).rules}
+    names = {r.id: r.name for r in pipeline.loads(POLICY).ir.rules}
     assert names[first.rule] == "allow:0"
 
 
@@ -87,7 +88,7 @@ def test_status_readers(loaded: Datapath) -> None:
     assert (6, HR, 40000, IT, 80) in flows
     assert flows[(6, HR, 40000, IT, 80)].gen == loaded.gen
     assert program.count_connections(loaded.maps) == len(flows)
-    rule = {r.name: r.id for r in compile_policy(policy.loads(POLICY)).rules}["allow:0"]
+    rule = {r.name: r.id for r in pipeline.loads(POLICY).ir.rules}["allow:0"]
     assert program.read_counters(loaded.maps, loaded.gen, [rule])[rule] == program.read_counter(
         loaded.maps, loaded.gen, rule) == (1, len(build(SYN_80)))
     fill = program.map_fill(loaded.maps)
@@ -100,7 +101,7 @@ def test_counters_are_read_one_by_one_where_the_kernel_has_no_batches(
     loaded: Datapath, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loaded.run("tc", build(SYN_80))
-    rules = [r.id for r in compile_policy(policy.loads(POLICY)).rules]
+    rules = [r.id for r in pipeline.loads(POLICY).ir.rules]
     batched = program.read_counters(loaded.maps, loaded.gen, rules)
     assert sum(packets for packets, _ in batched.values()) == 1
     syscall = bpfsys._bpf
@@ -156,7 +157,7 @@ def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) 
     a slot whose file is gone (a killed update) is rewritten whole."""
     texts = [POLICY, THREE_OVERLAYS, THREE_OVERLAYS.replace("{from: b, to: c}", "{from: c, to: a}"),
              POLICY]
-    irs = [compile_policy(policy.loads(text)) for text in texts]
+    irs = [pipeline.loads(text).ir for text in texts]
     compiled = program.compile_program()
     try:
         maps = compiled.map_fds
@@ -203,7 +204,7 @@ def totals(datapath: Datapath, ir: IR, carried: counts.Carried) -> dict[str, cou
 def test_counts_survive_an_update_by_rule_identity(datapath: Datapath) -> None:
     """Each rule the new policy keeps carries what it counted, under its new name; a
     removed rule's count goes with it; a new rule starts at 0; no total goes down."""
-    first, second = (compile_policy(policy.loads(text)) for text in (POLICY, POLICY_RULE_ABOVE))
+    first, second = (pipeline.loads(text).ir for text in (POLICY, POLICY_RULE_ABOVE))
     syn = len(build(SYN_80))  # every SYN below has this length
     datapath.load(first)
     datapath.clear_state()
@@ -239,11 +240,11 @@ def test_map_limits_say_what_to_raise() -> None:
     small = program.compile_program({"ISOEBPF_MAX_HAIRPINS": 2, "ISOEBPF_MAX_RULES": 20})
     try:
         assert program.max_rules(small.map_fds) == 20
-        three = compile_policy(policy.loads(THREE_OVERLAYS))
+        three = pipeline.loads(THREE_OVERLAYS).ir
         with pytest.raises(BackendError, match=r"needs 21 rule counters, and the program holds 20: "
                                                r"raise ISOEBPF_MAX_RULES"):
             program.write_generation(small.map_fds, three, 1)
-        without_rules = compile_policy(policy.loads(THREE_OVERLAYS.split("allow:")[0]))
+        without_rules = pipeline.loads(THREE_OVERLAYS.split("allow:")[0]).ir
         with pytest.raises(BackendError, match=r"needs 3 entries in map hairpins, and the program "
                                                r"holds 2: raise ISOEBPF_MAX_HAIRPINS"):
             program.write_generation(small.map_fds, without_rules, 1)

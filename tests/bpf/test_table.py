@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import pytest
 
-from isoebpf import evaluate, policy
-from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import Classifier, Conntrack
-from isoebpf.ir import IR
+from isoebpf import pipeline
+from isoebpf.ir import evaluate
+from isoebpf.ir.evaluate import Classifier, Conntrack
+from isoebpf.ir.tables import IR
 from tests.bpf.cases import CASES, Case
 from tests.bpf.harness import PROGRAMS, Datapath, expected, reply_problems
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.bpf
 
 
 def case_ir(case: Case, text: str) -> IR:
-    ir = compile_policy(policy.loads(text, f"{case.name}.yaml"))
+    ir = pipeline.loads(text, f"{case.name}.yaml").ir
     return replace(ir, timeouts={**ir.timeouts, **case.timeouts})
 
 
@@ -77,7 +77,7 @@ def test_update_reuses_the_program(datapath: Datapath) -> None:
     datapath.load(case_ir(CASES[0], CASES[0].policy))
     datapath.load(case_ir(CASES[0], CASES[0].policy))
     assert datapath.gen == before + 2
-    from isoebpf.backends import program
+    from isoebpf.backends.ebpf import program
 
     fill = program.map_fill(datapath.maps)
     ir = case_ir(CASES[0], CASES[0].policy)

@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 
-from isoebpf import policy, state
-from isoebpf.backends import links
-from isoebpf.compiler import compile_policy
-from isoebpf.ir import IR
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed, default_prefix, it_hr
+from isoebpf import pipeline
+from isoebpf.backends import links, state
+from isoebpf.backends.state import Scope
+from isoebpf.ir.tables import IR
+from isoebpf.lab.testbed import Testbed, default_prefix, it_hr
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +45,7 @@ def policy_files(folder: Path) -> dict[str, tuple[Path, IR]]:
     for name, text in (("A", SEED.read_text()), ("B", POLICY_B)):
         path = folder / f"{name}.yaml"
         path.write_text(text)
-        found[name] = (path, compile_policy(policy.load(path)))
+        found[name] = (path, pipeline.read(path).ir)
     return found
 
 

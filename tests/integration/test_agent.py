@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf.testbed import Host, Testbed
+from isoebpf import pipeline
+from isoebpf.lab.testbed import Host, Testbed
 from tests.integration.conftest import (
     DOCKER,
     SEED,
@@ -172,12 +173,10 @@ COMMIT
 
 def test_iptables_backend_is_repaired_after_others_undo_it(testbed: Testbed,
                                                            policy_file: Path) -> None:
-    from isoebpf import policy
-    from isoebpf.backends import iptables as iptables_backend
-    from isoebpf.compiler import compile_policy
-    from isoebpf.state import Scope
+    from isoebpf.backends.iptables import backend as iptables_backend
+    from isoebpf.backends.state import Scope
 
-    ir = compile_policy(policy.load(str(policy_file)))
+    ir = pipeline.read(str(policy_file)).ir
     router = testbed.router
     running = AgentProcess(policy_file, router, "--backend", "iptables")
     latencies: dict[str, float] = {}

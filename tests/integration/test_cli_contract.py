@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from isoebpf.ir import IR
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.backends.state import Scope
+from isoebpf.ir.tables import IR
+from isoebpf.lab.testbed import Testbed
 from tests.integration.conftest import ROOT, SEED, isoebpf, packets_by_rule
 
 

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf.backends import ebpf, links, program
-from isoebpf.backends import iptables as iptables_backend
+from isoebpf.backends import links
+from isoebpf.backends.ebpf import backend as ebpf
+from isoebpf.backends.ebpf import program
+from isoebpf.backends.iptables import backend as iptables_backend
+from isoebpf.backends.state import Scope
 from isoebpf.cli import main
-from isoebpf.ir import IR
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.ir.tables import IR
+from isoebpf.lab.testbed import Testbed
 from tests.bpf.harness import slot_contents, slot_wanted
 from tests.integration.conftest import AgentProcess, assert_clean, isoebpf
 from tests.integration.test_iptables_traffic import snapshot

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from isoebpf import policy
-from isoebpf.backends import program
+from isoebpf import pipeline
+from isoebpf.backends.ebpf import program
+from isoebpf.backends.state import Scope
 from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
 from isoebpf.errors import ProgramRejected
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.lab.testbed import Testbed
 from tests.conftest import PATHS_TAKEN
 from tests.integration.conftest import (
     SEED,
@@ -31,7 +30,7 @@ PROMPT_MS = 500
 
 
 def outcomes(testbed: Testbed, policy_path: Path) -> list[tuple[tuple[str, str, str, int], str, str]]:
-    ir = compile_policy(policy.load(policy_path))
+    ir = pipeline.read(policy_path).ir
     found = []
     for client, proto, target, port in IT_HR_TRIES:
         want = expected_outcome(ir, testbed, client, proto, target, port)

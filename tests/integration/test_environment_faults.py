@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 from bcc import BPF
 
-from isoebpf import backend
-from isoebpf.agent import Stats
-from isoebpf.backends import iptables as iptables_backend
-from isoebpf.backends import links
-from isoebpf.ir import IR
-from isoebpf.metrics import StatusCollector
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed, default_prefix
+from isoebpf.backends import enforcer, links
+from isoebpf.backends.iptables import backend as iptables_backend
+from isoebpf.backends.state import Scope
+from isoebpf.ir.tables import IR
+from isoebpf.lab.testbed import Testbed, default_prefix
+from isoebpf.service.agent import Stats
+from isoebpf.service.metrics import StatusCollector
 from tests.integration.conftest import ROOT, assert_clean, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
 
@@ -215,7 +214,7 @@ def test_full_connection_table_keeps_allowed_directions_flowing(
         assert session.exchange() == "echoed"
         flood = subprocess.Popen(
             ["ip", "netns", "exec", testbed.netns("it1"), sys.executable, "-m",
-             "isoebpf.probe", "loop", "--try", "udp", testbed.address_of("it2"), "53",
+             "isoebpf.lab.probe", "loop", "--try", "udp", testbed.address_of("it2"), "53",
              "--try", "tcp", testbed.address_of("it2"), "22", "--pause", "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         time.sleep(3)
@@ -283,7 +282,7 @@ def test_our_lock_held_by_another_command(testbed: Testbed,
 
 
 def metrics(scope: Scope, on_failure: str) -> dict[str, float]:
-    collector = StatusCollector(lambda: backend.status(scope), Stats(), lambda: "deny", on_failure)
+    collector = StatusCollector(lambda: enforcer.status(scope), Stats(), lambda: "deny", on_failure)
     return {f"{m.name}{dict(s.labels) or ''}": s.value for m in collector.collect()
             for s in m.samples if m.name.startswith(("isoebpf_failure_mode", "isoebpf_change",
                                                      "isoebpf_failed"))}

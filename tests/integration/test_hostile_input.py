@@ -27,12 +27,12 @@ import pytest
 from click.testing import CliRunner, Result
 from packaging.requirements import Requirement
 
-from isoebpf import policy, state
-from isoebpf.backends import bpfsys
+from isoebpf import pipeline
+from isoebpf.backends import state
+from isoebpf.backends.ebpf import bpfsys
+from isoebpf.backends.state import Scope
 from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.lab.testbed import Testbed
 from tests.conftest import require
 from tests.integration.conftest import ROOT, SEED, assert_clean
 from tests.integration.test_iptables_traffic import snapshot
@@ -121,7 +121,7 @@ except TimeoutError:
 """
 SEND = """
 import socket, sys, netaddr
-from isoebpf.evaluate import Packet
+from isoebpf.ir.evaluate import Packet
 from tests.packets import Wire, ip_packet
 src, dst, quoted_src, quoted_dst, port, marker = sys.argv[1:]
 ip = netaddr.IPAddress
@@ -342,7 +342,7 @@ def test_status_shows_the_policy_counters_and_our_objects_only(
         shown = CliRunner().invoke(main, ["status", "--netns", testbed.router, "--json"]).output
         record = json.loads(shown)
         assert set(record) <= STATUS_KEYS, set(record) - STATUS_KEYS
-        ir = compile_policy(policy.load(SEED))
+        ir = pipeline.read(SEED).ir
         assert [c["rule"] for c in record["counters"]] == [r.name for r in ir.rules]
         assert {a["ifname"] for a in record["attachments"]} == {testbed.veth(h.name) for h in testbed.hosts}
         for secret in ("hunter2", "tenant", "10.250.1.10", "192.168.1.10"):

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import policy
-from isoebpf.backends import iptables as iptables_backend
-from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import decide
-from isoebpf.iptables_layout import DEGRADED, FULL, NET_NET, NET_PORT_NET
-from isoebpf.ir import IR
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf import pipeline
+from isoebpf.backends.iptables import backend as iptables_backend
+from isoebpf.backends.iptables.layout import DEGRADED, FULL, NET_NET, NET_PORT_NET
+from isoebpf.backends.state import Scope
+from isoebpf.ir.evaluate import decide
+from isoebpf.ir.tables import IR
+from isoebpf.lab.testbed import Testbed
 from tests.conftest import require
 from tests.integration.conftest import (
     DOCKER,
@@ -155,7 +154,7 @@ def packets(testbed: Testbed) -> dict[str, int]:
 
 def run_suite(testbed: Testbed, path: Path) -> None:
     """Every try of the shared suite: the outcome the evaluator implies, and its rule counted."""
-    ir = compile_policy(policy.load(path))
+    ir = pipeline.read(path).ir
     before = packets(testbed)
     bridged = bridged_traffic_counted(testbed)
     for client, proto, target, port in IT_HR_TRIES:
@@ -247,7 +246,7 @@ def test_update_adds_ipv6_isolation_and_an_exception_atomically(
     assert sets["dcos6.hr"] == {"type": "hash:net", "family": "inet6", "entries": 1,
                                 "max_entries": 65536}
     assert not [n for n in sets if n.startswith("isoebpf-tmp")]
-    assert iptables_backend.drift(Scope(testbed.router), compile_policy(policy.load(updated))) == []
+    assert iptables_backend.drift(Scope(testbed.router), pipeline.read(updated).ir) == []
     # Back to the seed: IPv6 rules go, sets shrink, and the policy is the seed's again.
     load(testbed, SEED)
     run_suite(testbed, SEED)
@@ -377,8 +376,8 @@ def test_importing_the_loaded_layout_gives_back_the_policy(testbed: Testbed, unl
     done = isoebpf("import", "--iptables-save", str(files["v4"]), "--ip6tables-save",
                    str(files["v6"]), "--ipset-save", str(files["sets"]))
     assert "warning" not in done.stderr.replace("<imported>", "")
-    again = compile_policy(policy.loads(done.stdout, "imported.yaml"))
-    meant = compile_policy(policy.load(updated))
+    again = pipeline.loads(done.stdout, "imported.yaml").ir
+    meant = pipeline.read(updated).ir
     for pkt in first_packets():
         assert decide(again, pkt).action == decide(meant, pkt).action, pkt
 
@@ -389,7 +388,7 @@ def test_iptables_legacy_is_driven_with_its_own_tools(
     """A node whose `iptables` is iptables-legacy: the legacy tools, the same layout."""
     monkeypatch.setattr(iptables_backend, "flavour", lambda: "legacy")
     scope = Scope(testbed.router)
-    ir = compile_policy(policy.load(SEED))
+    ir = pipeline.read(SEED).ir
     try:
         iptables_backend.load(ir, scope, [], "auto", str(SEED))
         legacy = testbed.run_in(testbed.router, "iptables-legacy-save").stdout
@@ -413,7 +412,7 @@ def trace_table(testbed: Testbed) -> bool:
 def test_trace_names_the_iptables_rule_and_action_and_is_no_drift(
         testbed: Testbed, unloaded: None) -> None:
     load(testbed, SEED)
-    scope, ir = Scope(testbed.router), compile_policy(policy.load(SEED))
+    scope, ir = Scope(testbed.router), pipeline.read(SEED).ir
     with Trace(testbed, "iptables", "--rule", "allow:0", "--rule", "default", "--count", "2") as tracing:
         assert trace_table(testbed)
         assert iptables_backend.drift(scope, ir) == [] and iptables_backend.canary(scope) == []

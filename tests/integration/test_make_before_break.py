@@ -25,15 +25,16 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from isoebpf import backend, capacity, policy
-from isoebpf.backends import bpfsys, ebpf, links, program
-from isoebpf.backends import iptables as iptables_backend
+from isoebpf import pipeline
+from isoebpf.backends import links, registry
+from isoebpf.backends.ebpf import backend as ebpf
+from isoebpf.backends.ebpf import bpfsys, capacity, program
+from isoebpf.backends.iptables import backend as iptables_backend
+from isoebpf.backends.state import Scope
 from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
 from isoebpf.errors import BackendError, ProgramRejected
-from isoebpf.ir import IR
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.ir.tables import IR
+from isoebpf.lab.testbed import Testbed
 from tests.integration.conftest import POLICY_B, isoebpf
 from tests.integration.test_crash import ebpf_in_force, fork_cli, fully, load_args, probed
 from tests.scenarios import expected_outcome
@@ -55,7 +56,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Policies:
     for name, text in (("A", seed), ("B", POLICY_B), ("B-isolated", isolated)):
         path = folder / f"{name}.yaml"
         path.write_text(text)
-        found[name] = (path, compile_policy(policy.load(path)))
+        found[name] = (path, pipeline.read(path).ir)
     return found
 
 
@@ -205,7 +206,7 @@ def test_removing_the_old_backend_fails_after_the_new_one_enforces(
     """Both filter (each packet must pass both), the error says so, and the next load
     finishes the switch."""
     in_force_with(testbed, pair, "A", old)
-    fail_at(monkeypatch, backend.module(old), "unload")
+    fail_at(monkeypatch, registry.get(old), "unload")
     done = cli(*load_args(pair["B"][0], testbed, new))
     monkeypatch.undo()
     assert done.exit_code == 1 and "both filter until the next" in done.output, done.output

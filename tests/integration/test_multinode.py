@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from isoebpf.backends import ebpf
-from isoebpf.multinode import VXLAN, MultiNode, it_hr_two_nodes
-from isoebpf.state import Scope
+from isoebpf.backends.ebpf import backend as ebpf
+from isoebpf.backends.state import Scope
+from isoebpf.lab.multinode import VXLAN, MultiNode, it_hr_two_nodes
 from tests.conftest import require
 from tests.integration.conftest import SEED, AgentProcess, isoebpf, packets_by_rule
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from isoebpf.testbed import Testbed
+from isoebpf.lab.testbed import Testbed
 from tests.integration.conftest import SEED, Trace, filtered_trace, flood_udp, isoebpf, suppressed
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import backend
-from isoebpf.state import Scope
-from isoebpf.testbed import Testbed
+from isoebpf.backends import enforcer
+from isoebpf.backends.state import Scope
+from isoebpf.lab.testbed import Testbed
 from tests.integration.conftest import isoebpf, policy_files
 from tests.scenarios import expected_outcome
 
@@ -50,7 +50,7 @@ class Clients:
         self.processes: dict[str, subprocess.Popen[str]] = {}
         self.readers = []
         for client, tries in LOOPS.items():
-            args = [sys.executable, "-m", "isoebpf.probe", "loop"]
+            args = [sys.executable, "-m", "isoebpf.lab.probe", "loop"]
             for proto, target, port in tries:
                 args += ["--try", proto, testbed.address_of(target), str(port)]
             process = subprocess.Popen(["ip", "netns", "exec", testbed.netns(client), *args],
@@ -99,7 +99,7 @@ def alternate(testbed: Testbed, name: str, count: int, tmp_path: Path) -> Counte
         started = time.monotonic()
         for n in range(count):
             path, ir = (path_b, ir_b) if n % 2 == 0 else (path_a, ir_a)
-            backend.load(name, name, ir, scope, ["v-*"], "tc", str(path))
+            enforcer.load(name, name, ir, scope, ["v-*"], "tc", str(path))
         elapsed = time.monotonic() - started
         time.sleep(1.0)
     finally:

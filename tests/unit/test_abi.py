@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import abi, ir
+from isoebpf.backends.ebpf import abi
+from isoebpf.ir import tables as ir
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import policy
+from isoebpf import pipeline
 from isoebpf.errors import PolicyError
 
 CORPUS = sorted((Path(__file__).parent.parent / "policies" / "bad").glob("*.yaml"))
@@ -26,7 +26,7 @@ def test_bad_policy_reports_every_error_located(path: Path) -> None:
     want = expected(path)
     assert want, f"{path.name} has no '# expect:' line"
     with pytest.raises(PolicyError) as caught:
-        policy.load(path)
+        pipeline.read(path)
     got = [
         f"{d.line}:{d.column}: {d.severity}: {d.message}"
         for d in caught.value.diagnostics

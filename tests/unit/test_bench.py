@@ -9,8 +9,7 @@ import pytest
 
 from bench import policies, stats, targets
 from bench.rulesets import ipset_rules, nft_ruleset
-from isoebpf import policy
-from isoebpf.compiler import compile_policy
+from isoebpf import pipeline
 
 pytestmark = pytest.mark.unit
 
@@ -86,10 +85,10 @@ def test_summary_and_interleaving() -> None:
 
 @pytest.mark.parametrize("rules", [4, 10, 200])
 def test_scaled_policy_has_the_rules_asked_for(rules: int) -> None:
-    model = policy.loads(policies.scaled_policy(rules))
-    assert len(model.rules) == rules
-    ir = compile_policy(model)
-    assert compile_policy(policy.loads(policies.changed_policy(rules))).digest != ir.digest
+    compiled = pipeline.loads(policies.scaled_policy(rules))
+    assert len(compiled.policy.rules) == rules
+    ir = compiled.ir
+    assert pipeline.loads(policies.changed_policy(rules)).ir.digest != ir.digest
     assert len(nft_ruleset(rules).splitlines()) < 40
     sets, chain = ipset_rules(rules)
     assert sets.count("add isob-allowed") == policies.filler_count(rules)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from isoebpf import capacity, iptables_layout, policy
-from isoebpf.abi import ISOEBPF_MAX_RULES, MAP_SIZE_MACROS
-from isoebpf.compiler import compile_policy
+from isoebpf import pipeline
+from isoebpf.backends.ebpf import capacity
+from isoebpf.backends.ebpf.abi import ISOEBPF_MAX_RULES, MAP_SIZE_MACROS
+from isoebpf.backends.iptables import layout as iptables_layout
 from isoebpf.errors import BackendError
-from isoebpf.ir import IR
+from isoebpf.ir.tables import IR
 from tests.policygen import many_overlays, many_ports
 
 
 def overlays_ir(count: int, hairpin: bool = True) -> IR:
-    return compile_policy(policy.loads(many_overlays(count, isolated=not hairpin), "big.yaml"))
+    return pipeline.loads(many_overlays(count, isolated=not hairpin), "big.yaml").ir
 
 
 def ports_ir(count: int) -> IR:
-    return compile_policy(policy.loads(many_ports(count), "ports.yaml"))
+    return pipeline.loads(many_ports(count), "ports.yaml").ir
 
 
 PORTS_300 = ports_ir(300)  # compiled once, at collection, for the two cases below
@@ -66,7 +67,7 @@ def test_iptables_sets_are_sized_to_the_policy_not_limited() -> None:
     text = ("version: 1\ndefault: deny\noverlays:\n  a:\n    subnets: [10.1.0.0/16]\n"
             "  b:\n    subnets: [10.2.0.0/16]\n  c:\n    subnets: [10.3.0.0/16]\nallow:\n"
             "  - {from: a, to: b, ports: [tcp/1-40000]}\n  - {from: a, to: c, ports: [tcp/1-40000]}\n")
-    ipset_text, _, _ = iptables_layout.render(compile_policy(policy.loads(text, "big.yaml")),
+    ipset_text, _, _ = iptables_layout.render(pipeline.loads(text, "big.yaml").ir,
                                               iptables_layout.DEFAULT_CHAIN, iptables_layout.SET_TYPES)
     creates = [line for line in ipset_text.splitlines() if line.startswith("create dcos-allowed-ports ")]
     assert creates == [creates[0]] and creates[0].endswith(" maxelem 80000"), creates

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from isoebpf import cidr
+from isoebpf.policy import cidr
 
 SAMPLES = ["10.0.0.0/8", "10.1.2.3", "0.0.0.0/0", "0.0.0.0", "255.255.255.255/32",
            "192.168.1.128/25", "10.1.2.3/24", "1.2.3.4/0", "256.1.1.1", "10.0.0.300",

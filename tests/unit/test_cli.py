@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from isoebpf import backend, policy, state
+from isoebpf import pipeline
+from isoebpf.backends import enforcer, state
 from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = str(ROOT / "examples" / "it-hr.yaml")
@@ -148,7 +148,7 @@ def test_validate_json_has_the_summary_and_structured_warnings(warned: str) -> N
     assert summary["ok"] is True and summary["file"] == warned
     assert (summary["overlays"], summary["exceptions"], summary["rules"]) == (2, 0, 1)
     assert (summary["default"], summary["deny_action"]) == ("deny", "reject")
-    assert summary["digest"] == compile_policy(policy.load(warned)).digest
+    assert summary["digest"] == pipeline.read(warned).ir.digest
     assert summary["warnings"] == [{"file": warned, "line": 7, "column": 40, "severity": "warning",
                                     "message": "'tcp/80' is listed twice"}]
     assert f"{warned}:7:40: warning: 'tcp/80' is listed twice" in err  # for people, still
@@ -216,7 +216,7 @@ def test_load_dry_run_json_says_what_would_be_done(no_state_here: Path) -> None:
     would = one_document(out)
     assert would["ok"] is True and would["dry_run"] is True
     assert (would["backend"], would["netns"], would["interfaces"]) == ("iptables", None, ["v-*"])
-    assert would["digest"] == compile_policy(policy.load(SEED)).digest
+    assert would["digest"] == pipeline.read(SEED).ir.digest
     assert "generation" not in would, "nothing was loaded"
     assert not (no_state_here / "run").exists() and not (no_state_here / "bpffs").exists()
 
@@ -269,7 +269,7 @@ FAILURE = {"at": "then", "on_failure": "closed", "error": "no interface matches"
 def test_status_exit_code_says_whether_all_is_in_place(
         monkeypatch: pytest.MonkeyPatch, shown: dict[str, Any] | None, code: int,
         problems: list[str]) -> None:
-    monkeypatch.setattr(backend, "status", lambda scope: copy.deepcopy(shown))
+    monkeypatch.setattr(enforcer, "status", lambda scope: copy.deepcopy(shown))
     text_code, text, err = run("status")
     assert text_code == code
     if shown and shown.get("failure"):

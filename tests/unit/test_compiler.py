@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
 
-from isoebpf import policy
-from isoebpf.compiler import compile_policy, port_prefixes
-from isoebpf.ir import PROTO_TCP, PROTO_UDP, RULE_DEFAULT
+from isoebpf import pipeline
+from isoebpf.ir.compiler import compile_policy, port_prefixes
+from isoebpf.ir.tables import PROTO_TCP, PROTO_UDP, RULE_DEFAULT
+from isoebpf.policy import parse
 
 SEED = """\
 version: 1
@@ -40,15 +40,15 @@ def test_port_prefixes_cover_the_range_exactly(low: int, high: int) -> None:
 
 
 def test_same_policy_same_digest_and_any_change_moves_it() -> None:
-    first = compile_policy(policy.loads(SEED))
-    again = compile_policy(policy.loads(SEED))
+    first = pipeline.loads(SEED).ir
+    again = pipeline.loads(SEED).ir
     assert first.digest == again.digest and len(first.digest) == 64
-    changed = compile_policy(policy.loads(SEED.replace("tcp/80", "tcp/81")))
+    changed = pipeline.loads(SEED.replace("tcp/80", "tcp/81")).ir
     assert changed.digest != first.digest
 
 
 def test_classes_are_the_named_prefixes_and_rules_are_numbered_in_order() -> None:
-    ir = compile_policy(policy.loads(SEED))
+    ir = pipeline.loads(SEED).ir
     assert [str(c.network) for c in ir.classes] == [
         "10.250.0.0/16", "10.250.3.0/24", "10.250.7.0/24", "172.20.0.0/16",
         "192.168.0.0/16", "192.168.5.0/24", "192.168.9.0/24", "fd00:4852::/48",
@@ -61,14 +61,14 @@ def test_classes_are_the_named_prefixes_and_rules_are_numbered_in_order() -> Non
 
 
 def test_exception_covers_every_class_inside_its_cidrs() -> None:
-    ir = compile_policy(policy.loads(SEED))
+    ir = pipeline.loads(SEED).ir
     by_net = {str(c.network): c.class_id for c in ir.classes}
     pairs = {(e.src_class, e.dst_class) for e in ir.exceptions}
     assert pairs == {(by_net["10.250.7.0/24"], by_net["192.168.9.0/24"])}
 
 
 def test_port_range_stays_a_handful_of_entries() -> None:
-    ir = compile_policy(policy.loads(SEED))
+    ir = pipeline.loads(SEED).ir
     udp = [a for a in ir.allowed if a.proto == PROTO_UDP]
     # 5000-5010 is 5000-5007 (/13) and 5008-5010 (/15 + /16): 3 entries per class pair.
     assert len({(a.port, a.match_bits) for a in udp}) == 3
@@ -86,8 +86,8 @@ allow:
   - {from: a, to: b, ports: [tcp/80]}
   - {from: a, to: b, ports: [tcp/2000]}
 """
-    loaded = policy.loads(text)
-    ir = compile_policy(loaded)
+    loaded = pipeline.loads(text)
+    ir = loaded.ir
     rules = {r.id: r.name for r in ir.rules}
     tcp = [(a.port, a.match_bits, rules[a.rule]) for a in ir.allowed if a.proto == PROTO_TCP]
     assert all(name == "allow:0" for port, bits, name in tcp if port <= 1000)
@@ -98,12 +98,12 @@ allow:
 
 
 def test_lints_name_rules_without_effect_under_default_allow() -> None:
-    loaded = policy.loads(SEED.replace("default: deny", "default: allow"))
+    loaded = pipeline.loads(SEED.replace("default: deny", "default: allow"))
     assert sum("has no effect under 'default: allow'" in w.message for w in loaded.warnings) == 3
 
 
 def test_hairpin_rule_is_reported_as_never_deciding() -> None:
-    loaded = policy.loads(SEED + "  - {from: it, to: it, ports: [tcp/22]}\n")
+    loaded = pipeline.loads(SEED + "  - {from: it, to: it, ports: [tcp/22]}\n")
     (warning,) = loaded.warnings
     assert (warning.line, warning.message.split(" ")[0]) == (13, "allow[3]")
 
@@ -116,14 +116,13 @@ def test_large_policy_compiles_and_default_is_not_a_table_entry() -> None:
         src = f"10.{rng.randrange(0, 128)}.{rng.randrange(256)}.0/24"
         dst = f"10.{rng.randrange(128, 256)}.{rng.randrange(256)}.0/24"
         lines.append(f"  - {{from: {src}, to: {dst}, ports: [tcp/{rng.randint(1, 65535)}]}}")
-    ir = compile_policy(policy.loads("\n".join(lines) + "\n"))
+    ir = pipeline.loads("\n".join(lines) + "\n").ir
     assert len(ir.allowed) >= 1900
     assert all(a.rule != RULE_DEFAULT for a in ir.allowed)
 
 
-def test_the_ir_kept_by_loads_is_what_compiling_afresh_gives() -> None:
-    loaded = policy.loads(SEED)
-    kept = compile_policy(loaded)
-    assert compile_policy(loaded) is kept
-    fresh = compile_policy(dataclasses.replace(loaded, compiled=None))
-    assert fresh is not kept and fresh == kept and fresh.digest == kept.digest
+def test_the_pipeline_gives_what_parsing_and_compiling_afresh_give() -> None:
+    through = pipeline.loads(SEED)
+    fresh = compile_policy(parse.loads(SEED))
+    assert fresh is not through.ir and fresh == through.ir and fresh.digest == through.ir.digest
+    assert through.policy == parse.loads(SEED)

@@ -6,14 +6,14 @@ from collections.abc import Mapping, Sequence
 
 from prometheus_client.core import Metric
 
-from isoebpf import counts, policy
-from isoebpf.agent import Stats
-from isoebpf.backends import iptables as iptables_backend
-from isoebpf.compiler import compile_policy
-from isoebpf.importer import Element, SavedSet
-from isoebpf.iptables_layout import FULL, Layout, build
-from isoebpf.ir import IR, rule_identities
-from isoebpf.metrics import StatusCollector
+from isoebpf import pipeline
+from isoebpf.backends import counts
+from isoebpf.backends.iptables import backend as iptables_backend
+from isoebpf.backends.iptables.layout import FULL, Layout, build
+from isoebpf.backends.iptables.saved import Element, SavedSet
+from isoebpf.ir.tables import IR, rule_identities
+from isoebpf.service.agent import Stats
+from isoebpf.service.metrics import StatusCollector
 
 POLICY = """\
 version: 1
@@ -33,7 +33,7 @@ FIRST_ALLOW = "  - {from: hr, to: it, ports: [tcp/80]}\n"
 
 def named(text: str) -> list[tuple[str, str]]:
     """The (name, text) rules a policy compiles to, in rule order."""
-    return [(r.name, r.text) for r in compile_policy(policy.loads(text)).rules]
+    return [(r.name, r.text) for r in pipeline.loads(text).ir.rules]
 
 
 def with_rule_above(text: str) -> str:
@@ -187,7 +187,7 @@ def test_iptables_carries_what_the_update_resets_and_not_what_kept_sets_still_co
     with_exception = POLICY.replace("  - {from: 10.250.7.0/24, to: 192.168.9.0/24}\n",
                                     "  - {from: 10.250.7.0/24, to: 192.168.9.0/24}\n"
                                     "  - {from: 10.250.2.0/24, to: hr}\n")
-    old_ir, new_ir = (compile_policy(policy.loads(t))
+    old_ir, new_ir = (pipeline.loads(t).ir
                       for t in (with_exception, with_rule_above(with_exception)))
     old_layout, new_layout = build(old_ir), build(new_ir)
     assert old_layout.kind == FULL

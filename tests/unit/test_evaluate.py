@@ -5,20 +5,9 @@ from __future__ import annotations
 import netaddr
 import pytest
 
-from isoebpf import policy
-from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import (
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    Classifier,
-    Conntrack,
-    Decision,
-    Packet,
-    decide,
-)
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf import pipeline
+from isoebpf.ir.evaluate import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack, Decision, Packet, decide
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
 POLICY = """\
 version: 1
@@ -40,7 +29,7 @@ HR6, OPS6 = netaddr.IPAddress("fd00:4852::10"), netaddr.IPAddress("fd00:1::22")
 
 @pytest.fixture
 def classifier() -> Classifier:
-    return Classifier(compile_policy(policy.loads(POLICY)))
+    return Classifier(pipeline.loads(POLICY).ir)
 
 
 def tcp(src: netaddr.IPAddress, dst: netaddr.IPAddress, sport: int, dport: int,
@@ -154,7 +143,7 @@ def test_update_cuts_connections_the_new_policy_forbids(classifier: Classifier) 
     ct = Conntrack()
     ct.step(classifier, tcp(HR, IT, 1, 80, TCP_SYN), 0)
     ct.step(classifier, tcp(HR6, OPS6, 2, 22, TCP_SYN), 0)
-    narrowed = Classifier(compile_policy(policy.loads(POLICY.replace("tcp/22", "tcp/2222"))))
+    narrowed = Classifier(pipeline.loads(POLICY.replace("tcp/22", "tcp/2222")).ir)
     ct.revalidate(narrowed)
     assert name(narrowed, tcp(IT, HR, 80, 1, TCP_ACK), ct) == ("allow", "established")
     assert name(narrowed, tcp(OPS6, HR6, 22, 2, TCP_ACK), ct) == ("reject", "default")
@@ -168,8 +157,8 @@ def test_truncated_filtered_packets_are_dropped_unfiltered_ones_pass(
 
 
 def test_drop_policy_answers_nothing() -> None:
-    drop = Classifier(compile_policy(policy.loads(POLICY.replace(
-        "default: deny", "default: deny\ndeny_action: drop"))))
+    drop = Classifier(pipeline.loads(POLICY.replace(
+        "default: deny", "default: deny\ndeny_action: drop")).ir)
     assert decide(drop, tcp(IT, HR, 1, 80, TCP_SYN)).action == "drop"
 
 

@@ -11,13 +11,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isoebpf import policy
+from isoebpf import pipeline
+from isoebpf.backends.iptables.importer import Imported, LayoutError, import_layout
+from isoebpf.backends.iptables.layout import NET, SET_TYPES, render
 from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import ICMP_ECHO_REQUEST, TCP_SYN, Classifier, Packet, decide
-from isoebpf.importer import Imported, LayoutError, import_layout
-from isoebpf.iptables_layout import NET, SET_TYPES, render
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.ir.evaluate import ICMP_ECHO_REQUEST, TCP_SYN, Classifier, Packet, decide
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.policygen import random_first_packet, random_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +60,8 @@ def first_packets() -> list[Packet]:
 def test_the_guides_own_example_means_the_seed_policy_and_says_what_is_broken() -> None:
     imported = import_layout([(str(GUIDE_RULES), 4, GUIDE_RULES.read_text())],
                              (str(GUIDE_SETS), GUIDE_SETS.read_text()))
-    meant = Classifier(compile_policy(policy.loads(imported.text, "imported.yaml")))
-    seed = Classifier(compile_policy(policy.load(SEED)))
+    meant = Classifier(pipeline.loads(imported.text, "imported.yaml").ir)
+    seed = Classifier(pipeline.read(SEED).ir)
     for pkt in first_packets():
         assert decide(meant, pkt).action == decide(seed, pkt).action, pkt
     assert "  - {from: hr, to: it, ports: [tcp/80]}" in imported.text.splitlines()
@@ -96,12 +95,12 @@ def test_our_own_layout_reads_back_as_the_same_policy(set_types: tuple[str, ...]
     def check(rng: random.Random) -> None:
         nonlocal checked
         generated = random_policy(rng)
-        original = compile_policy(policy.loads(generated.text, "generated.yaml"))
+        original = pipeline.loads(generated.text, "generated.yaml").ir
         ipset_text, v4, v6 = render(original, set_types=set_types)
         files = [(name, v, text) for name, v, text in (("v4", 4, v4), ("v6", 6, v6)) if text]
         imported = import_layout(files, ("sets", ipset_text))
         assert not [w for w in imported.warnings if w.file != "<imported>"], imported.warnings
-        again = Classifier(compile_policy(policy.loads(imported.text, "imported.yaml")))
+        again = Classifier(pipeline.loads(imported.text, "imported.yaml").ir)
         before = Classifier(original)
         for _ in range(40):
             pkt = random_first_packet(rng, generated)
@@ -120,7 +119,7 @@ def test_a_rule_in_one_family_stays_in_that_family() -> None:
             "  o0: {subnets: [10.0.0.0/12, 'fd00:1::/32'], isolated: true}\n"
             "  o1: {subnets: [10.16.0.0/12, 'fd00:2::/32'], isolated: true}\n"
             "allow:\n  - {from: 'fd00:1::/32', to: o1}\n  - {from: o1, to: o0, ports: [tcp/80]}\n")
-    ipset_text, v4, v6 = render(compile_policy(policy.loads(text, "dual.yaml")), set_types=(NET,))
+    ipset_text, v4, v6 = render(pipeline.loads(text, "dual.yaml").ir, set_types=(NET,))
     imported = import_layout([("v4", 4, v4), ("v6", 6, v6)], ("sets", ipset_text))
     assert imported.text.split("allow:\n")[1] == (
         '  - {from: "fd00:1::/32", to: "fd00:2::/32"}\n'
@@ -183,9 +182,9 @@ def test_rules_it_cannot_model_are_named_and_left_out() -> None:
 
 
 def test_ipv6_rules_and_our_set_names_merge_into_one_overlay() -> None:
-    original = compile_policy(policy.loads(
+    original = pipeline.loads(
         'version: 1\ndefault: deny\noverlays:\n  hr: {subnets: [192.168.0.0/16, "fd00::/48"]}\n',
-        "p.yaml"))
+        "p.yaml").ir
     ipset_text, v4, v6 = render(original, set_types=(NET,))
     imported = run_import(v4, ipset_text, v6)
     assert '  hr:\n    subnets: [192.168.0.0/16, "fd00::/48"]\n' in imported.text

@@ -20,14 +20,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isoebpf import policy
-from isoebpf.backends import iptables as iptables_backend
-from isoebpf.cli import main
-from isoebpf.compiler import compile_policy
-from isoebpf.errors import BackendError
-from isoebpf.evaluate import IPPROTO_ICMPV6, Classifier, Packet, decide
-from isoebpf.importer import Rule, SavedSet, _Notes, parse_ipset_save, parse_iptables_save
-from isoebpf.iptables_layout import (
+from isoebpf import pipeline
+from isoebpf.backends.iptables import backend as iptables_backend
+from isoebpf.backends.iptables.layout import (
     DEGRADED,
     FULL,
     NET,
@@ -38,7 +33,11 @@ from isoebpf.iptables_layout import (
     iptables_restore,
     render,
 )
-from isoebpf.ir import IR, PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.backends.iptables.saved import Notes, Rule, SavedSet, parse_ipset_save, parse_iptables_save
+from isoebpf.cli import main
+from isoebpf.errors import BackendError
+from isoebpf.ir.evaluate import IPPROTO_ICMPV6, Classifier, Packet, decide
+from isoebpf.ir.tables import IR, PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.policygen import random_first_packet, random_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,14 +47,14 @@ PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "ipv6-icmp"
 
 
 def compiled(text: str) -> IR:
-    return compile_policy(policy.loads(text, "test.yaml"))
+    return pipeline.loads(text, "test.yaml").ir
 
 
 class Netfilter:
     """FORWARD, our chain and our sets, judging the first packet of a connection."""
 
     def __init__(self, ipset_text: str, v4: str, v6: str) -> None:
-        notes = _Notes()
+        notes = Notes()
         self.sets = parse_ipset_save(ipset_text, "ipset", notes)
         self.tables = {v: parse_iptables_save(t, f"ip{v}", notes) for v, t in ((4, v4), (6, v6)) if t}
         assert not notes.found, notes.found
@@ -216,7 +215,7 @@ def test_nested_rules_count_the_first_rule_in_file_order(kind: str) -> None:
 
 
 def test_seed_renders_the_documented_layout_in_working_order() -> None:
-    ir = compile_policy(policy.load(SEED))
+    ir = pipeline.read(SEED).ir
     ipset_text, v4, v6 = render(ir, set_types=(NET,))
     assert ipset_text == (
         "create dcos-overlays hash:net family inet\n"
@@ -250,7 +249,7 @@ def test_seed_renders_the_documented_layout_in_working_order() -> None:
 
 
 def test_full_layout_puts_the_guides_sets_before_the_default() -> None:
-    ir = compile_policy(policy.load(SEED))
+    ir = pipeline.read(SEED).ir
     layout = build(ir, set_types=SET_TYPES)
     assert layout.kind == FULL
     assert {s.name: s.type for s in layout.sets} == {
@@ -330,7 +329,7 @@ overlays:
 
 
 def test_chain_name_is_configurable_and_checked() -> None:
-    ir = compile_policy(policy.load(SEED))
+    ir = pipeline.read(SEED).ir
     assert "-j isolation-it-hr" in render(ir, chain="isolation-it-hr", set_types=(NET,))[1]
     for bad in ("FORWARD", "has space", "x" * 29, "-j"):
         with pytest.raises(BackendError, match="cannot name our chain"):
@@ -340,7 +339,7 @@ def test_chain_name_is_configurable_and_checked() -> None:
 
 
 def test_forward_edits_and_renamed_sets_are_the_backends_to_choose() -> None:
-    layout = build(compile_policy(policy.load(SEED)), set_types=(NET,))
+    layout = build(pipeline.read(SEED).ir, set_types=(NET,))
     text = iptables_restore(layout, 4, ["-R FORWARD 7 x"], {"dcos.it": "isoebpf-tmp-0"})
     assert "-R FORWARD 7 x\n" in text and "-I FORWARD" not in text
     assert "--match-set isoebpf-tmp-0 src -m set --match-set isoebpf-tmp-0 dst" in text

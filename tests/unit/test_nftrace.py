@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from isoebpf.backends import nftrace
+from isoebpf.backends.iptables import nftrace
 
 LISTING = """\
 table ip filter {

@@ -7,8 +7,8 @@ from dataclasses import replace
 import netaddr
 import pytest
 
-from isoebpf.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_SYN, Packet
-from isoebpf.ir import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_SYN, Packet
+from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.packets import (
     IPPROTO_DSTOPTS,
     IPPROTO_HOPOPTS,

@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from isoebpf import abi
-from isoebpf.backends import program
+from isoebpf.backends.ebpf import abi, program
 
 V6_ADDRESS = 0x2001_0db8_0000_0000_0000_0000_0000_0001
 SLOTS = (0, 1)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import netaddr
 
-from isoebpf import policy
-from isoebpf.policy import ANY_PORT, PortSpec
+from isoebpf import pipeline
+from isoebpf.errors import PolicyError
+from isoebpf.policy import parse
+from isoebpf.policy.model import ANY_PORT, PortSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +36,7 @@ interfaces: ["veth*", "vxlan*"]
 
 
 def test_the_contracts_example_loads_as_written() -> None:
-    loaded = policy.loads(CONTRACT_EXAMPLE, "policy.yaml")
+    loaded = parse.loads(CONTRACT_EXAMPLE, "policy.yaml")
     assert (loaded.default, loaded.deny_action) == ("deny", "reject")
     assert [o.name for o in loaded.overlays] == ["it", "hr", "lab"]
     assert loaded.overlay("hr").subnets == (netaddr.IPNetwork("192.168.0.0/16"),
@@ -49,13 +51,13 @@ def test_the_contracts_example_loads_as_written() -> None:
 
 
 def test_omitted_keys_take_the_guides_defaults() -> None:
-    loaded = policy.loads("version: 1\noverlays:\n  it: {subnets: [10.250.0.0/16]}\n")
+    loaded = parse.loads("version: 1\noverlays:\n  it: {subnets: [10.250.0.0/16]}\n")
     assert (loaded.default, loaded.deny_action, loaded.interfaces) == ("allow", "reject", None)
     assert loaded.timeouts == {"tcp": 21600, "tcp_closing": 10, "udp": 60, "icmp": 30}
 
 
 def test_bare_addresses_are_host_routes_and_timeouts_are_settable() -> None:
-    loaded = policy.loads(
+    loaded = parse.loads(
         "version: 1\noverlays:\n  it: {subnets: [10.250.0.0/16]}\n"
         "allow:\n  - {from: 10.250.0.1, to: it}\ntimeouts: {udp: 5}\n"
     )
@@ -64,7 +66,7 @@ def test_bare_addresses_are_host_routes_and_timeouts_are_settable() -> None:
 
 
 def test_warnings_are_located_and_do_not_fail() -> None:
-    loaded = policy.loads(
+    loaded = parse.loads(
         "version: 1\ndefault: deny\noverlays:\n"
         "  it: {subnets: [10.250.0.0/16, 10.250.1.0/24]}\n"
         "  hr: {subnets: [192.168.0.0/16]}\n"
@@ -84,13 +86,13 @@ def test_alias_bombs_are_refused_without_expanding_them() -> None:
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
               f"*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
     try:
-        policy.loads("\n".join(lines) + "\n")
-    except policy.PolicyError as err:
+        parse.loads("\n".join(lines) + "\n")
+    except PolicyError as err:
         assert "expands to more than" in str(err)
     else:
         raise AssertionError("an alias bomb was accepted")
 
 
 def test_seed_example_file_is_valid() -> None:
-    loaded = policy.load(ROOT / "examples" / "it-hr.yaml")
-    assert loaded.warnings == () and [r.index for r in loaded.rules] == [0]
+    loaded = pipeline.read(ROOT / "examples" / "it-hr.yaml")
+    assert loaded.warnings == () and [r.index for r in loaded.policy.rules] == [0]

@@ -7,9 +7,8 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isoebpf import policy
-from isoebpf.compiler import compile_policy
-from isoebpf.evaluate import Classifier, decide
+from isoebpf import pipeline
+from isoebpf.ir.evaluate import Classifier, decide
 from tests.policygen import naive_verdict, random_first_packet, random_policy
 
 POLICIES = 250
@@ -25,13 +24,13 @@ def test_compiled_policy_agrees_with_naive_evaluation() -> None:
     def check(rng: random.Random) -> None:
         nonlocal pairs
         generated = random_policy(rng)
-        loaded = policy.loads(generated.text, "generated.yaml")
-        classifier = Classifier(compile_policy(loaded))
+        compiled = pipeline.loads(generated.text, "generated.yaml")
+        classifier = Classifier(compiled.ir)
         for _ in range(PACKETS_PER_POLICY):
             pkt = random_first_packet(rng, generated)
             decision = decide(classifier, pkt)
             got = (decision.action, classifier.ir.rule(decision.rule).name)
-            assert got == naive_verdict(loaded, pkt), f"{pkt}\n{generated.text}"
+            assert got == naive_verdict(compiled.policy, pkt), f"{pkt}\n{generated.text}"
             pairs += 1
 
     check()

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from isoebpf import policy, state
-from isoebpf.agent import Agent
+from isoebpf.backends import state
 from isoebpf.cli import main
+from isoebpf.policy import trust
+from isoebpf.service.agent import Agent
 
 CONTROL = Path(__file__).resolve().parents[2] / "control"
 SEED = CONTROL.parent / "examples" / "it-hr.yaml"
@@ -73,10 +74,10 @@ def policy_copy(tmp_path: Path) -> Path:
 
 
 def test_a_private_policy_file_is_trusted(policy_copy: Path) -> None:
-    assert policy.untrusted(policy_copy) is None
+    assert trust.untrusted(policy_copy) is None
     link = policy_copy.parent / "link.yaml"
     link.symlink_to(policy_copy)
-    assert policy.untrusted(link) is None
+    assert trust.untrusted(link) is None
 
 
 @pytest.mark.parametrize(("file_mode", "dir_mode", "says"), [
@@ -89,19 +90,19 @@ def test_a_policy_others_can_change_is_untrusted(policy_copy: Path, file_mode: i
                                                  says: str) -> None:
     policy_copy.chmod(file_mode)
     policy_copy.parent.chmod(dir_mode)
-    problem = policy.untrusted(policy_copy)
+    problem = trust.untrusted(policy_copy)
     assert problem is not None
     assert re.search(says.replace("(", r"\(").replace(")", r"\)"), problem), problem
 
 
 def test_a_sticky_directory_is_fine(policy_copy: Path) -> None:
     policy_copy.parent.chmod(0o1777)
-    assert policy.untrusted(policy_copy) is None
+    assert trust.untrusted(policy_copy) is None
 
 
 def test_a_file_of_another_user_is_untrusted(policy_copy: Path) -> None:
     os.chown(policy_copy, 65534, 65534)
-    assert "belongs to uid 65534" in str(policy.untrusted(policy_copy))
+    assert "belongs to uid 65534" in str(trust.untrusted(policy_copy))
 
 
 def test_load_refuses_an_untrusted_policy_unless_forced(policy_copy: Path) -> None:

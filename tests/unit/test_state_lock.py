@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from isoebpf import state
+from isoebpf.backends import state
+from isoebpf.backends.state import Scope
 from isoebpf.errors import StateError
-from isoebpf.state import Scope
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ import json
 import netaddr
 import pytest
 
+from isoebpf.backends.interface import Verdict
 from isoebpf.errors import IsoebpfError
-from isoebpf.trace import Filters, Verdict, as_json, line
+from isoebpf.service.trace import Filters, as_json, line
 
 OVERLAYS = {"it": ["10.250.0.0/16"], "hr": ["192.168.0.0/16", "fd00:4852::/48"]}
 

@@ -1,0 +1,583 @@
+"""eBPF backend, kernel half: the `Backend` itself: compile once, pin, attach; update policy by generation; unload.
+
+Lifecycle (everything under the scope's lock):
+- first load: compile the program (bcc), pin its programs and maps under the
+  scope's pin directory, write the policy as generation 1, activate it, attach
+  to every matching interface; on any failure undo all of it;
+- later loads: open the pins, write generation g+1 into the slot g does not
+  use (only what differs from the policy that slot holds, usually g-1's), flip
+  the one config word (every packet sees wholly g or wholly g+1), keep g's
+  entries for the next update; no recompile. Connections the new policy
+  forbids are cut by the datapath itself (each conntrack entry remembers the
+  generation that allowed it);
+- unload: detach every attachment recorded or found by name, remove the pins
+  and the record. Safe to repeat.
+
+Crash safety (a command SIGKILLed anywhere): the datapath's config word, not the
+record, says which generation is live, so an update never writes into the
+live slot; the other slot's file (program.SlotFiles) is removed before writing
+into it, so a slot a killed update left half-written is rewritten whole. A
+first load leaves no record until it is complete: the next command finds its
+pins or attachments by name and removes them.
+
+Its neighbours: `program` (the maps), `bpfsys` (bpf(2)), `perf` (events), `capacity`;
+the shared floor's `state`, `links`, `interface`, `counts` below, and
+`registry`/`enforcer` above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import NetlinkError
+
+from ...errors import BackendError, IsoebpfError, StateError
+from ...ir.tables import IR
+from ...resource import Resource
+from .. import counts, links
+from ..interface import Attachment, LoadReport, Verdict, state_record
+from ..state import LAYOUT, Scope, ensure_bpffs, make_private
+from . import abi, bpfsys, capacity, perf, program
+
+BACKEND = "ebpf"
+PROG_PINS = {"xdp": "prog_xdp", "tc": "prog_tc"}
+
+# Why `auto` attaches where it does: measured here, allowed TCP through a router
+# namespace's veths (iperf3): no filter 14.7 Gbit/s, TC 16.7, native XDP 2.55.
+WHY_TC_VIRTUAL = "{kind}: TC keeps GRO; native XDP measured 2.55 vs 16.7 Gbit/s for TC"
+WHY_XDP_NATIVE = "physical device with a native XDP driver: earliest and cheapest hook"
+WHY_TC_FALLBACK = "no native XDP on this driver ({error}); TC clsact instead of generic XDP"
+WHY_GENERIC_ON_VETH = ("veth: native XDP_TX hands REJECT answers to the peer's XDP queue, which "
+                       "drops them unless the peer runs XDP too; generic XDP answers")
+
+
+def preflight(compiling: EarlyCompile | None = None) -> str | None:
+    """Why the eBPF backend cannot work here, or None when it can. A program
+    `compiling` that compiled and loaded shows what the probe would (and bcc is
+    never asked to compile twice at once)."""
+    try:
+        ensure_bpffs()
+        if compiling is None or not compiling.succeeded():
+            program.probe_compile()
+    except IsoebpfError as err:
+        return str(err)
+    return None
+
+
+class EarlyCompile:
+    """The program compiling on another thread while the caller parses and compiles
+    the policy: bcc compiles in C++ without holding the GIL, so on two cores a
+    first load hides most of the compile behind the Python work."""
+
+    def __init__(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isoebpf-compile")
+        self._future = pool.submit(lambda: program.compile_program())
+        pool.shutdown(wait=False)
+        self._taken = False
+
+    def take(self) -> tuple[program.CompiledProgram, float]:
+        """The compiled program (or the compile's error) and the seconds waited for it."""
+        started = time.monotonic()
+        self._taken = True
+        compiled = self._future.result()
+        return compiled, time.monotonic() - started
+
+    def discard(self) -> None:
+        """Release the program if no first load took it (an update, a fallback, an error)."""
+        if self._taken:
+            return
+        self._taken = True
+        with contextlib.suppress(IsoebpfError):  # a failed compile holds nothing
+            self._future.result().close()
+
+    def succeeded(self) -> bool:
+        """Wait for the compile; did it load the programs?"""
+        return self._future.exception() is None
+
+
+def compile_early(scope: Scope, record: dict[str, Any] | None) -> EarlyCompile | None:
+    """Start compiling now when the scope's next load is a first load (no reusable
+    program pinned beside its `record`); None when it is an update, which never compiles."""
+    if record is not None and _reusable(record, scope):
+        return None
+    return EarlyCompile()
+
+
+def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
+         force: bool = False, on_failure: str = "closed",
+         compiling: EarlyCompile | None = None) -> LoadReport:
+    """`compiling`: the program compile_early() started, taken by a first load;
+    `on_failure` is recorded (enforcer.load acts on it)."""
+    said = {"policy_path": policy_path, "on_failure": on_failure}
+    ensure_bpffs()
+    with scope.locked():
+        record = scope.read()
+        started = time.monotonic()
+        if record is not None and _reusable(record, scope):
+            return _update(ir, scope, record, globs, mode, said, force, started)
+        # A first load compiles maps of the planned sizes: refuse a policy that
+        # cannot fit them before compiling, pinning or tearing anything down.
+        capacity.check_first_load(ir)
+        return _first_load(ir, scope, record, globs, mode, said, force, started, compiling)
+
+
+def program_ids(scope: Scope) -> dict[str, int]:
+    """Kind ("xdp", "tc") -> id of the scope's pinned program."""
+    found = {}
+    for kind, pin in PROG_PINS.items():
+        fd = bpfsys.obj_get(str(scope.pin_dir / pin))
+        try:
+            found[kind] = bpfsys.prog_info(fd).id
+        finally:
+            os.close(fd)
+    return found
+
+
+def _ours_in_this_layout(record: dict[str, Any]) -> bool:
+    return record.get("layout") == LAYOUT and record.get("backend") == BACKEND
+
+
+def _reusable(record: dict[str, Any], scope: Scope) -> bool:
+    if not _ours_in_this_layout(record):
+        return False
+    needed = [*PROG_PINS.values(), *program.MAP_NAMES]
+    return all((scope.pin_dir / name).exists() for name in needed)
+
+
+def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
+    """What unusable state a first load finds in its way, or None (another backend's
+    record is not in its way: enforcer.load switches from that backend)."""
+    if record is not None and record.get("backend") in (BACKEND, None):
+        if not _ours_in_this_layout(record):
+            return f"layout {record.get('layout')} state from {record.get('loaded_at', '?')}"
+        return (f"the state of {record.get('loaded_at', '?')} without its pins under "
+                f"{scope.pin_dir} (was bpffs unmounted or remounted?)")
+    if scope.pin_dir.exists():
+        return "the pins of an interrupted command"
+    return None
+
+
+def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequence[str],
+                mode: str, said: dict[str, str], force: bool, started: float,
+                compiling: EarlyCompile | None) -> LoadReport:
+    replaced = _replaced(scope, record)
+    if compiling is not None:
+        compiled, waited = compiling.take()
+    else:
+        compiled = program.compile_program()
+        waited = compiled.compile_seconds
+    attachments: list[Attachment] = []
+    try:
+        # After compiling, so whatever still enforces goes only milliseconds before we do;
+        # always, because a killed first load may have attached before writing its record.
+        _teardown(scope, record)
+        scope.make_pin_dir()
+        pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
+                *((fd, name) for name, fd in compiled.map_fds.items())]
+        for fd, name in pins:
+            bpfsys.obj_pin(fd, str(scope.pin_dir / name))
+            make_private(scope.pin_dir / name)
+        generation, no_room = program.first_generation(compiled.map_fds, ir,
+                                                       _slot_files(scope, make=True))
+        attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, []).now
+        _save(scope, ir, generation, attachments, said, compiled.compile_seconds, carried={})
+        warnings = _next_update_warnings(no_room)
+    except BaseException:
+        _detach_all(scope, attachments)
+        _unpin(scope)
+        raise
+    finally:
+        compiled.close()
+    applied = time.monotonic() - started - waited
+    return LoadReport(generation, True, compiled.compile_seconds, applied, tuple(attachments),
+                      replaced, (), warnings)
+
+
+def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], mode: str,
+            said: dict[str, str], force: bool, started: float) -> LoadReport:
+    """Make before break: check the new policy fits, attach new interfaces (they
+    enforce the live policy meanwhile), make the new generation live, and only
+    then detach what is no longer wanted. A failure before the flip detaches
+    only what this update attached: the policy in force stays, where it was."""
+    maps = _open_maps(scope)
+    progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
+    try:
+        live = program.active_generation(maps)
+        known = [Attachment(**a) for a in record.get("attachments", [])]
+        slots = _slot_files(scope, make=True)
+        changed = record.get("digest") != ir.digest or int(record["generation"]) != live
+        tables = program.prepare_next(maps, ir, slots) if changed else None
+        attached = _attach_all(scope, progs, globs, mode, force, known)
+        carried = record.get("carried", {})
+        try:
+            new = live
+            if changed:
+                new = program.next_generation(maps, ir, slots, tables)
+                # Unequal generations: a killed update went live without its record, and
+                # the outgoing slot counts rules the record does not name.
+                counted = live if int(record["generation"]) == live else None
+                carried = program.carried_over(maps, counted, record["rules"], carried, ir)
+            _save(scope, ir, new, attached.now, said, float(record.get("compile_seconds", 0)),
+                  carried)
+        except BaseException:
+            # The live generation's slot was never written: flipping back restores
+            # the policy in force exactly (the connections the sweep cut are judged afresh).
+            program.set_active(maps, live)
+            _detach_all(scope, attached.added)
+            raise
+        detached = _retire(scope, attached.retired)
+        warnings = _next_update_warnings(program.room_for_next(maps, ir, tables)) \
+            if changed else ()
+    finally:
+        for fd in (*maps.values(), *progs.values()):
+            os.close(fd)
+    return LoadReport(new, False, 0.0, time.monotonic() - started, tuple(attached.now), None,
+                      detached, warnings)
+
+
+def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[str, ...]:
+    """Detach attachments the change in force no longer has; what was detached, and why."""
+    if not retired:
+        return ()
+    try:
+        _detach_all(scope, [a for a, _ in retired])
+    except (BackendError, NetlinkError) as err:
+        raise BackendError(f"the new policy is in force, but detaching from "
+                           f"{', '.join(a.ifname for a, _ in retired)} failed ({err}): "
+                           "'isoebpf unload' removes every attachment of ours") from err
+    return tuple(f"{a.ifname} ({a.mode}): {why}" for a, why in retired)
+
+
+def _next_update_warnings(no_room: Sequence[str]) -> tuple[str, ...]:
+    """What would refuse the next update (it writes its policy beside this one)."""
+    return tuple(f"the next update would not fit: {problem}" for problem in no_room)
+
+
+def _open_maps(scope: Scope) -> dict[str, int]:
+    return {name: bpfsys.obj_get(str(scope.pin_dir / name)) for name in program.MAP_NAMES}
+
+
+def choose_mode(sock: Any, link: links.Link, requested: str, prog_fds: dict[str, int],
+                our_xdp: int, force: bool) -> tuple[str, str, bool]:
+    """Attach one interface; return (mode, why, whether we added its clsact qdisc).
+
+    Another tool's XDP program, or another tool's TC filter in our slot, is
+    refused unless `force`; our own XDP program (`our_xdp`, its id: attached by
+    a command killed before it wrote its record) is simply attached again.
+    """
+    if requested == "tc" or (requested == "auto" and link.kind):
+        added = links.attach_tc(sock, link, prog_fds["tc"], replace=force)
+        return "tc", "requested" if requested == "tc" else WHY_TC_VIRTUAL.format(kind=link.kind), added
+    xdp_force = force or links.xdp_state(sock, link.index)[0] == our_xdp
+    if link.kind == "veth":
+        links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=xdp_force)
+        return "xdpgeneric", WHY_GENERIC_ON_VETH, False
+    try:
+        links.attach_xdp(sock, link, prog_fds["xdp"], "xdp", replace=xdp_force)
+        return "xdp", "requested" if requested == "xdp" else WHY_XDP_NATIVE, False
+    except BackendError as err:
+        if "already has an XDP program" in str(err):
+            raise
+        if requested == "xdp":
+            links.attach_xdp(sock, link, prog_fds["xdp"], "xdpgeneric", replace=xdp_force)
+            return "xdpgeneric", f"no native XDP on this driver ({err}); generic XDP", False
+        added = links.attach_tc(sock, link, prog_fds["tc"], replace=force)
+        return "tc", WHY_TC_FALLBACK.format(error=err), added
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """What an attach pass did: `kept`, `replaced` (ours again in the same hook, in
+    one step: a renamed interface) and `added` (on an interface that had none of
+    ours there) enforce from now on; `retired` are earlier attachments that still
+    enforce the policy in force and are to be detached once the change is live
+    (interfaces no longer matched, or moved to another hook), each with why."""
+
+    kept: list[Attachment]
+    replaced: list[Attachment]
+    added: list[Attachment]
+    retired: list[tuple[Attachment, str]]
+
+    @property
+    def now(self) -> list[Attachment]:
+        return self.kept + self.replaced + self.added
+
+
+def _hook(mode: str) -> str:
+    return "tc" if mode == "tc" else "xdp"
+
+
+def _attach_all(scope: Scope, prog_fds: dict[str, int], globs: Sequence[str], mode: str,
+                force: bool, known: list[Attachment]) -> _Attached:
+    """Attach to every matching interface not attached already; forget vanished ones.
+    Nothing is detached here: an attachment to retire keeps enforcing the policy in
+    force until the caller's change is live, so a failure leaves it exactly as it was."""
+    if not globs:
+        raise BackendError("no interfaces to enforce on: give --iface GLOB or 'interfaces:' "
+                           "in the policy")
+    with links.netlink(scope.netns) as sock:
+        present = {link.index: link for link in links.links(sock)}
+        wanted = links.matching(list(present.values()), globs)
+        if not wanted:
+            where = f"namespace '{scope.netns}'" if scope.netns else "this namespace"
+            raise BackendError(f"no interface in {where} matches {', '.join(globs)}")
+        wanted_indexes = {link.index for link in wanted}
+        kept = [a for a in known if a.ifindex in wanted_indexes
+                and present[a.ifindex].name == a.ifname
+                and (mode == "auto" or a.mode.startswith(mode)) and _attached(sock, a.as_record())]
+        stale = {a.ifindex: a for a in known if a not in kept and a.ifindex in present}
+        done = {a.ifindex for a in kept}
+        our_xdp = bpfsys.prog_info(prog_fds["xdp"]).id
+        added: list[Attachment] = []
+        replaced: list[Attachment] = []
+        retired: list[tuple[Attachment, str]] = []
+        try:
+            for link in wanted:
+                if link.index in done:
+                    continue
+                try:
+                    chosen, why, added_clsact = choose_mode(sock, link, mode, prog_fds, our_xdp,
+                                                            force)
+                except (BackendError, NetlinkError):
+                    if link.index not in {found.index for found in links.links(sock)}:
+                        continue  # deleted while we attached: nothing left to enforce on
+                    raise
+                attachment = Attachment(link.name, link.index, chosen, why, added_clsact,
+                                        our_xdp if chosen != "tc" else 0)
+                before = stale.pop(link.index, None)
+                if before is not None and _hook(before.mode) == _hook(chosen):
+                    # The attach replaced ours in place, and the clsact qdisc we once
+                    # added is still ours to remove.
+                    replaced.append(dataclasses.replace(
+                        attachment, added_clsact=added_clsact or before.added_clsact))
+                    continue
+                if before is not None:
+                    retired.append((before, f"now {chosen}"))
+                added.append(attachment)
+        except BaseException:
+            _detach(sock, added)
+            raise
+        retired += [(a, f"no longer matches {', '.join(globs)}") for a in stale.values()]
+        return _Attached(kept, replaced, added, retired)
+
+
+def _detach(sock: Any, attachments: Sequence[Attachment]) -> None:
+    for a in attachments:
+        link = links.Link(a.ifname, a.ifindex, "")
+        if a.mode == "tc":
+            links.detach_tc(sock, link, a.added_clsact)
+        elif links.xdp_state(sock, a.ifindex)[0] == a.prog_id:
+            links.detach_xdp(sock, link, a.mode)
+
+
+def _detach_all(scope: Scope, attachments: Sequence[Attachment]) -> None:
+    if not attachments:
+        return
+    with links.netlink(scope.netns) as sock:
+        _detach(sock, attachments)
+
+
+def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachment],
+          said: dict[str, str], compile_seconds: float, carried: counts.Carried) -> None:
+    """`said`: the command's policy_path and on_failure; `carried`: see counts."""
+    scope.write(state_record(BACKEND, scope, ir, said["policy_path"], generation, attachments,
+                               on_failure=said["on_failure"],
+                               compile_seconds=round(compile_seconds, 3), carried=carried))
+
+
+def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
+    """What each slot holds, beside the record; `make`: create its directory, root's alone."""
+    return program.SlotFiles(scope.make_run_dir() if make else scope.run_dir)
+
+
+def _unpin(scope: Scope) -> None:
+    """Remove the pins and the files saying what the pinned maps' slots hold."""
+    for slot in (0, 1):
+        _slot_files(scope).forget(slot)
+    if not scope.pin_dir.exists():
+        return
+    for pin in scope.pin_dir.iterdir():
+        pin.unlink()
+    scope.pin_dir.rmdir()
+
+
+def _teardown(scope: Scope, record: dict[str, Any] | None) -> list[str]:
+    """Detach what the record lists and anything of ours found by name; unpin; forget."""
+    removed = [] if scope.namespace_gone else _detach_ours(scope, record)
+    if scope.pin_dir.exists():
+        removed.append(f"pins under {scope.pin_dir}")
+    _unpin(scope)  # the slot files too, when bpffs lost the pins under us
+    if record is not None and record.get("backend") == BACKEND:
+        scope.forget()
+    return removed
+
+
+def _detach_ours(scope: Scope, record: dict[str, Any] | None) -> list[str]:
+    removed: list[str] = []
+    with links.netlink(scope.netns) as sock:
+        recorded = {a["ifindex"]: a for a in (record or {}).get("attachments", [])}
+        for link in links.links(sock):
+            prog_id, xdp_mode = links.xdp_state(sock, link.index)
+            entry = recorded.get(link.index)
+            ours = prog_id and ((entry and entry.get("prog_id") == prog_id)
+                                or bpfsys.prog_name(prog_id) == program.XDP_NAME)
+            if xdp_mode and ours:
+                links.detach_xdp(sock, link, "xdpgeneric" if xdp_mode == "xdpgeneric" else "xdp")
+                removed.append(f"{link.name} ({xdp_mode})")
+            if links.has_our_tc(sock, link.index):
+                links.detach_tc(sock, link, bool(entry and entry.get("added_clsact")))
+                removed.append(f"{link.name} (tc)")
+    return removed
+
+
+def unload(scope: Scope) -> list[str]:
+    """Remove everything of ours in the scope; returns what was detached."""
+    with scope.locked():
+        try:
+            record = scope.read()
+        except StateError:
+            record = None
+        return _teardown(scope, record)
+
+
+def drift(scope: Scope, ir: IR) -> list[str]:
+    """What no longer matches what we loaded: "kind:detail" strings, [] when all is in place."""
+    record = scope.read()
+    if record is None or record.get("backend") != BACKEND:
+        return ["state:missing"]
+    if not _reusable(record, scope):
+        return ["pins:missing"]
+    if record.get("digest") != ir.digest:
+        return ["policy:changed"]
+    found = []
+    with links.netlink(scope.netns) as sock:
+        present = {link.index for link in links.links(sock)}
+        for a in record["attachments"]:
+            if a["ifindex"] in present and not _attached(sock, a):
+                found.append(f"detached:{a['ifname']}")
+    return found
+
+
+def _attached(sock: Any, attachment: dict[str, Any]) -> bool:
+    if attachment["mode"] == "tc":
+        return links.has_our_tc(sock, attachment["ifindex"])
+    return links.xdp_state(sock, attachment["ifindex"]) == (attachment["prog_id"],
+                                                             attachment["mode"])
+
+
+def status(scope: Scope) -> dict[str, Any] | None:
+    record = scope.read()
+    if record is None:
+        return None
+    if record.get("backend") != BACKEND:
+        return record
+    if not _reusable(record, scope):
+        raise StateError(f"the record says the eBPF backend is loaded here, but its pins under "
+                         f"{scope.pin_dir} are gone (was bpffs unmounted?); the programs may "
+                         "still be attached. 'isoebpf load' pins and attaches afresh; "
+                         "'isoebpf unload' removes what is left")
+    maps = _open_maps(scope)
+    try:
+        # The record's rules count in its generation's slot: the live one, except
+        # between an update's flip and its record (or after a killed update).
+        counted = int(record["generation"])
+        record["generation"] = program.active_generation(maps)
+        names = {rule_id: (name, text) for rule_id, name, text in record["rules"]}
+        live = program.read_counters(maps, counted, sorted(names))
+        record["counters"] = counts.report(
+            [names[rule_id] for rule_id in live],
+            {names[rule_id][0]: count for rule_id, count in live.items()},
+            record.get("carried", {}))
+        record["connections"] = program.count_connections(maps)
+        record["maps"] = program.map_fill(maps)
+        record["programs"] = program_ids(scope)
+    finally:
+        for fd in maps.values():
+            os.close(fd)
+    with links.netlink(scope.netns) as sock:
+        present = {link.index: link for link in links.links(sock)}
+        for a in record["attachments"]:
+            if a["ifindex"] not in present:
+                a["state"] = "interface gone"
+            else:
+                a["state"] = "attached" if _attached(sock, a) else "detached"
+                a["prog_id"] = record["programs"]["tc" if a["mode"] == "tc" else "xdp"]
+    return record
+
+
+class Tracer(Resource):
+    """Verdict events from the loaded program, while this is open (`with`).
+
+    Opening sets the program's event rate (per CPU and second; beyond it the
+    kernel counts verdicts as suppressed instead of sending them); closing sets
+    it back to 0, so the datapath sends nothing when nobody traces.
+    """
+
+    def __init__(self, scope: Scope, per_second: int) -> None:
+        self.scope = scope
+        self.per_second = per_second
+        self.suppressed = 0
+        self.lost = 0
+        self._maps: dict[str, int] = {}
+        self._events: perf.PerfEventArray | None = None
+        self._suppressed_before = 0
+        self._rules: dict[int, tuple[str, str]] = {}
+        self._ifnames: dict[int, str] = {}
+
+    def _open(self) -> None:
+        record = self.scope.read()
+        if record is None or record.get("backend") != BACKEND:
+            raise BackendError("no eBPF program is loaded here")
+        self._learn(record)
+        self._maps = {name: bpfsys.obj_get(str(self.scope.pin_dir / name))
+                      for name in ("event_rate", "event_tokens")}
+        self._events = perf.PerfEventArray(str(self.scope.pin_dir / "events"))
+        self._suppressed_before = program.suppressed_events(self._maps)
+        program.set_event_rate(self._maps, self.per_second)
+
+    def close(self) -> None:
+        if "event_rate" in self._maps:
+            program.set_event_rate(self._maps, 0)
+        if "event_tokens" in self._maps:
+            self.suppressed = program.suppressed_events(self._maps) - self._suppressed_before
+        if self._events is not None:
+            self.lost = self._events.lost
+            self._events.close()
+            self._events = None
+        for fd in self._maps.values():
+            os.close(fd)
+        self._maps = {}
+
+    def _learn(self, record: dict[str, Any]) -> None:
+        """Rule names and interface names, from the state record (the agent keeps it current)."""
+        self._rules = {int(i): (str(name), str(text)) for i, name, text in record["rules"]}
+        self._ifnames = {int(a["ifindex"]): str(a["ifname"]) for a in record["attachments"]}
+
+    def verdicts(self, timeout: float) -> Iterator[Verdict]:
+        """The verdicts that arrive within `timeout` seconds."""
+        assert self._events is not None, "use Tracer in a with statement"
+        for raw in self._events.poll(timeout):
+            if len(raw) < ctypes.sizeof(abi.VerdictEvent):
+                continue
+            event = abi.VerdictEvent.from_buffer_copy(raw)
+            if event.rule not in self._rules or event.ifindex not in self._ifnames:
+                record = self.scope.read()  # a policy update or a new interface since
+                if record is not None:
+                    self._learn(record)
+            name, text = self._rules.get(event.rule, (f"rule {event.rule}", "unknown rule"))
+            yield Verdict(event.timestamp_ns, self._ifnames.get(event.ifindex, f"if{event.ifindex}"),
+                          event.family, event.proto, program.address(event.family, event.src), event.sport,
+                          program.address(event.family, event.dst), event.dport,
+                          abi.ACTION_NAMES.get(event.action, str(event.action)), name, text)
+
+
+def tracer(scope: Scope, per_second: int) -> Tracer:
+    return Tracer(scope, per_second)

@@ -1,0 +1,587 @@
+"""eBPF backend, kernel half: the program compiled with bcc, and its maps read and written.
+
+Compiling happens once per load of the backend; everything after works on raw
+map fds (`maps`: name -> fd), so a later process that opened the maps from
+their pins can update the policy and read counters without bcc or a
+recompile. Only this module (and its siblings) imports bcc.
+
+Policy updates go by generation, in two slots (bpf/maps.h explains why):
+`first_generation` fills fresh maps, `next_generation` writes the slot the
+live generation does not use and flips to it; `SlotFiles` remembers what
+each slot holds, so that an update writes only what differs from it.
+
+Used by `backend`; built on `bpfsys`, `abi` and `capacity`; judges connections with `ir.evaluate`.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import marshal
+import operator
+import re
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import netaddr
+from bcc import BPF
+
+from ...errors import BackendError, ProgramRejected
+from ...ir import evaluate
+from ...ir.evaluate import Classifier
+from ...ir.tables import IR, PROTO_TCP, PROTO_UDP
+from .. import counts
+from ..state import write_atomically
+from . import abi, bpfsys, capacity
+
+BPF_DIR = capacity.BPF_DIR
+SOURCE = BPF_DIR / "isoebpf.c"
+XDP_NAME = "xdp_isoebpf"
+TC_NAME = "tc_isoebpf"
+MAP_NAMES = abi.MAP_NAMES
+
+# Map sizes a user may raise at compile time, from the environment of the
+# command that compiles (`ISOEBPF_MAX_CONNECTIONS=1000000 isoebpf load ...`).
+SIZE_MACROS = ("ISOEBPF_MAX_RULES", *sorted(set(abi.MAP_SIZE_MACROS.values()) - {"ISOEBPF_MAX_RULES"}))
+
+_LOCAL_INCLUDE = re.compile(r'#include "([^"]+)"\s*$')
+
+# The maps that hold policy tables, each keyed by slot (generation & 1).
+_POLICY_MAPS: dict[str, type[ctypes.Structure]] = {
+    "classes_v4": abi.ClassV4Key,
+    "classes_v6": abi.ClassV6Key,
+    "exceptions": abi.ExceptionKey,
+    "hairpins": abi.HairpinKey,
+    "allowed": abi.AllowKey,
+}
+
+Maps = Mapping[str, int]
+
+
+def source() -> str:
+    """isoebpf.c with its local headers inlined, each once.
+
+    bcc rewrites map accesses only in the file it compiles, never in included
+    headers; the #line markers keep compiler and verifier messages pointing at
+    the real files and lines.
+    """
+    return _inline(SOURCE, set())
+
+
+def _inline(path: Path, seen: set[Path]) -> str:
+    lines = [f'#line 1 "{path}"']
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        match = _LOCAL_INCLUDE.match(line)
+        if match is None:
+            lines.append(line)
+            continue
+        header = (path.parent / match.group(1)).resolve()
+        if header not in seen:
+            seen.add(header)
+            lines.append(_inline(header, seen))
+        lines.append(f'#line {number + 1} "{path}"')
+    return "\n".join(lines) + "\n"
+
+
+def size_flags(sizes: Mapping[str, int] | None = None) -> list[str]:
+    """-D flags for map sizes: explicit `sizes` first, then the environment."""
+    chosen = capacity.environment_sizes()
+    for macro, value in (sizes or {}).items():
+        if macro not in SIZE_MACROS:
+            raise BackendError(f"unknown map size {macro} (known: {', '.join(SIZE_MACROS)})")
+        chosen[macro] = value
+    return [f"-D{macro}={value}" for macro, value in sorted(chosen.items())]
+
+
+@dataclass
+class CompiledProgram:
+    """The two programs and every map, alive as long as this object (or their pins)."""
+
+    bpf: Any
+    prog_fds: dict[str, int]  # "xdp", "tc"
+    map_fds: dict[str, int]
+    compile_seconds: float
+
+    def close(self) -> None:
+        """Release our fds; pinned programs and maps live on."""
+        self.bpf.cleanup()
+
+
+def compile_program(sizes: Mapping[str, int] | None = None) -> CompiledProgram:
+    """Compile and load both programs and create the maps (takes a few seconds)."""
+    cflags = ["-Wall", "-Werror", f"-I{BPF_DIR}", *size_flags(sizes)]
+    started = time.monotonic()
+    try:
+        bpf = BPF(text=source().encode(), cflags=cflags)
+    except Exception as err:  # bcc raises a bare Exception; clang's messages went to stderr
+        raise BackendError(f"bcc could not compile {SOURCE} ({err}); the compiler's messages "
+                           "are above. Are kernel headers installed (scripts/setup.sh)?") from err
+    try:
+        xdp = bpf.load_func(XDP_NAME.encode(), BPF.XDP)
+        tc = bpf.load_func(TC_NAME.encode(), BPF.SCHED_CLS)
+    except Exception as err:  # the verifier's log went to stderr
+        bpf.cleanup()
+        raise ProgramRejected(f"the kernel refused the program ({err}); the verifier's log is "
+                              "above") from err
+    elapsed = time.monotonic() - started
+    map_fds = {name: int(bpf.get_table(name.encode()).map_fd) for name in MAP_NAMES}
+    return CompiledProgram(bpf, {"xdp": int(xdp.fd), "tc": int(tc.fd)}, map_fds, elapsed)
+
+
+def probe_compile() -> None:
+    """Can bcc compile and the kernel load an XDP program here? Raise BackendError if not."""
+    probe = b"int isoebpf_probe(struct xdp_md *ctx) { return XDP_PASS; }"
+    try:
+        bpf = BPF(text=probe, cflags=["-Wall", "-Werror"])
+    except Exception as err:
+        raise BackendError(f"bcc cannot compile a trivial program ({err}): are kernel headers "
+                           "installed (scripts/setup.sh)?") from err
+    try:
+        bpf.load_func(b"isoebpf_probe", BPF.XDP)
+    except Exception as err:
+        raise BackendError(f"the kernel refused a trivial XDP program ({err}): run as root "
+                           "(or with CAP_BPF and CAP_NET_ADMIN)") from err
+    finally:
+        bpf.cleanup()
+
+
+# -- writing a policy ---------------------------------------------------------
+
+
+def max_rules(maps: Maps) -> int:
+    """Counter slots per generation, as the loaded program was compiled."""
+    return bpfsys.map_info(maps["counters"]).max_entries // 2
+
+
+def _seconds_to_ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+def params_of(ir: IR) -> abi.Params:
+    return abi.Params(
+        tcp_timeout_ns=_seconds_to_ns(ir.timeouts["tcp"]),
+        tcp_closing_timeout_ns=_seconds_to_ns(ir.timeouts["tcp_closing"]),
+        udp_timeout_ns=_seconds_to_ns(ir.timeouts["udp"]),
+        icmp_timeout_ns=_seconds_to_ns(ir.timeouts["icmp"]),
+        # Read at call time, so tests can shorten it.
+        fragment_timeout_ns=_seconds_to_ns(evaluate.FRAGMENT_TIMEOUT),
+        default_action=abi.ACTIONS[ir.default_action],
+    )
+
+
+# A slot's policy tables as plain values, so that two policies compare entry by
+# entry: map name -> {key fields: value fields}.
+Tables = dict[str, dict[tuple[int, ...], tuple[int, ...]]]
+
+
+def slot_of(gen: int) -> int:
+    """The half of the policy tables and counters that generation `gen` lives in."""
+    return gen & 1
+
+
+_ALLOW_KEY_FIELDS = operator.attrgetter("match_bits", "src_class", "dst_class", "proto", "port")
+
+
+def tables_of(ir: IR) -> Tables:
+    """The entries `ir` takes in each policy map, without the slot."""
+    classes: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {4: {}, 6: {}}
+    for c in ir.classes:
+        network = c.network  # a policy CIDR: no host bits, so its value is its first address
+        classes[network.version][(network.prefixlen, network.value)] = (c.class_id, c.overlay_id)
+    return {
+        "classes_v4": classes[4],
+        "classes_v6": classes[6],
+        "exceptions": {(e.src_class, e.dst_class): (e.rule,) for e in ir.exceptions},
+        "hairpins": {(o.id,): (o.hairpin_rule,) for o in ir.overlays if o.hairpin_rule},
+        "allowed": {_ALLOW_KEY_FIELDS(a): (a.rule,) for a in ir.allowed},
+    }
+
+
+# Keys and values packed by struct in abi's layouts (tests/unit/test_packing.py
+# compares them byte for byte): a ctypes struct per entry cost 7 us, which made
+# writing 100k entries take seconds. The LPM keys begin with a native u32 prefix
+# length and go on big-endian, so they pack big-endian with that length swapped.
+_NATIVE_U32_AS_BIG = tuple(int.from_bytes(n.to_bytes(4, sys.byteorder), "big") for n in range(256))
+_CLASS_V4 = struct.Struct(">III")  # prefixlen, slot, address
+_CLASS_V6 = struct.Struct(">IIQQ")  # prefixlen, slot, address (high, low half)
+_ALLOW = struct.Struct(">IIIIBHx")  # prefixlen, slot, src class, dst class, proto, port
+_LOW64 = 2**64 - 1
+_VALUES = {"classes_v4": struct.Struct("=II"), "classes_v6": struct.Struct("=II"),
+           "exceptions": struct.Struct("=I"), "hairpins": struct.Struct("=I"),
+           "allowed": struct.Struct("=I")}
+_NATIVE_KEYS = {"exceptions": struct.Struct("=III"), "hairpins": struct.Struct("=II")}
+
+
+def key_packer(name: str, slot: int) -> Callable[[tuple[int, ...]], bytes]:
+    """fields -> the packed key of map `name` in `slot` (fields as in Tables)."""
+    swapped = _NATIVE_U32_AS_BIG
+    if name == "classes_v4":
+        v4 = _CLASS_V4.pack
+        return lambda f: v4(swapped[abi.CLASS_FIXED_BITS + f[0]], slot, f[1])
+    if name == "classes_v6":
+        v6 = _CLASS_V6.pack
+        return lambda f: v6(swapped[abi.CLASS_FIXED_BITS + f[0]], slot, f[1] >> 64, f[1] & _LOW64)
+    if name == "allowed":
+        allow = _ALLOW.pack
+        return lambda f: allow(swapped[abi.ALLOW_FIXED_BITS + f[0]], slot, *f[1:])
+    native = _NATIVE_KEYS[name].pack
+    return lambda f: native(slot, *f)
+
+
+def value_packer(name: str) -> Callable[..., bytes]:
+    """value fields -> the packed value of map `name`."""
+    return _VALUES[name].pack
+
+
+def _slot_entries(maps: Maps, slot: int) -> dict[str, list[bytes]]:
+    """The keys each policy map holds in `slot`, read from the kernel (one call per key)."""
+    found: dict[str, list[bytes]] = {}
+    for name, key_type in _POLICY_MAPS.items():
+        found[name] = [raw for raw in bpfsys.map_keys(maps[name], ctypes.sizeof(key_type))
+                       if key_type.from_buffer_copy(raw).slot == slot]
+    return found
+
+
+def write_generation(maps: Maps, ir: IR, gen: int, held: Tables | None = None,
+                     beside: Mapping[str, int] | None = None) -> Tables:
+    """Write `ir` as generation `gen` into its slot, beside the active generation
+    in the other; packets do not see it yet. Returns the slot's tables.
+
+    `held` is what the slot holds now: only the entries that differ are written
+    and deleted. None: unknown, so every entry of the slot goes first (a slot a
+    killed update left half-written). `beside`: how many entries each map holds
+    in the other slot (None: counted in the kernel). A policy that does not fit
+    is refused before anything is written."""
+    tables = tables_of(ir)
+    _check_fits(maps, ir, gen, tables, beside)
+    _write(maps, ir, gen, tables, held)
+    return tables
+
+
+def _check_fits(maps: Maps, ir: IR, gen: int, tables: Tables,
+                beside: Mapping[str, int] | None) -> None:
+    if not 1 <= gen < 2**32:
+        raise BackendError(f"generation {gen} is out of range (1 to 2^32-1): unload and load again")
+    if beside is None:
+        beside = {name: len(keys) for name, keys in _slot_entries(maps, 1 - slot_of(gen)).items()}
+    capacity.check(ir, _room(maps), beside, needed=_needed(ir, tables))
+
+
+def _needed(ir: IR, tables: Tables) -> dict[str, int]:
+    return {**entry_counts(tables), "counters": capacity.rule_slots(ir)}
+
+
+def entry_counts(tables: Tables) -> dict[str, int]:
+    return {name: len(table) for name, table in tables.items()}
+
+
+def _write(maps: Maps, ir: IR, gen: int, tables: Tables, held: Tables | None) -> None:
+    slot = slot_of(gen)
+    slots = max_rules(maps)
+    bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
+    zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
+    # Only the slots this policy's rules count in (_check_fits made sure it has them):
+    # the others are never read for it.
+    used = capacity.rule_slots(ir)
+    indexes = array.array("I", range(slot * slots, slot * slots + used))
+    bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * used, used)
+    _write_tables(maps, slot, tables, held)
+
+
+def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) -> None:
+    """Make `slot` hold `tables`, given what it `held` (None: unknown)."""
+    if held is None:
+        for name, keys in _slot_entries(maps, slot).items():
+            bpfsys.map_delete_many(maps[name], keys)
+        held = {}
+    for name, table in tables.items():
+        before = held.get(name, {})
+        if before == table:  # one dict comparison, in C: most maps of a small change
+            continue
+        pack_key, pack_value = key_packer(name, slot), value_packer(name)
+        # Comprehensions, not set operations on items(): no set of 100k pairs to build.
+        gone = [pack_key(key) for key in before if key not in table]
+        bpfsys.map_delete_many(maps[name], gone)
+        changed = [key for key, value in table.items() if before.get(key) != value]
+        bpfsys.map_update_packed(maps[name], b"".join(map(pack_key, changed)),
+                                 b"".join(pack_value(*table[key]) for key in changed), len(changed))
+
+
+def _room(maps: Maps) -> dict[str, int]:
+    return {"counters": max_rules(maps),
+            **{name: bpfsys.map_info(maps[name]).max_entries for name in _POLICY_MAPS}}
+
+
+@dataclass(frozen=True)
+class SlotFiles:
+    """What each slot of one program's policy maps holds, remembered in a file
+    per slot (under the scope's /run directory) so that an update writes only
+    what differs.
+
+    A file exists only while its slot holds exactly what it says: it goes
+    before the slot is written and comes back after, so a command killed in
+    between leaves none, and the next update rewrites that slot whole. marshal,
+    not JSON: it reads 100,000 entries in tens of milliseconds; the file is
+    root's alone, and one it cannot read means "unknown" too. A short header
+    (whose maps, how many entries) comes first, so the slot an update does not
+    write into costs no more than that."""
+
+    directory: Path
+
+    def path(self, slot: int) -> Path:
+        return self.directory / f"slot-{slot}"
+
+    def _load(self, maps: Maps, slot: int, whole: bool) -> tuple[dict[str, int], Tables] | None:
+        try:
+            with self.path(slot).open("rb") as saved:
+                size = int.from_bytes(saved.read(4), "little")
+                identity, counts = marshal.loads(saved.read(size))
+                # The maps of another load (a killed unload left the file) hold nothing of it.
+                if identity != _maps_identity(maps):
+                    return None
+                # One read, then marshal.loads: marshal.load reads a file in small pieces.
+                return counts, (marshal.loads(saved.read()) if whole else {})
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+
+    def read(self, maps: Maps, slot: int) -> Tables | None:
+        """What `slot` holds, or None: unknown."""
+        loaded = self._load(maps, slot, whole=True)
+        return loaded[1] if loaded else None
+
+    def read_counts(self, maps: Maps, slot: int) -> dict[str, int] | None:
+        """How many entries each map holds in `slot`, or None: unknown."""
+        loaded = self._load(maps, slot, whole=False)
+        return loaded[0] if loaded else None
+
+    def forget(self, slot: int) -> None:
+        self.path(slot).unlink(missing_ok=True)
+
+    def remember(self, maps: Maps, slot: int, tables: Tables) -> None:
+        header = marshal.dumps((_maps_identity(maps), entry_counts(tables)))
+        write_atomically(self.path(slot),
+                         len(header).to_bytes(4, "little") + header + marshal.dumps(tables))
+
+
+def _maps_identity(maps: Maps) -> list[int]:
+    return [bpfsys.map_info(maps[name]).id for name in _POLICY_MAPS]
+
+
+def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> tuple[int, list[str]]:
+    """Write `ir` into freshly created maps as generation 1 and make it active;
+    returns 1 and why an update to a policy of its size would not fit (room_for_next).
+
+    The other slot gets the same policy where both fit, so that the first update
+    is a difference too."""
+    for slot in (0, 1):
+        slots.forget(slot)
+    tables = write_generation(maps, ir, 1, held={}, beside={})
+    activate(maps, ir, 1)
+    slots.remember(maps, 1, tables)
+    copy: Tables = {}
+    no_room = room_for_next(maps, ir, tables)
+    if not no_room:
+        _write_tables(maps, 0, tables, {})
+        copy = tables
+    slots.remember(maps, 0, copy)
+    return 1, no_room
+
+
+def room_for_next(maps: Maps, ir: IR, tables: Tables | None = None) -> list[str]:
+    """Why an update to a policy the size of `ir` would not fit beside it (an update
+    writes the new policy while the one in force stays), or [] when it would."""
+    tables = tables if tables is not None else tables_of(ir)
+    needed = _needed(ir, tables)
+    return capacity.problems(ir, _room(maps), needed, needed)
+
+
+def prepare_next(maps: Maps, ir: IR, slots: SlotFiles) -> Tables:
+    """`ir`'s tables, once sure they fit beside the live generation's entries; a
+    policy that does not is refused before the update writes or attaches anything."""
+    tables = tables_of(ir)
+    new = active_generation(maps) + 1
+    _check_fits(maps, ir, new, tables, slots.read_counts(maps, 1 - slot_of(new)))
+    return tables
+
+
+def next_generation(maps: Maps, ir: IR, slots: SlotFiles, tables: Tables | None = None) -> int:
+    """Make `ir` the active policy as the generation after the live one; returns it.
+    `tables`: prepare_next's (None: checked here).
+
+    Writes into the slot the live generation does not use only what differs
+    from what that slot holds (the policy before the live one, usually), and
+    leaves the live generation's entries in place for the next update."""
+    if tables is None:
+        tables = prepare_next(maps, ir, slots)
+    new = active_generation(maps) + 1
+    slot = slot_of(new)
+    held = slots.read(maps, slot)
+    slots.forget(slot)
+    _write(maps, ir, new, tables, held)
+    activate(maps, ir, new)
+    slots.remember(maps, slot, tables)
+    return new
+
+
+def activate(maps: Maps, ir: IR, gen: int) -> None:
+    """Make `gen` the policy every packet from now on is judged by, then cut the
+    connections it forbids.
+
+    The flip is one word, so each packet sees wholly one policy. The datapath
+    re-judges a connection lazily when its next packet arrives; the sweep here
+    cuts the others now, so that a connection this policy forbids stays cut
+    even if the next policy would allow it again (as evaluate.Conntrack.revalidate).
+    """
+    set_active(maps, gen)
+    classifier: Classifier | None = None  # built only when there is a connection to judge
+    allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
+    forbidden: list[bytes] = []
+    for raw in bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey)):
+        verdict_key = _verdict_key(raw)
+        if verdict_key not in allowed:
+            classifier = classifier or Classifier(ir)
+            first = evaluate.first_packet(flow_of(abi.FlowKey.from_buffer_copy(raw)))
+            allowed[verdict_key] = classifier.judge(first).action == "allow"
+        if not allowed[verdict_key]:
+            forbidden.append(raw)
+    bpfsys.map_delete_many(maps["conntrack"], forbidden)
+
+
+def set_active(maps: Maps, gen: int) -> None:
+    """The one word every packet reads first: which generation judges it."""
+    bpfsys.map_update(maps["config"], ctypes.c_uint32(0), ctypes.c_uint32(gen))
+
+
+_SPORT = slice(abi.FlowKey.sport.offset, abi.FlowKey.sport.offset + abi.FlowKey.sport.size)
+_PORTS = slice(abi.FlowKey.sport.offset, abi.FlowKey.dport.offset + abi.FlowKey.dport.size)
+_PROTO = abi.FlowKey.proto.offset
+
+
+def _verdict_key(raw: bytes) -> bytes:
+    """A conntrack key without what a first packet's verdict never depends on: the
+    source port, and both ports (the echo id) outside TCP and UDP."""
+    cut = _SPORT if raw[_PROTO] in (PROTO_TCP, PROTO_UDP) else _PORTS
+    return raw[:cut.start] + bytes(cut.stop - cut.start) + raw[cut.stop:]
+
+
+def active_generation(maps: Maps) -> int:
+    raw = bpfsys.map_lookup(maps["config"], ctypes.c_uint32(0), ctypes.sizeof(ctypes.c_uint32))
+    return ctypes.c_uint32.from_buffer_copy(raw).value if raw else 0
+
+
+def set_event_rate(maps: Maps, per_second: int) -> None:
+    """Let each CPU send at most `per_second` verdict events a second (0: none)."""
+    bpfsys.map_update(maps["event_rate"], ctypes.c_uint32(0), ctypes.c_uint32(per_second))
+
+
+def suppressed_events(maps: Maps) -> int:
+    """Verdicts the rate limit kept from being sent while tracing, summed over CPUs."""
+    return sum(b.suppressed for b in _percpu(maps, "event_tokens", 0, abi.TokenBucket))
+
+
+# -- reading state ------------------------------------------------------------
+
+
+def address(family: int, raw: ctypes.Array[ctypes.c_uint8]) -> netaddr.IPAddress:
+    """An address as keys and events hold it (IPv4 in the first 4 bytes)."""
+    data = bytes(raw)
+    if family == abi.FAMILY_IPV4:
+        return netaddr.IPAddress(int.from_bytes(data[:4], "big"), 4)
+    return netaddr.IPAddress(int.from_bytes(data, "big"), 6)
+
+
+def flow_of(key: abi.FlowKey) -> evaluate.FlowKey:
+    """A conntrack key as the evaluator writes flows: (proto, src, sport, dst, dport)."""
+    return (key.proto, address(key.family, key.src), key.sport,
+            address(key.family, key.dst), key.dport)
+
+
+def _percpu(maps: Maps, name: str, index: int, value_type: type[ctypes.Structure]) -> list[Any]:
+    size = ctypes.sizeof(value_type)
+    stride = (size + 7) // 8 * 8  # the kernel rounds each CPU's value up to 8 bytes
+    raw = bpfsys.map_lookup(maps[name], ctypes.c_uint32(index), stride * bpfsys.possible_cpus())
+    if raw is None:
+        return []
+    return [value_type.from_buffer_copy(raw, cpu * stride) for cpu in range(len(raw) // stride)]
+
+
+def read_counter(maps: Maps, gen: int, rule: int) -> tuple[int, int]:
+    """(packets, bytes) of one rule in generation `gen`'s slot, summed over CPUs."""
+    return read_counters(maps, gen, [rule])[rule]
+
+
+def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Rule id -> (packets, bytes) for these rules of generation `gen`, summed over CPUs:
+    one batch read of the slot's counters up to the highest id asked for."""
+    wanted = list(rules)
+    slots = max_rules(maps)
+    cpus = bpfsys.possible_cpus()
+    words = ctypes.sizeof(abi.Counter) // 8  # u64 fields: no padding between CPUs' values
+    read = max((r for r in wanted if 0 <= r < slots), default=-1) + 1
+    raw = bpfsys.map_lookup_range(maps["counters"], slot_of(gen) * slots, read, words * 8 * cpus)
+    values = array.array("Q", raw)  # per rule, per CPU: the fields of struct counter
+    stride = words * cpus
+
+    def summed(field: int) -> Iterator[int]:
+        """One field of every rule, summed over CPUs (zip and sum loop in C)."""
+        return map(sum, zip(*(values[cpu * words + field // 8::stride] for cpu in range(cpus)),
+                            strict=True))
+
+    per_rule = list(zip(summed(abi.Counter.packets.offset), summed(abi.Counter.bytes.offset),
+                        strict=True))
+    return {rule: per_rule[rule] if 0 <= rule < read else (0, 0) for rule in wanted}
+
+
+def carried_over(maps: Maps, outgoing: int | None, rules: Sequence[Sequence[Any]],
+                 carried: Mapping[str, Sequence[int]], ir: IR) -> counts.Carried:
+    """What each rule of `ir`, now live, carries from the policy it replaced: those
+    `rules` ([id, name, text], as the state record lists them) counted what they
+    `carried` and what is in generation `outgoing`'s slot (None: that slot counts
+    other rules, and only `carried` is known).
+
+    Read after the flip, not before: a packet that read the config word just
+    before it still counts in the outgoing slot, and none counts there later."""
+    live: dict[str, counts.Count] = {}
+    if outgoing is not None:
+        names = {int(rule_id): str(name) for rule_id, name, _ in rules}
+        live = {names[i]: count for i, count in read_counters(maps, outgoing, names).items()
+                if count != (0, 0)}  # a rule that counted nothing carries nothing
+    return counts.carry(counts.totals(live, carried), [(str(n), str(t)) for _, n, t in rules],
+                        [(r.name, r.text) for r in ir.rules])
+
+
+def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:
+    """Every conntrack entry, expired ones included (the datapath ignores those)."""
+    fd = maps["conntrack"]
+    for raw in bpfsys.map_keys(fd, ctypes.sizeof(abi.FlowKey)):
+        value = bpfsys.map_lookup(fd, raw, ctypes.sizeof(abi.FlowState))
+        if value is not None:
+            yield abi.FlowKey.from_buffer_copy(raw), abi.FlowState.from_buffer_copy(value)
+
+
+def count_connections(maps: Maps) -> int:
+    return sum(1 for _ in bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey)))
+
+
+def map_fill(maps: Maps) -> dict[str, dict[str, int]]:
+    """Entries and capacity of every map that fills up (hash, LRU and LPM maps)."""
+    fill: dict[str, dict[str, int]] = {}
+    for name in abi.MAP_SIZE_MACROS:
+        if name == "counters":
+            continue
+        info = bpfsys.map_info(maps[name])
+        entries = sum(1 for _ in bpfsys.map_keys(maps[name], info.key_size))
+        fill[name] = {"entries": entries, "max_entries": info.max_entries}
+    return fill
+
+
+def clear(maps: Maps, name: str) -> int:
+    """Delete every entry of a hash or LPM map (tests start each scenario clean)."""
+    fd = maps[name]
+    size = bpfsys.map_info(fd).key_size
+    return sum(bpfsys.map_delete(fd, raw) for raw in list(bpfsys.map_keys(fd, size)))
