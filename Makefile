@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak bench bench-quick clean
+.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak bench bench-quick architecture clean
 
 setup:
 	@bash scripts/setup.sh
@@ -43,6 +43,11 @@ bench: setup
 
 bench-quick: setup
 	PYTHONPATH=. $(PYTHON) -m bench --quick
+
+# docs/architecture.dot and .svg: the package's import graph by stage, drawn from the code
+# (tests/unit/test_architecture.py fails when the committed picture is out of date).
+architecture: setup
+	$(PYTHON) -m tests.architecture docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -24,8 +24,10 @@ fi
 #   netsniff-ng         trafgen: the benchmarks' packet generator (one pinned process)
 #   python3-matplotlib  the benchmarks' plots (the venv sees system site-packages)
 #   vagrant             `vagrant validate` keeps vagrant/Vagrantfile valid
+#   graphviz            `make architecture` draws docs/architecture.svg with dot
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
-          iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant)
+          iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant
+          graphviz)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
