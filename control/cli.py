@@ -254,9 +254,14 @@ def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, 
     result: dict[str, Any] = {"policy": policy_file, "digest": ir.digest, "netns": scope.netns,
                               "interfaces": globs, "dry_run": dry_run, "why": why,
                               "warnings": _diagnostics(compiled.warnings)}
-    if dry_run:
-        return {**result, "backend": chosen, "switch_from": enforcer.switch_from(scope, chosen)}
     extra = {"chain": chain} if chain else {}
+    if dry_run:
+        try:
+            plan = enforcer.plan(chosen, scope, ir, **extra)
+        except (IsoebpfError, OSError) as err:  # not root: neither pins nor rules can be read
+            plan = [f"unknown: {err}"]
+        return {**result, "backend": chosen, "switch_from": enforcer.switch_from(scope, chosen),
+                "plan": plan}
     chosen, report, notes = enforcer.load(backend_name, chosen, ir, scope, globs, mode, policy_file,
                                          force=force, on_failure=on_failure, compiling=compiling,
                                         **extra)
@@ -280,6 +285,9 @@ def _say_enforced(result: dict[str, Any]) -> None:
                        f"is loaded and verified first, then {previous}'s enforcement is removed")
         click.echo(f"would enforce {what} on interfaces matching "
                    f"{', '.join(result['interfaces']) or '(none given)'}; nothing changed")
+        click.echo("loading would change:")
+        for line in result["plan"]:
+            click.echo(f"  {line}")
         return
     for note in result["notes"]:
         click.echo(note)

@@ -54,6 +54,12 @@ def switch_from(scope: Scope, chosen: str) -> str | None:
     return current
 
 
+def plan(chosen: str, scope: Scope, ir: IR, **extra: Any) -> list[str]:
+    """What loading `ir` with `chosen` would change in `scope` (a switch: all of `chosen`'s
+    first load); `extra` as for load()."""
+    return registry.get(chosen).plan(scope, ir, **extra)
+
+
 def compile_early(requested: str, scope: Scope) -> Any | None:
     """Start compiling the eBPF program, on another thread, when `--backend requested`
     may well load it into a scope that has none yet (a first load): the compile then

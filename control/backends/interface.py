@@ -105,6 +105,11 @@ class Backend(Protocol):
         A backend may take options of its own beside these (iptables: `chain`)."""
         ...
 
+    def plan(self, scope: Scope, ir: IR) -> list[str]:
+        """What loading `ir` would change in `scope`, one '<what>: <change>' line each;
+        reads the kernel and the scope's state, changes nothing (`load --dry-run`)."""
+        ...
+
     def status(self, scope: Scope) -> dict[str, Any] | None:
         """The record of what is loaded, read back live (None: nothing of this backend)."""
         ...

@@ -13,7 +13,7 @@ import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from isoebpf.backends.ebpf import abi, bpfsys, program
+from isoebpf.backends.ebpf import abi, bpfsys, entries, program
 from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack
 from isoebpf.ir.tables import IR, PROTO_ICMP, PROTO_TCP, RULE_MALFORMED, RULE_UNFILTERED
 from tests.packets import Parsed, parse, parse_reply
@@ -31,7 +31,7 @@ ICMPV4_ERRORS = {3, 4, 5, 11, 12}  # RFC 1122 3.2.2: never answered with an erro
 def slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]]:
     """What the kernel holds in one slot of the policy maps."""
     found = set()
-    for name, key_type in program._POLICY_MAPS.items():
+    for name, (key_type, _) in entries.POLICY_MAPS.items():
         info = bpfsys.map_info(maps[name])
         for raw in bpfsys.map_keys(maps[name], info.key_size):
             if key_type.from_buffer_copy(raw).slot == slot:
@@ -41,8 +41,8 @@ def slot_contents(maps: program.Maps, slot: int) -> set[tuple[str, bytes, bytes]
 
 def policy_entries(ir: IR, slot: int) -> Iterator[tuple[str, bytes, bytes]]:
     """(map, key, value), packed, for every policy table entry of `ir` in slot `slot`."""
-    for name, table in program.tables_of(ir).items():
-        pack_key, pack_value = program.key_packer(name, slot), program.value_packer(name)
+    for name, table in entries.tables_of(ir).items():
+        pack_key, pack_value = entries.key_packer(name, slot), entries.value_packer(name)
         for key, value in table.items():
             yield name, pack_key(key), pack_value(*value)
 
@@ -75,7 +75,7 @@ class Datapath:
         self.gen = program.active_generation(self.maps)
         # What each slot holds, so that every policy switch writes only the
         # difference, as the backend's updates do (fresh maps hold nothing).
-        self.held: dict[int, program.Tables] = {0: {}, 1: {}} if self.gen == 0 else {}
+        self.held: dict[int, entries.Tables] = {0: {}, 1: {}} if self.gen == 0 else {}
 
     def load(self, ir: IR, *, sweep: bool = True) -> None:
         """Replace the policy as the backend does. `sweep=False` flips the config
@@ -85,7 +85,7 @@ class Datapath:
         beside = self.held.get(1 - slot)
         self.held[slot] = program.write_generation(
             self.maps, ir, new, self.held.get(slot),
-            program.entry_counts(beside) if beside is not None else None)
+            entries.entry_counts(beside) if beside is not None else None)
         if sweep:
             program.activate(self.maps, ir, new)
         else:

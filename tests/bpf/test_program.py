@@ -13,7 +13,7 @@ import pytest
 
 from isoebpf import pipeline
 from isoebpf.backends import counts
-from isoebpf.backends.ebpf import abi, bpfsys, program
+from isoebpf.backends.ebpf import abi, bpfsys, entries, program
 from isoebpf.errors import BackendError
 from isoebpf.ir import evaluate
 from isoebpf.ir.evaluate import TCP_SYN
@@ -170,7 +170,7 @@ def test_updates_write_the_difference_and_leave_each_slot_exact(tmp_path: Path) 
             slot = program.slot_of(gen)
             assert slot_contents(maps, slot) == slot_wanted(ir, slot)
             assert slot_contents(maps, 1 - slot) == slot_wanted(before, 1 - slot)
-            assert slots.read(maps, slot) == program.tables_of(ir)
+            assert slots.read(maps, slot) == entries.tables_of(ir)
         # Killed while writing: the next slot's file gone, half of some policy in it.
         slot = program.slot_of(program.active_generation(maps) + 1)
         slots.forget(slot)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from isoebpf.backends.ebpf import entries
 from isoebpf.backends.state import Scope
 from isoebpf.ir.tables import IR
 from isoebpf.lab.testbed import Testbed
@@ -152,3 +153,31 @@ def test_a_namespace_that_does_not_exist_is_refused_before_anything_is_written()
     assert agent.returncode == 1 and said in agent.stderr, agent
     assert not scope.run_dir.exists(), "no failure record, no state record"
     assert not scope.pin_dir.exists() and not scope.lock_path.exists()
+
+
+@pytest.mark.parametrize("backend", ["ebpf", "iptables"])
+def test_a_dry_run_says_what_loading_would_change_and_changes_nothing(
+        testbed: Testbed, policies: dict[str, tuple[Path, IR]], unloaded: None, backend: str) -> None:
+    (path_a, ir_a), (path_b, ir_b) = policies["A"], policies["B"]
+    load = ["load", "--backend", backend, "--netns", testbed.router, "--iface", "v-*"]
+    first = one_document(isoebpf(*load, str(path_a), "--dry-run", "--json").stdout)
+    assert first["plan"][0] == ("program: compile, pin and attach (a first load)"
+                                if backend == "ebpf" else "set: dcos-overlays is missing")
+    assert Scope(testbed.router).read() is None, "a dry run writes nothing"
+    isoebpf(*load, str(path_a))
+    would = one_document(isoebpf(*load, str(path_b), "--dry-run", "--json").stdout)
+    if backend == "ebpf":
+        plan = entries.diff(entries.tables_of(ir_a), entries.tables_of(ir_b))
+        assert would["plan"] == ["generation 1 -> 2: the pinned program is reused", *(
+            f"map {name}: write {w} {'entry' if w == 1 else 'entries'}, "
+            f"delete {d} {'entry' if d == 1 else 'entries'}"
+            for name, (w, d) in plan.counts().items())]
+    else:
+        assert "chain: iptables dcos-isolation is missing or changed" in would["plan"]
+    assert Scope(testbed.router).read()["digest"] == ir_a.digest, "still A after the dry run"
+    assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+    isoebpf(*load, str(path_b))
+    again = one_document(isoebpf(*load, str(path_b), "--dry-run", "--json").stdout)
+    assert again["plan"] == (["generation 2 -> 3: the pinned program is reused", "maps: no entry changes"]
+                             if backend == "ebpf" else ["nothing: this policy is in force as it is"])
+    assert Scope(testbed.router).read()["digest"] == ir_b.digest

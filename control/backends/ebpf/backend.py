@@ -45,7 +45,7 @@ from ...resource import Resource
 from .. import counts, links
 from ..interface import Attachment, LoadReport, Verdict, state_record
 from ..state import LAYOUT, Scope, ensure_bpffs, make_private
-from . import abi, bpfsys, capacity, perf, program
+from . import abi, bpfsys, capacity, entries, perf, program
 
 BACKEND = "ebpf"
 PROG_PINS = {"xdp": "prog_xdp", "tc": "prog_tc"}
@@ -259,6 +259,37 @@ def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[st
 def _next_update_warnings(no_room: Sequence[str]) -> tuple[str, ...]:
     """What would refuse the next update (it writes its policy beside this one)."""
     return tuple(f"the next update would not fit: {problem}" for problem in no_room)
+
+
+def plan(scope: Scope, ir: IR) -> list[str]:
+    """What loading `ir` would change here, as '<what>: <change>' lines; changes nothing.
+    An update's entries are counted against the live generation's: what the policy in
+    force would gain and lose."""
+    wanted = entries.tables_of(ir)
+    record = scope.read()
+    if record is None or not _reusable(record, scope):
+        return ["program: compile, pin and attach (a first load)",
+                *(f"map {name}: write {_entries(n)}" for name, n in entries.entry_counts(wanted).items()
+                  if n)]
+    maps = _open_maps(scope)
+    try:
+        live = program.active_generation(maps)
+        have = _slot_files(scope).read(maps, program.slot_of(live))
+    finally:
+        for fd in maps.values():
+            os.close(fd)
+    change = entries.diff(have, wanted)
+    said = [f"generation {live} -> {live + 1}: the pinned program is reused"]
+    if change.clear:
+        said.append("maps: what the live generation holds is not on record here: "
+                    "the update writes every entry")
+    said += [f"map {name}: write {_entries(written)}, delete {_entries(deleted)}"
+             for name, (written, deleted) in change.counts().items()]
+    return said if len(said) > 1 else [*said, "maps: no entry changes"]
+
+
+def _entries(count: int) -> str:
+    return f"{count} {'entry' if count == 1 else 'entries'}"
 
 
 def _open_maps(scope: Scope) -> dict[str, int]:

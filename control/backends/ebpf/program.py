@@ -18,12 +18,9 @@ from __future__ import annotations
 import array
 import ctypes
 import marshal
-import operator
 import re
-import struct
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from ...ir.tables import IR, PROTO_TCP, PROTO_UDP
 from .. import counts
 from ..state import write_atomically
 from . import abi, bpfsys, capacity
+from .entries import POLICY_MAPS, Plan, Tables, diff, entry_counts, key_packer, tables_of, value_packer
 
 BPF_DIR = capacity.BPF_DIR
 SOURCE = BPF_DIR / "isoebpf.c"
@@ -50,15 +48,6 @@ MAP_NAMES = abi.MAP_NAMES
 SIZE_MACROS = ("ISOEBPF_MAX_RULES", *sorted(set(abi.MAP_SIZE_MACROS.values()) - {"ISOEBPF_MAX_RULES"}))
 
 _LOCAL_INCLUDE = re.compile(r'#include "([^"]+)"\s*$')
-
-# The maps that hold policy tables, each keyed by slot (generation & 1).
-_POLICY_MAPS: dict[str, type[ctypes.Structure]] = {
-    "classes_v4": abi.ClassV4Key,
-    "classes_v6": abi.ClassV6Key,
-    "exceptions": abi.ExceptionKey,
-    "hairpins": abi.HairpinKey,
-    "allowed": abi.AllowKey,
-}
 
 Maps = Mapping[str, int]
 
@@ -174,74 +163,15 @@ def params_of(ir: IR) -> abi.Params:
     )
 
 
-# A slot's policy tables as plain values, so that two policies compare entry by
-# entry: map name -> {key fields: value fields}.
-Tables = dict[str, dict[tuple[int, ...], tuple[int, ...]]]
-
-
 def slot_of(gen: int) -> int:
     """The half of the policy tables and counters that generation `gen` lives in."""
     return gen & 1
 
 
-_ALLOW_KEY_FIELDS = operator.attrgetter("match_bits", "src_class", "dst_class", "proto", "port")
-
-
-def tables_of(ir: IR) -> Tables:
-    """The entries `ir` takes in each policy map, without the slot."""
-    classes: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {4: {}, 6: {}}
-    for c in ir.classes:
-        network = c.network  # a policy CIDR: no host bits, so its value is its first address
-        classes[network.version][(network.prefixlen, network.value)] = (c.class_id, c.overlay_id)
-    return {
-        "classes_v4": classes[4],
-        "classes_v6": classes[6],
-        "exceptions": {(e.src_class, e.dst_class): (e.rule,) for e in ir.exceptions},
-        "hairpins": {(o.id,): (o.hairpin_rule,) for o in ir.overlays if o.hairpin_rule},
-        "allowed": {_ALLOW_KEY_FIELDS(a): (a.rule,) for a in ir.allowed},
-    }
-
-
-# Keys and values packed by struct in abi's layouts (tests/unit/test_packing.py
-# compares them byte for byte): a ctypes struct per entry cost 7 us, which made
-# writing 100k entries take seconds. The LPM keys begin with a native u32 prefix
-# length and go on big-endian, so they pack big-endian with that length swapped.
-_NATIVE_U32_AS_BIG = tuple(int.from_bytes(n.to_bytes(4, sys.byteorder), "big") for n in range(256))
-_CLASS_V4 = struct.Struct(">III")  # prefixlen, slot, address
-_CLASS_V6 = struct.Struct(">IIQQ")  # prefixlen, slot, address (high, low half)
-_ALLOW = struct.Struct(">IIIIBHx")  # prefixlen, slot, src class, dst class, proto, port
-_LOW64 = 2**64 - 1
-_VALUES = {"classes_v4": struct.Struct("=II"), "classes_v6": struct.Struct("=II"),
-           "exceptions": struct.Struct("=I"), "hairpins": struct.Struct("=I"),
-           "allowed": struct.Struct("=I")}
-_NATIVE_KEYS = {"exceptions": struct.Struct("=III"), "hairpins": struct.Struct("=II")}
-
-
-def key_packer(name: str, slot: int) -> Callable[[tuple[int, ...]], bytes]:
-    """fields -> the packed key of map `name` in `slot` (fields as in Tables)."""
-    swapped = _NATIVE_U32_AS_BIG
-    if name == "classes_v4":
-        v4 = _CLASS_V4.pack
-        return lambda f: v4(swapped[abi.CLASS_FIXED_BITS + f[0]], slot, f[1])
-    if name == "classes_v6":
-        v6 = _CLASS_V6.pack
-        return lambda f: v6(swapped[abi.CLASS_FIXED_BITS + f[0]], slot, f[1] >> 64, f[1] & _LOW64)
-    if name == "allowed":
-        allow = _ALLOW.pack
-        return lambda f: allow(swapped[abi.ALLOW_FIXED_BITS + f[0]], slot, *f[1:])
-    native = _NATIVE_KEYS[name].pack
-    return lambda f: native(slot, *f)
-
-
-def value_packer(name: str) -> Callable[..., bytes]:
-    """value fields -> the packed value of map `name`."""
-    return _VALUES[name].pack
-
-
 def _slot_entries(maps: Maps, slot: int) -> dict[str, list[bytes]]:
     """The keys each policy map holds in `slot`, read from the kernel (one call per key)."""
     found: dict[str, list[bytes]] = {}
-    for name, key_type in _POLICY_MAPS.items():
+    for name, (key_type, _) in POLICY_MAPS.items():
         found[name] = [raw for raw in bpfsys.map_keys(maps[name], ctypes.sizeof(key_type))
                        if key_type.from_buffer_copy(raw).slot == slot]
     return found
@@ -259,7 +189,7 @@ def write_generation(maps: Maps, ir: IR, gen: int, held: Tables | None = None,
     is refused before anything is written."""
     tables = tables_of(ir)
     _check_fits(maps, ir, gen, tables, beside)
-    _write(maps, ir, gen, tables, held)
+    _write(maps, ir, gen, diff(held, tables))
     return tables
 
 
@@ -276,11 +206,8 @@ def _needed(ir: IR, tables: Tables) -> dict[str, int]:
     return {**entry_counts(tables), "counters": capacity.rule_slots(ir)}
 
 
-def entry_counts(tables: Tables) -> dict[str, int]:
-    return {name: len(table) for name, table in tables.items()}
-
-
-def _write(maps: Maps, ir: IR, gen: int, tables: Tables, held: Tables | None) -> None:
+def _write(maps: Maps, ir: IR, gen: int, plan: Plan) -> None:
+    """Write `ir`'s parameters, zeroed counters and `plan` into generation `gen`'s slot."""
     slot = slot_of(gen)
     slots = max_rules(maps)
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
@@ -290,31 +217,26 @@ def _write(maps: Maps, ir: IR, gen: int, tables: Tables, held: Tables | None) ->
     used = capacity.rule_slots(ir)
     indexes = array.array("I", range(slot * slots, slot * slots + used))
     bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * used, used)
-    _write_tables(maps, slot, tables, held)
+    write_plan(maps, slot, plan)
 
 
-def _write_tables(maps: Maps, slot: int, tables: Tables, held: Tables | None) -> None:
-    """Make `slot` hold `tables`, given what it `held` (None: unknown)."""
-    if held is None:
+def write_plan(maps: Maps, slot: int, plan: Plan) -> None:
+    """Carry out `plan` in `slot`: its deletions, then its writes, map by map."""
+    if plan.clear:
         for name, keys in _slot_entries(maps, slot).items():
             bpfsys.map_delete_many(maps[name], keys)
-        held = {}
-    for name, table in tables.items():
-        before = held.get(name, {})
-        if before == table:  # one dict comparison, in C: most maps of a small change
-            continue
+    for name, change in plan.changes.items():
         pack_key, pack_value = key_packer(name, slot), value_packer(name)
-        # Comprehensions, not set operations on items(): no set of 100k pairs to build.
-        gone = [pack_key(key) for key in before if key not in table]
-        bpfsys.map_delete_many(maps[name], gone)
-        changed = [key for key, value in table.items() if before.get(key) != value]
-        bpfsys.map_update_packed(maps[name], b"".join(map(pack_key, changed)),
-                                 b"".join(pack_value(*table[key]) for key in changed), len(changed))
+        table = plan.want[name]
+        bpfsys.map_delete_many(maps[name], [pack_key(key) for key in change.delete])
+        bpfsys.map_update_packed(maps[name], b"".join(map(pack_key, change.write)),
+                                 b"".join(pack_value(*table[key]) for key in change.write),
+                                 len(change.write))
 
 
 def _room(maps: Maps) -> dict[str, int]:
     return {"counters": max_rules(maps),
-            **{name: bpfsys.map_info(maps[name]).max_entries for name in _POLICY_MAPS}}
+            **{name: bpfsys.map_info(maps[name]).max_entries for name in POLICY_MAPS}}
 
 
 @dataclass(frozen=True)
@@ -369,7 +291,7 @@ class SlotFiles:
 
 
 def _maps_identity(maps: Maps) -> list[int]:
-    return [bpfsys.map_info(maps[name]).id for name in _POLICY_MAPS]
+    return [bpfsys.map_info(maps[name]).id for name in POLICY_MAPS]
 
 
 def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> tuple[int, list[str]]:
@@ -386,7 +308,7 @@ def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> tuple[int, list[st
     copy: Tables = {}
     no_room = room_for_next(maps, ir, tables)
     if not no_room:
-        _write_tables(maps, 0, tables, {})
+        write_plan(maps, 0, diff({}, tables))
         copy = tables
     slots.remember(maps, 0, copy)
     return 1, no_room
@@ -420,9 +342,9 @@ def next_generation(maps: Maps, ir: IR, slots: SlotFiles, tables: Tables | None 
         tables = prepare_next(maps, ir, slots)
     new = active_generation(maps) + 1
     slot = slot_of(new)
-    held = slots.read(maps, slot)
+    plan = diff(slots.read(maps, slot), tables)
     slots.forget(slot)
-    _write(maps, ir, new, tables, held)
+    _write(maps, ir, new, plan)
     activate(maps, ir, new)
     slots.remember(maps, slot, tables)
     return new

@@ -555,6 +555,20 @@ def drift(scope: Scope, ir: IR) -> list[str]:
     return differences(layout, _read_state(tools))
 
 
+def plan(scope: Scope, ir: IR, chain: str | None = None) -> list[str]:
+    """What loading `ir` would change here ('<kind>: <what>' lines, as drift says them);
+    changes nothing."""
+    try:
+        record = scope.read()
+    except StateError:
+        record = None
+    mine = record if record and record.get("backend") == BACKEND else None
+    found, _ = set_types()
+    layout = build(ir, chain or (mine or {}).get("chain") or DEFAULT_CHAIN, found)
+    return differences(layout, _read_state(_Tools(scope.netns, flavour()))) or [
+        "nothing: this policy is in force as it is"]
+
+
 def canary(scope: Scope) -> list[str]:
     """The cheap check the agent makes between read-backs ('<kind>: <what>'; [] if fine).
 
