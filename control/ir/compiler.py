@@ -1,5 +1,14 @@
 """IR stage: policy model -> IR, in pure Python; the same policy always gives the same tables.
 
+A `Compiler` holds a compiled policy in a form that a changed policy can be
+compiled against: `update` keeps the numbering (a class keeps its id while the
+policy names its CIDR, a rule its id while its identity stays, see
+tables.rule_identities), recompiles only what the allow rules that came and
+went touch, and says which entries changed (`Delta`), so a one-rule change
+costs that rule's entries and the address classes it splits or merges, not the
+policy's size. Changes to overlays or exceptions compile afresh under the same
+numbering. `compile_policy` is a fresh Compiler's IR: ids in file order.
+
 Reads the policy stage's model (`isoebpf.policy.model`), builds `tables.IR`; its
 neighbours are `lint` (warnings about what it built) and `evaluate` (the
 reference semantics on what it built).
@@ -7,7 +16,12 @@ reference semantics on what it built).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import heapq
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import netaddr
 
@@ -24,10 +38,13 @@ from .tables import (
     ExceptionPair,
     OverlayInfo,
     RuleInfo,
-    with_digest,
 )
 
 PrefixKey = tuple[int, int, int]  # (proto, port, match_bits)
+NetKey = tuple[int, int, int]  # (version, network address, prefix length)
+Pair = tuple[NetKey, NetKey]  # (source class, destination class), by CIDR
+AllowKey = tuple[int, int, int, int, int]  # (match bits, src class, dst class, proto, port): the map's key
+K = TypeVar("K")
 
 
 def port_prefixes(low: int, high: int) -> Iterator[tuple[int, int]]:
@@ -60,51 +77,480 @@ def _ancestors(key: PrefixKey) -> Iterator[PrefixKey]:
         yield 0, 0, 0
 
 
-NetKey = tuple[int, int, int]  # (version, network address, prefix length)
-
-
 def _key(net: netaddr.IPNetwork) -> NetKey:
     """A policy CIDR's identity as plain ints: cheap to hash and to sort, where
     netaddr computes `first`/`last` on each call (a large policy names 200k CIDRs)."""
     return net.version, net.value, net.prefixlen
 
 
-class _ClassTree:
-    """Named prefixes in depth-first order, so each prefix's subtree is one slice."""
+def _contains(outer: NetKey, inner: NetKey) -> bool:
+    width = 32 if outer[0] == 4 else 128
+    return (outer[0] == inner[0] and outer[2] <= inner[2]
+            and inner[1] >> (width - outer[2]) == outer[1] >> (width - outer[2]))
 
-    def __init__(self, policy: Policy) -> None:
-        # Every CIDR the policy names, with the overlay that holds it.
-        named: dict[NetKey, tuple[netaddr.IPNetwork, str]] = {}
+
+def _describe(rule: AllowRule) -> str:
+    ports = ", ".join(str(p) for p in rule.ports)
+    return f"{rule.src.text} -> {rule.dst.text} {ports}"
+
+
+@dataclass(frozen=True)
+class _Said:
+    """An exception or allow rule as the compiler reads it: what it names and lists."""
+
+    identity: str  # as tables.rule_identities says it
+    text: str
+    src: tuple[NetKey, ...]
+    dst: tuple[NetKey, ...]
+    keys: tuple[PrefixKey, ...]  # allow rules; () for exceptions
+
+
+@dataclass
+class Delta:
+    """The entries an update changed, by table, in the numbering of the IR it made:
+    what to write (new or changed) and what to delete. Pure values, keyed as the
+    IR's tables are (classes by network key, the others by class ids)."""
+
+    classes_written: dict[NetKey, tuple[int, int]] = field(default_factory=dict)  # (class, overlay)
+    classes_deleted: list[NetKey] = field(default_factory=list)
+    exceptions_written: dict[tuple[int, int], int] = field(default_factory=dict)
+    exceptions_deleted: list[tuple[int, int]] = field(default_factory=list)
+    allowed_written: dict[AllowKey, int] = field(default_factory=dict)
+    allowed_deleted: list[AllowKey] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Numbering:
+    """The ids an IR gave its classes (by CIDR), overlays (by name) and rules (by
+    identity): what a later compile keeps, so that what stays keeps its entries."""
+
+    classes: dict[NetKey, int]
+    overlays: dict[str, int]
+    rules: dict[str, int]
+
+    def as_plain(self) -> tuple[dict[NetKey, int], dict[str, int], dict[str, int]]:
+        """For marshal (the eBPF backend keeps the numbering in force beside its record)."""
+        return self.classes, self.overlays, self.rules
+
+
+class Compiler:
+    """One policy compiled, and the state that compiles the next one as a difference."""
+
+    policy: Policy
+    ir: IR
+    # The class tree: every CIDR the policy names, the overlay that holds it, how many
+    # subnets and endpoints name it, its nearest named ancestor and its named children.
+    owner: dict[NetKey, str]
+    nets: dict[NetKey, netaddr.IPNetwork]
+    namers: dict[NetKey, int]
+    parent: dict[NetKey, NetKey | None]
+    kids: dict[NetKey, list[NetKey]]
+    # The numbering: kept by an update for what both policies name.
+    class_ids: dict[NetKey, int]
+    free_class_ids: _Ids
+    overlay_ids: dict[str, int]
+    rule_ids: dict[str, int]  # by rule identity; exceptions, hairpins, allow rules
+    free_rule_ids: _Ids
+    hairpin: dict[str, bool]  # overlay -> does traffic inside it pass as hairpin
+    exceptions: list[_Said]
+    rules: list[_Said]
+    said: dict[int, _Said]  # rule id -> the exception or allow rule
+    rank: dict[int, int]  # allow rule id -> its place among the allow rules
+    exception_rank: dict[int, int]
+    users: dict[NetKey, set[int]]  # CIDR -> the rules and exceptions naming it
+    exception_pairs: dict[Pair, list[int]]  # -> the exceptions making it unfiltered
+    listed: dict[Pair, dict[PrefixKey, list[int]]]  # -> prefix -> the allow rules listing it
+    resolved: dict[Pair, dict[PrefixKey, int]]  # -> the allowed map's entries of the pair
+    _seen: _Seen | None  # while an update runs: what it touched, as it was
+
+    def __init__(self, policy: Policy, numbering: Numbering | None = None) -> None:
+        """Compile `policy`; with a `numbering`, keep its ids for what it numbers."""
+        self._build(policy, numbering)
+
+    def numbering(self) -> Numbering:
+        return Numbering(dict(self.class_ids), dict(self.overlay_ids), dict(self.rule_ids))
+
+    # -- compiling afresh ------------------------------------------------------
+
+    def _build(self, policy: Policy, numbering: Numbering | None) -> None:
+        self.policy = policy
+        self._seen = None
+        self.owner = {}
+        self.nets = {}
+        self.namers = {}
         for overlay in policy.overlays:
             for net in overlay.subnets:
-                named[_key(net)] = (net, overlay.name)
+                self._name(_key(net), net, overlay.name)
         for endpoint in _endpoints(policy):
             for net in endpoint.cidrs:
-                named.setdefault(_key(net), (net, endpoint.overlay))
+                self._name(_key(net), net, endpoint.overlay)
+        self.parent = {}
+        self.kids = {}
+        stack: list[NetKey] = []
         # Policy CIDRs have no host bits, so (version, address, length) sorts as
         # (version, first, -last): containers before what they contain.
-        keys = sorted(named)
-        self.order = [named[k][0] for k in keys]
-        self.owners = [named[k][1] for k in keys]
-        self.class_of = {k: i + 1 for i, k in enumerate(keys)}
-        # end[i]: one past the last descendant of order[i] in depth-first order.
-        self.end = [0] * len(keys)
-        stack: list[tuple[int, int, int]] = []  # (index, version, last address)
-        for i, (version, first, length) in enumerate(keys):
-            while stack and not (stack[-1][1] == version and first <= stack[-1][2]):
-                self.end[stack.pop()[0]] = i
-            width = 32 if version == 4 else 128
-            stack.append((i, version, first | ((1 << (width - length)) - 1)))
-        for i, _, _ in stack:
-            self.end[i] = len(keys)
+        for key in sorted(self.owner):
+            while stack and not _contains(stack[-1], key):
+                stack.pop()
+            above = stack[-1] if stack else None
+            self.parent[key] = above
+            if above is not None:
+                self.kids.setdefault(above, []).append(key)
+            stack.append(key)
 
-    def classes(self, endpoint: Endpoint) -> list[int]:
-        """Every class whose addresses lie inside the endpoint."""
-        found: list[int] = []
-        for net in endpoint.cidrs:
-            first = self.class_of[_key(net)] - 1
-            found.extend(range(first + 1, self.end[first] + 1))
+        old = numbering or Numbering({}, {}, {})
+        self.class_ids, self.free_class_ids = _numbered(sorted(self.owner), old.classes, 1)
+        self.overlay_ids, _ = _numbered([o.name for o in policy.overlays], old.overlays, 1)
+        self.hairpin = {o.name: not o.isolated for o in policy.overlays}
+
+        self.exceptions = _exceptions_said(policy)
+        self.rules = _rules_said(policy)
+        identities = [s.identity for s in self.exceptions] + [
+            f"hairpin {o.name}" for o in policy.overlays if not o.isolated] + [
+            s.identity for s in self.rules]
+        self.rule_ids, self.free_rule_ids = _numbered(identities, old.rules, FIRST_POLICY_RULE)
+        self.said = {self.rule_ids[s.identity]: s for s in (*self.exceptions, *self.rules)}
+        self.rank = {self.rule_ids[s.identity]: i for i, s in enumerate(self.rules)}
+        self.exception_rank = {self.rule_ids[s.identity]: i for i, s in enumerate(self.exceptions)}
+
+        # Who names each CIDR (for the classes a new CIDR splits off its ancestors).
+        self.users = {}
+        self.exception_pairs = {}
+        for said in self.exceptions:
+            rule_id = self.rule_ids[said.identity]
+            self._use(said, rule_id)
+            for pair in self._pairs(said):
+                self.exception_pairs.setdefault(pair, []).append(rule_id)
+        self.listed = {}
+        for said in self.rules:
+            rule_id = self.rule_ids[said.identity]
+            self._use(said, rule_id)
+            self._list(said, rule_id, self._pairs(said))
+        self.resolved = {
+            pair: self._resolve(table) for pair, table in self.listed.items()}
+        self._finish(policy)
+
+    def _name(self, key: NetKey, net: netaddr.IPNetwork, overlay: str) -> None:
+        self.owner.setdefault(key, overlay)
+        self.nets.setdefault(key, net)
+        self.namers[key] = self.namers.get(key, 0) + 1
+
+    def _use(self, said: _Said, rule_id: int) -> None:
+        for key in (*said.src, *said.dst):
+            self.users.setdefault(key, set()).add(rule_id)
+
+    def _unuse(self, said: _Said, rule_id: int) -> None:
+        for key in (*said.src, *said.dst):
+            users = self.users.get(key)
+            if users is not None:
+                users.discard(rule_id)
+                if not users:
+                    del self.users[key]
+
+    # -- compiling a change ----------------------------------------------------
+
+    def update(self, policy: Policy) -> Delta | None:
+        """Compile `policy` as a change of the policy compiled now, keeping the numbering;
+        the entries that changed. None: compiled afresh under the same numbering (the
+        overlays or exceptions changed, or rules that stay changed their order), and
+        the caller compares whole tables."""
+        rules = _rules_said(policy)
+        before = {s.identity for s in self.rules}
+        after = {s.identity for s in rules}
+        if (_overlays_of(policy) != _overlays_of(self.policy)
+                or _exceptions_said(policy) != self.exceptions
+                or [s.identity for s in self.rules if s.identity in after]
+                != [s.identity for s in rules if s.identity in before]):
+            self._build(policy, self.numbering())
+            return None
+        gone = [s for s in self.rules if s.identity not in after]
+        new = [(s, r) for s, r in zip(rules, policy.rules, strict=True) if s.identity not in before]
+        self._seen = _Seen()
+        freed = [self.rule_ids[s.identity] for s in gone]
+        for said in gone:
+            rule_id = self.rule_ids.pop(said.identity)
+            self._unlist(said, rule_id)
+            self._unuse(said, rule_id)
+            del self.said[rule_id]
+            for key in (*said.src, *said.dst):
+                self.namers[key] -= 1
+        for said, _ in new:
+            self.rule_ids[said.identity] = self.free_rule_ids.take()
+            self.said[self.rule_ids[said.identity]] = said
+        # Only now: an id that a rule of this change gave up is not another's in the
+        # same change, so no packet of the outgoing generation counts under a new rule.
+        for rule_id in freed:
+            self.free_rule_ids.give_back(rule_id)
+        self.rules = rules
+        self.rank = {self.rule_ids[s.identity]: i for i, s in enumerate(rules)}
+        for said, rule in new:
+            for keys, endpoint in ((said.src, rule.src), (said.dst, rule.dst)):
+                for key, net in zip(keys, endpoint.cidrs, strict=True):
+                    if key not in self.owner:
+                        self._split(key, net, endpoint.overlay)
+                    self.namers[key] += 1
+        for key in {k for said in gone for k in (*said.src, *said.dst)}:
+            if self.namers.get(key) == 0:
+                self._merge(key)
+        for said, _ in new:
+            rule_id = self.rule_ids[said.identity]
+            self._use(said, rule_id)
+            self._list(said, rule_id, self._pairs(said))
+        delta = self._delta()
+        self._seen = None
+        self.policy = policy
+        self._finish(policy)
+        return delta
+
+    def _delta(self) -> Delta:
+        """What the entries the update touched were, against what they are now."""
+        seen, ids, delta = self._seen, self.class_ids, Delta()
+        assert seen is not None
+        for key, was_class in seen.classes.items():
+            now_class = (ids[key], self.overlay_ids[self.owner[key]]) if key in ids else None
+            if now_class is None and was_class is not None:
+                delta.classes_deleted.append(key)
+            elif now_class is not None and now_class != was_class:
+                delta.classes_written[key] = now_class
+        for pair, was_exception in seen.exceptions.items():
+            now_exception = self._numbered_exception(pair)
+            if was_exception is not None and (now_exception is None or now_exception[0] != was_exception[0]):
+                delta.exceptions_deleted.append(was_exception[0])
+            if now_exception is not None and now_exception != was_exception:
+                delta.exceptions_written[now_exception[0]] = now_exception[1]
+        for pair, was in seen.pairs.items():
+            table = self.listed.get(pair)
+            resolved = self._resolve(table) if table else {}
+            if resolved:
+                self.resolved[pair] = resolved
+            else:
+                self.resolved.pop(pair, None)
+            now = self._numbered_entries(pair, resolved)
+            delta.allowed_deleted += [key for key in was if key not in now]
+            delta.allowed_written.update({key: rule for key, rule in now.items() if was.get(key) != rule})
+        return delta
+
+    def _numbered_entries(self, pair: Pair, table: dict[PrefixKey, int]) -> dict[AllowKey, int]:
+        """A pair's entries keyed as the allowed map keys them: (bits, src, dst, proto, port)."""
+        if not table:
+            return {}
+        s, d = self.class_ids[pair[0]], self.class_ids[pair[1]]
+        return {(bits, s, d, proto, port): rule for (proto, port, bits), rule in table.items()}
+
+    def _numbered_exception(self, pair: Pair) -> tuple[tuple[int, int], int] | None:
+        listers = self.exception_pairs.get(pair)
+        if not listers:
+            return None
+        return ((self.class_ids[pair[0]], self.class_ids[pair[1]]),
+                min(listers, key=self.exception_rank.__getitem__))
+
+    def _touch(self, pair: Pair) -> None:
+        """Remember a pair's entries as they were, before the update changes them."""
+        seen = self._seen
+        assert seen is not None, "touched outside an update"
+        if pair not in seen.pairs:
+            seen.pairs[pair] = self._numbered_entries(pair, self.resolved.get(pair, {}))
+            seen.exceptions[pair] = self._numbered_exception(pair)
+
+    def _unlist(self, said: _Said, rule_id: int) -> None:
+        for pair in self._pairs(said):
+            table = self.listed.get(pair)
+            if table is None:
+                continue  # decided earlier: never listed
+            self._touch(pair)
+            for key in said.keys:
+                listers = table.get(key)
+                if listers and rule_id in listers:
+                    listers.remove(rule_id)
+                    if not listers:
+                        del table[key]
+            if not table:
+                del self.listed[pair]
+
+    def _ancestry(self, key: NetKey) -> list[NetKey]:
+        """`key`'s named ancestors, nearest first."""
+        found = []
+        above = self.parent.get(key)
+        while above is not None:
+            found.append(above)
+            above = self.parent[above]
         return found
+
+    def _pairs_through(self, key: NetKey) -> Iterator[tuple[int, Pair]]:
+        """(rule id, pair) for every pair with class `key` that the rules and
+        exceptions naming one of its ancestors make."""
+        ancestors = self._ancestry(key)
+        within = set(ancestors)
+        for rule_id in {r for a in ancestors for r in self.users.get(a, ())}:
+            rule = self.said[rule_id]
+            pairs: set[Pair] = set()
+            if within.intersection(rule.src):
+                pairs.update((key, d) for d in self._classes(rule.dst))
+            if within.intersection(rule.dst):
+                pairs.update((s, key) for s in self._classes(rule.src))
+            for pair in pairs:
+                yield rule_id, pair
+
+    def _split(self, key: NetKey, net: netaddr.IPNetwork, overlay: str) -> None:
+        """A new CIDR becomes a class of its own, taking its addresses from its nearest
+        named ancestor; the rules and exceptions that name an ancestor cover it too."""
+        width = 32 if key[0] == 4 else 128
+        above = None
+        for length in range(key[2] - 1, -1, -1):
+            candidate = (key[0], key[1] >> (width - length) << (width - length) if length else 0, length)
+            if candidate in self.owner:
+                above = candidate
+                break
+        assert self._seen is not None
+        self._seen.classes.setdefault(key, None)
+        self.owner[key], self.nets[key], self.namers[key] = overlay, net, 0
+        self.parent[key] = above
+        if above is not None:
+            siblings = self.kids.get(above, [])
+            inside = [k for k in siblings if _contains(key, k)] if key[2] < width else []
+            self.kids[above] = sorted([k for k in siblings if k not in inside] + [key])
+            if inside:
+                self.kids[key] = inside
+                for kid in inside:
+                    self.parent[kid] = key
+        self.class_ids[key] = self.free_class_ids.take()
+        found = list(self._pairs_through(key))
+        for rule_id, pair in found:
+            if rule_id in self.exception_rank:
+                self._touch(pair)
+                self.exception_pairs.setdefault(pair, []).append(rule_id)
+        for rule_id, pair in found:
+            if rule_id in self.rank:
+                self._list(self.said[rule_id], rule_id, [pair])
+
+    def _merge(self, key: NetKey) -> None:
+        """A CIDR nothing names any more: its addresses go back to its nearest named
+        ancestor's class, and every pair of its class goes."""
+        assert self._seen is not None
+        self._seen.classes.setdefault(key, (self.class_ids[key], self.overlay_ids[self.owner[key]]))
+        for _, pair in list(self._pairs_through(key)):
+            self._touch(pair)
+            self.exception_pairs.pop(pair, None)
+            self.listed.pop(pair, None)
+        for pair in [p for p in self._seen.pairs if key in p]:
+            self.listed.pop(pair, None)
+        above = self.parent.pop(key)
+        kids = self.kids.pop(key, [])
+        for kid in kids:
+            self.parent[kid] = above
+        if above is not None:
+            self.kids[above] = sorted([k for k in self.kids[above] if k != key] + kids)
+            if not self.kids[above]:
+                del self.kids[above]
+        self.free_class_ids.give_back(self.class_ids.pop(key))
+        del self.owner[key], self.nets[key], self.namers[key]
+
+    # -- classes and pairs -----------------------------------------------------
+
+    def subtree(self, key: NetKey) -> list[NetKey]:
+        """`key` and every named CIDR inside it: the classes of an endpoint naming it."""
+        found = [key]
+        kids = self.kids.get(key)
+        if kids:
+            for kid in kids:
+                found.extend(self.subtree(kid))
+        return found
+
+    def _classes(self, keys: Iterable[NetKey]) -> list[NetKey]:
+        return [c for key in keys for c in self.subtree(key)]
+
+    def _pairs(self, said: _Said) -> Iterator[Pair]:
+        dst = self._classes(said.dst)
+        for s in self._classes(said.src):
+            for d in dst:
+                yield s, d
+
+    def _decided_earlier(self, pair: Pair) -> bool:
+        """Is every packet of `pair` decided before the allow rules (exception, hairpin)?"""
+        if pair in self.exception_pairs:
+            return True
+        overlay = self.owner[pair[0]]
+        return overlay == self.owner[pair[1]] and self.hairpin[overlay]
+
+    def _list(self, said: _Said, rule_id: int, pairs: Iterable[Pair]) -> None:
+        """Record that `rule_id` lists its keys for `pairs`."""
+        for pair in pairs:
+            if self._decided_earlier(pair):
+                continue
+            if self._seen is not None:
+                self._touch(pair)
+            table = self.listed.setdefault(pair, {})
+            for key in said.keys:
+                table.setdefault(key, []).append(rule_id)
+
+    def _resolve(self, table: dict[PrefixKey, list[int]]) -> dict[PrefixKey, int]:
+        """Turn 'rules R list prefix P' into entries that a longest-prefix match reads
+        as 'the first rule in file order that allows this packet'.
+
+        A packet matches every listed prefix that contains it, and the lookup
+        returns only the longest. So each entry carries the first rule among its
+        own and its listed ancestors'; an entry whose rule equals its nearest
+        listed ancestor's adds nothing and is left out."""
+        rank = self.rank
+        if len(table) == 1:  # the common case: nothing to inherit from
+            ((key, listers),) = table.items()
+            return {key: listers[0] if len(listers) == 1 else min(listers, key=rank.__getitem__)}
+        chosen: dict[PrefixKey, int] = {}
+        entries: dict[PrefixKey, int] = {}
+        # Shorter prefixes first, so every ancestor is resolved before its children.
+        for key in sorted(table, key=lambda k: k[2]):
+            nearest = next((a for a in _ancestors(key) if a in table), None)
+            inherited = chosen[nearest] if nearest is not None else None
+            rule = min(table[key], key=rank.__getitem__)
+            if inherited is not None and rank[inherited] < rank[rule]:
+                rule = inherited
+            chosen[key] = rule
+            if rule != inherited:
+                entries[key] = rule
+        return entries
+
+    # -- the IR ----------------------------------------------------------------
+
+    def _finish(self, policy: Policy) -> None:
+        """The IR of what is compiled now."""
+        names = {s.identity: f"exception:{i}" for i, s in enumerate(self.exceptions)}
+        names |= {s.identity: f"allow:{i}" for i, s in enumerate(self.rules)}
+        rules = [RuleInfo(rule_id, name, name) for rule_id, name in FIXED_RULES.items()]
+        rules += [RuleInfo(self.rule_ids[s.identity], names[s.identity], s.text, e.where.line)
+                  for s, e in zip(self.exceptions, policy.exceptions, strict=True)]
+        overlays = []
+        for overlay in policy.overlays:
+            hairpin = self.rule_ids[f"hairpin {overlay.name}"] if not overlay.isolated else 0
+            if hairpin:
+                rules.append(RuleInfo(hairpin, f"hairpin:{overlay.name}",
+                                      f"{overlay.name} -> {overlay.name}", overlay.where.line))
+            overlays.append(OverlayInfo(self.overlay_ids[overlay.name], overlay.name,
+                                        overlay.isolated, hairpin))
+        rules += [RuleInfo(self.rule_ids[s.identity], names[s.identity], s.text, r.where.line)
+                  for s, r in zip(self.rules, policy.rules, strict=True)]
+        ids = self.class_ids
+        exception_rank = self.exception_rank.__getitem__
+        self.ir = IR(
+            default_action="allow" if policy.default == "allow" else policy.deny_action,
+            deny_action=policy.deny_action,
+            timeouts=dict(policy.timeouts),
+            overlays=tuple(overlays),
+            classes=tuple(ClassPrefix(self.nets[k], ids[k], self.overlay_ids[self.owner[k]])
+                          for k in sorted(self.owner)),
+            exceptions=tuple(ExceptionPair(ids[s], ids[d], min(r, key=exception_rank))
+                             for (s, d), r in sorted(self.exception_pairs.items(),
+                                                     key=lambda item: (ids[item[0][0]], ids[item[0][1]]))),
+            allowed=tuple(AllowEntry(*fields) for fields in sorted(
+                (ids[s], ids[d], proto, port, bits, rule) for (s, d), table in self.resolved.items()
+                for (proto, port, bits), rule in table.items())),
+            rules=tuple(rules),
+            interfaces=policy.interfaces,
+            digest=policy_digest(policy),
+        )
+
+
+def _overlays_of(policy: Policy) -> list[tuple[str, tuple[netaddr.IPNetwork, ...], bool]]:
+    return [(o.name, o.subnets, o.isolated) for o in policy.overlays]
 
 
 def _endpoints(policy: Policy) -> Iterator[Endpoint]:
@@ -114,106 +560,84 @@ def _endpoints(policy: Policy) -> Iterator[Endpoint]:
         yield from (rule.src, rule.dst)
 
 
-def compile_policy(policy: Policy) -> IR:
-    tree = _ClassTree(policy)
-    rules = [RuleInfo(rule_id, name, name) for rule_id, name in FIXED_RULES.items()]
-    next_id = FIRST_POLICY_RULE
-
-    exceptions: dict[tuple[int, int], int] = {}
-    for exc in policy.exceptions:
-        rules.append(RuleInfo(next_id, f"exception:{exc.index}",
-                              f"{exc.src.text} -> {exc.dst.text} unfiltered", exc.where.line))
-        for pair in _pairs(tree, exc.src, exc.dst):
-            exceptions.setdefault(pair, next_id)
-        next_id += 1
-
-    overlays: list[OverlayInfo] = []
-    overlay_id = {}
-    for number, overlay in enumerate(policy.overlays, start=1):
-        hairpin = 0
-        if not overlay.isolated:
-            hairpin = next_id
-            rules.append(RuleInfo(next_id, f"hairpin:{overlay.name}",
-                                  f"{overlay.name} -> {overlay.name}", overlay.where.line))
-            next_id += 1
-        overlays.append(OverlayInfo(number, overlay.name, overlay.isolated, hairpin))
-        overlay_id[overlay.name] = number
-
-    hairpin_overlays = {o.id for o in overlays if o.hairpin_rule}
-    class_overlay = {i: overlay_id[name] for i, name in enumerate(tree.owners, start=1)}
-
-    def decided_earlier(pair: tuple[int, int]) -> bool:
-        src_overlay = class_overlay[pair[0]]
-        return pair in exceptions or (
-            src_overlay == class_overlay[pair[1]] and src_overlay in hairpin_overlays
-        )
-
-    # For each class pair, (proto, port, bits) -> the lowest rule id listing it.
-    listed: dict[tuple[int, int], dict[PrefixKey, int]] = {}
-    for rule in policy.rules:
-        rules.append(RuleInfo(next_id, f"allow:{rule.index}", _describe(rule), rule.where.line))
-        keys = [key for spec in rule.ports for key in spec_prefixes(spec)]
-        for pair in _pairs(tree, rule.src, rule.dst):
-            if decided_earlier(pair):
-                continue
-            table = listed.setdefault(pair, {})
-            for key in keys:
-                table.setdefault(key, next_id)
-        next_id += 1
-
-    allowed = sorted(_first_match_entries(listed))
-    classes = tuple(
-        ClassPrefix(net, i, overlay_id[name])
-        for i, (net, name) in enumerate(zip(tree.order, tree.owners, strict=True), start=1)
-    )
-    ir = IR(
-        default_action="allow" if policy.default == "allow" else policy.deny_action,
-        deny_action=policy.deny_action,
-        timeouts=dict(policy.timeouts),
-        overlays=tuple(overlays),
-        classes=classes,
-        exceptions=tuple(ExceptionPair(s, d, r) for (s, d), r in sorted(exceptions.items())),
-        allowed=tuple(allowed),
-        rules=tuple(rules),
-        interfaces=policy.interfaces,
-    )
-    return with_digest(ir)
+def _exceptions_said(policy: Policy) -> list[_Said]:
+    return _told_apart("exception", [
+        (f"{e.src.text} -> {e.dst.text} unfiltered", e.src, e.dst, ()) for e in policy.exceptions])
 
 
-def _pairs(tree: _ClassTree, src: Endpoint, dst: Endpoint) -> Iterator[tuple[int, int]]:
-    dst_classes = tree.classes(dst)
-    for s in tree.classes(src):
-        for d in dst_classes:
-            yield s, d
+def _rules_said(policy: Policy) -> list[_Said]:
+    return _told_apart("allow", [
+        (_describe(r), r.src, r.dst, tuple(k for spec in r.ports for k in spec_prefixes(spec)))
+        for r in policy.rules])
 
 
-def _first_match_entries(
-    listed: dict[tuple[int, int], dict[PrefixKey, int]],
-) -> Iterator[AllowEntry]:
-    """Turn 'rule R lists prefix P' into entries that a longest-prefix match reads
-    as 'the first rule that allows this packet'.
-
-    A packet matches every listed prefix that contains it, and the lookup
-    returns only the longest. So each entry carries the lowest rule id among
-    itself and its listed ancestors; an entry whose value equals its nearest
-    listed ancestor's adds nothing and is left out.
-    """
-    for (src, dst), table in listed.items():
-        if len(table) == 1:  # the common case: nothing to inherit from
-            ((proto, port, bits), rule), = table.items()
-            yield AllowEntry(src, dst, proto, port, bits, rule)
-            continue
-        resolved: dict[PrefixKey, int] = {}
-        # Shorter prefixes first, so every ancestor is resolved before its children.
-        for key in sorted(table, key=lambda k: k[2]):
-            nearest = next((a for a in _ancestors(key) if a in table), None)
-            inherited = resolved[nearest] if nearest is not None else None
-            rule = table[key] if inherited is None else min(table[key], inherited)
-            resolved[key] = rule
-            if rule != inherited:
-                yield AllowEntry(src, dst, key[0], key[1], key[2], rule)
+def _told_apart(kind: str, said: list[tuple[str, Endpoint, Endpoint, tuple[PrefixKey, ...]]],
+                ) -> list[_Said]:
+    """Rules with their identities, as tables.rule_identities gives them: the kind and
+    text, and ' #n' from the second rule of one text on."""
+    seen: dict[str, int] = {}
+    found = []
+    for text, src, dst, keys in said:
+        n = seen[text] = seen.get(text, 0) + 1
+        identity = f"{kind} {text}" if n == 1 else f"{kind} {text} #{n}"
+        found.append(_Said(identity, text, tuple(_key(c) for c in src.cidrs),
+                           tuple(_key(c) for c in dst.cidrs), keys))
+    return found
 
 
-def _describe(rule: AllowRule) -> str:
-    ports = ", ".join(str(p) for p in rule.ports)
-    return f"{rule.src.text} -> {rule.dst.text} {ports}"
+@dataclass
+class _Seen:
+    """What an update touched, as it was before: entries keyed as the maps key them."""
+
+    classes: dict[NetKey, tuple[int, int] | None] = field(default_factory=dict)
+    exceptions: dict[Pair, tuple[tuple[int, int], int] | None] = field(default_factory=dict)
+    pairs: dict[Pair, dict[AllowKey, int]] = field(default_factory=dict)
+
+
+class _Ids:
+    """Ids from `first` up, the lowest free one first: an id that goes is given again."""
+
+    def __init__(self, first: int, taken: Iterable[int] = ()) -> None:
+        used = set(taken)
+        self.next = max(used, default=first - 1) + 1
+        self.freed = [n for n in range(first, self.next) if n not in used]  # sorted: a heap
+
+    def take(self) -> int:
+        if self.freed:
+            return heapq.heappop(self.freed)
+        self.next += 1
+        return self.next - 1
+
+    def give_back(self, n: int) -> None:
+        heapq.heappush(self.freed, n)
+
+
+def _numbered(things: list[K], previous: dict[K, int], first: int) -> tuple[dict[K, int], _Ids]:
+    """An id for each of `things`: its `previous` id where it had one, else the lowest
+    free one; and what gives the next ones."""
+    ids = {t: previous[t] for t in things if t in previous}
+    allocator = _Ids(first, ids.values())
+    for thing in things:
+        if thing not in ids:
+            ids[thing] = allocator.take()
+    return ids, allocator
+
+
+def policy_digest(policy: Policy) -> str:
+    """What the policy says, hashed: the same for the same policy however it is
+    spelled or numbered (formatting, comments, key order and ids aside)."""
+    said = {
+        "default": policy.default,
+        "deny_action": policy.deny_action,
+        "timeouts": dict(sorted(policy.timeouts.items())),
+        "overlays": [[o.name, [str(n) for n in o.subnets], o.isolated] for o in policy.overlays],
+        "exceptions": [[e.src.text, e.dst.text] for e in policy.exceptions],
+        "allow": [[r.src.text, r.dst.text, [str(p) for p in r.ports]] for r in policy.rules],
+        "interfaces": list(policy.interfaces) if policy.interfaces is not None else None,
+    }
+    return hashlib.sha256(json.dumps(said, separators=(",", ":")).encode()).hexdigest()
+
+
+def compile_policy(policy: Policy, numbering: Numbering | None = None) -> IR:
+    """`policy`'s IR: ids in file order, or kept from `numbering` where it has them."""
+    return Compiler(policy, numbering).ir
