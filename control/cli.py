@@ -20,6 +20,7 @@ from . import pipeline
 from .backends import enforcer, registry
 from .backends.state import Scope, require_privilege
 from .errors import Diagnostic, IsoebpfError, PolicyError, StateError
+from .ir.compiler import Numbering
 from .ir.explain import PortNeededError, Question, explain
 
 
@@ -131,10 +132,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _read(path: str, check_trust: bool = False, force: bool = False) -> pipeline.Compiled:
+def _read(path: str, check_trust: bool = False, force: bool = False,
+          numbering: Numbering | None = None) -> pipeline.Compiled:
     """The policy file through the pipeline, its warnings said on stderr. `check_trust`
-    (load, agent): a file others could write is refused unless --force."""
-    compiled = pipeline.read(path, check_trust=check_trust, force=force)
+    (load, agent): a file others could write is refused unless --force; `numbering`:
+    the policy in force's (pipeline.read)."""
+    compiled = pipeline.read(path, check_trust=check_trust, force=force, numbering=numbering)
     if compiled.untrusted:
         click.echo(f"warning: {compiled.untrusted}; used anyway (--force)", err=True)
     for warning in compiled.warnings:
@@ -244,7 +247,7 @@ def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, 
     """Load (or, dry run, only choose): the result, for _say_enforced or as JSON. The
     backend and why are said at once (on stderr under --json), before the seconds a
     load may take."""
-    compiled = _read(policy_file, check_trust=True, force=force)
+    compiled = _read(policy_file, check_trust=True, force=force, numbering=enforcer.numbering(scope))
     ir = compiled.ir
     globs = list(ifaces) or list(ir.interfaces or ())
     chosen, why = enforcer.choose(backend_name, scope, compiling)

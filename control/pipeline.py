@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Diagnostic, PolicyError, UntrustedPolicyError
-from .ir.compiler import compile_policy
+from .ir.compiler import Compiler, Delta, Numbering
 from .ir.lint import lint
 from .ir.tables import IR
 from .policy import parse, trust
@@ -28,27 +28,47 @@ from .policy.model import Policy
 class Compiled:
     """A valid policy and what it compiles to."""
 
-    policy: Policy
-    ir: IR
+    compiler: Compiler  # what compiles the next version of the policy as a difference
     warnings: tuple[Diagnostic, ...]  # the file's own and the compiled form's, in file order
     untrusted: str | None = None  # why the file could not be trusted, where --force used it anyway
+    # Compiled as a difference of a previous policy: the entries that changed (None:
+    # compiled afresh, see Compiler.update).
+    delta: Delta | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.compiler.policy
+
+    @property
+    def ir(self) -> IR:
+        return self.compiler.ir
 
 
 def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = False,
-         force: bool = False) -> Compiled:
+         force: bool = False, numbering: Numbering | None = None,
+         previous: Compiled | None = None) -> Compiled:
     """Read, validate, compile and lint the policy file at `path`; raise PolicyError with
     every error found. `data`: the file's bytes, where the caller has read them already.
 
     `check_trust` (load, agent: what enforces the file) refuses a file others could
-    change with UntrustedPolicyError, unless `force`; reading commands skip it."""
+    change with UntrustedPolicyError, unless `force`; reading commands skip it.
+    `numbering`: the policy in force's, kept for what stays (an update then writes
+    only what changed). `previous`: the compiled policy in force, which the file is
+    compiled as a difference of, and which it changes (the agent keeps one); its
+    `delta` says what changed."""
     path = str(path)
     problem = check_trusted(path, force) if check_trust else None
     try:
         text = (Path(path).read_bytes() if data is None else data).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise PolicyError([Diagnostic(path, 1, 1, "error", f"cannot read policy: {err}")]) from err
-    compiled = loads(text, path)
-    return Compiled(compiled.policy, compiled.ir, compiled.warnings, problem)
+    if previous is None:
+        compiled = loads(text, path, numbering)
+        return Compiled(compiled.compiler, compiled.warnings, problem)
+    with collector_paused():
+        policy = parse.loads(text, path)
+        delta = previous.compiler.update(policy)
+        return Compiled(previous.compiler, _warnings(previous.compiler), problem, delta)
 
 
 def check_trusted(path: str | Path, force: bool) -> str | None:
@@ -60,12 +80,16 @@ def check_trusted(path: str | Path, force: bool) -> str | None:
     return problem
 
 
-def loads(text: str, path: str = "<policy>") -> Compiled:
+def loads(text: str, path: str = "<policy>", numbering: Numbering | None = None) -> Compiled:
     """Validate, compile and lint policy text; `path` only names the file in messages."""
     with collector_paused():
         policy = parse.loads(text, path)
-        ir = compile_policy(policy)
-        return Compiled(policy, ir, tuple(sorted(policy.warnings + tuple(lint(policy, ir)))))
+        compiler = Compiler(policy, numbering)
+        return Compiled(compiler, _warnings(compiler))
+
+
+def _warnings(compiler: Compiler) -> tuple[Diagnostic, ...]:
+    return tuple(sorted(compiler.policy.warnings + tuple(lint(compiler.policy, compiler.ir))))
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BackendError, IsoebpfError, ProgramRejected
+from ..ir.compiler import Numbering
 from ..ir.tables import IR
 from . import registry
 from .interface import LoadReport
@@ -58,6 +59,12 @@ def plan(chosen: str, scope: Scope, ir: IR, **extra: Any) -> list[str]:
     """What loading `ir` with `chosen` would change in `scope` (a switch: all of `chosen`'s
     first load); `extra` as for load()."""
     return registry.get(chosen).plan(scope, ir, **extra)
+
+
+def numbering(scope: Scope) -> Numbering | None:
+    """The numbering of the policy in force (see Backend.numbering), or None."""
+    current = loaded(scope)
+    return registry.get(current).numbering(scope) if current else None
 
 
 def compile_early(requested: str, scope: Scope) -> Any | None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Self
 
 import netaddr
 
+from ..ir.compiler import Numbering
 from ..ir.evaluate import IPPROTO_ICMPV6
 from ..ir.tables import IR, PROTO_CODES
 from .state import Scope
@@ -108,6 +109,11 @@ class Backend(Protocol):
     def plan(self, scope: Scope, ir: IR) -> list[str]:
         """What loading `ir` would change in `scope`, one '<what>: <change>' line each;
         reads the kernel and the scope's state, changes nothing (`load --dry-run`)."""
+        ...
+
+    def numbering(self, scope: Scope) -> Numbering | None:
+        """The ids of the policy in force, for compiling the next one under them (an
+        update then writes only what changed); None where ids do not matter."""
         ...
 
     def status(self, scope: Scope) -> dict[str, Any] | None:

@@ -38,6 +38,7 @@ from .tables import (
     ExceptionPair,
     OverlayInfo,
     RuleInfo,
+    rule_identities,
 )
 
 PrefixKey = tuple[int, int, int]  # (proto, port, match_bits)
@@ -128,9 +129,13 @@ class Numbering:
     overlays: dict[str, int]
     rules: dict[str, int]
 
-    def as_plain(self) -> tuple[dict[NetKey, int], dict[str, int], dict[str, int]]:
-        """For marshal (the eBPF backend keeps the numbering in force beside its record)."""
-        return self.classes, self.overlays, self.rules
+    @classmethod
+    def of(cls, ir: IR) -> Numbering:
+        """The numbering `ir` was compiled under."""
+        identities = rule_identities((r.name, r.text) for r in ir.rules)
+        return cls({_key(c.network): c.class_id for c in ir.classes},
+                   {o.name: o.id for o in ir.overlays},
+                   {identities[r.name]: r.id for r in ir.rules if r.id >= FIRST_POLICY_RULE})
 
 
 class Compiler:

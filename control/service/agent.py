@@ -70,6 +70,7 @@ class Agent:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _digest: str | None = None  # of the file text last seen
     _ir: IR | None = None  # the policy in force
+    _compiled: pipeline.Compiled | None = None  # ... kept compiled: the next change is a difference
     _chosen: str = ""
 
     @property
@@ -100,9 +101,13 @@ class Agent:
         if digest == self._digest:
             return
         self._digest = digest
+        started = time.monotonic()
         try:
             # The bytes just hashed: a file swapped since must not be applied as them.
-            compiled = pipeline.read(self.policy_path, text, check_trust=True, force=self.force)
+            # The policy in force, kept compiled, makes the change a difference.
+            compiled = pipeline.read(self.policy_path, text, check_trust=True, force=self.force,
+                                     numbering=None if self._compiled else enforcer.numbering(self.scope),
+                                     previous=self._compiled)
         except (PolicyError, UntrustedPolicyError) as err:
             errors = ([str(d) for d in err.diagnostics if d.severity == "error"]
                       if isinstance(err, PolicyError) else [str(err)])
@@ -110,9 +115,10 @@ class Agent:
             self.log("policy_refused", path=self.policy_path, errors=errors,
                      keeping=self._ir.digest if self._ir else None)
             return
-        self.apply(compiled.ir, "policy_changed")
+        self._compiled = compiled
+        self.apply(compiled.ir, "policy_changed", compile_ms=(time.monotonic() - started) * 1000)
 
-    def apply(self, ir: IR, why: str) -> None:
+    def apply(self, ir: IR, why: str, compile_ms: float = 0.0) -> None:
         with self._lock:
             compiling = None
             if not self._chosen:
@@ -133,6 +139,8 @@ class Agent:
                 self.stats.applies["failed"] += 1
                 self.stats.last_apply_ok = False
                 self.log("apply_failed", why=why, error=str(err))
+                # What is in force is not what was compiled: the next change compiles afresh.
+                self._compiled = None
                 if self.on_failure == "open":
                     self._ir = None  # enforcement was removed: repairs must not bring it back
                 return
@@ -144,7 +152,7 @@ class Agent:
             self.stats.last_apply_ok = True
             self.stats.last_apply_time = time.time()
             self.log("applied", why=why, digest=ir.digest[:12], generation=report.generation,
-                     ms=round((time.monotonic() - started) * 1000, 1),
+                     ms=round((time.monotonic() - started) * 1000, 1), compile_ms=round(compile_ms, 1),
                      attachments=[a.ifname for a in report.attachments])
 
     # -- interfaces and repair -------------------------------------------------

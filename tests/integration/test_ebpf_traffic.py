@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from bench import policies
 from isoebpf import pipeline
-from isoebpf.backends.ebpf import program
+from isoebpf.backends.ebpf import bpfsys, program
 from isoebpf.backends.state import Scope
 from isoebpf.cli import main
 from isoebpf.errors import ProgramRejected
@@ -169,3 +171,60 @@ def test_auto_falls_back_to_iptables_when_the_kernel_refuses_the_program(
     finally:
         isoebpf("unload", "--netns", testbed.router)
     assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "connected"
+
+
+def test_a_one_rule_change_writes_only_that_rules_entries(testbed: Testbed, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule inserted first, then one rule's port changed, in a 2,000-rule policy: each
+    update writes and deletes only those rules' entries in the policy maps (the
+    numbering in force is kept, so no other rule's entry moves)."""
+    written: dict[str, int] = {}
+    deleted: dict[str, int] = {}
+    update_packed, delete_many = bpfsys.map_update_packed, bpfsys.map_delete_many
+
+    def counting_update(fd: int, keys: bytes, values: bytes, count: int) -> None:
+        name = bpfsys.map_info(fd).name
+        written[name] = written.get(name, 0) + count
+        update_packed(fd, keys, values, count)
+
+    def counting_delete(fd: int, keys: Sequence[bytes]) -> int:
+        name = bpfsys.map_info(fd).name
+        deleted[name] = deleted.get(name, 0) + len(keys)
+        return delete_many(fd, keys)
+
+    text = policies.scaled_policy(2000)
+    steps = [text, text.replace("allow:\n", "allow:\n  - {from: 10.100.9.9, to: 10.101.7.0/24, "
+                                            "ports: [udp/53]}\n"),
+             policies.changed_policy(2000).replace(
+                 "allow:\n", "allow:\n  - {from: 10.100.9.9, to: 10.101.7.0/24, ports: [udp/53]}\n")]
+    files = []
+    for i, step in enumerate(steps):
+        files.append(tmp_path / f"{i}.yaml")
+        files[-1].write_text(step)
+    load = ["load", "--backend", "ebpf", "--netns", testbed.router, "--iface", "v-*"]
+    try:
+        first = CliRunner().invoke(main, [*load, str(files[0])])
+        assert first.exit_code == 0, first.output
+        monkeypatch.setattr(bpfsys, "map_update_packed", counting_update)
+        monkeypatch.setattr(bpfsys, "map_delete_many", counting_delete)
+        inserted = CliRunner().invoke(main, [*load, str(files[1])])
+        assert inserted.exit_code == 0, inserted.output
+        # The new rule's entry, and its new class 10.100.9.9/32 (10.101.7.0/24 is named already).
+        policy_maps = ("classes_v4", "classes_v6", "exceptions", "hairpins", "allowed")
+        assert {m: written.get(m, 0) for m in policy_maps} == {
+            "classes_v4": 1, "classes_v6": 0, "exceptions": 0, "hairpins": 0, "allowed": 1}
+        assert not any(deleted.get(m) for m in policy_maps), deleted
+        written.clear()
+        deleted.clear()
+        changed = CliRunner().invoke(main, [*load, str(files[2])])
+        assert changed.exit_code == 0, changed.output
+        # Written into the other slot, which still holds the first policy: the inserted
+        # rule and its class catch up there, and the changed port moves.
+        assert {m: written.get(m, 0) for m in policy_maps} == {
+            "classes_v4": 1, "classes_v6": 0, "exceptions": 0, "hairpins": 0, "allowed": 2}
+        assert {m: deleted.get(m, 0) for m in policy_maps} == {
+            "classes_v4": 0, "classes_v6": 0, "exceptions": 0, "hairpins": 0, "allowed": 1}
+    finally:
+        monkeypatch.undo()
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)

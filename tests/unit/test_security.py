@@ -130,7 +130,7 @@ def test_changing_state_needs_privilege(monkeypatch: pytest.MonkeyPatch, args: l
 def test_the_agent_refuses_an_untrusted_policy_unless_forced(policy_copy: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     applied: list[str] = []
-    monkeypatch.setattr(Agent, "apply", lambda self, ir, why: applied.append(ir.digest))
+    monkeypatch.setattr(Agent, "apply", lambda self, ir, why, **_: applied.append(ir.digest))
     policy_copy.chmod(0o666)
     log = io.StringIO()
     Agent(str(policy_copy), log_stream=log).check_policy()

@@ -30,21 +30,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import marshal
 import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import NetlinkError
 
 from ...errors import BackendError, IsoebpfError, StateError
+from ...ir.compiler import Numbering
 from ...ir.tables import IR
 from ...resource import Resource
 from .. import counts, links
 from ..interface import Attachment, LoadReport, Verdict, state_record
-from ..state import LAYOUT, Scope, ensure_bpffs, make_private
+from ..state import LAYOUT, Scope, ensure_bpffs, make_private, write_atomically
 from . import abi, bpfsys, capacity, entries, perf, program
 
 BACKEND = "ebpf"
@@ -422,6 +425,24 @@ def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachmen
     scope.write(state_record(BACKEND, scope, ir, said["policy_path"], generation, attachments,
                                on_failure=said["on_failure"],
                                compile_seconds=round(compile_seconds, 3), carried=carried))
+    numbered = Numbering.of(ir)
+    write_atomically(_numbering_path(scope),
+                     marshal.dumps((numbered.classes, numbered.overlays, numbered.rules)))
+
+
+def numbering(scope: Scope) -> Numbering | None:
+    """The ids of the policy in force (ir.compiler.Numbering): compiling the next one
+    under them keeps the entries of what stays as they are. None: none recorded
+    (only an update's number of writes depends on it, never what it writes)."""
+    try:
+        classes, overlays, rules = marshal.loads(_numbering_path(scope).read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    return Numbering(classes, overlays, rules)
+
+
+def _numbering_path(scope: Scope) -> Path:
+    return scope.run_dir / "numbering"
 
 
 def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
@@ -433,6 +454,7 @@ def _unpin(scope: Scope) -> None:
     """Remove the pins and the files saying what the pinned maps' slots hold."""
     for slot in (0, 1):
         _slot_files(scope).forget(slot)
+    _numbering_path(scope).unlink(missing_ok=True)
     if not scope.pin_dir.exists():
         return
     for pin in scope.pin_dir.iterdir():

@@ -569,6 +569,11 @@ def plan(scope: Scope, ir: IR, chain: str | None = None) -> list[str]:
         "nothing: this policy is in force as it is"]
 
 
+def numbering(scope: Scope) -> None:
+    """None: sets and rules are named, not numbered, so any numbering writes the same."""
+    return None
+
+
 def canary(scope: Scope) -> list[str]:
     """The cheap check the agent makes between read-backs ('<kind>: <what>'; [] if fine).
 
