@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import signal
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
@@ -104,6 +108,65 @@ def _require_namespace(scope: Scope) -> None:
     except OSError:
         pass  # not root: cannot look; the message above stands
     raise StateError(message)
+
+
+# A load that takes longer than this shows its phases on a terminal.
+PROGRESS_AFTER = 1.0
+
+
+class _Progress(logging.Handler):
+    """A load's phases (the "isoebpf" logger's INFO records) on stderr, once the load
+    has run PROGRESS_AFTER seconds: the phase under way then, and every one after,
+    each with the seconds since the start. A quick load says nothing more."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._started = time.monotonic()
+        self._phase: str | None = None
+        self._showing = PROGRESS_AFTER <= 0
+        self._said = threading.Lock()
+        self._timer = threading.Timer(PROGRESS_AFTER, self._show)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._said:
+            self._phase = record.getMessage()
+            if self._showing:
+                self._say(self._phase)
+
+    def _show(self) -> None:
+        with self._said:
+            self._showing = True
+            if self._phase:
+                self._say(self._phase)
+
+    def _say(self, phase: str) -> None:
+        click.echo(f"{time.monotonic() - self._started:5.1f} s  {phase}", err=True)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        super().close()
+
+
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def _progress(shown: bool) -> Iterator[None]:
+    """Show a long load's phases while it runs (see _Progress), if `shown`."""
+    if not shown:
+        yield
+        return
+    handler, logger = _Progress(), logging.getLogger("isoebpf")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 # Options `load` and `agent` share.
@@ -218,9 +281,12 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
               help="iptables backend: the isolation chain [default: the one in force, "
                    "else dcos-isolation].")
 @json_option("Print what was done (with --dry-run: what would be) as one line of JSON.")
+@click.option("--quiet", is_flag=True,
+              help=f"No progress: a load that runs over {PROGRESS_AFTER:g} s shows its phases "
+                   "on a terminal otherwise.")
 def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
          netns: str | None, dry_run: bool, force: bool, on_failure: str,
-         chain: str | None, as_json: bool) -> None:
+         chain: str | None, as_json: bool, quiet: bool) -> None:
     """Start enforcing POLICY, or atomically replace the policy enforced."""
     if not dry_run:
         require_privilege("load")
@@ -229,7 +295,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     # A first eBPF load compiles the program (seconds): on another core, meanwhile.
     compiling = None if dry_run else enforcer.compile_early(backend_name, scope)
     try:
-        with pipeline.collector_paused():
+        with pipeline.collector_paused(), _progress(not (quiet or as_json) and _on_terminal()):
             result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
                               on_failure, chain, compiling, as_json)
     finally:
@@ -487,8 +553,6 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
 
     SIGTERM ends the agent and leaves enforcement in place ('isoebpf unload' removes it).
     """
-    import threading
-
     from .backends import links
     from .service.agent import Agent
 
@@ -544,8 +608,6 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
           actions: tuple[str, ...], addresses: tuple[str, ...], as_json: bool,
           count: int | None, timeout: float | None, rate: int) -> None:
     """Show verdicts live: source, destination, protocol/port, action, rule, interface."""
-    import time
-
     from .service import trace as trace_mod
 
     scope = Scope(netns)

@@ -11,6 +11,7 @@ stages only.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from .ir.lint import lint
 from .ir.tables import IR
 from .policy import parse, trust
 from .policy.model import Policy
+
+# Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
+_progress = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
     `delta` says what changed."""
     path = str(path)
     problem = check_trusted(path, force) if check_trust else None
+    _progress.info("reading and checking %s", path)
     try:
         text = (Path(path).read_bytes() if data is None else data).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -67,6 +72,7 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
         return Compiled(compiled.compiler, compiled.warnings, problem)
     with collector_paused():
         policy = parse.loads(text, path)
+        _progress.info("compiling %d rules as a change of the policy in force", len(policy.rules))
         delta = previous.compiler.update(policy)
         return Compiled(previous.compiler, _warnings(previous.compiler), problem, delta)
 
@@ -84,6 +90,8 @@ def loads(text: str, path: str = "<policy>", numbering: Numbering | None = None)
     """Validate, compile and lint policy text; `path` only names the file in messages."""
     with collector_paused():
         policy = parse.loads(text, path)
+        _progress.info("compiling %d rules, %d exceptions, %d overlays", len(policy.rules),
+                       len(policy.exceptions), len(policy.overlays))
         compiler = Compiler(policy, numbering)
         return Compiled(compiler, _warnings(compiler))
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from isoebpf import pipeline
+from isoebpf import cli, pipeline
 from isoebpf.backends import enforcer, state
 from isoebpf.cli import main
 
@@ -283,3 +283,17 @@ def test_status_exit_code_says_whether_all_is_in_place(
     assert document["problems"] == problems
     assert document.get("error") == ("; ".join(problems) if problems else None)
     assert document["backend"] == (shown or {}).get("backend")
+
+
+@pytest.mark.parametrize(("flags", "shown"), [((), True), (("--quiet",), False), (("--json",), False)])
+def test_a_long_load_shows_its_phases_on_a_terminal_unless_quiet_or_json(
+        monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], shown: bool) -> None:
+    monkeypatch.setattr(cli, "PROGRESS_AFTER", 0.0)  # every load is long: phases from the start
+    monkeypatch.setattr(cli, "_on_terminal", lambda: True)
+    done = CliRunner().invoke(main, ["load", str(SEED), "--dry-run", "--backend", "iptables", *flags])
+    assert done.exit_code == 0, done.output
+    phases = [line for line in done.stderr.splitlines() if " s  " in line]
+    assert bool(phases) == shown, done.stderr
+    if shown:
+        said = [line.split(" s  ", 1)[1] for line in phases]
+        assert said == [f"reading and checking {SEED}", "compiling 1 rules, 0 exceptions, 2 overlays"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import logging
 import marshal
 import os
 import time
@@ -49,6 +50,9 @@ from .. import counts, links
 from ..interface import Attachment, LoadReport, Verdict, state_record
 from ..state import LAYOUT, Scope, ensure_bpffs, make_private, write_atomically
 from . import abi, bpfsys, capacity, entries, perf, program
+
+# Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
+_progress = logging.getLogger(__name__)
 
 BACKEND = "ebpf"
 PROG_PINS = {"xdp": "prog_xdp", "tc": "prog_tc"}
@@ -172,6 +176,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
                 mode: str, said: dict[str, str], force: bool, started: float,
                 compiling: EarlyCompile | None) -> LoadReport:
     replaced = _replaced(scope, record)
+    _progress.info("compiling the program with bcc")
     if compiling is not None:
         compiled, waited = compiling.take()
     else:
@@ -188,8 +193,10 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         for fd, name in pins:
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
             make_private(scope.pin_dir / name)
+        _progress.info("writing %d classes and %d allow entries", len(ir.classes), len(ir.allowed))
         generation, no_room = program.first_generation(compiled.map_fds, ir,
                                                        _slot_files(scope, make=True))
+        _progress.info("attaching")
         attachments = _attach_all(scope, compiled.prog_fds, globs, mode, force, []).now
         _save(scope, ir, generation, attachments, said, compiled.compile_seconds, carried={})
         warnings = _next_update_warnings(no_room)
@@ -223,6 +230,7 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         try:
             new = live
             if changed:
+                _progress.info("writing what changed as generation %d", live + 1)
                 new = program.next_generation(maps, ir, slots, tables)
                 # Unequal generations: a killed update went live without its record, and
                 # the outgoing slot counts rules the record does not name.

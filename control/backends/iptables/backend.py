@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import re
 import shlex
@@ -79,6 +80,9 @@ OUR_SET = re.compile(
     rf"(dcos6?-({'|'.join(ROLES)})|dcos6?\.[a-z][a-z0-9_-]{{0,23}}|{TMP_PREFIX}\d+)\Z")
 SAVED_RULE = re.compile(r"\[(\d+):(\d+)\] -A (\S+) (.*)\Z")
 BRIDGE_SYSCTL = {4: "net.bridge.bridge-nf-call-iptables", 6: "net.bridge.bridge-nf-call-ip6tables"}
+
+# Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
+_progress = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -529,6 +533,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         carried = (mine or {}).get("carried", {})
         unfinished: list[str] = []
         if drifted or not mine or mine.get("digest") != ir.digest:
+            _progress.info("applying %d sets and the %s chain", len(layout.sets), layout.chain)
             refilled, unfinished = _apply(tools, layout, state)
             generation += 1
             carried = _carried(mine, state, layout, ir, refilled) if mine else {}
