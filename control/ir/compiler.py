@@ -542,12 +542,14 @@ class Compiler:
             overlays=tuple(overlays),
             classes=tuple(ClassPrefix(self.nets[k], ids[k], self.overlay_ids[self.owner[k]])
                           for k in sorted(self.owner)),
-            exceptions=tuple(ExceptionPair(ids[s], ids[d], min(r, key=exception_rank))
-                             for (s, d), r in sorted(self.exception_pairs.items(),
-                                                     key=lambda item: (ids[item[0][0]], ids[item[0][1]]))),
-            allowed=tuple(AllowEntry(*fields) for fields in sorted(
-                (ids[s], ids[d], proto, port, bits, rule) for (s, d), table in self.resolved.items()
-                for (proto, port, bits), rule in table.items())),
+            # In address order, not id order: an IR compiled as a change lists its
+            # entries as one compiled afresh does (the iptables layout follows it).
+            exceptions=tuple(ExceptionPair(ids[s], ids[d], min(self.exception_pairs[(s, d)],
+                                                               key=exception_rank))
+                             for s, d in sorted(self.exception_pairs)),
+            allowed=tuple(AllowEntry(ids[s], ids[d], proto, port, bits, rule)
+                          for s, d in sorted(self.resolved)
+                          for (proto, port, bits), rule in sorted(self.resolved[(s, d)].items())),
             rules=tuple(rules),
             interfaces=policy.interfaces,
             digest=policy_digest(policy),

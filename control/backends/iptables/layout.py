@@ -243,6 +243,9 @@ class _ClassTree:
         ordered = sorted((c for c in ir.classes if c.network.version == version),
                          key=lambda c: (c.network.first, -c.network.last))
         self.classes: dict[int, ClassPrefix] = {c.class_id: c for c in ordered}
+        # Where each class stands in address order: what lines and elements are sorted
+        # by, so that the layout does not depend on how the IR numbers its classes.
+        self.place = {c.class_id: i for i, c in enumerate(ordered)}
         self.ancestors: dict[int, tuple[int, ...]] = {}  # itself and every class holding it
         self.roots: dict[int, list[ClassPrefix]] = {}  # overlay id -> its subnets
         stack: list[ClassPrefix] = []
@@ -293,6 +296,10 @@ class _FamilyBuilder:
         self.sets: list[IpSet] = []
         names = {o.id: o.name for o in ir.overlays}
         self.overlay_sets = {o_id: overlay_set(self.version, names[o_id]) for o_id in tree.roots}
+        # Rules in file order and overlays in policy order, whatever their ids (an
+        # update keeps the ids of what stays, so ids need not follow the file).
+        self.rank = {r.id: i for i, r in enumerate(ir.rules)}
+        self.overlay_rank = {o.id: i for i, o in enumerate(ir.overlays)}
 
     def name(self, rule: int) -> str:
         return self.ir.rule(rule).name
@@ -306,7 +313,7 @@ class _FamilyBuilder:
         overlays = set_name(v, "overlays")
         self.sets.append(IpSet(overlays, NET, v, tuple(
             (self.tree.cidr(c.class_id), None) for cs in self.tree.roots.values() for c in cs)))
-        for o_id, cs in sorted(self.tree.roots.items()):
+        for o_id, cs in sorted(self.tree.roots.items(), key=lambda item: self.overlay_rank[item[0]]):
             self.sets.append(IpSet(self.overlay_sets[o_id], NET, v,
                                    tuple((self.tree.cidr(c.class_id), None) for c in cs)))
         jump = f"-m set --match-set {overlays} src -m set --match-set {overlays} dst"
@@ -329,7 +336,7 @@ class _FamilyBuilder:
             for e in self.ir.exceptions:
                 if self._ours(e.src_class, e.dst_class):
                     by_rule.setdefault(e.rule, []).append((e.src_class, e.dst_class, ANY))
-            for rule in sorted(by_rule):
+            for rule in sorted(by_rule, key=self.rank.__getitem__):
                 chain += self._rule_lines(rule, by_rule[rule])
         chain.append('-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment '
                      f'"{comment("established")}" -j RETURN')
@@ -365,7 +372,7 @@ class _FamilyBuilder:
         for a in self._allowed():
             by_rule.setdefault(a.rule, []).append((a.src_class, a.dst_class, _item(a)))
         lines: list[str] = []
-        for rule in sorted(by_rule):
+        for rule in sorted(by_rule, key=self.rank.__getitem__):
             lines += self._rule_lines(rule, by_rule[rule])
         return lines
 
@@ -381,7 +388,8 @@ class _FamilyBuilder:
         # Drop entries another entry of the same rule already covers: widest first.
         kept: list[tuple[int, int, Item]] = []
         for entry in sorted(entries, key=lambda e: (tree.prefixlen(e[0]) + tree.prefixlen(e[1]),
-                                                    -_breadth(e[2]))):
+                                                    -_breadth(e[2]), tree.place[e[0]],
+                                                    tree.place[e[1]], e[2])):
             s, d, item = entry
             if not any(tree.holds(ks, s) and tree.holds(kd, d) and _item_holds(ki, item)
                        for ks, kd, ki in kept):
@@ -391,7 +399,8 @@ class _FamilyBuilder:
             items_of.setdefault((s, d), set()).add(item)
         # Pairs with the same ports, factored into (sources x destinations) blocks.
         by_items: dict[frozenset[Item], dict[int, list[int]]] = {}
-        for (s, d), pair_items in sorted(items_of.items()):
+        for (s, d), pair_items in sorted(items_of.items(),
+                                         key=lambda item: (tree.place[item[0][0]], tree.place[item[0][1]])):
             by_items.setdefault(frozenset(pair_items), {}).setdefault(s, []).append(d)
         lines: list[str] = []
         note = self.note(rule)
@@ -442,7 +451,8 @@ class _FamilyBuilder:
         tuples: list[tuple[str, str | None]] = []
         icmp_pairs: list[tuple[str, str | None]] = []
         pairs: list[tuple[str, str | None]] = []
-        for (s, d), entries in sorted(table.items()):
+        for (s, d), entries in sorted(table.items(), key=lambda item: (tree.place[item[0][0]],
+                                                                       tree.place[item[0][1]])):
             # Every pair holding this one: their elements match this pair's packets too,
             # so this pair needs its own element wherever any of them has one.
             around = [table[(os_, od)] for os_ in tree.ancestors[s] for od in tree.ancestors[d]
