@@ -167,6 +167,7 @@ class Compiler:
     listed: dict[Pair, dict[PrefixKey, list[int]]]  # -> prefix -> the allow rules listing it
     resolved: dict[Pair, dict[PrefixKey, int]]  # -> the allowed map's entries of the pair
     _seen: _Seen | None  # while an update runs: what it touched, as it was
+    _prefixes: dict[NetKey, ClassPrefix]  # the IR's class entries, kept while they stay
 
     def __init__(self, policy: Policy, numbering: Numbering | None = None) -> None:
         """Compile `policy`; with a `numbering`, keep its ids for what it numbers."""
@@ -180,6 +181,7 @@ class Compiler:
     def _build(self, policy: Policy, numbering: Numbering | None) -> None:
         self.policy = policy
         self._seen = None
+        self._prefixes = {}
         self.owner = {}
         self.nets = {}
         self.namers = {}
@@ -259,17 +261,22 @@ class Compiler:
         the entries that changed. None: compiled afresh under the same numbering (the
         overlays or exceptions changed, or rules that stay changed their order), and
         the caller compares whole tables."""
-        rules = _rules_said(policy)
-        before = {s.identity for s in self.rules}
-        after = {s.identity for s in rules}
+        texts = [_describe(r) for r in policy.rules]
+        identities = _told_apart("allow", texts)
+        before = {s.identity: s for s in self.rules}
+        after = set(identities)
         if (_overlays_of(policy) != _overlays_of(self.policy)
                 or _exceptions_said(policy) != self.exceptions
                 or [s.identity for s in self.rules if s.identity in after]
-                != [s.identity for s in rules if s.identity in before]):
+                != [i for i in identities if i in before]):
             self._build(policy, self.numbering())
             return None
         gone = [s for s in self.rules if s.identity not in after]
-        new = [(s, r) for s, r in zip(rules, policy.rules, strict=True) if s.identity not in before]
+        new = [(_said_of(identity, text, rule.src, rule.dst, _keys(rule)), rule)
+               for identity, text, rule in zip(identities, texts, policy.rules, strict=True)
+               if identity not in before]
+        made = {s.identity: s for s, _ in new}
+        rules = [before.get(identity) or made[identity] for identity in identities]
         self._seen = _Seen()
         freed = [self.rule_ids[s.identity] for s in gone]
         for said in gone:
@@ -516,6 +523,14 @@ class Compiler:
 
     # -- the IR ----------------------------------------------------------------
 
+    def _prefix(self, key: NetKey) -> ClassPrefix:
+        """The class entry of a named CIDR, made once while its numbering stays."""
+        made = self._prefixes.get(key)
+        class_id, overlay_id = self.class_ids[key], self.overlay_ids[self.owner[key]]
+        if made is None or made.class_id != class_id or made.overlay_id != overlay_id:
+            made = self._prefixes[key] = ClassPrefix(self.nets[key], class_id, overlay_id)
+        return made
+
     def _finish(self, policy: Policy) -> None:
         """The IR of what is compiled now."""
         names = {s.identity: f"exception:{i}" for i, s in enumerate(self.exceptions)}
@@ -540,8 +555,7 @@ class Compiler:
             deny_action=policy.deny_action,
             timeouts=dict(policy.timeouts),
             overlays=tuple(overlays),
-            classes=tuple(ClassPrefix(self.nets[k], ids[k], self.overlay_ids[self.owner[k]])
-                          for k in sorted(self.owner)),
+            classes=tuple(self._prefix(k) for k in sorted(self.owner)),
             # In address order, not id order: an IR compiled as a change lists its
             # entries as one compiled afresh does (the iptables layout follows it).
             exceptions=tuple(ExceptionPair(ids[s], ids[d], min(self.exception_pairs[(s, d)],
@@ -552,7 +566,8 @@ class Compiler:
                           for (proto, port, bits), rule in sorted(self.resolved[(s, d)].items())),
             rules=tuple(rules),
             interfaces=policy.interfaces,
-            digest=policy_digest(policy),
+            digest=policy_digest(policy, (s.text for s in self.exceptions),
+                                 (s.text for s in self.rules)),
         )
 
 
@@ -568,27 +583,36 @@ def _endpoints(policy: Policy) -> Iterator[Endpoint]:
 
 
 def _exceptions_said(policy: Policy) -> list[_Said]:
-    return _told_apart("exception", [
-        (f"{e.src.text} -> {e.dst.text} unfiltered", e.src, e.dst, ()) for e in policy.exceptions])
+    texts = [f"{e.src.text} -> {e.dst.text} unfiltered" for e in policy.exceptions]
+    return [_said_of(identity, text, e.src, e.dst, ())
+            for identity, text, e in zip(_told_apart("exception", texts), texts, policy.exceptions,
+                                         strict=True)]
 
 
 def _rules_said(policy: Policy) -> list[_Said]:
-    return _told_apart("allow", [
-        (_describe(r), r.src, r.dst, tuple(k for spec in r.ports for k in spec_prefixes(spec)))
-        for r in policy.rules])
+    texts = [_describe(r) for r in policy.rules]
+    return [_said_of(identity, text, r.src, r.dst, _keys(r))
+            for identity, text, r in zip(_told_apart("allow", texts), texts, policy.rules, strict=True)]
 
 
-def _told_apart(kind: str, said: list[tuple[str, Endpoint, Endpoint, tuple[PrefixKey, ...]]],
-                ) -> list[_Said]:
-    """Rules with their identities, as tables.rule_identities gives them: the kind and
-    text, and ' #n' from the second rule of one text on."""
+def _keys(rule: AllowRule) -> tuple[PrefixKey, ...]:
+    return tuple(k for spec in rule.ports for k in spec_prefixes(spec))
+
+
+def _said_of(identity: str, text: str, src: Endpoint, dst: Endpoint,
+             keys: tuple[PrefixKey, ...]) -> _Said:
+    return _Said(identity, text, tuple(_key(c) for c in src.cidrs), tuple(_key(c) for c in dst.cidrs),
+                 keys)
+
+
+def _told_apart(kind: str, texts: list[str]) -> list[str]:
+    """The identities of rules of these texts, as tables.rule_identities gives them: the
+    kind and text, and ' #n' from the second rule of one text on."""
     seen: dict[str, int] = {}
     found = []
-    for text, src, dst, keys in said:
+    for text in texts:
         n = seen[text] = seen.get(text, 0) + 1
-        identity = f"{kind} {text}" if n == 1 else f"{kind} {text} #{n}"
-        found.append(_Said(identity, text, tuple(_key(c) for c in src.cidrs),
-                           tuple(_key(c) for c in dst.cidrs), keys))
+        found.append(f"{kind} {text}" if n == 1 else f"{kind} {text} #{n}")
     return found
 
 
@@ -630,19 +654,21 @@ def _numbered(things: list[K], previous: dict[K, int], first: int) -> tuple[dict
     return ids, allocator
 
 
-def policy_digest(policy: Policy) -> str:
+def policy_digest(policy: Policy, exceptions: Iterable[str], rules: Iterable[str]) -> str:
     """What the policy says, hashed: the same for the same policy however it is
-    spelled or numbered (formatting, comments, key order and ids aside)."""
-    said = {
+    spelled or numbered (formatting, comments, key order and ids aside).
+    `exceptions` and `rules`: each one's text, in file order."""
+    head = {
         "default": policy.default,
         "deny_action": policy.deny_action,
         "timeouts": dict(sorted(policy.timeouts.items())),
         "overlays": [[o.name, [str(n) for n in o.subnets], o.isolated] for o in policy.overlays],
-        "exceptions": [[e.src.text, e.dst.text] for e in policy.exceptions],
-        "allow": [[r.src.text, r.dst.text, [str(p) for p in r.ports]] for r in policy.rules],
         "interfaces": list(policy.interfaces) if policy.interfaces is not None else None,
     }
-    return hashlib.sha256(json.dumps(said, separators=(",", ":")).encode()).hexdigest()
+    hashed = hashlib.sha256(json.dumps(head, separators=(",", ":")).encode())
+    for texts in (exceptions, rules):
+        hashed.update(b"\0" + "\n".join(texts).encode())
+    return hashed.hexdigest()
 
 
 def compile_policy(policy: Policy, numbering: Numbering | None = None) -> IR:
