@@ -36,7 +36,7 @@
 #define RULE_MALFORMED    4
 #define FIRST_POLICY_RULE 16
 
-/* Counter slots per generation; counters hold two slots (gen & 1). */
+/* Rule ids the counters hold: counters[rule], shared by both generations. */
 #ifndef ISOEBPF_MAX_RULES
 #define ISOEBPF_MAX_RULES 4096
 #endif

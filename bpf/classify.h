@@ -19,7 +19,7 @@
 #include "conntrack.h"
 
 struct verdict {
-	__u32 gen; /* the generation that judged the packet: its counter slot */
+	__u32 gen; /* the generation that judged the packet */
 	__u32 rule;
 	__u8 action;
 };
@@ -45,7 +45,7 @@ static __always_inline __u32 active_generation(void)
 	return gen ? *gen : 0;
 }
 
-/* The half of the policy tables (and counters) that generation gen lives in. */
+/* The half of the policy tables that generation gen lives in. */
 static __always_inline __u32 policy_slot(__u32 gen)
 {
 	return gen & 1;

@@ -109,13 +109,14 @@ BPF_TABLE("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
 	  ISOEBPF_MAX_FRAGMENTS);
 
 /*
- * Packets and bytes per rule, index (gen & 1) * ISOEBPF_MAX_RULES + rule.
- * Per-CPU so that counting needs no atomics; program.read_counters sums the
- * CPUs. program.py zeroes the slot's counters of the policy's rules before
- * its generation goes live (status reads no others), and an update carries
- * what the outgoing slot counted into the state record (carried_over).
+ * Packets and bytes per rule, index rule id, whatever the generation: an
+ * update keeps the id of every rule it keeps (ir.compiler numbers by rule
+ * identity), so a rule counts on where it counted, and only a rule new to
+ * an id has its counter zeroed (by program.py, before its generation goes
+ * live). Per-CPU so that counting needs no atomics; program.read_counters
+ * sums the CPUs.
  */
-BPF_PERCPU_ARRAY(counters, struct counter, 2 * ISOEBPF_MAX_RULES);
+BPF_PERCPU_ARRAY(counters, struct counter, ISOEBPF_MAX_RULES);
 
 /*
  * Verdict events for `isoebpf trace`, one perf ring per CPU (bcc sizes it to

@@ -18,15 +18,14 @@
 static __always_inline void count_verdict(const struct verdict *v, __u64 bytes)
 {
 	struct counter *counter;
-	int index;
+	int index = v->rule;
 
 	if (v->rule >= ISOEBPF_MAX_RULES)
 		return;
-	index = policy_slot(v->gen) * ISOEBPF_MAX_RULES + v->rule;
 	counter = counters.lookup(&index);
 	if (!counter)
 		return;
-	/* Per-CPU: no other CPU writes this slot. */
+	/* Per-CPU: no other CPU writes this counter. */
 	counter->packets++;
 	counter->bytes += bytes;
 }

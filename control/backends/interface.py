@@ -17,7 +17,7 @@ from typing import Any, Protocol, Self
 
 import netaddr
 
-from ..ir.compiler import Numbering
+from ..ir.compiler import Delta, Numbering
 from ..ir.evaluate import IPPROTO_ICMPV6
 from ..ir.tables import IR, PROTO_CODES
 from .state import Scope
@@ -101,9 +101,11 @@ class Backend(Protocol):
 
     def load(self, ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str, *,
              force: bool = False, on_failure: str = "closed", compiling: Any | None = None,
-             ) -> LoadReport:
+             change: Delta | None = None) -> LoadReport:
         """Enforce `ir` on the interfaces matching `globs`: a first load, or an atomic update.
-        A backend may take options of its own beside these (iptables: `chain`)."""
+        `change`: how `ir` differs from the policy in force, where its compile says (the
+        agent's); a backend may write just that. A backend may take options of its
+        own beside these (iptables: `chain`)."""
         ...
 
     def plan(self, scope: Scope, ir: IR) -> list[str]:

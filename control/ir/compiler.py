@@ -118,6 +118,12 @@ class Delta:
     exceptions_deleted: list[tuple[int, int]] = field(default_factory=list)
     allowed_written: dict[AllowKey, int] = field(default_factory=dict)
     allowed_deleted: list[AllowKey] = field(default_factory=list)
+    base: str = ""  # the digest of the policy it changes
+    rules_new: list[int] = field(default_factory=list)  # ids that count a rule they did not before
+    # Entries per table afterwards, as a backend sizes its tables ("classes_v4",
+    # "classes_v6", "exceptions", "hairpins", "allowed"), and "rules": one past the
+    # highest rule id.
+    sizes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class Compiler:
     resolved: dict[Pair, dict[PrefixKey, int]]  # -> the allowed map's entries of the pair
     _seen: _Seen | None  # while an update runs: what it touched, as it was
     _prefixes: dict[NetKey, ClassPrefix]  # the IR's class entries, kept while they stay
+    sizes: dict[str, int]  # entries per table, as Delta.sizes says them
 
     def __init__(self, policy: Policy, numbering: Numbering | None = None) -> None:
         """Compile `policy`; with a `numbering`, keep its ids for what it numbers."""
@@ -235,6 +242,14 @@ class Compiler:
             self._list(said, rule_id, self._pairs(said))
         self.resolved = {
             pair: self._resolve(table) for pair, table in self.listed.items()}
+        self.sizes = {
+            "classes_v4": sum(1 for key in self.owner if key[0] == 4),
+            "classes_v6": sum(1 for key in self.owner if key[0] == 6),
+            "exceptions": len(self.exception_pairs),
+            "hairpins": sum(self.hairpin.values()),
+            "allowed": sum(len(table) for table in self.resolved.values()),
+            "rules": self.free_rule_ids.next,
+        }
         self._finish(policy)
 
     def _name(self, key: NetKey, net: netaddr.IPNetwork, overlay: str) -> None:
@@ -309,6 +324,8 @@ class Compiler:
             self._use(said, rule_id)
             self._list(said, rule_id, self._pairs(said))
         delta = self._delta()
+        delta.base = self.ir.digest
+        delta.rules_new = [self.rule_ids[s.identity] for s, _ in new]
         self._seen = None
         self.policy = policy
         self._finish(policy)
@@ -316,20 +333,26 @@ class Compiler:
 
     def _delta(self) -> Delta:
         """What the entries the update touched were, against what they are now."""
-        seen, ids, delta = self._seen, self.class_ids, Delta()
+        seen, ids, sizes = self._seen, self.class_ids, self.sizes
         assert seen is not None
+        delta = Delta()
         for key, was_class in seen.classes.items():
             now_class = (ids[key], self.overlay_ids[self.owner[key]]) if key in ids else None
+            family = "classes_v4" if key[0] == 4 else "classes_v6"
             if now_class is None and was_class is not None:
                 delta.classes_deleted.append(key)
+                sizes[family] -= 1
             elif now_class is not None and now_class != was_class:
                 delta.classes_written[key] = now_class
+                sizes[family] += was_class is None
         for pair, was_exception in seen.exceptions.items():
             now_exception = self._numbered_exception(pair)
             if was_exception is not None and (now_exception is None or now_exception[0] != was_exception[0]):
                 delta.exceptions_deleted.append(was_exception[0])
+                sizes["exceptions"] -= 1
             if now_exception is not None and now_exception != was_exception:
                 delta.exceptions_written[now_exception[0]] = now_exception[1]
+                sizes["exceptions"] += was_exception is None or now_exception[0] != was_exception[0]
         for pair, was in seen.pairs.items():
             table = self.listed.get(pair)
             resolved = self._resolve(table) if table else {}
@@ -338,8 +361,12 @@ class Compiler:
             else:
                 self.resolved.pop(pair, None)
             now = self._numbered_entries(pair, resolved)
-            delta.allowed_deleted += [key for key in was if key not in now]
+            gone = [key for key in was if key not in now]
+            delta.allowed_deleted += gone
             delta.allowed_written.update({key: rule for key, rule in now.items() if was.get(key) != rule})
+            sizes["allowed"] += sum(1 for key in now if key not in was) - len(gone)
+        sizes["rules"] = self.free_rule_ids.next
+        delta.sizes = dict(sizes)
         return delta
 
     def _numbered_entries(self, pair: Pair, table: dict[PrefixKey, int]) -> dict[AllowKey, int]:

@@ -36,6 +36,7 @@ from .. import pipeline
 from ..backends import enforcer, registry
 from ..backends.state import Scope
 from ..errors import IsoebpfError, PolicyError, UntrustedPolicyError
+from ..ir.compiler import Delta
 from ..ir.tables import IR
 
 # (stop, listening) -> names of new interfaces, as links.new_links yields them.
@@ -116,9 +117,12 @@ class Agent:
                      keeping=self._ir.digest if self._ir else None)
             return
         self._compiled = compiled
-        self.apply(compiled.ir, "policy_changed", compile_ms=(time.monotonic() - started) * 1000)
+        self.apply(compiled.ir, "policy_changed", compile_ms=(time.monotonic() - started) * 1000,
+                   change=compiled.delta)
 
-    def apply(self, ir: IR, why: str, compile_ms: float = 0.0) -> None:
+    def apply(self, ir: IR, why: str, compile_ms: float = 0.0, change: Delta | None = None) -> None:
+        """Enforce `ir`; `change`: how it differs from the policy in force, where the
+        compile says (the backend may write just that)."""
         with self._lock:
             compiling = None
             if not self._chosen:
@@ -132,7 +136,7 @@ class Agent:
                 self._chosen, report, notes = enforcer.load(
                     self.backend_name, self._chosen, ir, self.scope, globs, self.mode,
                     self.policy_path, force=self.force, on_failure=self.on_failure,
-                    compiling=compiling)
+                    compiling=compiling, change=change)
                 for note in notes:
                     self.log("backend", backend=self._chosen, why=note)
             except IsoebpfError as err:

@@ -10,7 +10,7 @@ evaluator requires of it. Benchmarks import both.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from isoebpf.backends.ebpf import abi, bpfsys, entries, program
@@ -77,15 +77,16 @@ class Datapath:
         # difference, as the backend's updates do (fresh maps hold nothing).
         self.held: dict[int, entries.Tables] = {0: {}, 1: {}} if self.gen == 0 else {}
 
-    def load(self, ir: IR, *, sweep: bool = True) -> None:
+    def load(self, ir: IR, *, sweep: bool = True, fresh: Iterable[int] | None = None) -> None:
         """Replace the policy as the backend does. `sweep=False` flips the config
-        word only, leaving revocation to the datapath's lazy re-judging."""
+        word only, leaving revocation to the datapath's lazy re-judging. `fresh`:
+        the rule ids whose counters start at 0 (None: all of `ir`'s)."""
         new = self.gen + 1
         slot = program.slot_of(new)
         beside = self.held.get(1 - slot)
         self.held[slot] = program.write_generation(
             self.maps, ir, new, self.held.get(slot),
-            entries.entry_counts(beside) if beside is not None else None)
+            entries.entry_counts(beside) if beside is not None else None, fresh)
         if sweep:
             program.activate(self.maps, ir, new)
         else:
@@ -114,7 +115,7 @@ class Datapath:
         return Run(verdict, result.data)
 
     def counter(self, rule: int) -> tuple[int, int]:
-        return program.read_counter(self.maps, self.gen, rule)
+        return program.read_counter(self.maps, rule)
 
 
 def answerable(parsed: Parsed) -> bool:

@@ -16,8 +16,10 @@ from isoebpf.backends import counts
 from isoebpf.backends.ebpf import abi, bpfsys, entries, program
 from isoebpf.errors import BackendError
 from isoebpf.ir import evaluate
+from isoebpf.ir.compiler import Compiler
 from isoebpf.ir.evaluate import TCP_SYN
 from isoebpf.ir.tables import IR
+from isoebpf.policy import parse
 from tests.bpf.cases import HR, HR5, IT, IT3, POLICY, SYN_22, SYN_80, tcp
 from tests.bpf.harness import Datapath, policy_entries, slot_contents, slot_wanted
 from tests.packets import build
@@ -89,8 +91,8 @@ def test_status_readers(loaded: Datapath) -> None:
     assert flows[(6, HR, 40000, IT, 80)].gen == loaded.gen
     assert program.count_connections(loaded.maps) == len(flows)
     rule = {r.name: r.id for r in pipeline.loads(POLICY).ir.rules}["allow:0"]
-    assert program.read_counters(loaded.maps, loaded.gen, [rule])[rule] == program.read_counter(
-        loaded.maps, loaded.gen, rule) == (1, len(build(SYN_80)))
+    assert program.read_counters(loaded.maps, [rule])[rule] == program.read_counter(
+        loaded.maps, rule) == (1, len(build(SYN_80)))
     fill = program.map_fill(loaded.maps)
     assert fill["conntrack"]["entries"] == len(flows)
     first = next(k for k, _ in program.connections(loaded.maps))
@@ -102,7 +104,7 @@ def test_counters_are_read_one_by_one_where_the_kernel_has_no_batches(
 ) -> None:
     loaded.run("tc", build(SYN_80))
     rules = [r.id for r in pipeline.loads(POLICY).ir.rules]
-    batched = program.read_counters(loaded.maps, loaded.gen, rules)
+    batched = program.read_counters(loaded.maps, rules)
     assert sum(packets for packets, _ in batched.values()) == 1
     syscall = bpfsys._bpf
 
@@ -112,7 +114,7 @@ def test_counters_are_read_one_by_one_where_the_kernel_has_no_batches(
         return syscall(cmd, attr)
 
     monkeypatch.setattr(bpfsys, "_bpf", without_batches)
-    assert program.read_counters(loaded.maps, loaded.gen, rules) == batched
+    assert program.read_counters(loaded.maps, rules) == batched
 
 
 def test_pins_and_names(loaded: Datapath) -> None:
@@ -197,7 +199,7 @@ def recorded(ir: IR) -> list[list[object]]:
 
 def totals(datapath: Datapath, ir: IR, carried: counts.Carried) -> dict[str, counts.Count]:
     """What status would show for `ir`, live in `datapath`'s generation: name -> total."""
-    live = program.read_counters(datapath.maps, datapath.gen, [r.id for r in ir.rules])
+    live = program.read_counters(datapath.maps, [r.id for r in ir.rules])
     return counts.totals({ir.rule(i).name: count for i, count in live.items()}, carried)
 
 
@@ -216,9 +218,9 @@ def test_counts_survive_an_update_by_rule_identity(datapath: Datapath) -> None:
     assert (before["allow:0"], before["allow:1"], before["default"]) == (
         (3, 3 * syn), (1, syn), (1, syn))
 
-    outgoing = datapath.gen
-    datapath.load(second)
-    carried = program.carried_over(datapath.maps, outgoing, recorded(first), {}, second)
+    # Each compiled afresh: its rules numbered in file order, so the kept rule's id moved.
+    carried, fresh = program.counters_across(datapath.maps, recorded(first), {}, second)
+    datapath.load(second, fresh=fresh)
     after = totals(datapath, second, carried)
     assert after["allow:1"] == (3, 3 * syn), "hr -> it tcp/80 is allow:1 now, its count with it"
     assert after["allow:0"] == (0, 0), "the inserted rule starts at 0"
@@ -228,9 +230,8 @@ def test_counts_survive_an_update_by_rule_identity(datapath: Datapath) -> None:
     # Counting on, then back: the removed rule returns at 0, the kept ones keep theirs.
     datapath.run("tc", build(tcp(HR, IT, 80, sport=41003)))
     assert totals(datapath, second, carried)["allow:1"] == (4, 4 * syn)
-    outgoing = datapath.gen
-    datapath.load(first)
-    carried = program.carried_over(datapath.maps, outgoing, recorded(second), carried, first)
+    carried, fresh = program.counters_across(datapath.maps, recorded(second), carried, first)
+    datapath.load(first, fresh=fresh)
     again = totals(datapath, first, carried)
     assert (again["allow:0"], again["allow:1"]) == ((4, 4 * syn), (0, 0))
     assert all(again[name] >= before[name] for name in before if name != "allow:1")
@@ -261,3 +262,61 @@ def test_sizes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISOEBPF_MAX_CONNECTIONS", "lots")
     with pytest.raises(BackendError, match="positive number"):
         program.size_flags()
+
+
+def test_a_rule_kept_under_its_id_counts_on_and_a_new_one_starts_at_0(datapath: Datapath) -> None:
+    """Compiled as a change, the kept rules keep their ids: nothing to carry, their
+    counters go on; only the inserted rule's id starts at 0."""
+    compiler = Compiler(parse.loads(POLICY))
+    first = compiler.ir
+    datapath.load(first)
+    datapath.clear_state()
+    for sport in range(42000, 42003):
+        datapath.run("tc", build(tcp(HR, IT, 80, sport=sport)))
+    delta = compiler.update(parse.loads(POLICY_RULE_ABOVE))
+    assert delta is not None
+    second = compiler.ir
+    carried, fresh = program.counters_across(datapath.maps, recorded(first), {}, second)
+    assert carried == {} and fresh == delta.rules_new and len(fresh) == 1
+    datapath.load(second, fresh=fresh)
+    after = totals(datapath, second, carried)
+    assert after["allow:1"][0] == 3, "hr -> it tcp/80, renamed allow:1, counts on in its counter"
+    assert after["allow:0"] == (0, 0)
+
+
+def test_changes_written_as_differences_leave_each_slot_exact(tmp_path: Path) -> None:
+    """Updates that come as compiled differences write only those (and what the slot
+    they write into missed of the change before): the slots end exactly as the
+    policies they hold, as updates that compare whole tables would leave them."""
+    texts = [POLICY, POLICY_RULE_ABOVE,
+             POLICY_RULE_ABOVE.replace("ports: [tcp/22]}", "ports: [tcp/22, udp/53]}"), POLICY]
+    compiler = Compiler(parse.loads(texts[0]))
+    compiled = program.compile_program()
+    try:
+        maps = compiled.map_fds
+        slots = program.SlotFiles(tmp_path)
+        program.first_generation(maps, compiler.ir, slots)
+        before = compiler.ir
+        for text in texts[1:]:
+            delta = compiler.update(parse.loads(text))
+            assert delta is not None
+            change = entries.change_of(delta)
+            # Exactly the entries that differ, as comparing the whole tables finds them.
+            assert change.plan.counts() == entries.diff(entries.tables_of(before),
+                                                        entries.tables_of(compiler.ir)).counts()
+            gen = program.next_generation(maps, compiler.ir, slots, fresh=delta.rules_new,
+                                          change=change)
+            slot = program.slot_of(gen)
+            assert slot_contents(maps, slot) == slot_wanted(compiler.ir, slot)
+            assert slot_contents(maps, 1 - slot) == slot_wanted(before, 1 - slot)
+            assert slots.read(maps, slot) is None, "the whole tables were not made"
+            before = compiler.ir
+        # A slot whose way to the live generation is gone (a killed update) is written whole.
+        slots.forget_pending(program.slot_of(program.active_generation(maps) + 1))
+        delta = compiler.update(parse.loads(texts[1]))
+        assert delta is not None
+        gen = program.next_generation(maps, compiler.ir, slots, fresh=delta.rules_new,
+                                      change=entries.change_of(delta))
+        assert slot_contents(maps, program.slot_of(gen)) == slot_wanted(compiler.ir, program.slot_of(gen))
+    finally:
+        compiled.close()

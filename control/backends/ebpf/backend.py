@@ -43,7 +43,7 @@ from typing import Any
 from pyroute2 import NetlinkError
 
 from ...errors import BackendError, IsoebpfError, StateError
-from ...ir.compiler import Numbering
+from ...ir.compiler import Delta, Numbering
 from ...ir.tables import IR
 from ...resource import Resource
 from .. import counts, links
@@ -120,16 +120,17 @@ def compile_early(scope: Scope, record: dict[str, Any] | None) -> EarlyCompile |
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
          force: bool = False, on_failure: str = "closed",
-         compiling: EarlyCompile | None = None) -> LoadReport:
+         compiling: EarlyCompile | None = None, change: Delta | None = None) -> LoadReport:
     """`compiling`: the program compile_early() started, taken by a first load;
-    `on_failure` is recorded (enforcer.load acts on it)."""
+    `change`: how `ir` differs from the policy in force, where its compile says (an
+    update then writes just that); `on_failure` is recorded (enforcer.load acts on it)."""
     said = {"policy_path": policy_path, "on_failure": on_failure}
     ensure_bpffs()
     with scope.locked():
         record = scope.read()
         started = time.monotonic()
         if record is not None and _reusable(record, scope):
-            return _update(ir, scope, record, globs, mode, said, force, started)
+            return _update(ir, scope, record, globs, mode, said, force, started, change)
         # A first load compiles maps of the planned sizes: refuse a policy that
         # cannot fit them before compiling, pinning or tearing anything down.
         capacity.check_first_load(ir)
@@ -212,30 +213,42 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
 
 
 def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], mode: str,
-            said: dict[str, str], force: bool, started: float) -> LoadReport:
+            said: dict[str, str], force: bool, started: float, delta: Delta | None) -> LoadReport:
     """Make before break: check the new policy fits, attach new interfaces (they
     enforce the live policy meanwhile), make the new generation live, and only
     then detach what is no longer wanted. A failure before the flip detaches
-    only what this update attached: the policy in force stays, where it was."""
+    only what this update attached: the policy in force stays, where it was.
+
+    A `delta` from the policy in force (its base is the record's, and no killed
+    update went live since) is written as it is; otherwise the new policy's
+    tables are compared with what the slot holds."""
     maps = _open_maps(scope)
     progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
     try:
         live = program.active_generation(maps)
         known = [Attachment(**a) for a in record.get("attachments", [])]
         slots = _slot_files(scope, make=True)
-        changed = record.get("digest") != ir.digest or int(record["generation"]) != live
-        tables = program.prepare_next(maps, ir, slots) if changed else None
+        in_step = int(record["generation"]) == live
+        changed = record.get("digest") != ir.digest or not in_step
+        change = entries.change_of(delta) if (delta is not None and in_step
+                                              and delta.base == record.get("digest")) else None
+        tables = program.prepare_next(maps, ir, slots) if changed and change is None else None
         attached = _attach_all(scope, progs, globs, mode, force, known)
         carried = record.get("carried", {})
         try:
             new = live
             if changed:
+                if change is not None and delta is not None:
+                    # The numbering is kept: only the new rules' counters start at 0, and
+                    # what others carry follows them to their names.
+                    fresh = delta.rules_new
+                    carried = counts.carry(counts.totals({}, carried),
+                                           [(str(n), str(t)) for _, n, t in record["rules"]],
+                                           [(r.name, r.text) for r in ir.rules]) if carried else {}
+                else:
+                    carried, fresh = program.counters_across(maps, record["rules"], carried, ir)
                 _progress.info("writing what changed as generation %d", live + 1)
-                new = program.next_generation(maps, ir, slots, tables)
-                # Unequal generations: a killed update went live without its record, and
-                # the outgoing slot counts rules the record does not name.
-                counted = live if int(record["generation"]) == live else None
-                carried = program.carried_over(maps, counted, record["rules"], carried, ir)
+                new = program.next_generation(maps, ir, slots, tables, fresh, change)
             _save(scope, ir, new, attached.now, said, float(record.get("compile_seconds", 0)),
                   carried)
         except BaseException:
@@ -245,7 +258,9 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
             _detach_all(scope, attached.added)
             raise
         detached = _retire(scope, attached.retired)
-        warnings = _next_update_warnings(program.room_for_next(maps, ir, tables)) \
+        needed = change.sizes if change is not None else (
+            program.needed_entries(ir, tables) if tables is not None else None)
+        warnings = _next_update_warnings(program.room_for_next(maps, ir, needed)) \
             if changed else ()
     finally:
         for fd in (*maps.values(), *progs.values()):
@@ -459,9 +474,10 @@ def _slot_files(scope: Scope, make: bool = False) -> program.SlotFiles:
 
 
 def _unpin(scope: Scope) -> None:
-    """Remove the pins and the files saying what the pinned maps' slots hold."""
+    """Remove the pins and the files saying what the pinned maps' slots hold, and the numbering."""
     for slot in (0, 1):
         _slot_files(scope).forget(slot)
+        _slot_files(scope).forget_pending(slot)
     _numbering_path(scope).unlink(missing_ok=True)
     if not scope.pin_dir.exists():
         return
@@ -547,12 +563,9 @@ def status(scope: Scope) -> dict[str, Any] | None:
                          "'isoebpf unload' removes what is left")
     maps = _open_maps(scope)
     try:
-        # The record's rules count in its generation's slot: the live one, except
-        # between an update's flip and its record (or after a killed update).
-        counted = int(record["generation"])
         record["generation"] = program.active_generation(maps)
         names = {rule_id: (name, text) for rule_id, name, text in record["rules"]}
-        live = program.read_counters(maps, counted, sorted(names))
+        live = program.read_counters(maps, sorted(names))
         record["counters"] = counts.report(
             [names[rule_id] for rule_id in live],
             {names[rule_id][0]: count for rule_id, count in live.items()},

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ...ir.compiler import Delta
 from ...ir.tables import IR
 from . import abi
 
@@ -55,32 +56,40 @@ def entry_counts(tables: Tables) -> dict[str, int]:
     return {name: len(table) for name, table in tables.items()}
 
 
+Key = tuple[int, ...]
+Value = tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class MapChange:
-    """What one map's slot needs: keys to delete, and keys whose value to write."""
+    """What one map's slot needs: keys to delete, and entries to write (new or changed)."""
 
-    delete: list[tuple[int, ...]]
-    write: list[tuple[int, ...]]
+    delete: list[Key]
+    write: dict[Key, Value]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Turning a slot that holds `have` into one that holds `want`."""
+    """What turns the entries a slot holds into the ones it must hold."""
 
-    want: Tables
     changes: dict[str, MapChange]  # maps that change only
-    clear: bool  # what the slot holds is unknown: delete all of it first, then write all
+    clear: bool = False  # what the slot holds is unknown: delete all of it first
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """Map -> (entries written, entries deleted); with `clear`, deleted counts only what
         is known to go (the rest of an unknown slot goes too)."""
         return {name: (len(c.write), len(c.delete)) for name, c in self.changes.items()}
 
+    @property
+    def takes_away(self) -> bool:
+        """Does it delete or clear anything: may a connection lose what allowed it?"""
+        return self.clear or any(c.delete for c in self.changes.values())
+
 
 def diff(have: Tables | None, want: Tables) -> Plan:
     """The plan from `have` (None: unknown) to `want`. Pure."""
     if have is None:
-        return Plan(want, {name: MapChange([], list(table)) for name, table in want.items() if table},
+        return Plan({name: MapChange([], dict(table)) for name, table in want.items() if table},
                     clear=True)
     changes = {}
     for name, table in want.items():
@@ -89,8 +98,66 @@ def diff(have: Tables | None, want: Tables) -> Plan:
             continue
         # Comprehensions, not set operations on items(): no set of 100k pairs to build.
         changes[name] = MapChange([key for key in before if key not in table],
-                                  [key for key, value in table.items() if before.get(key) != value])
-    return Plan(want, changes, clear=False)
+                                  {key: value for key, value in table.items()
+                                   if before.get(key) != value})
+    return Plan(changes)
+
+
+def then(first: Plan, second: Plan) -> Plan:
+    """One plan doing `first`, then `second` (a slot two changes behind catches up)."""
+    changes = {name: MapChange(list(c.delete), dict(c.write)) for name, c in first.changes.items()}
+    for name, change in second.changes.items():
+        done = changes.setdefault(name, MapChange([], {}))
+        gone = set(change.delete)
+        for key in gone:
+            done.write.pop(key, None)
+        kept = [key for key in done.delete if key not in change.write]
+        already = set(kept)
+        done.delete[:] = kept + [key for key in change.delete if key not in already]
+        done.write.update(change.write)
+    return Plan(changes, first.clear or second.clear)
+
+
+def plan_of(delta: Delta) -> Plan:
+    """A compiled change (ir.compiler.Delta) as the policy maps' entries."""
+    classes: dict[int, MapChange] = {4: MapChange([], {}), 6: MapChange([], {})}
+    for version, address, length in delta.classes_deleted:
+        classes[version].delete.append((length, address))
+    for (version, address, length), value in delta.classes_written.items():
+        classes[version].write[(length, address)] = value
+    changes = {
+        "classes_v4": classes[4],
+        "classes_v6": classes[6],
+        "exceptions": MapChange(list(delta.exceptions_deleted),
+                                {key: (rule,) for key, rule in delta.exceptions_written.items()}),
+        "allowed": MapChange(list(delta.allowed_deleted),
+                             {key: (rule,) for key, rule in delta.allowed_written.items()}),
+    }
+    return Plan({name: c for name, c in changes.items() if c.delete or c.write})
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an update changes of the live generation, where a compiled difference
+    says it: the plan of entries, and the entries per map afterwards (`counters`:
+    one past the highest rule id), for the capacity check."""
+
+    plan: Plan
+    sizes: dict[str, int]
+
+
+def change_of(delta: Delta) -> Change:
+    sizes = {name: n for name, n in delta.sizes.items() if name in POLICY_MAPS}
+    return Change(plan_of(delta), {**sizes, "counters": delta.sizes["rules"]})
+
+
+def to_plain(plan: Plan) -> dict[str, tuple[list[Key], dict[Key, Value]]]:
+    """For marshal: the slot files keep plans (see program.SlotFiles)."""
+    return {name: (c.delete, c.write) for name, c in plan.changes.items()}
+
+
+def from_plain(plain: dict[str, tuple[list[Key], dict[Key, Value]]]) -> Plan:
+    return Plan({name: MapChange(list(delete), dict(write)) for name, (delete, write) in plain.items()})
 
 
 # Keys and values pack by struct in abi's layouts (abi.packing derives them from the

@@ -31,11 +31,24 @@ from bcc import BPF
 from ...errors import BackendError, ProgramRejected
 from ...ir import evaluate
 from ...ir.evaluate import Classifier
-from ...ir.tables import IR, PROTO_TCP, PROTO_UDP
+from ...ir.tables import IR, PROTO_TCP, PROTO_UDP, rule_identities
 from .. import counts
 from ..state import write_atomically
 from . import abi, bpfsys, capacity
-from .entries import POLICY_MAPS, Plan, Tables, diff, entry_counts, key_packer, tables_of, value_packer
+from .entries import (
+    POLICY_MAPS,
+    Change,
+    Plan,
+    Tables,
+    diff,
+    entry_counts,
+    from_plain,
+    key_packer,
+    tables_of,
+    then,
+    to_plain,
+    value_packer,
+)
 
 BPF_DIR = capacity.BPF_DIR
 SOURCE = BPF_DIR / "isoebpf.c"
@@ -143,8 +156,8 @@ def probe_compile() -> None:
 
 
 def max_rules(maps: Maps) -> int:
-    """Counter slots per generation, as the loaded program was compiled."""
-    return bpfsys.map_info(maps["counters"]).max_entries // 2
+    """Rule ids the counters hold, as the loaded program was compiled."""
+    return bpfsys.map_info(maps["counters"]).max_entries
 
 
 def _seconds_to_ns(seconds: float) -> int:
@@ -164,7 +177,7 @@ def params_of(ir: IR) -> abi.Params:
 
 
 def slot_of(gen: int) -> int:
-    """The half of the policy tables and counters that generation `gen` lives in."""
+    """The half of the policy tables that generation `gen` lives in."""
     return gen & 1
 
 
@@ -178,7 +191,8 @@ def _slot_entries(maps: Maps, slot: int) -> dict[str, list[bytes]]:
 
 
 def write_generation(maps: Maps, ir: IR, gen: int, held: Tables | None = None,
-                     beside: Mapping[str, int] | None = None) -> Tables:
+                     beside: Mapping[str, int] | None = None,
+                     fresh: Iterable[int] | None = None) -> Tables:
     """Write `ir` as generation `gen` into its slot, beside the active generation
     in the other; packets do not see it yet. Returns the slot's tables.
 
@@ -186,37 +200,39 @@ def write_generation(maps: Maps, ir: IR, gen: int, held: Tables | None = None,
     and deleted. None: unknown, so every entry of the slot goes first (a slot a
     killed update left half-written). `beside`: how many entries each map holds
     in the other slot (None: counted in the kernel). A policy that does not fit
-    is refused before anything is written."""
+    is refused before anything is written. `fresh`: the rule ids whose counters
+    start at 0 (None: all of `ir`'s)."""
     tables = tables_of(ir)
-    _check_fits(maps, ir, gen, tables, beside)
-    _write(maps, ir, gen, diff(held, tables))
+    _check_fits(maps, ir, gen, needed_entries(ir, tables), beside)
+    _write(maps, ir, gen, diff(held, tables), [r.id for r in ir.rules] if fresh is None else fresh)
     return tables
 
 
-def _check_fits(maps: Maps, ir: IR, gen: int, tables: Tables,
+def _check_fits(maps: Maps, ir: IR, gen: int, needed: Mapping[str, int],
                 beside: Mapping[str, int] | None) -> None:
+    """`needed`: entries per map (`counters`: one past the highest rule id); `beside`:
+    what the live generation holds in the other slot (None: counted in the kernel)."""
     if not 1 <= gen < 2**32:
         raise BackendError(f"generation {gen} is out of range (1 to 2^32-1): unload and load again")
     if beside is None:
         beside = {name: len(keys) for name, keys in _slot_entries(maps, 1 - slot_of(gen)).items()}
-    capacity.check(ir, _room(maps), beside, needed=_needed(ir, tables))
+    capacity.check(ir, _room(maps), beside, needed=needed)
 
 
-def _needed(ir: IR, tables: Tables) -> dict[str, int]:
+def needed_entries(ir: IR, tables: Tables) -> dict[str, int]:
+    """Entries per map `ir` takes as one generation, given its `tables` (`counters`: one
+    past its highest rule id)."""
     return {**entry_counts(tables), "counters": capacity.rule_slots(ir)}
 
 
-def _write(maps: Maps, ir: IR, gen: int, plan: Plan) -> None:
-    """Write `ir`'s parameters, zeroed counters and `plan` into generation `gen`'s slot."""
+def _write(maps: Maps, ir: IR, gen: int, plan: Plan, fresh: Iterable[int]) -> None:
+    """Write `ir`'s parameters and `plan` into generation `gen`'s slot, and zero the
+    counters of the `fresh` rule ids (those that count a rule they did not before)."""
     slot = slot_of(gen)
-    slots = max_rules(maps)
     bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
-    # Only the slots this policy's rules count in (_check_fits made sure it has them):
-    # the others are never read for it.
-    used = capacity.rule_slots(ir)
-    indexes = array.array("I", range(slot * slots, slot * slots + used))
-    bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * used, used)
+    indexes = array.array("I", fresh)
+    bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * len(indexes), len(indexes))
     write_plan(maps, slot, plan)
 
 
@@ -227,10 +243,9 @@ def write_plan(maps: Maps, slot: int, plan: Plan) -> None:
             bpfsys.map_delete_many(maps[name], keys)
     for name, change in plan.changes.items():
         pack_key, pack_value = key_packer(name, slot), value_packer(name)
-        table = plan.want[name]
         bpfsys.map_delete_many(maps[name], [pack_key(key) for key in change.delete])
         bpfsys.map_update_packed(maps[name], b"".join(map(pack_key, change.write)),
-                                 b"".join(pack_value(*table[key]) for key in change.write),
+                                 b"".join(pack_value(*value) for value in change.write.values()),
                                  len(change.write))
 
 
@@ -289,6 +304,32 @@ class SlotFiles:
         write_atomically(self.path(slot),
                          len(header).to_bytes(4, "little") + header + marshal.dumps(tables))
 
+    # A slot's way to the live generation, where a change came as a difference (the
+    # agent's): `pending-N` exists only while slot N holds the live generation's
+    # entries but for this plan, and says how many entries the live one holds. An
+    # update with a difference then writes that plan and its own, and nothing of
+    # the size of the policy. Same lifecycle as the slot files.
+
+    def pending_path(self, slot: int) -> Path:
+        return self.directory / f"pending-{slot}"
+
+    def read_pending(self, maps: Maps, slot: int) -> tuple[dict[str, int], Plan] | None:
+        """(the live generation's entries per map, the plan that brings `slot` to it), or None."""
+        try:
+            identity, live, plain = marshal.loads(self.pending_path(slot).read_bytes())
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        if identity != _maps_identity(maps):
+            return None
+        return live, from_plain(plain)
+
+    def remember_pending(self, maps: Maps, slot: int, live: Mapping[str, int], plan: Plan) -> None:
+        write_atomically(self.pending_path(slot),
+                         marshal.dumps((_maps_identity(maps), dict(live), to_plain(plan))))
+
+    def forget_pending(self, slot: int) -> None:
+        self.pending_path(slot).unlink(missing_ok=True)
+
 
 def _maps_identity(maps: Maps) -> list[int]:
     return [bpfsys.map_info(maps[name]).id for name in POLICY_MAPS]
@@ -302,24 +343,29 @@ def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> tuple[int, list[st
     is a difference too."""
     for slot in (0, 1):
         slots.forget(slot)
+        slots.forget_pending(slot)
     tables = write_generation(maps, ir, 1, held={}, beside={})
     activate(maps, ir, 1)
     slots.remember(maps, 1, tables)
     copy: Tables = {}
-    no_room = room_for_next(maps, ir, tables)
+    no_room = room_for_next(maps, ir, needed_entries(ir, tables))
     if not no_room:
         write_plan(maps, 0, diff({}, tables))
         copy = tables
     slots.remember(maps, 0, copy)
+    live = entry_counts(tables)
+    slots.remember_pending(maps, 1, live, Plan({}))
+    slots.remember_pending(maps, 0, live, Plan({}) if not no_room else diff({}, tables))
     return 1, no_room
 
 
-def room_for_next(maps: Maps, ir: IR, tables: Tables | None = None) -> list[str]:
+def room_for_next(maps: Maps, ir: IR, needed: Mapping[str, int] | None = None) -> list[str]:
     """Why an update to a policy the size of `ir` would not fit beside it (an update
-    writes the new policy while the one in force stays), or [] when it would."""
-    tables = tables if tables is not None else tables_of(ir)
-    needed = _needed(ir, tables)
-    return capacity.problems(ir, _room(maps), needed, needed)
+    writes the new policy while the one in force stays), or [] when it would.
+    `needed`: its entries per map, where the caller has them (see _check_fits)."""
+    wanted = needed if needed is not None else needed_entries(ir, tables_of(ir))
+    # Rules keep their ids across updates: counters are not needed twice.
+    return capacity.problems(ir, _room(maps), {**wanted, "counters": 0}, wanted)
 
 
 def prepare_next(maps: Maps, ir: IR, slots: SlotFiles) -> Tables:
@@ -327,30 +373,57 @@ def prepare_next(maps: Maps, ir: IR, slots: SlotFiles) -> Tables:
     policy that does not is refused before the update writes or attaches anything."""
     tables = tables_of(ir)
     new = active_generation(maps) + 1
-    _check_fits(maps, ir, new, tables, slots.read_counts(maps, 1 - slot_of(new)))
+    _check_fits(maps, ir, new, needed_entries(ir, tables), slots.read_counts(maps, 1 - slot_of(new)))
     return tables
 
 
-def next_generation(maps: Maps, ir: IR, slots: SlotFiles, tables: Tables | None = None) -> int:
+def next_generation(maps: Maps, ir: IR, slots: SlotFiles, tables: Tables | None = None,
+                    fresh: Iterable[int] | None = None, change: Change | None = None) -> int:
     """Make `ir` the active policy as the generation after the live one; returns it.
-    `tables`: prepare_next's (None: checked here).
+    `tables`: prepare_next's (None: checked here). `fresh`: the rule ids whose
+    counters start at 0 (None: all of `ir`'s). `change`: what differs from the live
+    generation, where the caller knows (a compiled difference, see ir.compiler.Delta).
 
     Writes into the slot the live generation does not use only what differs
     from what that slot holds (the policy before the live one, usually), and
-    leaves the live generation's entries in place for the next update."""
-    if tables is None:
-        tables = prepare_next(maps, ir, slots)
+    leaves the live generation's entries in place for the next update. With a
+    `change` and that slot's way to the live generation on file, no step costs
+    more than the change: neither the tables nor the files of the whole policy
+    are made or read."""
     new = active_generation(maps) + 1
     slot = slot_of(new)
+    fresh = [r.id for r in ir.rules] if fresh is None else list(fresh)
+    pending = slots.read_pending(maps, slot) if change is not None else None
+    if change is not None and pending is not None:
+        live, catch_up = pending
+        plan = then(catch_up, change.plan)
+        _check_fits(maps, ir, new, change.sizes, live)
+        slots.forget(slot)
+        slots.forget_pending(slot)
+        _write(maps, ir, new, plan, fresh)
+        activate(maps, ir, new, sweep=plan.takes_away)
+        sizes = {name: n for name, n in change.sizes.items() if name != "counters"}
+        slots.remember_pending(maps, slot, sizes, Plan({}))
+        slots.remember_pending(maps, 1 - slot, sizes, change.plan)
+        return new
+    if tables is None:
+        tables = prepare_next(maps, ir, slots)
     plan = diff(slots.read(maps, slot), tables)
     slots.forget(slot)
-    _write(maps, ir, new, plan)
+    slots.forget_pending(slot)
+    _write(maps, ir, new, plan, fresh)
     activate(maps, ir, new)
     slots.remember(maps, slot, tables)
+    live = entry_counts(tables)
+    slots.remember_pending(maps, slot, live, Plan({}))
+    if change is not None:
+        slots.remember_pending(maps, 1 - slot, live, change.plan)
+    else:
+        slots.forget_pending(1 - slot)
     return new
 
 
-def activate(maps: Maps, ir: IR, gen: int) -> None:
+def activate(maps: Maps, ir: IR, gen: int, sweep: bool = True) -> None:
     """Make `gen` the policy every packet from now on is judged by, then cut the
     connections it forbids.
 
@@ -358,8 +431,11 @@ def activate(maps: Maps, ir: IR, gen: int) -> None:
     re-judges a connection lazily when its next packet arrives; the sweep here
     cuts the others now, so that a connection this policy forbids stays cut
     even if the next policy would allow it again (as evaluate.Conntrack.revalidate).
+    `sweep=False`: the change only adds entries, so it forbids nothing new.
     """
     set_active(maps, gen)
+    if not sweep:
+        return
     classifier: Classifier | None = None  # built only when there is a connection to judge
     allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
     forbidden: list[bytes] = []
@@ -432,20 +508,20 @@ def _percpu(maps: Maps, name: str, index: int, value_type: type[ctypes.Structure
     return [value_type.from_buffer_copy(raw, cpu * stride) for cpu in range(len(raw) // stride)]
 
 
-def read_counter(maps: Maps, gen: int, rule: int) -> tuple[int, int]:
-    """(packets, bytes) of one rule in generation `gen`'s slot, summed over CPUs."""
-    return read_counters(maps, gen, [rule])[rule]
+def read_counter(maps: Maps, rule: int) -> tuple[int, int]:
+    """(packets, bytes) of one rule, summed over CPUs."""
+    return read_counters(maps, [rule])[rule]
 
 
-def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple[int, int]]:
-    """Rule id -> (packets, bytes) for these rules of generation `gen`, summed over CPUs:
-    one batch read of the slot's counters up to the highest id asked for."""
+def read_counters(maps: Maps, rules: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Rule id -> (packets, bytes) for these rules, summed over CPUs: one batch read
+    of the counters up to the highest id asked for."""
     wanted = list(rules)
     slots = max_rules(maps)
     cpus = bpfsys.possible_cpus()
     words = ctypes.sizeof(abi.Counter) // 8  # u64 fields: no padding between CPUs' values
     read = max((r for r in wanted if 0 <= r < slots), default=-1) + 1
-    raw = bpfsys.map_lookup_range(maps["counters"], slot_of(gen) * slots, read, words * 8 * cpus)
+    raw = bpfsys.map_lookup_range(maps["counters"], 0, read, words * 8 * cpus)
     values = array.array("Q", raw)  # per rule, per CPU: the fields of struct counter
     stride = words * cpus
 
@@ -459,22 +535,29 @@ def read_counters(maps: Maps, gen: int, rules: Iterable[int]) -> dict[int, tuple
     return {rule: per_rule[rule] if 0 <= rule < read else (0, 0) for rule in wanted}
 
 
-def carried_over(maps: Maps, outgoing: int | None, rules: Sequence[Sequence[Any]],
-                 carried: Mapping[str, Sequence[int]], ir: IR) -> counts.Carried:
-    """What each rule of `ir`, now live, carries from the policy it replaced: those
-    `rules` ([id, name, text], as the state record lists them) counted what they
-    `carried` and what is in generation `outgoing`'s slot (None: that slot counts
-    other rules, and only `carried` is known).
+def counters_across(maps: Maps, rules: Sequence[Sequence[Any]], carried: Mapping[str, Sequence[int]],
+                    ir: IR) -> tuple[counts.Carried, list[int]]:
+    """How the counters go from the policy in force (its `rules`, [id, name, text] as
+    the state record lists them, which `carried` what) to `ir`: what each rule of
+    `ir` carries, and the ids whose counters must start at 0.
 
-    Read after the flip, not before: a packet that read the config word just
-    before it still counts in the outgoing slot, and none counts there later."""
-    live: dict[str, counts.Count] = {}
-    if outgoing is not None:
-        names = {int(rule_id): str(name) for rule_id, name, _ in rules}
-        live = {names[i]: count for i, count in read_counters(maps, outgoing, names).items()
-                if count != (0, 0)}  # a rule that counted nothing carries nothing
-    return counts.carry(counts.totals(live, carried), [(str(n), str(t)) for _, n, t in rules],
-                        [(r.name, r.text) for r in ir.rules])
+    A rule `ir` numbers as the policy in force did (an update keeps the numbering,
+    see ir.compiler) counts on in its counter: nothing to carry or zero. A rule
+    under an id new to it starts at 0; if the policy in force had it under another
+    id (its numbering was not at hand), what it counted there is carried. Read
+    before the flip: a packet counted meanwhile under the old id is not carried."""
+    old = [(str(name), str(text)) for _, name, text in rules]
+    old_ids = dict(zip(rule_identities(old).values(), (int(r[0]) for r in rules), strict=True))
+    new_ids = dict(zip(rule_identities((r.name, r.text) for r in ir.rules).values(),
+                       (r.id for r in ir.rules), strict=True))
+    fresh = [rule_id for identity, rule_id in new_ids.items() if old_ids.get(identity) != rule_id]
+    moved = {old_ids[identity]: name for identity, name in zip(new_ids, (r.name for r in ir.rules),
+                                                                strict=True)
+             if identity in old_ids and old_ids[identity] != new_ids[identity]}
+    names = {int(rule_id): str(name) for rule_id, name, _ in rules}
+    live = {names[i]: count for i, count in read_counters(maps, moved).items()
+            if count != (0, 0)}  # a rule that counted nothing carries nothing
+    return counts.carry(counts.totals(live, carried), old, [(r.name, r.text) for r in ir.rules]), fresh
 
 
 def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:

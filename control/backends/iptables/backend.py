@@ -42,6 +42,7 @@ from pyroute2.ipset import IPSet
 from pyroute2.netlink.exceptions import IPSetError
 
 from ...errors import BackendError, StateError
+from ...ir.compiler import Delta
 from ...ir.evaluate import IPPROTO_ICMPV6, Classifier, Packet, first_packet
 from ...ir.tables import IR, PROTO_ICMP
 from .. import counts
@@ -506,11 +507,12 @@ def _attachments(layout: Layout, tools: _Tools, why: str) -> list[Attachment]:
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
          force: bool = False, on_failure: str = "closed", chain: str | None = None,
-         compiling: Any | None = None) -> LoadReport:
+         compiling: Any | None = None, change: Delta | None = None) -> LoadReport:
     """Enforce `ir` in the scope's namespace, or update what is enforced there.
 
-    `globs`, `mode`, `force` and `compiling` are the eBPF backend's: here every forwarded
-    packet passes FORWARD, whatever its interface. `chain` names the isolation
+    `globs`, `mode`, `force`, `compiling` and `change` are the eBPF backend's: here every
+    forwarded packet passes FORWARD, whatever its interface, and sets are compared
+    whole (ipset restore of what differs). `chain` names the isolation
     chain (default: the one in force, else dcos-isolation). `on_failure` is
     recorded (enforcer.load acts on it).
     """
