@@ -93,3 +93,12 @@ def test_scaled_policy_has_the_rules_asked_for(rules: int) -> None:
     sets, chain = ipset_rules(rules)
     assert sets.count("add isob-allowed") == policies.filler_count(rules)
     assert "REJECT --reject-with tcp-reset" in chain
+
+
+@pytest.mark.parametrize("rules", [4, 10, 200])
+def test_the_policy_as_json_is_the_same_policy(rules: int) -> None:
+    for changed in (False, True):
+        yaml_ir = pipeline.loads(policies.policy_text(rules, ".yaml", changed)).ir
+        assert pipeline.loads(policies.policy_text(rules, ".json", changed), "p.json").ir.digest == yaml_ir.digest
+    with pytest.raises(ValueError, match="no policy format"):
+        policies.policy_text(rules, ".toml")
