@@ -25,9 +25,10 @@ from bench.targets import evaluate
 HERE = Path(__file__).resolve().parent
 
 PLANS = {
-    # rounds, B1 sizes, B6 sizes, traffic sizes, traffic window (s)
-    "full": (3, [10, 1000, 10000, 100000], [10, 100, 1000, 10000, 100000], [10, 100, 1000, 10000], 3.0),
-    "quick": (1, [10, 10000], [10, 1000], [10, 1000], 1.5),
+    # rounds, B1 sizes, B6 sizes (isoebpf), B6 peers' sizes, traffic sizes, traffic window (s)
+    "full": (3, [10, 1000, 10000, 100000], [10, 100, 1000, 10000, 100000, 1000000],
+             [1000, 10000, 100000, 1000000], [10, 100, 1000, 10000], 3.0),
+    "quick": (1, [10, 10000], [10, 1000, 10000], [1000, 10000], [10, 1000], 1.5),
 }
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
         report.write(saved, home / "RESULTS.md", home / "plots")
         return _verdict(saved)
     signal.signal(signal.SIGTERM, _stop)
-    rounds, b1_sizes, b6_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
+    rounds, b1_sizes, b6_sizes, peer_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
     only = set(args.only.split(","))
     started = time.monotonic()
     if args.into:
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
     if "b1" in only:
         results["b1"] = classifier.run(b1_sizes, rounds, say)
     if "b6" in only:
-        results["b6"] = control_plane.run(b6_sizes, rounds, say)
+        results.update(control_plane.run(b6_sizes, peer_sizes, rounds, say))
     if "traffic" in only:
         results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, say)
     if not args.into:

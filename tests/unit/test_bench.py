@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench import policies, stats, targets
+from bench import peers, policies, rulesets, stats, targets
 from bench.rulesets import ipset_rules, nft_ruleset
 from isoebpf import pipeline
 
@@ -102,3 +102,46 @@ def test_the_policy_as_json_is_the_same_policy(rules: int) -> None:
         assert pipeline.loads(policies.policy_text(rules, ".json", changed), "p.json").ir.digest == yaml_ir.digest
     with pytest.raises(ValueError, match="no policy format"):
         policies.policy_text(rules, ".toml")
+
+
+def test_the_peers_load_the_fillers_and_change_the_changed_one() -> None:
+    rules = 1000
+    count = policies.filler_count(rules)
+    fillers = list(policies.fillers(count))
+    sets = rulesets.peer_ipset(rules).splitlines()
+    assert sets[0] == "create isobp-allowed hash:ip,port,net family inet hashsize 1024 maxelem 65536"
+    assert sets[1:] == [f"add isobp-allowed {f.src},tcp:{f.port},{f.dst}" for f in fillers]
+    chain = rulesets.peer_iptables(rules).splitlines()
+    assert chain[:3] == ["*filter", ":isobp-allow - [0:0]", "-A FORWARD -j isobp-allow"]
+    assert chain[3] == "-A isobp-allow -s 10.100.0.1/32 -d 10.101.0.0/24 -p tcp -m tcp --dport 1000 -j ACCEPT"
+    assert (len(chain), chain[-1]) == (count + 4, "COMMIT")
+    table = rulesets.peer_nft(rules)
+    assert "type ipv4_addr . inet_service . ipv4_addr; flags interval;" in table
+    assert table.count(" . 10.101.") == count
+    assert "    10.100.0.1 . 1000 . 10.101.0.0/24,\n" in table
+    assert "meta l4proto tcp ip saddr . tcp dport . ip daddr @isobp-allowed accept" in table
+    assert "elements" not in rulesets.peer_nft(4)  # no fillers: an empty set
+    change = rulesets.peer_change()
+    # The change's element is the changed policy's: the first filler on its new port.
+    moved = f"tcp/{fillers[0].port + policies.CHANGED_PORT_OFFSET}"
+    assert f"{{from: {fillers[0].src}, to: {fillers[0].dst}, ports: [{moved}]}}" in policies.changed_policy(rules)
+    assert change["ipset_add"] == ["ipset", "add", "isobp-allowed", "10.100.0.1,tcp:61000,10.101.0.0/24"]
+    assert change["ipset_del"][:2] == ["ipset", "del"] and change["ipset_del"][2:] == change["ipset_add"][2:]
+    assert change["nft_add"] == ["nft", "add", "element", "ip", "isobpeer", "isobp-allowed",
+                                 "{ 10.100.0.1 . 61000 . 10.101.0.0/24 }"]
+    assert change["nft_del"][1] == "delete" and change["nft_del"][2:] == change["nft_add"][2:]
+
+
+def test_sets_are_sized_for_their_entries() -> None:
+    head = rulesets.peer_ipset(100000).splitlines()[0]
+    assert head.endswith("hashsize 131072 maxelem 131072")
+
+
+def test_ipset_header_is_read_from_the_terse_listing() -> None:
+    listing = ("Name: isobp-allowed\nType: hash:ip,port,net\nRevision: 8\nHeader: family inet hashsize 1024 "
+               "maxelem 65536 bucketsize 12 initval 0xdb1b5031\nSize in memory: 40280\nReferences: 0\n"
+               "Number of entries: 996\n")
+    assert peers.ipset_header(listing) == {"entries": 996, "bytes": 40280}
+    with pytest.raises(RuntimeError, match="Number of entries"):
+        peers.ipset_header("Name: x\nSize in memory: 1\n")
+    assert peers.in_netns("ns1", "ipset", "add") == ["nsenter", "--net=/run/netns/ns1", "ipset", "add"]
