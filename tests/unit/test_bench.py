@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench import peers, policies, report, rulesets, stats, targets
+from bench import control_plane, peers, policies, report, rulesets, stats, targets
 from bench.rulesets import ipset_rules, nft_ruleset
 from isoebpf import pipeline
 
@@ -195,3 +195,35 @@ def test_ipset_header_is_read_from_the_terse_listing() -> None:
     with pytest.raises(RuntimeError, match="Number of entries"):
         peers.ipset_header("Name: x\nSize in memory: 1\n")
     assert peers.in_netns("ns1", "ipset", "add") == ["nsenter", "--net=/run/netns/ns1", "ipset", "add"]
+
+
+def test_b6_runs_isoebpf_and_the_peers_in_the_same_rounds_and_says_what_was_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[tuple[str, int]] = []
+
+    def ours(rules: int, suffix: str) -> dict[str, Any]:
+        order.append((f"isoebpf{suffix}", rules))
+        if rules >= 1000000:
+            raise control_plane.Refused("too many nodes")
+        one: dict[str, Any] = {key: 0.001 * rules for key in control_plane.ISOEBPF_KEYS}
+        return {**one, "map_bytes_by_map": {"allowed": 7}, "entries": rules + 60}
+
+    def theirs(rules: int, round_index: int) -> dict[str, Any]:
+        order.append(("peers", rules))
+        one: dict[str, Any] = {key: [0.002] * 5 for key in control_plane.PEER_KEYS}
+        return {**one, "ipset_restore_s": 0.5, "iptables_restore_s": 1.0, "nft_restore_s": 0.8,
+                "entries": policies.filler_count(rules), "ipset_bytes": 40 * rules}
+
+    monkeypatch.setattr(control_plane, "_one", ours)
+    monkeypatch.setattr(peers, "one_round", theirs)
+    monkeypatch.setattr(peers, "say_round", lambda rules, one, say: None)
+    said: list[str] = []
+    got = control_plane.run([10, 1000000], [1000, 1000000], 2, said.append, ".json")
+    assert order == [("isoebpf.json", 10), ("peers", 1000), ("isoebpf.json", 1000000), ("peers", 1000000),
+                     ("peers", 1000000), ("peers", 1000), ("isoebpf.json", 10)]  # refused once, not again
+    assert [(r["rules"], r["format"], r["parse_s"]["runs"]) for r in got["b6"]] == [(10, ".json", [0.01, 0.01])]
+    peer = got["b6_peers"][0]
+    assert (peer["rules"], peer["ipset_type"], len(peer["ipset_add_s"]["runs"])) == (1000, "hash:ip,port,net", 10)
+    assert peer["ipset_restore_s"]["runs"] == [0.5, 0.5]
+    assert got["b6_skipped"] == [{"subject": "isoebpf (.json)", "rules": 1000000, "why": "too many nodes"}]
+    assert any("not measured, the .json policy is refused: too many nodes" in line for line in said)
