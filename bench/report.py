@@ -264,7 +264,7 @@ def _peers_plot(results: dict[str, Any], plt: Any) -> Any:
     """First-load seconds and one-change milliseconds against rules, log-log."""
     rows = sorted(results.get("b6", []), key=lambda r: r["rules"])
     peer_rows = sorted(results["b6_peers"], key=lambda r: r["rules"])
-    fig, (first, change) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (first, change) = plt.subplots(1, 2, figsize=(13, 5))
 
     def line(ax: Any, source: list[dict[str, Any]], key: str, label: str, scale: float = 1.0,
              style: str = "o-") -> None:
@@ -293,7 +293,7 @@ def _peers_plot(results: dict[str, Any], plt: Any) -> Any:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rules")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
