@@ -37,7 +37,7 @@ test-vm: setup
 	@bash scripts/test-vm.sh
 
 # The performance suite (bench/RESULTS.md, bench/plots/, bench/results/*.json):
-# the full run takes about 25 minutes, the quick one a few.
+# the full run takes about 30-35 minutes, the quick one a few.
 bench: setup
 	PYTHONPATH=. $(PYTHON) -m bench
 

@@ -19,15 +19,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import classifier, control_plane, machine, report, traffic
+from bench import classifier, control_plane, machine, policies, report, traffic
 from bench.targets import evaluate
 
 HERE = Path(__file__).resolve().parent
 
 PLANS = {
-    # rounds, B1 sizes, B6 sizes, traffic sizes, traffic window (s)
-    "full": (3, [10, 1000, 10000, 100000], [10, 100, 1000, 10000, 100000], [10, 100, 1000, 10000], 3.0),
-    "quick": (1, [10, 10000], [10, 1000], [10, 1000], 1.5),
+    # rounds, B1 sizes, B6 sizes (isoebpf), B6 peers' sizes, traffic sizes, traffic window (s)
+    "full": (3, [10, 1000, 10000, 100000], [10, 100, 1000, 10000, 100000, 1000000],
+             [1000, 10000, 100000, 1000000], [10, 100, 1000, 10000], 3.0),
+    "quick": (1, [10, 10000], [10, 1000, 10000], [1000, 10000], [10, 1000], 1.5),
 }
 
 
@@ -52,6 +53,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer sizes and runs")
     parser.add_argument("--only", default="b1,b6,traffic", help="comma-separated: b1, b6, traffic")
+    parser.add_argument("--policy-format", choices=policies.FORMATS, default=control_plane.POLICY_FORMAT,
+                        help="B6's policy files: .yaml, or the same policy as .json (default %(default)s)")
     parser.add_argument("--report", type=Path, help="regenerate RESULTS.md and plots from this JSON, run nothing")
     parser.add_argument("--into", type=Path, help="measure --only's families again into this JSON (the rest is "
                         "kept; the report says which were re-measured, when)")
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> int:
         report.write(saved, home / "RESULTS.md", home / "plots")
         return _verdict(saved)
     signal.signal(signal.SIGTERM, _stop)
-    rounds, b1_sizes, b6_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
+    rounds, b1_sizes, b6_sizes, peer_sizes, traffic_sizes, window = PLANS["quick" if args.quick else "full"]
     only = set(args.only.split(","))
     started = time.monotonic()
     if args.into:
@@ -76,7 +79,7 @@ def main(argv: list[str]) -> int:
     if "b1" in only:
         results["b1"] = classifier.run(b1_sizes, rounds, say)
     if "b6" in only:
-        results["b6"] = control_plane.run(b6_sizes, rounds, say)
+        results.update(control_plane.run(b6_sizes, peer_sizes, rounds, say, args.policy_format))
     if "traffic" in only:
         results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, say)
     if not args.into:

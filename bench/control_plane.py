@@ -29,16 +29,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import policies, topology
+from bench import peers, policies, topology
 from bench.stats import summary
 from bench.topology import PYTHON
 from isoebpf import pipeline
 from isoebpf.backends.ebpf import program
+from isoebpf.errors import PolicyError
 from isoebpf.ir.compiler import compile_policy
 from isoebpf.ir.lint import lint
 from isoebpf.ir.tables import IR
 from isoebpf.policy import parse
 from isoebpf.policy.model import Policy
+
+# The policy file's format: its extension. ".json" gives `isoebpf load` (which reads a
+# file by its extension) and the in-process parse the same policy as JSON.
+POLICY_FORMAT = ".yaml"
+
+
+class Refused(Exception):
+    """The policy reader refused the policy of a size (not a failure of the bench)."""
 
 
 def map_memory(maps: program.Maps) -> dict[str, int]:
@@ -58,9 +67,9 @@ def _timed(work: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def _one(rules: int) -> dict[str, Any]:
+def _one(rules: int, suffix: str) -> dict[str, Any]:
     with pipeline.collector_paused():
-        return {**_phases(rules), **_cli(rules)}
+        return {**_phases(rules, suffix), **_cli(rules, suffix)}
 
 
 def _compiled_and_linted(model: Policy) -> IR:
@@ -69,9 +78,14 @@ def _compiled_and_linted(model: Policy) -> IR:
     return ir
 
 
-def _phases(rules: int) -> dict[str, Any]:
-    text = policies.scaled_policy(rules)
-    model, parse_s = _timed(lambda: parse.loads(text))
+def _phases(rules: int, suffix: str) -> dict[str, Any]:
+    text = policies.policy_text(rules, suffix)
+    name = f"policy{suffix}"
+    started = time.perf_counter()
+    try:
+        model, parse_s = _timed(lambda: parse.loads(text, name))
+    except PolicyError as err:
+        raise Refused(f"{err} (after {time.perf_counter() - started:.1f} s)") from err
     ir, ir_s = _timed(lambda: _compiled_and_linted(model))
     compiled, program_s = _timed(lambda: program.compile_program(policies.map_sizes(rules)))
     try:
@@ -80,8 +94,8 @@ def _phases(rules: int) -> dict[str, Any]:
             slots = program.SlotFiles(Path(state))
             _, fill_s = _timed(lambda: program.first_generation(maps, ir, slots))
             memory = map_memory(maps)
-            changed = policies.changed_policy(rules)
-            new_ir, change_compile_s = _timed(lambda: pipeline.loads(changed).ir)
+            changed = policies.policy_text(rules, suffix, changed=True)
+            new_ir, change_compile_s = _timed(lambda: pipeline.loads(changed, name).ir)
             if new_ir.digest == ir.digest:
                 raise RuntimeError("B6: the one-rule change changed nothing")
             _, apply_s = _timed(lambda: program.next_generation(maps, new_ir, slots))
@@ -94,7 +108,7 @@ def _phases(rules: int) -> dict[str, Any]:
             "entries": len(ir.allowed) + len(ir.classes)}
 
 
-def _cli(rules: int) -> dict[str, float]:
+def _cli(rules: int, suffix: str) -> dict[str, float]:
     """Wall-clock seconds of `isoebpf load` (a first load, then a one-rule change)."""
     netns = f"{topology.PREFIX}-b6"
     env = {**os.environ, **{name: str(size) for name, size in policies.map_sizes(rules).items()}}
@@ -110,9 +124,9 @@ def _cli(rules: int) -> dict[str, float]:
         topology.run("ip", "-n", netns, "link", "add", "b6-a", "type", "veth", "peer", "name", "b6-b")
         topology.run("ip", "-n", netns, "link", "set", "b6-a", "up")
         with tempfile.TemporaryDirectory(prefix="isoebpf-b6-") as files:
-            first, change = Path(files, "first.yaml"), Path(files, "change.yaml")
-            first.write_text(policies.scaled_policy(rules), encoding="utf-8")
-            change.write_text(policies.changed_policy(rules), encoding="utf-8")
+            first, change = Path(files, f"first{suffix}"), Path(files, f"change{suffix}")
+            first.write_text(policies.policy_text(rules, suffix), encoding="utf-8")
+            change.write_text(policies.policy_text(rules, suffix, changed=True), encoding="utf-8")
             try:
                 first_s = load(first)
                 return {"cli_load_s": first_s, "cli_change_s": load(change)}
@@ -122,25 +136,65 @@ def _cli(rules: int) -> dict[str, float]:
         topology.run("ip", "netns", "del", netns, check=False)
 
 
-def run(sizes: list[int], rounds: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+ISOEBPF_KEYS = ("parse_s", "ir_compile_s", "program_compile_s", "map_fill_s", "load_total_s",
+                "change_apply_s", "change_end_to_end_s", "map_bytes", "cli_load_s", "cli_change_s")
+PEER_KEYS = ("ipset_restore_s", "iptables_restore_s", "nft_restore_s", "ipset_add_s", "ipset_del_s",
+             "nft_add_s", "nft_del_s", "spawn_s")
+
+
+def run(sizes: list[int], peer_sizes: list[int], rounds: int, say: Callable[[str], None],
+        suffix: str = POLICY_FORMAT) -> dict[str, Any]:
+    """B6: isoebpf at `sizes`, the peers at `peer_sizes`, round by round (the sizes up
+    one round and down the next; at a size, isoebpf and the peers in turn).
+    Returns the results document's "b6", "b6_peers" and "b6_skipped"."""
     taken: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+    peer_taken: dict[int, list[dict[str, Any]]] = {n: [] for n in peer_sizes}
+    refused: dict[int, str] = {}
+    every = sorted(set(sizes) | set(peer_sizes))
     for r in range(rounds):
-        for rules in sizes if r % 2 == 0 else list(reversed(sizes)):
-            one = _one(rules)
-            taken[rules].append(one)
-            say(f"B6 {rules:>6} rules: parse {one['parse_s']:.2f}s, IR {one['ir_compile_s']:.2f}s, "
-                f"bcc {one['program_compile_s']:.2f}s, fill {one['map_fill_s']:.2f}s; change "
-                f"{one['change_apply_s'] * 1000:.0f} ms apply, {one['change_end_to_end_s']:.2f}s end to end; "
-                f"maps {one['map_bytes'] / 2**20:.1f} MiB; isoebpf load {one['cli_load_s']:.2f}s, "
-                f"its change {one['cli_change_s']:.2f}s")
+        for rules in every if r % 2 == 0 else list(reversed(every)):
+            subjects = ["isoebpf", "peers"] if (r + every.index(rules)) % 2 == 0 else ["peers", "isoebpf"]
+            for subject in subjects:
+                if subject == "peers" and rules in peer_taken:
+                    one = peers.one_round(rules, r)
+                    peer_taken[rules].append(one)
+                    peers.say_round(rules, one, say)
+                elif subject == "isoebpf" and rules in taken and rules not in refused:
+                    try:
+                        taken[rules].append(_one(rules, suffix))
+                    except Refused as err:
+                        refused[rules] = str(err)
+                        say(f"B6 {rules:>7} rules: not measured, the {suffix} policy is refused: {err}")
+                        continue
+                    _say(rules, taken[rules][-1], say)
     results = []
     for rules, runs in taken.items():
-        row: dict[str, Any] = {"rules": rules}
-        for key in ("parse_s", "ir_compile_s", "program_compile_s", "map_fill_s", "load_total_s",
-                    "change_apply_s", "change_end_to_end_s", "map_bytes", "cli_load_s",
-                    "cli_change_s"):
-            row[key] = summary([run[key] for run in runs])
+        if not runs:
+            continue
+        row: dict[str, Any] = {"rules": rules, "format": suffix}
+        for key in ISOEBPF_KEYS:
+            row[key] = summary([one[key] for one in runs])
         row["map_bytes_by_map"] = runs[-1]["map_bytes_by_map"]
         row["entries"] = runs[-1]["entries"]
         results.append(row)
-    return results
+    peer_rows = []
+    for rules, runs in peer_taken.items():
+        peer_row: dict[str, Any] = {"rules": rules, "entries": runs[-1]["entries"], "ipset_type": peers.IPSET_TYPE,
+                                    "ipset_bytes": runs[-1]["ipset_bytes"]}
+        for key in PEER_KEYS:
+            peer_row[key] = summary([v for one in runs for v in _listed(one[key])])
+        peer_rows.append(peer_row)
+    skipped = [{"subject": f"isoebpf ({suffix})", "rules": rules, "why": why} for rules, why in refused.items()]
+    return {"b6": results, "b6_peers": peer_rows, "b6_skipped": skipped}
+
+
+def _listed(value: float | list[float]) -> list[float]:
+    return value if isinstance(value, list) else [value]
+
+
+def _say(rules: int, one: dict[str, Any], say: Callable[[str], None]) -> None:
+    say(f"B6 {rules:>7} rules: parse {one['parse_s']:.2f}s, IR {one['ir_compile_s']:.2f}s, "
+        f"bcc {one['program_compile_s']:.2f}s, fill {one['map_fill_s']:.2f}s; change "
+        f"{one['change_apply_s'] * 1000:.0f} ms apply, {one['change_end_to_end_s']:.2f}s end to end; "
+        f"maps {one['map_bytes'] / 2**20:.1f} MiB; isoebpf load {one['cli_load_s']:.2f}s, "
+        f"its change {one['cli_change_s']:.2f}s")

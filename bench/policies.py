@@ -13,8 +13,11 @@ lists a rule once per (source class, destination class) pair.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import yaml
 
 from tests.bpf.cases import POLICY
 
@@ -24,6 +27,7 @@ BENCH_RULE = f"  - {{from: hr, to: it, ports: [tcp/{BENCH_PORT}, udp/{BENCH_PORT
 CASE_RULES = 3  # the allow rules POLICY brings
 
 _FILLER_SOURCES = 256 * 250  # 10.100.0.1 .. 10.100.255.250
+CHANGED_PORT_OFFSET = 60000  # changed_policy moves the first filler's port by this
 FILLER_OVERLAYS = """\
   fa:
     subnets: [10.100.0.0/16]
@@ -89,5 +93,30 @@ def changed_policy(rules: int) -> str:
     if filler_count(rules):
         first = filler(0)
         old = f"ports: [tcp/{first.port}]}}"
-        return text.replace(old, f"ports: [tcp/{first.port + 60000}]}}", 1)
+        return text.replace(old, f"ports: [tcp/{first.port + CHANGED_PORT_OFFSET}]}}", 1)
     return text.replace(f"tcp/{BENCH_PORT},", f"tcp/{BENCH_PORT + 1},", 1)
+
+
+FORMATS = (".yaml", ".json")
+
+
+def policy_text(rules: int, suffix: str = ".yaml", changed: bool = False) -> str:
+    """scaled_policy(rules), or changed_policy(rules) when `changed`, written as a file
+    ending in `suffix`: ".yaml" as above, ".json" the same document as JSON."""
+    if suffix == ".yaml":
+        return (changed_policy if changed else scaled_policy)(rules)
+    if suffix != ".json":
+        raise ValueError(f"no policy format {suffix!r}; known: {', '.join(FORMATS)}")
+    count = filler_count(rules)
+    # The policy's own rules, from the YAML without fillers (with its change, if no filler takes it).
+    document = yaml.safe_load(changed_policy(rules) if changed and not count else scaled_policy(CASE_RULES + 1))
+    # The fillers a line each, as in the YAML, ahead of the policy's own rules; the rest
+    # indented. Written out directly: a million rules are not read back through YAML.
+    ports = [f.port for f in fillers(count)]
+    if changed and ports:
+        ports[0] += CHANGED_PORT_OFFSET
+    lines = [f'  {{"from": "{f.src}", "to": "{f.dst}", "ports": ["tcp/{port}"]}}'
+             for f, port in zip(fillers(len(ports)), ports, strict=True)]
+    lines += [f"  {json.dumps(rule)}" for rule in document.pop("allow")]
+    head = json.dumps(document, indent=1)
+    return head[:-2] + ',\n "allow": [\n' + ",\n".join(lines) + "\n ]\n}\n"

@@ -102,24 +102,84 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 if new:
                     out.append(f"| {e} | {fmt(new['forwarded_pps'])} | {fmt(_get(flow, 'forwarded_pps'))} |")
         out.append("")
-    if results.get("b6"):
+    if results.get("b6") or results.get("b6_peers"):
+        out += control_plane(results)
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def _ratio(ours: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+    if not (ours and base and float(base["median"])):
+        return "-"
+    return f"{float(ours['median']) / float(base['median']):,.1f} x"
+
+
+def control_plane(results: dict[str, Any]) -> list[str]:
+    """B6's sections: isoebpf's phases, then isoebpf beside the peers."""
+    out = []
+    rows = sorted(results.get("b6", []), key=lambda r: r["rules"])
+    formats = sorted({r.get("format", ".yaml") for r in rows})
+    if rows:
         out += ["## B6: control plane", "",
                 "Phases timed apart in one process; then `isoebpf load` as a user runs it (its own "
-                "process, the bcc compile beside the parse), wall clock.", "",
+                "process, the bcc compile beside the parse), wall clock. Policy files: "
+                f"{', '.join(formats)}. Map memory is the kernel's account (`memlock`) of every map, "
+                "sized for twice the policy in powers of two; per rule, it is that total over the rules.", "",
                 "| rules | parse s | IR compile s | bcc compile s | map fill s | phases total s "
-                "| one-rule change: apply ms | ... parse and apply s | map memory MiB "
+                "| one-rule change: apply ms | ... parse and apply s | map memory MiB | map bytes per rule "
                 "| `isoebpf load` s | `isoebpf load` of the change s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["b6"]:
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
             out.append(f"| {r['rules']:,} | {fmt(r['parse_s'], digits=2)} | {fmt(r['ir_compile_s'], digits=2)} | "
                        f"{fmt(r['program_compile_s'], digits=2)} | {fmt(r['map_fill_s'], digits=2)} | "
                        f"{fmt(r['load_total_s'], digits=2)} | {fmt(r['change_apply_s'], 1000)} | "
                        f"{fmt(r['change_end_to_end_s'], digits=2)} | {fmt(r['map_bytes'], 1 / 2**20, 1)} | "
+                       f"{float(r['map_bytes']['median']) / r['rules']:,.0f} | "
                        f"{fmt(r.get('cli_load_s'), digits=2)} | {fmt(r.get('cli_change_s'), digits=2)} |")
         out.append("")
-    if plots:
-        out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
-    return "\n".join(out)
+    peer_rows = sorted(results.get("b6_peers", []), key=lambda r: r["rules"])
+    if peer_rows:
+        ipset_type = peer_rows[0].get("ipset_type", "hash:ip,port,net")
+        out += ["## B6 beside the peers: the same allow entries", "",
+                "In the same rounds, the policy's filler rules (src host, dst /24, TCP port: the rules less "
+                "the policy's four own) loaded by the kernel's other tools in a namespace of the bench's own: "
+                f"`ipset restore` of one `{ipset_type}` set (this kernel has no hash:net,port,net nor "
+                "hash:net,net), `iptables-restore` of one chain with a rule per entry, and `nft -f` of one "
+                "table with one concatenated interval set (`ipv4_addr . inet_service . ipv4_addr`) and one "
+                "rule. Each is a process of its own, wall clock, as `isoebpf load` is.", "",
+                "### First load", "",
+                "| rules | entries | `isoebpf load` s | `ipset restore` s | `iptables-restore` s | `nft -f` s "
+                "| isoebpf / ipset restore | isoebpf map bytes per rule | ipset bytes per entry |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for p in peer_rows:
+            r = next((x for x in rows if x["rules"] == p["rules"]), None)
+            ours = _get(r, "cli_load_s")
+            per_rule = "-" if r is None else f"{float(r['map_bytes']['median']) / r['rules']:,.0f}"
+            out.append(f"| {p['rules']:,} | {p['entries']:,} | {fmt(ours, digits=2)} | "
+                       f"{fmt(p['ipset_restore_s'], digits=2)} | {fmt(p['iptables_restore_s'], digits=2)} | "
+                       f"{fmt(p['nft_restore_s'], digits=2)} | {_ratio(ours, p['ipset_restore_s'])} | "
+                       f"{per_rule} | {p['ipset_bytes'] / max(1, p['entries']):,.0f} |")
+        out += ["", "### One change", "",
+                "isoebpf: the one-rule change's map writes (apply, in the bench's process; the program is not "
+                "recompiled) and `isoebpf load` of the changed file (end to end). The peers: adding, then "
+                "deleting, the change's element, each a process of its own entered into the namespace by "
+                "`nsenter --net`, whose own cost is the last column (`nsenter true`).", "",
+                "| rules | isoebpf apply ms | `isoebpf load` of the change ms | `ipset add` ms | `ipset del` ms "
+                "| `nft add element` ms | `nft delete element` ms | `nsenter true` ms "
+                "| isoebpf apply / ipset add |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for p in peer_rows:
+            r = next((x for x in rows if x["rules"] == p["rules"]), None)
+            apply = _get(r, "change_apply_s")
+            out.append(f"| {p['rules']:,} | {fmt(apply, 1000, 1)} | {fmt(_get(r, 'cli_change_s'), 1000)} | "
+                       f"{fmt(p['ipset_add_s'], 1000, 1)} | {fmt(p['ipset_del_s'], 1000, 1)} | "
+                       f"{fmt(p['nft_add_s'], 1000, 1)} | {fmt(p['nft_del_s'], 1000, 1)} | "
+                       f"{fmt(p['spawn_s'], 1000, 1)} | {_ratio(apply, p['ipset_add_s'])} |")
+        out.append("")
+    for skip in results.get("b6_skipped", []):
+        out += [f"- **{skip['subject']} at {skip['rules']:,} rules was not measured**: {skip['why']}", ""]
+    return out
 
 
 def plot(results: dict[str, Any], where: Path) -> list[str]:
@@ -195,7 +255,46 @@ def plot(results: dict[str, Any], where: Path) -> list[str]:
         ax.set_title("B6: first load, by phase")
         ax.legend()
         save(fig, "b6-load.png")
+    if results.get("b6_peers"):
+        save(_peers_plot(results, plt), "b6-peers.png")
     return made
+
+
+def _peers_plot(results: dict[str, Any], plt: Any) -> Any:
+    """First-load seconds and one-change milliseconds against rules, log-log."""
+    rows = sorted(results.get("b6", []), key=lambda r: r["rules"])
+    peer_rows = sorted(results["b6_peers"], key=lambda r: r["rules"])
+    fig, (first, change) = plt.subplots(1, 2, figsize=(13, 5))
+
+    def line(ax: Any, source: list[dict[str, Any]], key: str, label: str, scale: float = 1.0,
+             style: str = "o-") -> None:
+        points = [(r["rules"], float(r[key]["median"]) * scale) for r in source if r.get(key)]
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], style, label=label)
+
+    line(first, rows, "cli_load_s", "isoebpf load", style="ko-")
+    line(first, peer_rows, "ipset_restore_s", "ipset restore")
+    line(first, peer_rows, "iptables_restore_s", "iptables-restore")
+    line(first, peer_rows, "nft_restore_s", "nft -f")
+    first.axhline(3.0, color="grey", linestyle="--", label="target: 3 s at 100k")
+    first.set_title("B6: first load")
+    first.set_ylabel("seconds")
+    line(change, rows, "change_apply_s", "isoebpf apply (map writes)", 1000, "ko-")
+    line(change, rows, "cli_change_s", "isoebpf load of the change", 1000, "ks--")
+    line(change, peer_rows, "ipset_add_s", "ipset add", 1000)
+    line(change, peer_rows, "ipset_del_s", "ipset del", 1000)
+    line(change, peer_rows, "nft_add_s", "nft add element", 1000)
+    line(change, peer_rows, "nft_del_s", "nft delete element", 1000)
+    line(change, peer_rows, "spawn_s", "nsenter true (a process)", 1000, "x:")
+    change.axhline(10.0, color="grey", linestyle="--", label="target: apply 10 ms")
+    change.set_title("B6: one change")
+    change.set_ylabel("milliseconds")
+    for ax in (first, change):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rules")
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
 
 
 def write(results: dict[str, Any], results_md: Path = HERE / "RESULTS.md", plots: Path = HERE / "plots") -> None:

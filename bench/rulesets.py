@@ -86,3 +86,68 @@ def nft_ruleset(rules: int) -> str:
         "  }",
         "}", ""])
     return body
+
+
+# B6's peers: the policy's filler rules alone (src host, dst /24, TCP port), loaded by
+# each tool the way a user's script loads them, in a namespace of the bench's own.
+PEER_SET = "isobp-allowed"  # ipset's set, and the nft table's set
+PEER_CHAIN = "isobp-allow"  # iptables' chain
+PEER_TABLE = "isobpeer"  # nft's table (family ip)
+
+
+def _power_of_two(n: int, floor: int) -> int:
+    size = floor
+    while size < n:
+        size *= 2
+    return size
+
+
+def peer_ipset(rules: int) -> str:
+    """`ipset restore` input: one hash:ip,port,net set (this kernel has no hash:net,port,net)
+    holding the fillers of a policy of `rules` rules, sized for them beforehand as
+    isoebpf's maps are (bench.policies.map_sizes), with room for the change's element."""
+    count = policies.filler_count(rules)
+    lines = [f"create {PEER_SET} hash:ip,port,net family inet hashsize {_power_of_two(count, 1024)} "
+             f"maxelem {_power_of_two(count + 1, 65536)}"]
+    lines += [f"add {PEER_SET} {f.src},tcp:{f.port},{f.dst}" for f in policies.fillers(count)]
+    return "\n".join(lines) + "\n"
+
+
+def peer_iptables(rules: int) -> str:
+    """`iptables-restore` input: one chain with a rule per filler, jumped to from FORWARD."""
+    lines = ["*filter", f":{PEER_CHAIN} - [0:0]", f"-A FORWARD -j {PEER_CHAIN}"]
+    lines += [f"-A {PEER_CHAIN} -s {f.src}/32 -d {f.dst} -p tcp -m tcp --dport {f.port} -j ACCEPT"
+              for f in policies.fillers(policies.filler_count(rules))]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+def peer_nft(rules: int) -> str:
+    """`nft -f` input: one table, one concatenated interval set of the fillers
+    (saddr . dport . daddr, the /24 an interval) and one rule that looks it up."""
+    elements = ",\n".join(f"    {f.src} . {f.port} . {f.dst}"
+                          for f in policies.fillers(policies.filler_count(rules)))
+    return "\n".join([
+        f"table ip {PEER_TABLE} {{",
+        f"  set {PEER_SET} {{",
+        "    type ipv4_addr . inet_service . ipv4_addr; flags interval;",
+        *([f"    elements = {{\n{elements}\n    }}"] if elements else []),
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f"    meta l4proto tcp ip saddr . tcp dport . ip daddr @{PEER_SET} accept",
+        "  }",
+        "}", ""])
+
+
+def peer_change() -> dict[str, list[str]]:
+    """Command lines (run in the namespace, one process each) that add, then delete, the
+    element of the one-rule change (bench.policies.changed_policy: the first filler with
+    another port), by ipset and by nft."""
+    first = policies.filler(0)
+    port = first.port + policies.CHANGED_PORT_OFFSET
+    ipset_element = f"{first.src},tcp:{port},{first.dst}"
+    nft_element = f"{{ {first.src} . {port} . {first.dst} }}"
+    return {"ipset_add": ["ipset", "add", PEER_SET, ipset_element],
+            "ipset_del": ["ipset", "del", PEER_SET, ipset_element],
+            "nft_add": ["nft", "add", "element", "ip", PEER_TABLE, PEER_SET, nft_element],
+            "nft_del": ["nft", "delete", "element", "ip", PEER_TABLE, PEER_SET, nft_element]}
