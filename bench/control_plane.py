@@ -1,22 +1,24 @@
 """B6: the control plane. How long loading N rules takes, phase by phase, how
 long a one-rule change takes, and how much kernel memory the maps hold.
 
-Phases of a first load, timed apart: parse (YAML to the validated model), IR
-compile (model to the tables, and the lints that need them), program compile
-(bcc: C to loaded programs and created maps; sized for N), map fill (the
-tables written as generation 1 into both slots, and made active). A one-rule
-change is the update path a second `load` takes: the policy is parsed and
-compiled again (end to end), then written as generation 2 as the difference
-from what its slot holds, and activated (apply): the program is not
-recompiled. The load total adds the phases up, whereas `isoebpf load` runs the
-program compile beside the parse (see cli.load). Map memory is the kernel's
-own account (`memlock` in /proc/self/fdinfo of each map), after the fill. The
-phases run with Python's collector paused, as in `isoebpf load`.
+Phases of a first load, timed apart: parse (the policy file to the validated
+model), IR compile (model to the tables, and the lints that need them),
+program compile (bcc: C to loaded programs and created maps; sized for N), map
+fill (the tables written as generation 1 into both slots, and made active). A
+one-rule change is the agent's update path: the changed file is parsed and
+compiled as a difference of the policy in force (end to end), and that
+difference is written as generation 2 and activated (apply): the program is
+not recompiled, and no step makes or reads tables of the policy's size. The
+load total adds the phases up, whereas `isoebpf load` runs the program compile
+beside the parse (see cli.load). Map memory is the kernel's own account
+(`memlock` in /proc/self/fdinfo of each map), after the fill. The phases run
+with Python's collector paused, as in `isoebpf load`.
 
 End to end, as a user sees it: the wall-clock time of `isoebpf load` (a process
 of its own: start-up, parse, the compile beside it, attach, fill) enforcing the
 policy on one veth in a namespace of the bench's own, and of the second
-`isoebpf load` that changes one rule.
+`isoebpf load` that changes one rule (a process of its own: it compiles the
+file afresh under the numbering in force and compares whole tables).
 """
 
 from __future__ import annotations
@@ -33,11 +35,10 @@ from bench import peers, policies, topology
 from bench.stats import summary
 from bench.topology import PYTHON
 from isoebpf import pipeline
-from isoebpf.backends.ebpf import program
+from isoebpf.backends.ebpf import entries, program
 from isoebpf.errors import PolicyError
-from isoebpf.ir.compiler import compile_policy
+from isoebpf.ir.compiler import Compiler
 from isoebpf.ir.lint import lint
-from isoebpf.ir.tables import IR
 from isoebpf.policy import parse
 from isoebpf.policy.model import Policy
 
@@ -72,10 +73,10 @@ def _one(rules: int, suffix: str) -> dict[str, Any]:
         return {**_phases(rules, suffix), **_cli(rules, suffix)}
 
 
-def _compiled_and_linted(model: Policy) -> IR:
-    ir = compile_policy(model)
-    lint(model, ir)
-    return ir
+def _compiled_and_linted(model: Policy) -> Compiler:
+    compiler = Compiler(model)
+    lint(model, compiler.ir)
+    return compiler
 
 
 def _phases(rules: int, suffix: str) -> dict[str, Any]:
@@ -86,7 +87,8 @@ def _phases(rules: int, suffix: str) -> dict[str, Any]:
         model, parse_s = _timed(lambda: parse.loads(text, name))
     except PolicyError as err:
         raise Refused(f"{err} (after {time.perf_counter() - started:.1f} s)") from err
-    ir, ir_s = _timed(lambda: _compiled_and_linted(model))
+    compiler, ir_s = _timed(lambda: _compiled_and_linted(model))
+    ir = compiler.ir
     compiled, program_s = _timed(lambda: program.compile_program(policies.map_sizes(rules)))
     try:
         maps = compiled.map_fds
@@ -94,11 +96,14 @@ def _phases(rules: int, suffix: str) -> dict[str, Any]:
             slots = program.SlotFiles(Path(state))
             _, fill_s = _timed(lambda: program.first_generation(maps, ir, slots))
             memory = map_memory(maps)
+            # The change as the agent makes it: the changed file parsed, compiled as a
+            # difference of the policy in force, and that difference written.
             changed = policies.policy_text(rules, suffix, changed=True)
-            new_ir, change_compile_s = _timed(lambda: pipeline.loads(changed, name).ir)
-            if new_ir.digest == ir.digest:
-                raise RuntimeError("B6: the one-rule change changed nothing")
-            _, apply_s = _timed(lambda: program.next_generation(maps, new_ir, slots))
+            delta, change_compile_s = _timed(lambda: compiler.update(parse.loads(changed, name)))
+            if delta is None or compiler.ir.digest == ir.digest:
+                raise RuntimeError("B6: the one-rule change was not a change of rules")
+            _, apply_s = _timed(lambda: program.next_generation(
+                maps, compiler.ir, slots, fresh=delta.rules_new, change=entries.change_of(delta)))
     finally:
         compiled.close()
     return {"parse_s": parse_s, "ir_compile_s": ir_s, "program_compile_s": program_s,
