@@ -42,7 +42,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     for t in evaluate(results):
         met = "not measured" if t.met is None else ("yes" if t.met else "**no**")
         out.append(f"| {t.name} | {t.bound} | {t.value} | {met} |")
-    out += ["", "Why a target is missed, and what would close it, is in the README's Performance section.", ""]
+    out += ["", "Why a target is missed, and what would close it, is in docs/performance.md.", ""]
     if results.get("b1"):
         out += ["## B1: classifier cost (ns per packet, BPF_PROG_TEST_RUN)", "",
                 "Path cost, and its ratio to an empty program measured the same way in the same run.", "",

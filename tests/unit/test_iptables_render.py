@@ -346,8 +346,8 @@ def test_forward_edits_and_renamed_sets_are_the_backends_to_choose() -> None:
     assert "dcos.it" not in text
 
 
-def _readme_block(command: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def _docs_block(command: str) -> str:
+    text = (ROOT / "docs" / "iptables.md").read_text()
     start = text.index(f"$ {command}\n") + len(command) + 3
     return text[start:text.index("```", start)]
 
@@ -358,11 +358,11 @@ def _readme_block(command: str) -> str:
     "isoebpf import --iptables-save tests/data/guide-iptables.save "
     "--ipset-save tests/data/guide-ipset.save",
 ])
-def test_readme_shows_what_the_commands_print(command: str,
+def test_the_iptables_page_shows_what_the_commands_print(command: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # What `load` finds on this project's machines: hash:net, but neither of the other two.
     monkeypatch.setattr(iptables_backend, "set_types", lambda: ((NET,), ()))
     monkeypatch.chdir(ROOT)
     done = CliRunner().invoke(main, command.split()[1:])
     assert done.exit_code == 0, done.output
-    assert done.stderr + done.stdout == _readme_block(command)
+    assert done.stderr + done.stdout == _docs_block(command)
