@@ -39,7 +39,6 @@ from isoebpf.backends.ebpf import entries, program
 from isoebpf.errors import PolicyError
 from isoebpf.ir.compiler import Compiler
 from isoebpf.ir.lint import lint
-from isoebpf.policy import parse
 from isoebpf.policy.model import Policy
 
 # The policy file's format: its extension. ".json" gives `isoebpf load` (which reads a
@@ -84,7 +83,7 @@ def _phases(rules: int, suffix: str) -> dict[str, Any]:
     name = f"policy{suffix}"
     started = time.perf_counter()
     try:
-        model, parse_s = _timed(lambda: parse.loads(text, name))
+        model, parse_s = _timed(lambda: pipeline.parse_policy(text, name))
     except PolicyError as err:
         raise Refused(f"{err} (after {time.perf_counter() - started:.1f} s)") from err
     compiler, ir_s = _timed(lambda: _compiled_and_linted(model))
@@ -99,7 +98,7 @@ def _phases(rules: int, suffix: str) -> dict[str, Any]:
             # The change as the agent makes it: the changed file parsed, compiled as a
             # difference of the policy in force, and that difference written.
             changed = policies.policy_text(rules, suffix, changed=True)
-            delta, change_compile_s = _timed(lambda: compiler.update(parse.loads(changed, name)))
+            delta, change_compile_s = _timed(lambda: compiler.update(pipeline.parse_policy(changed, name)))
             if delta is None or compiler.ir.digest == ir.digest:
                 raise RuntimeError("B6: the one-rule change was not a change of rules")
             _, apply_s = _timed(lambda: program.next_generation(

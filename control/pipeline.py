@@ -1,6 +1,6 @@
 """The pipeline's entry point: a policy file read, checked, compiled and linted, in one call.
 
-    file --policy.trust--> bytes --policy.parse--> Policy --ir.compiler--> IR --ir.lint--> warnings
+    file --policy.trust--> bytes --policy.parse/jsonfile--> Policy --ir.compiler--> IR --ir.lint--> warnings
 
 Every command and service that starts from a policy file comes through here
 (the CLI, the agent, the importer's check, the demo, the bench); the backends
@@ -21,7 +21,7 @@ from .errors import Diagnostic, PolicyError, UntrustedPolicyError
 from .ir.compiler import Compiler, Delta, Numbering
 from .ir.lint import lint
 from .ir.tables import IR
-from .policy import parse, trust
+from .policy import jsonfile, parse, trust
 from .policy.model import Policy
 
 # Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
@@ -71,7 +71,7 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
         compiled = loads(text, path, numbering)
         return Compiled(compiled.compiler, compiled.warnings, problem)
     with collector_paused():
-        policy = parse.loads(text, path)
+        policy = parse_policy(text, path)
         _progress.info("compiling %d rules as a change of the policy in force", len(policy.rules))
         delta = previous.compiler.update(policy)
         return Compiled(previous.compiler, _warnings(previous.compiler), problem, delta)
@@ -89,11 +89,17 @@ def check_trusted(path: str | Path, force: bool) -> str | None:
 def loads(text: str, path: str = "<policy>", numbering: Numbering | None = None) -> Compiled:
     """Validate, compile and lint policy text; `path` only names the file in messages."""
     with collector_paused():
-        policy = parse.loads(text, path)
+        policy = parse_policy(text, path)
         _progress.info("compiling %d rules, %d exceptions, %d overlays", len(policy.rules),
                        len(policy.exceptions), len(policy.overlays))
         compiler = Compiler(policy, numbering)
         return Compiled(compiler, _warnings(compiler))
+
+
+def parse_policy(text: str, path: str = "<policy>") -> Policy:
+    """The validated model of policy text: JSON or YAML, by the file's name or its first
+    character (policy.jsonfile.is_json); raise PolicyError with every error found."""
+    return (jsonfile.loads if jsonfile.is_json(text, path) else parse.loads)(text, path)
 
 
 def _warnings(compiler: Compiler) -> tuple[Diagnostic, ...]:
