@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from isoebpf.backends.ebpf import capacity
 from tests.bpf.cases import POLICY
 
 # The benchmark's own allowed traffic: iperf3's port, TCP and UDP, HR to IT.
@@ -73,17 +74,12 @@ def scaled_policy(rules: int) -> str:
 
 
 def map_sizes(rules: int) -> dict[str, int]:
-    """Map sizes that hold a policy of `rules` rules twice (an update writes the new
-    generation beside the old one): powers of two, the defaults at least."""
-    def fit(n: int, floor: int) -> int:
-        size = floor
-        while size < n:
-            size *= 2
-        return size
+    """The map sizes `isoebpf load` compiles for a policy of `rules` rules (capacity.sizes_for),
+    from what the generator knows it names, without compiling it."""
     classes = min(filler_count(rules), _FILLER_SOURCES) + 300
-    return {"ISOEBPF_MAX_RULES": fit(rules + 16, 4096),
-            "ISOEBPF_MAX_CLASSES": fit(2 * classes, 16384),
-            "ISOEBPF_MAX_ALLOWED": fit(2 * (rules + 64), 131072)}
+    sizes: dict[str, int] = capacity.sizes_for(
+        {"classes_v4": classes, "allowed": rules + 64, "counters": rules + 16}, environ={})
+    return sizes
 
 
 def changed_policy(rules: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -293,7 +294,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     scope = Scope(netns)
     _require_namespace(scope)
     # A first eBPF load compiles the program (seconds): on another core, meanwhile.
-    compiling = None if dry_run else enforcer.compile_early(backend_name, scope)
+    compiling = None if dry_run else enforcer.compile_early(backend_name, scope, _size_of(policy_file))
     try:
         with pipeline.collector_paused(), _progress(not (quiet or as_json) and _on_terminal()):
             result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
@@ -305,6 +306,13 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         _emit({"ok": True, **result})
     else:
         _say_enforced(result)
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None  # reading it says why
 
 
 def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],

@@ -67,11 +67,12 @@ def numbering(scope: Scope) -> Numbering | None:
     return registry.get(current).numbering(scope) if current else None
 
 
-def compile_early(requested: str, scope: Scope) -> Any | None:
+def compile_early(requested: str, scope: Scope, policy_bytes: int | None = None) -> Any | None:
     """Start compiling the eBPF program, on another thread, when `--backend requested`
     may well load it into a scope that has none yet (a first load): the compile then
-    overlaps parsing and compiling the policy. Pass the result to load() as
-    `compiling`, and discard() it afterwards (a no-op once a load took it)."""
+    overlaps parsing and compiling the policy, its maps sized for a policy file of
+    `policy_bytes` (None: the defaults). Pass the result to load() as `compiling`,
+    and discard() it afterwards (a no-op once a load took it)."""
     if requested not in ("auto", "ebpf"):
         return None
     try:
@@ -81,7 +82,7 @@ def compile_early(requested: str, scope: Scope) -> Any | None:
         return None  # choose() or the load says why
     if requested == "auto" and record is not None and record.get("backend") == "iptables":
         return None  # auto keeps iptables
-    return ebpf.compile_early(scope, record)
+    return ebpf.compile_early(scope, record, policy_bytes)
 
 
 def load(requested: str, chosen: str, ir: IR, scope: Scope, globs: Sequence[str], mode: str,

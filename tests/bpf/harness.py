@@ -10,8 +10,10 @@ evaluator requires of it. Benchmarks import both.
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from isoebpf.backends.ebpf import abi, bpfsys, entries, program
 from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack
@@ -196,3 +198,32 @@ def reply_problems(sent: Parsed, frame_in: bytes, reply_frame: bytes) -> list[st
     if reply.ip_total > limit:
         problems.append(f"reply of {reply.ip_total} bytes exceeds {limit}")
     return problems
+
+
+def by_address(entries: set[tuple[str, bytes, bytes]]) -> frozenset[tuple[object, ...]]:
+    """A slot's entries with the numbering taken out: classes by their prefix and overlay
+    kept apart only as the same or another, pairs by their classes' prefixes. Two slots
+    alike here hold the same policy whatever ids it was compiled under (an update keeps
+    the ids in force; a fresh compile numbers in file order); rule ids are left out."""
+    prefixes: dict[int, tuple[int, bytes]] = {}
+    found: set[tuple[object, ...]] = set()
+    decoded = [(name, entries_key(name, key), value) for name, key, value in entries]
+    for name, key, value in decoded:
+        if name.startswith("classes_"):
+            class_id = int.from_bytes(value[:4], sys.byteorder)
+            prefixes[class_id] = (key.prefixlen, bytes(key.addr))
+            found.add((name, key.prefixlen, bytes(key.addr)))
+    for name, key, _ in decoded:
+        if name == "exceptions":
+            found.add((name, prefixes[key.src_class], prefixes[key.dst_class]))
+        elif name == "allowed":
+            found.add((name, prefixes[key.src_class], prefixes[key.dst_class], key.proto,
+                       bytes(key.port), key.prefixlen))
+        elif name == "hairpins":
+            found.add((name, len([k for n, k, _ in decoded if n == "hairpins"])))
+    return frozenset(found)
+
+
+def entries_key(name: str, key: bytes) -> Any:
+    key_type, _ = entries.POLICY_MAPS[name]
+    return key_type.from_buffer_copy(key)

@@ -35,7 +35,7 @@ from isoebpf.backends.state import Scope
 from isoebpf.cli import main
 from isoebpf.ir.tables import IR
 from isoebpf.lab.testbed import Testbed
-from tests.bpf.harness import slot_contents, slot_wanted
+from tests.bpf.harness import by_address, slot_contents, slot_wanted
 from tests.integration.conftest import AgentProcess, assert_clean, isoebpf
 from tests.integration.test_iptables_traffic import snapshot
 from tests.scenarios import expected_outcome
@@ -143,9 +143,11 @@ def ebpf_in_force(testbed: Testbed, policies: dict[str, tuple[Path, IR]]) -> tup
             assert attached == 0, "attached before a generation was live"
             return "none", 0
         slot = program.slot_of(live)
-        entries = slot_contents(maps, slot)
+        # By address: the agent compiles a change under the ids in force, the IRs here are
+        # compiled afresh; the same policy either way.
+        entries = by_address(slot_contents(maps, slot))
         for name, (_, ir) in policies.items():
-            if entries == slot_wanted(ir, slot):
+            if entries == by_address(slot_wanted(ir, slot)):
                 return name, attached
         raise AssertionError(f"generation {live} is neither policy whole")
     finally:

@@ -228,3 +228,25 @@ def test_a_one_rule_change_writes_only_that_rules_entries(testbed: Testbed, tmp_
         monkeypatch.undo()
         isoebpf("unload", "--netns", testbed.router)
     assert_clean(testbed)
+
+
+def test_a_100k_rule_policy_loads_with_no_setting_and_bounds_it_exceeds_are_named_at_once(
+        testbed: Testbed, tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text(policies.policy_text(100_000, ".json"))
+    load = ["load", "--backend", "ebpf", "--netns", testbed.router, "--iface", "v-*", str(path)]
+    refused = isoebpf(*load, check=False, env={"ISOEBPF_MAX_CLASSES": "1024", "ISOEBPF_MAX_RULES": "4096"})
+    assert refused.returncode == 1
+    assert "nothing was compiled, nothing was changed" in refused.stderr
+    assert "ISOEBPF_MAX_CLASSES=1024 in the environment" in refused.stderr
+    assert "ISOEBPF_MAX_RULES=4096 in the environment" in refused.stderr
+    assert Scope(testbed.router).read() is None
+    try:
+        loaded = isoebpf(*load)
+        assert "compiled the program" in loaded.stdout
+        fill = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)["maps"]
+        assert fill["allowed"]["entries"] >= 2 * 100_000 > fill["allowed"]["max_entries"] // 3
+        assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
+    finally:
+        isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)

@@ -82,19 +82,28 @@ def preflight(compiling: EarlyCompile | None = None) -> str | None:
 class EarlyCompile:
     """The program compiling on another thread while the caller parses and compiles
     the policy: bcc compiles in C++ without holding the GIL, so on two cores a
-    first load hides most of the compile behind the Python work."""
+    first load hides most of the compile behind the Python work. Its maps are
+    sized for what the policy file may need at most (capacity.estimated_needs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.sizes = sizes
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isoebpf-compile")
-        self._future = pool.submit(lambda: program.compile_program())
+        self._future = pool.submit(lambda: program.compile_program(sizes))
         pool.shutdown(wait=False)
         self._taken = False
 
-    def take(self) -> tuple[program.CompiledProgram, float]:
-        """The compiled program (or the compile's error) and the seconds waited for it."""
+    def take(self, sizes: dict[str, int]) -> tuple[program.CompiledProgram | None, float]:
+        """The compiled program if its maps are at least `sizes` (None: too small, or its
+        compile failed, so the caller compiles again), and the seconds waited for it."""
         started = time.monotonic()
+        if any(self.sizes.get(macro, 0) < size for macro, size in sizes.items()):
+            self.discard()
+            return None, 0.0
         self._taken = True
-        compiled = self._future.result()
+        try:
+            compiled: program.CompiledProgram | None = self._future.result()
+        except IsoebpfError:
+            compiled = None  # compiled again, sized for the policy: that one says what fails
         return compiled, time.monotonic() - started
 
     def discard(self) -> None:
@@ -110,12 +119,15 @@ class EarlyCompile:
         return self._future.exception() is None
 
 
-def compile_early(scope: Scope, record: dict[str, Any] | None) -> EarlyCompile | None:
+def compile_early(scope: Scope, record: dict[str, Any] | None,
+                  policy_bytes: int | None = None) -> EarlyCompile | None:
     """Start compiling now when the scope's next load is a first load (no reusable
-    program pinned beside its `record`); None when it is an update, which never compiles."""
+    program pinned beside its `record`), its maps sized for a policy file of
+    `policy_bytes` (None: the defaults); None when it is an update, which never compiles."""
     if record is not None and _reusable(record, scope):
         return None
-    return EarlyCompile()
+    needs = capacity.estimated_needs(policy_bytes) if policy_bytes else {}
+    return EarlyCompile(capacity.sizes_for(needs))
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
@@ -131,10 +143,12 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         started = time.monotonic()
         if record is not None and _reusable(record, scope):
             return _update(ir, scope, record, globs, mode, said, force, started, change)
-        # A first load compiles maps of the planned sizes: refuse a policy that
-        # cannot fit them before compiling, pinning or tearing anything down.
-        capacity.check_first_load(ir)
-        return _first_load(ir, scope, record, globs, mode, said, force, started, compiling)
+        # A first load compiles maps sized for the policy: refuse one this machine cannot
+        # hold before compiling, pinning or tearing anything down.
+        needed = capacity.needed_entries(ir)
+        sizes = capacity.sizes_for(needed)
+        capacity.refuse(needed, sizes)
+        return _first_load(ir, scope, record, globs, mode, said, force, started, compiling, sizes)
 
 
 def program_ids(scope: Scope) -> dict[str, int]:
@@ -175,14 +189,13 @@ def _replaced(scope: Scope, record: dict[str, Any] | None) -> str | None:
 
 def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequence[str],
                 mode: str, said: dict[str, str], force: bool, started: float,
-                compiling: EarlyCompile | None) -> LoadReport:
+                compiling: EarlyCompile | None, sizes: dict[str, int]) -> LoadReport:
     replaced = _replaced(scope, record)
     _progress.info("compiling the program with bcc")
-    if compiling is not None:
-        compiled, waited = compiling.take()
-    else:
-        compiled = program.compile_program()
-        waited = compiled.compile_seconds
+    compiled, waited = compiling.take(sizes) if compiling is not None else (None, 0.0)
+    if compiled is None:
+        compiled = program.compile_program(sizes)
+        waited += compiled.compile_seconds
     attachments: list[Attachment] = []
     try:
         # After compiling, so whatever still enforces goes only milliseconds before we do;
