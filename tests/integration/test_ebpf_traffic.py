@@ -245,7 +245,7 @@ def test_a_100k_rule_policy_loads_with_no_setting_and_bounds_it_exceeds_are_name
         loaded = isoebpf(*load)
         assert "compiled the program" in loaded.stdout
         fill = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)["maps"]
-        assert fill["allowed"]["entries"] >= 2 * 100_000 > fill["allowed"]["max_entries"] // 3
+        assert 2 * 100_000 <= fill["allowed"]["entries"] <= fill["allowed"]["max_entries"]
         assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
     finally:
         isoebpf("unload", "--netns", testbed.router)

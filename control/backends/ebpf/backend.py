@@ -93,8 +93,9 @@ class EarlyCompile:
         self._taken = False
 
     def take(self, sizes: dict[str, int]) -> tuple[program.CompiledProgram | None, float]:
-        """The compiled program if its maps are at least `sizes` (None: too small, or its
-        compile failed, so the caller compiles again), and the seconds waited for it."""
+        """The compiled program if its maps are at least `sizes` (None: too small, or
+        larger maps than `sizes` failed, so the caller compiles at `sizes`), and the
+        seconds waited for it; the compile's error where it was sized as asked."""
         started = time.monotonic()
         if any(self.sizes.get(macro, 0) < size for macro, size in sizes.items()):
             self.discard()
@@ -103,7 +104,9 @@ class EarlyCompile:
         try:
             compiled: program.CompiledProgram | None = self._future.result()
         except IsoebpfError:
-            compiled = None  # compiled again, sized for the policy: that one says what fails
+            if self.sizes == sizes:
+                raise
+            compiled = None  # the larger maps of the estimate may be what failed
         return compiled, time.monotonic() - started
 
     def discard(self) -> None:
