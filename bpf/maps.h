@@ -96,8 +96,18 @@ BPF_F_TABLE("lpm_trie", struct allow_key, struct rule_value, allowed, ISOEBPF_MA
  * filtered packet. LRU: when full, the longest idle connection goes first,
  * and its next packet is judged afresh (fails closed). Size: concurrent
  * connections between overlays.
+ *
+ * A policy that outgrows the maps in force moves to a program compiled anew
+ * with larger ones; that program shares this table (and `fragments`) with
+ * the running one, by the running one's pin (ISOEBPF_CONNTRACK_PIN), so that
+ * no connection is forgotten when each interface switches programs.
  */
+#ifdef ISOEBPF_CONNTRACK_PIN
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_state, conntrack, ISOEBPF_MAX_CONNECTIONS,
+		 ISOEBPF_CONNTRACK_PIN);
+#else
 BPF_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, ISOEBPF_MAX_CONNECTIONS);
+#endif
 
 /*
  * First fragments' verdicts, for the fragments that follow. Written and read
@@ -105,8 +115,13 @@ BPF_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, ISOEBPF_MAX
  * drops the datagram's later fragments (fails closed). Size: datagrams in
  * reassembly at once.
  */
+#ifdef ISOEBPF_FRAGMENTS_PIN
+BPF_TABLE_PINNED("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
+		 ISOEBPF_MAX_FRAGMENTS, ISOEBPF_FRAGMENTS_PIN);
+#else
 BPF_TABLE("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
 	  ISOEBPF_MAX_FRAGMENTS);
+#endif
 
 /*
  * Packets and bytes per rule, index rule id, whatever the generation: an

@@ -371,6 +371,9 @@ def _say_enforced(result: dict[str, Any]) -> None:
     if result["replaced_layout"]:
         click.echo(f"removed older state ({result['replaced_layout']}) instead of reusing it")
     click.echo(f"enforcing {what}, generation {result['generation']}")
+    if result["grown"]:
+        click.echo(f"the policy outgrew the maps in force: moved to larger ones ({result['grown']}), "
+                   "connections kept")
     if result["compiled"]:
         click.echo(f"compiled the program in {result['compile_seconds']:.2f} s")
     click.echo(f"applied in {result['apply_seconds'] * 1000:.0f} ms")

@@ -44,5 +44,10 @@ class BackendError(IsoebpfError):
     """A backend could not apply, read or remove enforcement."""
 
 
+class CapacityError(BackendError):
+    """A policy needs more entries than the eBPF maps in force hold: an update moves it
+    to larger maps."""
+
+
 class ProgramRejected(BackendError):
     """This kernel's verifier refused the eBPF program: `--backend auto` falls back to iptables."""

@@ -42,13 +42,13 @@ from typing import Any
 
 from pyroute2 import NetlinkError
 
-from ...errors import BackendError, IsoebpfError, StateError
+from ...errors import BackendError, CapacityError, IsoebpfError, StateError
 from ...ir.compiler import Delta, Numbering
 from ...ir.tables import IR
 from ...resource import Resource
 from .. import counts, links
 from ..interface import Attachment, LoadReport, Verdict, state_record
-from ..state import LAYOUT, Scope, ensure_bpffs, make_private, write_atomically
+from ..state import LAYOUT, Scope, ensure_bpffs, make_private, private_dir, write_atomically
 from . import abi, bpfsys, capacity, entries, perf, program
 
 # Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
@@ -145,6 +145,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         record = scope.read()
         started = time.monotonic()
         if record is not None and _reusable(record, scope):
+            _undo_growth(scope, record)
             return _update(ir, scope, record, globs, mode, said, force, started, change)
         # A first load compiles maps sized for the policy: refuse one this machine cannot
         # hold before compiling, pinning or tearing anything down.
@@ -248,7 +249,16 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         changed = record.get("digest") != ir.digest or not in_step
         change = entries.change_of(delta) if (delta is not None and in_step
                                               and delta.base == record.get("digest")) else None
-        tables = program.prepare_next(maps, ir, slots) if changed and change is None else None
+        try:
+            if change is not None and not program.change_fits(maps, ir, slots, change):
+                change = None  # the standby slot's way to the live generation is not on file
+            tables = program.prepare_next(maps, ir, slots) if changed and change is None else None
+        except CapacityError:
+            grow = True
+        else:
+            grow = False
+        if grow:
+            return _grow(ir, scope, record, maps, progs, globs, mode, said, force, started)
         attached = _attach_all(scope, progs, globs, mode, force, known)
         carried = record.get("carried", {})
         try:
@@ -283,6 +293,116 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
             os.close(fd)
     return LoadReport(new, False, 0.0, time.monotonic() - started, tuple(attached.now), None,
                       detached, warnings)
+
+
+def _grow(ir: IR, scope: Scope, record: dict[str, Any], old_maps: dict[str, int],
+          old_progs: dict[str, int], globs: Sequence[str], mode: str, said: dict[str, str],
+          force: bool, started: float) -> LoadReport:
+    """Move a policy that outgrows the maps in force to a program compiled with larger
+    ones, make before break. The new program shares the running one's connection
+    state (program.SHARED_STATE, by its pins) and holds the new policy as the next
+    generation before it sees a packet; each interface then switches programs in one
+    netlink message (a TC filter replaced, an XDP program swapped), so each packet
+    meets the old program and policy or the new ones, never a mix, and no tracked
+    connection is forgotten. Only then do the new pins replace the old ones. A
+    failure before that puts the old program back wherever it was switched."""
+    needed = capacity.needed_entries(ir)
+    sizes = capacity.sizes_for(needed)
+    # The shared tables stay as they are.
+    sizes.update({abi.MAP_SIZE_MACROS[name]: bpfsys.map_info(old_maps[name]).max_entries
+                  for name in program.SHARED_STATE})
+    capacity.refuse(needed, sizes)
+    live = program.active_generation(old_maps)
+    new = live + 1
+    # The new maps count from 0: what each rule counted so far goes into the record.
+    old_rules = record["rules"]
+    names = {int(rule_id): str(name) for rule_id, name, _ in old_rules}
+    counted = {names[i]: count for i, count in program.read_counters(old_maps, names).items()
+               if count != (0, 0)}
+    carried = counts.carry(counts.totals(counted, record.get("carried", {})),
+                           [(str(n), str(t)) for _, n, t in old_rules],
+                           [(r.name, r.text) for r in ir.rules])
+    _progress.info("compiling the program with bcc, for larger maps")
+    compiled = program.compile_program(sizes, shared_state=scope.pin_dir)
+    staged = scope.pin_dir / "next"
+    known = [Attachment(**a) for a in record.get("attachments", [])]
+    switched: list[Attachment] = []
+    try:
+        private_dir(staged)
+        pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
+                *((fd, name) for name, fd in compiled.map_fds.items()
+                  if name not in program.SHARED_STATE)]
+        for fd, name in pins:
+            bpfsys.obj_pin(fd, str(staged / name))
+            make_private(staged / name)
+        _progress.info("writing %d classes and %d allow entries", len(ir.classes), len(ir.allowed))
+        program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True), new, sweep=False)
+        our_xdp = bpfsys.prog_info(compiled.prog_fds["xdp"]).id
+        with links.netlink(scope.netns) as sock:
+            present = {link.index: link for link in links.links(sock)}
+            for a in known:
+                link = present.get(a.ifindex)
+                if link is None:
+                    continue
+                if a.mode == "tc":
+                    links.attach_tc(sock, link, compiled.prog_fds["tc"])
+                else:
+                    links.attach_xdp(sock, link, compiled.prog_fds["xdp"], a.mode, replace=True)
+                switched.append(dataclasses.replace(a, prog_id=our_xdp if a.mode != "tc" else 0))
+        attached = _attach_all(scope, compiled.prog_fds, globs, mode, force, switched)
+    except BaseException:
+        _switch_back(scope, switched, old_progs)
+        _unpin_staged(staged)
+        compiled.close()
+        raise
+    for pin in staged.iterdir():
+        os.replace(pin, scope.pin_dir / pin.name)
+    staged.rmdir()
+    program.activate(compiled.map_fds, ir, new)  # the sweep: cut what the new policy forbids
+    _save(scope, ir, new, attached.now, said, compiled.compile_seconds, carried)
+    compiled.close()
+    detached = _retire(scope, attached.retired)
+    return LoadReport(new, True, compiled.compile_seconds, time.monotonic() - started,
+                      tuple(attached.now), None, detached,
+                      grown=", ".join(f"{m}={v}" for m, v in sorted(sizes.items())))
+
+
+def _undo_growth(scope: Scope, record: dict[str, Any]) -> None:
+    """A growth killed before its new pins replaced the old: the record's program goes
+    back on every interface (some may run the new one), and the new one's pins go."""
+    staged = scope.pin_dir / "next"
+    if not staged.exists():
+        return
+    progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
+    try:
+        with links.netlink(scope.netns) as sock:
+            present = {link.index for link in links.links(sock)}
+        _switch_back(scope, [Attachment(**a) for a in record.get("attachments", [])
+                             if a["ifindex"] in present], progs)
+    finally:
+        for fd in progs.values():
+            os.close(fd)
+    _unpin_staged(staged)
+
+
+def _switch_back(scope: Scope, switched: Sequence[Attachment], old_progs: dict[str, int]) -> None:
+    """Put the running program back on the interfaces a failed growth switched."""
+    if not switched:
+        return
+    with links.netlink(scope.netns) as sock:
+        for a in switched:
+            link = links.Link(a.ifname, a.ifindex, "")
+            if a.mode == "tc":
+                links.attach_tc(sock, link, old_progs["tc"])
+            else:
+                links.attach_xdp(sock, link, old_progs["xdp"], a.mode, replace=True)
+
+
+def _unpin_staged(staged: Path) -> None:
+    if staged.exists():
+        for pin in staged.iterdir():
+            pin.unlink()
+        staged.rmdir()
 
 
 def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[str, ...]:
@@ -497,6 +617,7 @@ def _unpin(scope: Scope) -> None:
     _numbering_path(scope).unlink(missing_ok=True)
     if not scope.pin_dir.exists():
         return
+    _unpin_staged(scope.pin_dir / "next")  # a growth killed before it finished
     for pin in scope.pin_dir.iterdir():
         pin.unlink()
     scope.pin_dir.rmdir()

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import BackendError
+from ...errors import BackendError, CapacityError
 from ...ir.tables import IR
 from . import abi, bpfsys
 from .abi import MAP_SIZE_MACROS
@@ -227,8 +227,8 @@ def check(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],
           needed: Mapping[str, int] | None = None) -> None:
     found = problems(ir, capacity, taken, needed)
     if found:
-        raise BackendError("the policy does not fit the program's maps; nothing was changed:\n  "
-                           + "\n  ".join(found))
+        raise CapacityError("the policy does not fit the program's maps; nothing was changed:\n  "
+                            + "\n  ".join(found))
 
 
 def sized(sizes: Mapping[str, int]) -> dict[str, int]:

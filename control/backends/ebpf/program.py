@@ -114,9 +114,18 @@ class CompiledProgram:
         self.bpf.cleanup()
 
 
-def compile_program(sizes: Mapping[str, int] | None = None) -> CompiledProgram:
-    """Compile and load both programs and create the maps (takes a few seconds)."""
-    cflags = ["-Wall", "-Werror", f"-I{BPF_DIR}", *size_flags(sizes)]
+# The maps a program compiled to replace a running one shares with it, by their pins.
+SHARED_STATE = ("conntrack", "fragments")
+
+
+def compile_program(sizes: Mapping[str, int] | None = None,
+                    shared_state: Path | None = None) -> CompiledProgram:
+    """Compile and load both programs and create the maps (takes a few seconds).
+    `shared_state`: the pin directory of a running program whose connection state
+    (SHARED_STATE) the new one is to share instead of creating its own."""
+    pins = [f'-DISOEBPF_{name.upper()}_PIN="{shared_state / name}"' for name in SHARED_STATE] \
+        if shared_state is not None else []
+    cflags = ["-Wall", "-Werror", f"-I{BPF_DIR}", *size_flags(sizes), *pins]
     started = time.monotonic()
     try:
         bpf = BPF(text=source().encode(), cflags=cflags)
@@ -335,28 +344,32 @@ def _maps_identity(maps: Maps) -> list[int]:
     return [bpfsys.map_info(maps[name]).id for name in POLICY_MAPS]
 
 
-def first_generation(maps: Maps, ir: IR, slots: SlotFiles) -> tuple[int, list[str]]:
-    """Write `ir` into freshly created maps as generation 1 and make it active;
-    returns 1 and why an update to a policy of its size would not fit (room_for_next).
+def first_generation(maps: Maps, ir: IR, slots: SlotFiles, gen: int = 1,
+                     sweep: bool = True) -> tuple[int, list[str]]:
+    """Write `ir` into freshly created maps as generation `gen` and make it active;
+    returns `gen` and why an update to a policy of its size would not fit
+    (room_for_next). `sweep=False`: leave the connection table to the caller
+    (maps that replace a running program's, which shares it, go live later).
 
     The other slot gets the same policy where both fit, so that the first update
     is a difference too."""
     for slot in (0, 1):
         slots.forget(slot)
         slots.forget_pending(slot)
-    tables = write_generation(maps, ir, 1, held={}, beside={})
-    activate(maps, ir, 1)
-    slots.remember(maps, 1, tables)
+    tables = write_generation(maps, ir, gen, held={}, beside={})
+    activate(maps, ir, gen, sweep)
+    slots.remember(maps, slot_of(gen), tables)
     copy: Tables = {}
+    other = 1 - slot_of(gen)
     no_room = room_for_next(maps, ir, needed_entries(ir, tables))
     if not no_room:
-        write_plan(maps, 0, diff({}, tables))
+        write_plan(maps, other, diff({}, tables))
         copy = tables
-    slots.remember(maps, 0, copy)
+    slots.remember(maps, other, copy)
     live = entry_counts(tables)
-    slots.remember_pending(maps, 1, live, Plan({}))
-    slots.remember_pending(maps, 0, live, Plan({}) if not no_room else diff({}, tables))
-    return 1, no_room
+    slots.remember_pending(maps, slot_of(gen), live, Plan({}))
+    slots.remember_pending(maps, other, live, Plan({}) if not no_room else diff({}, tables))
+    return gen, no_room
 
 
 def room_for_next(maps: Maps, ir: IR, needed: Mapping[str, int] | None = None) -> list[str]:
@@ -421,6 +434,16 @@ def next_generation(maps: Maps, ir: IR, slots: SlotFiles, tables: Tables | None 
     else:
         slots.forget_pending(1 - slot)
     return new
+
+
+def change_fits(maps: Maps, ir: IR, slots: SlotFiles, change: Change) -> bool:
+    """Whether next_generation can write `change` as it is (the standby slot's way to the
+    live generation is on file: False when not); raise CapacityError when it cannot fit."""
+    pending = slots.read_pending(maps, slot_of(active_generation(maps) + 1))
+    if pending is None:
+        return False
+    _check_fits(maps, ir, active_generation(maps) + 1, change.sizes, pending[0])
+    return True
 
 
 def activate(maps: Maps, ir: IR, gen: int, sweep: bool = True) -> None:
