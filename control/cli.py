@@ -372,8 +372,8 @@ def _say_enforced(result: dict[str, Any]) -> None:
         click.echo(f"removed older state ({result['replaced_layout']}) instead of reusing it")
     click.echo(f"enforcing {what}, generation {result['generation']}")
     if result["grown"]:
-        click.echo(f"the policy outgrew the maps in force: moved to larger ones ({result['grown']}), "
-                   "connections kept")
+        click.echo("the policy did not fit beside the one in force: moved to new maps "
+                   f"({result['grown']}), connections kept")
     if result["compiled"]:
         click.echo(f"compiled the program in {result['compile_seconds']:.2f} s")
     click.echo(f"applied in {result['apply_seconds'] * 1000:.0f} ms")

@@ -48,7 +48,7 @@ class LoadReport:
     replaced_layout: str | None  # what older state was torn down, if any
     detached: tuple[str, ...] = ()  # interfaces no longer enforced on, and why
     warnings: tuple[str, ...] = ()  # what the user should act on before the next change
-    grown: str = ""  # the larger maps an update moved to, when the policy outgrew those in force
+    grown: str = ""  # the sizes of the new maps an update moved to (its policy did not fit beside the old)
 
 
 def state_record(name: str, scope: Scope, ir: IR, policy_path: str, generation: int,

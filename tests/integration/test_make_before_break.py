@@ -377,19 +377,24 @@ def rules_and_sets(testbed: Testbed) -> tuple[str, str]:
 
 def test_an_update_that_cannot_fit_beside_the_policy_in_force(
         testbed: Testbed, pair: Policies, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Maps that hold one generation of the policy but not two: the first load warns,
-    the update is refused before anything is written, and A stays, everywhere."""
+    """Maps an environment bound keeps to one generation of the policy: the first load
+    warns, the update moves to new maps within the bound, and one over the bound is
+    refused before anything is written, leaving the policy in force, everywhere."""
     isoebpf("unload", "--netns", testbed.router)
-    needed = max(capacity.needed_entries(ir)["classes_v4"] for _, ir in pair.values())
-    monkeypatch.setenv("ISOEBPF_MAX_CLASSES", str(needed))
+    needed = {name: capacity.needed_entries(ir)["classes_v4"] for name, (_, ir) in pair.items()}
+    monkeypatch.setenv("ISOEBPF_MAX_CLASSES", str(max(needed.values())))
     first = cli(*load_args(pair["A"][0], testbed, "ebpf"))
     assert first.exit_code == 0, first.output
-    assert "warning: the next update would not fit: the policy needs" in first.output
-    monkeypatch.delenv("ISOEBPF_MAX_CLASSES")
-    done = cli(*load_args(pair["B"][0], testbed, "ebpf"))
-    assert done.exit_code == 1, done.output
-    assert "beside the" in done.output and "nothing was changed" in done.output
-    assert_enforcing(testbed, pair, "A", "ebpf")
+    assert "warning: the next update needs new maps (a compile): the policy needs" in first.output
+    moved = cli(*load_args(pair["B"][0], testbed, "ebpf"))
+    assert moved.exit_code == 0, moved.output
+    assert "did not fit beside the one in force: moved to new maps" in moved.output, moved.output
+    assert_enforcing(testbed, pair, "B", "ebpf")
+    monkeypatch.setenv("ISOEBPF_MAX_CLASSES", str(needed["A"] - 1))
+    refused = cli(*load_args(pair["A"][0], testbed, "ebpf"))
+    assert refused.exit_code == 1, refused.output
+    assert "raise ISOEBPF_MAX_CLASSES (" in refused.output and "nothing was changed" in refused.output
+    assert_enforcing(testbed, pair, "B", "ebpf")
     isoebpf("unload", "--netns", testbed.router)  # the next test gets maps of the usual size
 
 

@@ -419,8 +419,9 @@ def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[st
 
 
 def _next_update_warnings(no_room: Sequence[str]) -> tuple[str, ...]:
-    """What would refuse the next update (it writes its policy beside this one)."""
-    return tuple(f"the next update would not fit: {problem}" for problem in no_room)
+    """Why the next update cannot be written beside this policy, and so compiles a new
+    program (see _grow): only where an environment bound keeps the maps small."""
+    return tuple(f"the next update needs new maps (a compile): {problem}" for problem in no_room)
 
 
 def plan(scope: Scope, ir: IR) -> list[str]:

@@ -217,9 +217,8 @@ def problems(ir: IR, capacity: Mapping[str, int], taken: Mapping[str, int],
         macro = MAP_SIZE_MACROS[name]
         beside = f" beside the {used} of the policy in force" if used else ""
         what = "rule counters" if name == "counters" else f"entries in map {name}"
-        found.append(f"the policy needs {needed} {what}{beside}, and the program holds {room}: "
-                     "'isoebpf unload', then 'isoebpf load' compiles maps sized for it "
-                     f"({macro} in the environment, if set, bounds them) or simplify the policy")
+        found.append(f"the policy needs {needed} {what}{beside}, and the program holds {room} "
+                     f"({macro} in the environment, if set, bounds it)")
     return found
 
 
