@@ -18,11 +18,20 @@ End to end, as a user sees it: the wall-clock time of `isoebpf load` (a process
 of its own: start-up, parse, the compile beside it, attach, fill) enforcing the
 policy on one veth in a namespace of the bench's own, and of the second
 `isoebpf load` that changes one rule (a process of its own: it compiles the
-file afresh under the numbering in force and compares whole tables).
+file afresh under the numbering in force and compares whole tables). Then
+`isoebpf agent` on the changed file, which the bench puts back as it was (a
+rename over it, as a deployment does): from the rename to the agent's
+`applied` log line, written once the maps hold the change (its poll, the read,
+the compile as a difference, the writes). Last, with nothing loaded, how long
+`isoebpf load` takes to refuse the policy over bounds set in the environment
+(the check that also weighs the machine's memory, before anything is compiled).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -40,9 +49,9 @@ from isoebpf.ir.compiler import Compiler
 from isoebpf.ir.lint import lint
 from isoebpf.policy.model import Policy
 
-# The policy file's format: its extension. ".json" gives `isoebpf load` (which reads a
-# file by its extension) and the in-process parse the same policy as JSON.
-POLICY_FORMAT = ".yaml"
+# The policy file's format: its extension (`isoebpf load` reads a file by it). JSON, the
+# format for generated policies, which these are; "--policy-format .yaml" measures YAML.
+POLICY_FORMAT = ".json"
 
 
 class Refused(Exception):
@@ -112,8 +121,8 @@ def _phases(rules: int, suffix: str) -> dict[str, Any]:
 
 
 def _cli(rules: int, suffix: str) -> dict[str, float]:
-    """Wall-clock seconds of `isoebpf load` (a first load, then a one-rule change), with no
-    setting: the maps are sized for the policy."""
+    """Wall-clock seconds of `isoebpf load` (a first load, then a one-rule change, with no
+    setting: the maps are sized for the policy), of the agent's change, and of a refusal."""
     netns = f"{topology.PREFIX}-b6"
 
     def load(path: Path) -> float:
@@ -131,16 +140,65 @@ def _cli(rules: int, suffix: str) -> dict[str, float]:
             first.write_text(policies.policy_text(rules, suffix), encoding="utf-8")
             change.write_text(policies.policy_text(rules, suffix, changed=True), encoding="utf-8")
             try:
-                first_s = load(first)
-                return {"cli_load_s": first_s, "cli_change_s": load(change)}
+                timed = {"cli_load_s": load(first), "cli_change_s": load(change)}
+                timed["agent_change_s"] = _agent_change(netns, change, first.read_bytes())
             finally:
                 topology.run(PYTHON, "-m", "isoebpf.cli", "unload", "--netns", netns, check=False)
+            timed["refuse_s"] = _refusal(netns, first)
+            return timed
     finally:
         topology.run("ip", "netns", "del", netns, check=False)
 
 
+# Bounds every measured policy is over (two overlays, and more than one rule).
+REFUSING = {"ISOEBPF_MAX_CLASSES": "1", "ISOEBPF_MAX_RULES": "1"}
+
+
+def _refusal(netns: str, policy: Path) -> float:
+    """Wall-clock seconds of `isoebpf load` refusing `policy` over REFUSING's bounds."""
+    started = time.perf_counter()
+    done = subprocess.run([PYTHON, "-m", "isoebpf.cli", "load", "--backend", "ebpf", "--netns", netns,
+                           "--iface", "b6-*", str(policy)], capture_output=True, text=True,
+                          env={**os.environ, **REFUSING})
+    took = time.perf_counter() - started
+    if done.returncode != 1 or not all(f"{macro}=1 in the environment" in done.stderr for macro in REFUSING):
+        raise RuntimeError(f"B6: the policy over {REFUSING} was not refused naming both: {done.stderr}")
+    return took
+
+
+def _agent_change(netns: str, policy: Path, changed: bytes) -> float:
+    """Seconds from renaming `changed` over `policy` (the policy in force) to the
+    agent's log line saying it is applied."""
+    agent = subprocess.Popen([PYTHON, "-m", "isoebpf.cli", "agent", "--backend", "ebpf", "--netns", netns,
+                              "--iface", "b6-*", "--repair-interval", "3600", str(policy)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _applied(agent)  # the policy in force, found as it is
+        staged = policy.with_name(f".{policy.name}.new")
+        staged.write_bytes(changed)
+        renamed = time.time()
+        os.replace(staged, policy)
+        return _applied(agent) - renamed
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+
+
+def _applied(agent: subprocess.Popen[str]) -> float:
+    """The time stamp of the agent's next `applied` line; any other outcome fails the bench."""
+    assert agent.stderr is not None
+    for line in agent.stderr:
+        event = json.loads(line)
+        if event["event"] == "applied":
+            return float(event["ts"])
+        if event["event"] in ("policy_refused", "apply_failed", "policy_unreadable"):
+            raise RuntimeError(f"B6: the agent did not apply the policy: {line.strip()}")
+    raise RuntimeError(f"B6: the agent ended (exit {agent.wait()}) before applying the policy")
+
+
 ISOEBPF_KEYS = ("parse_s", "ir_compile_s", "program_compile_s", "map_fill_s", "load_total_s",
-                "change_apply_s", "change_end_to_end_s", "map_bytes", "cli_load_s", "cli_change_s")
+                "change_apply_s", "change_end_to_end_s", "map_bytes", "cli_load_s", "cli_change_s",
+                "agent_change_s", "refuse_s")
 PEER_KEYS = ("ipset_restore_s", "iptables_restore_s", "nft_restore_s", "ipset_add_s", "ipset_del_s",
              "nft_add_s", "nft_del_s", "spawn_s")
 
@@ -200,4 +258,5 @@ def _say(rules: int, one: dict[str, Any], say: Callable[[str], None]) -> None:
         f"bcc {one['program_compile_s']:.2f}s, fill {one['map_fill_s']:.2f}s; change "
         f"{one['change_apply_s'] * 1000:.0f} ms apply, {one['change_end_to_end_s']:.2f}s end to end; "
         f"maps {one['map_bytes'] / 2**20:.1f} MiB; isoebpf load {one['cli_load_s']:.2f}s, "
-        f"its change {one['cli_change_s']:.2f}s")
+        f"its change {one['cli_change_s']:.2f}s, the agent's {one['agent_change_s']:.2f}s; "
+        f"refused over bounds in {one['refuse_s']:.2f}s")

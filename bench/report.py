@@ -123,20 +123,24 @@ def control_plane(results: dict[str, Any]) -> list[str]:
     if rows:
         out += ["## B6: control plane", "",
                 "Phases timed apart in one process; then `isoebpf load` as a user runs it (its own "
-                "process, the bcc compile beside the parse), wall clock. Policy files: "
+                "process, the bcc compile beside the parse), wall clock; `isoebpf agent` from a rename "
+                "of the changed file over the one in force to its `applied` log line; and `isoebpf load` "
+                "refusing the policy over bounds set in the environment, nothing loaded. Policy files: "
                 f"{', '.join(formats)}. Map memory is the kernel's account (`memlock`) of every map, "
                 "sized for twice the policy in powers of two; per rule, it is that total over the rules.", "",
                 "| rules | parse s | IR compile s | bcc compile s | map fill s | phases total s "
                 "| one-rule change: apply ms | ... parse and apply s | map memory MiB | map bytes per rule "
-                "| `isoebpf load` s | `isoebpf load` of the change s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| `isoebpf load` s | `isoebpf load` of the change s | the agent's change s "
+                "| refused over bounds s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['rules']:,} | {fmt(r['parse_s'], digits=2)} | {fmt(r['ir_compile_s'], digits=2)} | "
                        f"{fmt(r['program_compile_s'], digits=2)} | {fmt(r['map_fill_s'], digits=2)} | "
                        f"{fmt(r['load_total_s'], digits=2)} | {fmt(r['change_apply_s'], 1000)} | "
                        f"{fmt(r['change_end_to_end_s'], digits=2)} | {fmt(r['map_bytes'], 1 / 2**20, 1)} | "
                        f"{float(r['map_bytes']['median']) / r['rules']:,.0f} | "
-                       f"{fmt(r.get('cli_load_s'), digits=2)} | {fmt(r.get('cli_change_s'), digits=2)} |")
+                       f"{fmt(r.get('cli_load_s'), digits=2)} | {fmt(r.get('cli_change_s'), digits=2)} | "
+                       f"{fmt(r.get('agent_change_s'), digits=2)} | {fmt(r.get('refuse_s'), digits=2)} |")
         out.append("")
     peer_rows = sorted(results.get("b6_peers", []), key=lambda r: r["rules"])
     if peer_rows:

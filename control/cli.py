@@ -299,9 +299,13 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         with pipeline.collector_paused(), _progress(not (quiet or as_json) and _on_terminal()):
             result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
                               on_failure, chain, compiling, as_json)
-    finally:
-        if compiling is not None:
-            compiling.discard()
+    except BaseException:
+        if compiling is not None:  # said at once, not after a compile nobody will use (see run)
+            compiling.abandon()
+            _abandoned.append(compiling)
+        raise
+    if compiling is not None:
+        compiling.discard()
     if as_json:
         _emit({"ok": True, **result})
     else:
@@ -661,5 +665,24 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# Early compiles that failed loads gave up on (load), perhaps still running.
+_abandoned: list[Any] = []
+
+
+def run() -> None:
+    """The program: `main`, then the exit. A failed load has said why; should the early
+    compile it abandoned still run, the process ends now with the same status (the
+    kernel frees what the compile holds) rather than wait for it, or finalize C++ under
+    its feet. Tests invoke `main` in process, where the compile is released when done."""
+    try:
+        main()
+    except SystemExit as done:
+        if any(compiling.running() for compiling in _abandoned):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

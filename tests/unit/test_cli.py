@@ -297,3 +297,55 @@ def test_a_long_load_shows_its_phases_on_a_terminal_unless_quiet_or_json(
     if shown:
         said = [line.split(" s  ", 1)[1] for line in phases]
         assert said == [f"reading and checking {SEED}", "compiling 1 rules, 0 exceptions, 2 overlays"]
+
+
+class _Compile:
+    """Stands for the early compile of an eBPF first load: still running until told."""
+
+    def __init__(self) -> None:
+        self.still_running, self.abandoned, self.discarded = True, False, False
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+    def discard(self) -> None:
+        self.discarded = True
+
+    def running(self) -> bool:
+        return self.still_running
+
+
+def test_a_failed_load_abandons_the_early_compile(no_state_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    early = _Compile()
+    monkeypatch.setattr(cli, "require_privilege", lambda command: None)
+    monkeypatch.setattr(enforcer, "compile_early", lambda *args: early)
+    monkeypatch.setattr(cli, "_abandoned", [])
+    code, _, err = run("load", BAD, "--backend", "ebpf")
+    assert code == 1 and "nothing was applied" in err
+    assert early.abandoned and not early.discarded and cli._abandoned == [early]
+
+
+@pytest.mark.parametrize(("running", "status", "ends"), [
+    (True, 1, "at once with 1"), (True, 2, "at once with 2"), (False, 1, "as usual")])
+def test_the_program_ends_without_waiting_for_an_abandoned_compile(
+        monkeypatch: pytest.MonkeyPatch, running: bool, status: int, ends: str) -> None:
+    early = _Compile()
+    early.still_running = running
+    monkeypatch.setattr(cli, "_abandoned", [early])
+
+    def main_failing() -> None:
+        raise SystemExit(status)
+
+    def exit_now(code: int) -> None:
+        raise RuntimeError(f"at once with {code}")
+
+    monkeypatch.setattr(cli, "main", main_failing)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    try:
+        cli.run()
+    except RuntimeError as err:
+        assert str(err) == ends
+    except SystemExit as err:
+        assert ends == "as usual" and err.code == status
+    else:
+        raise AssertionError("run() returned")

@@ -33,9 +33,10 @@ import dataclasses
 import logging
 import marshal
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,18 @@ class EarlyCompile:
 
     def __init__(self, sizes: dict[str, int]) -> None:
         self.sizes = sizes
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isoebpf-compile")
-        self._future = pool.submit(lambda: program.compile_program(sizes))
-        pool.shutdown(wait=False)
+        self._future: Future[program.CompiledProgram] = Future()
+        self._future.set_running_or_notify_cancel()
+        # A daemon thread, so that a process that gave up on the compile (abandon) need
+        # not wait for it to end.
+        threading.Thread(target=self._compile, name="isoebpf-compile", daemon=True).start()
         self._taken = False
+
+    def _compile(self) -> None:
+        try:
+            self._future.set_result(program.compile_program(self.sizes))
+        except BaseException as err:  # handed to whoever takes the result
+            self._future.set_exception(err)
 
     def take(self, sizes: dict[str, int]) -> tuple[program.CompiledProgram | None, float]:
         """The compiled program if its maps are at least `sizes` (None: too small, or
@@ -116,6 +125,18 @@ class EarlyCompile:
         self._taken = True
         with contextlib.suppress(IsoebpfError):  # a failed compile holds nothing
             self._future.result().close()
+
+    def abandon(self) -> None:
+        """Give the program up without waiting for it: released once compiled. The
+        compile may still be running when the process ends (see running)."""
+        if self._taken:
+            return
+        self._taken = True
+        self._future.add_done_callback(
+            lambda done: None if done.exception() else done.result().close())
+
+    def running(self) -> bool:
+        return not self._future.done()
 
     def succeeded(self) -> bool:
         """Wait for the compile; did it load the programs?"""
