@@ -11,6 +11,8 @@ from typing import Any
 
 from bcc import BPF
 
+from isoebpf.backends.ebpf import program
+
 _SOURCE = b"""
 int bench_empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }
 int bench_empty_tc(struct __sk_buff *skb) { return -1; /* TC_ACT_UNSPEC, as ours passes */ }
@@ -29,7 +31,7 @@ class References:
 
 
 def references() -> References:
-    bpf = BPF(text=_SOURCE, cflags=["-Wall", "-Werror"])
+    bpf = program.bcc_compile(_SOURCE, ["-Wall", "-Werror"])
     empty = {"xdp": int(bpf.load_func(b"bench_empty_xdp", BPF.XDP).fd),
              "tc": int(bpf.load_func(b"bench_empty_tc", BPF.SCHED_CLS).fd)}
     drop = int(bpf.load_func(b"bench_xdp_drop", BPF.XDP).fd)

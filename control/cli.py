@@ -293,6 +293,8 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
         require_privilege("load")
     scope = Scope(netns)
     _require_namespace(scope)
+    # bcc moves the whole process into the kernel headers' directory while it compiles.
+    policy_file = os.path.abspath(policy_file)
     # A first eBPF load compiles the program (seconds): on another core, meanwhile.
     compiling = None if dry_run else enforcer.compile_early(backend_name, scope, _size_of(policy_file))
     try:
@@ -300,12 +302,13 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
             result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
                               on_failure, chain, compiling, as_json)
     except BaseException:
-        if compiling is not None:  # said at once, not after a compile nobody will use (see run)
+        if compiling is not None and _program_ends_after_command:  # said at once (see run)
             compiling.abandon()
             _abandoned.append(compiling)
         raise
-    if compiling is not None:
-        compiling.discard()
+    finally:
+        if compiling is not None:
+            compiling.discard()  # waits for the compile, unless abandoned
     if as_json:
         _emit({"ok": True, **result})
     else:
@@ -665,6 +668,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# Set by run(): the process ends when the command does, so a failed load may leave its
+# early compile behind (in a process that goes on, the tests', it waits for it).
+_program_ends_after_command = False
 # Early compiles that failed loads gave up on (load), perhaps still running.
 _abandoned: list[Any] = []
 
@@ -673,7 +679,9 @@ def run() -> None:
     """The program: `main`, then the exit. A failed load has said why; should the early
     compile it abandoned still run, the process ends now with the same status (the
     kernel frees what the compile holds) rather than wait for it, or finalize C++ under
-    its feet. Tests invoke `main` in process, where the compile is released when done."""
+    its feet."""
+    global _program_ends_after_command
+    _program_ends_after_command = True
     try:
         main()
     except SystemExit as done:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -73,6 +74,10 @@ class Agent:
     _ir: IR | None = None  # the policy in force
     _compiled: pipeline.Compiled | None = None  # ... kept compiled: the next change is a difference
     _chosen: str = ""
+
+    def __post_init__(self) -> None:
+        # bcc moves the whole process into the kernel headers' directory while it compiles.
+        self.policy_path = os.path.abspath(self.policy_path)
 
     @property
     def scope(self) -> Scope:

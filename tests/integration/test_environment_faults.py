@@ -20,6 +20,7 @@ import pytest
 from bcc import BPF
 
 from isoebpf.backends import enforcer, links
+from isoebpf.backends.ebpf import program
 from isoebpf.backends.iptables import backend as iptables_backend
 from isoebpf.backends.state import Scope
 from isoebpf.ir.tables import IR
@@ -80,7 +81,7 @@ def test_bpffs_unmounted_under_us(testbed: Testbed, policies: dict[str, tuple[Pa
 
 
 def _foreign_xdp() -> BPF:
-    bpf = BPF(text=b"int foreign_xdp(struct xdp_md *ctx) { return XDP_PASS; }")
+    bpf = program.bcc_compile(b"int foreign_xdp(struct xdp_md *ctx) { return XDP_PASS; }", [])
     bpf.load_func(b"foreign_xdp", BPF.XDP)
     return bpf
 
@@ -139,7 +140,7 @@ def test_another_tc_filter_in_our_place_is_refused_unless_forced(
     """A filter at our priority would be replaced: refused without --force. One at another
     priority is left alone: ours goes beside it, and unload leaves it there."""
     veth = testbed.veth("hr1")
-    foreign = BPF(text=b"int foreign_tc(struct __sk_buff *skb) { return 0; }")
+    foreign = program.bcc_compile(b"int foreign_tc(struct __sk_buff *skb) { return 0; }", [])
     try:
         fd = foreign.load_func(b"foreign_tc", BPF.SCHED_CLS).fd
         testbed.run_in(testbed.router, "tc", "qdisc", "add", "dev", veth, "clsact")

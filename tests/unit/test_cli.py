@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -315,14 +316,38 @@ class _Compile:
         return self.still_running
 
 
-def test_a_failed_load_abandons_the_early_compile(no_state_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("ends_after", [True, False], ids=["the program", "in process"])
+def test_a_failed_load_abandons_the_early_compile_only_where_the_process_ends(
+        no_state_here: Path, monkeypatch: pytest.MonkeyPatch, ends_after: bool) -> None:
     early = _Compile()
     monkeypatch.setattr(cli, "require_privilege", lambda command: None)
     monkeypatch.setattr(enforcer, "compile_early", lambda *args: early)
     monkeypatch.setattr(cli, "_abandoned", [])
+    monkeypatch.setattr(cli, "_program_ends_after_command", ends_after)
     code, _, err = run("load", BAD, "--backend", "ebpf")
     assert code == 1 and "nothing was applied" in err
-    assert early.abandoned and not early.discarded and cli._abandoned == [early]
+    assert early.abandoned == ends_after and cli._abandoned == ([early] if ends_after else [])
+
+
+def test_a_relative_policy_path_is_read_wherever_the_compile_moves_the_process(
+        no_state_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bcc moves the whole process into the kernel headers' directory while it
+    compiles, beside the parse: the file named relative to where the command ran
+    is the one read."""
+    here = no_state_here / "here"
+    here.mkdir()
+    (here / "bad.yaml").write_text(Path(BAD).read_text())
+
+    def compile_moving_the_process(*args: object) -> _Compile:
+        os.chdir(no_state_here)
+        return _Compile()
+
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(cli, "require_privilege", lambda command: None)
+    monkeypatch.setattr(enforcer, "compile_early", compile_moving_the_process)
+    code, _, err = run("load", "bad.yaml", "--backend", "ebpf")
+    assert code == 1 and "cannot read policy" not in err
+    assert f"{here / 'bad.yaml'}:" in err and "7 errors; nothing was applied" in err
 
 
 @pytest.mark.parametrize(("running", "status", "ends"), [

@@ -19,6 +19,7 @@ import array
 import ctypes
 import marshal
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,17 @@ class CompiledProgram:
 SHARED_STATE = ("conntrack", "fragments")
 
 
+# bcc compiles with clang and LLVM inside the process, which are not safe on two
+# threads at once: a failed load's abandoned compile may still run when the next starts.
+_one_compile_at_a_time = threading.Lock()
+
+
+def bcc_compile(text: bytes, cflags: Sequence[str]) -> Any:
+    """bcc's BPF(text=...), one at a time in this process; every compile goes through here."""
+    with _one_compile_at_a_time:
+        return BPF(text=text, cflags=list(cflags))
+
+
 def compile_program(sizes: Mapping[str, int] | None = None,
                     shared_state: Path | None = None) -> CompiledProgram:
     """Compile and load both programs and create the maps (takes a few seconds).
@@ -128,7 +140,7 @@ def compile_program(sizes: Mapping[str, int] | None = None,
     cflags = ["-Wall", "-Werror", f"-I{BPF_DIR}", *size_flags(sizes), *pins]
     started = time.monotonic()
     try:
-        bpf = BPF(text=source().encode(), cflags=cflags)
+        bpf = bcc_compile(source().encode(), cflags)
     except Exception as err:  # bcc raises a bare Exception; clang's messages went to stderr
         raise BackendError(f"bcc could not compile {SOURCE} ({err}); the compiler's messages "
                            "are above. Are kernel headers installed (scripts/setup.sh)?") from err
@@ -148,7 +160,7 @@ def probe_compile() -> None:
     """Can bcc compile and the kernel load an XDP program here? Raise BackendError if not."""
     probe = b"int isoebpf_probe(struct xdp_md *ctx) { return XDP_PASS; }"
     try:
-        bpf = BPF(text=probe, cflags=["-Wall", "-Werror"])
+        bpf = bcc_compile(probe, ["-Wall", "-Werror"])
     except Exception as err:
         raise BackendError(f"bcc cannot compile a trivial program ({err}): are kernel headers "
                            "installed (scripts/setup.sh)?") from err
