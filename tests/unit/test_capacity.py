@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import pytest
 
 from isoebpf import pipeline
-from isoebpf.backends.ebpf import capacity
+from isoebpf.backends.ebpf import abi, capacity
 from isoebpf.backends.ebpf.abi import ISOEBPF_MAX_RULES, MAP_SIZE_MACROS
 from isoebpf.backends.iptables import layout as iptables_layout
 from isoebpf.errors import BackendError
@@ -131,3 +134,92 @@ def test_a_file_is_never_given_less_room_than_it_may_need() -> None:
         early = capacity.sizes_for(capacity.estimated_needs(len(text.encode())), environ={})
         wanted = capacity.sizes_for(capacity.needed_entries(ir), environ={})
         assert all(early[m] >= wanted[m] for m in wanted), (early, wanted)
+
+
+def test_no_map_is_sized_beyond_what_the_kernel_holds_and_a_policy_beyond_it_is_refused() -> None:
+    """bpf(2) refuses a hash map of more than 2^27 entries (E2BIG, measured on 6.18): the
+    headroom gives way to the kernel's limit, and a policy that needs more is refused,
+    as is an environment that asks for more connections than an LRU hash map holds."""
+    limit = capacity.KERNEL_LIMITS["ISOEBPF_MAX_EXCEPTIONS"][0]
+    assert capacity.sizes_for({"exceptions": limit - 5}, environ={})["ISOEBPF_MAX_EXCEPTIONS"] == limit
+    needed = {"exceptions": limit + 1}
+    environ = {"ISOEBPF_MAX_CONNECTIONS": 2**28}
+    found = capacity.refusals(needed, capacity.sizes_for(needed, environ), environ=environ,
+                              machine=ROOMY)
+    assert found == [
+        f"the policy needs {limit + 1} entries in map exceptions, and the kernel holds at most "
+        f"{limit} entries in a hash map: simplify the policy",
+        f"ISOEBPF_MAX_CONNECTIONS={2**28} in the environment asks for more entries than the kernel "
+        f"holds in an LRU hash map ({2**27}): lower it"]
+
+
+def test_a_bound_and_the_memory_are_named_together_with_what_each_allows() -> None:
+    """Two environment bounds and a machine with 1 MiB to spare: one list, each limit once."""
+    needed = {"classes_v4": 204, "allowed": 102, "counters": 122}
+    environ = {"ISOEBPF_MAX_CLASSES": 150, "ISOEBPF_MAX_RULES": 64}
+    tight = capacity.Machine(cpus=2, available=2**20, available_from="the test's cgroup", memlock=None)
+    found = capacity.refusals(needed, capacity.sizes_for(needed, environ), environ=environ,
+                              machine=tight)
+    assert [f.split(",")[0] for f in found] == [
+        "the policy needs 204 entries in map classes_v4", "the policy needs 122 rule ids (counters)",
+        f"its maps need about {found[2].split('about ')[1].split(' ')[0]} MiB"]
+    assert found[2].endswith("and the test's cgroup leaves 1 MiB")
+
+
+def test_maps_taken_over_from_the_running_program_cost_no_new_memory() -> None:
+    """A move to new maps shares the connection and fragment tables (program.SHARED_STATE)."""
+    sizes = capacity.default_sizes()
+    whole = capacity.map_bytes(sizes, {"classes_v4": 10}, cpus=2)
+    shared = capacity.map_bytes(sizes, {"classes_v4": 10}, cpus=2, shared=("conntrack", "fragments"))
+    connections = sizes["ISOEBPF_MAX_CONNECTIONS"] * (ctypes.sizeof(abi.FlowKey)
+                                                      + ctypes.sizeof(abi.FlowState) + 64)
+    fragments = sizes["ISOEBPF_MAX_FRAGMENTS"] * (ctypes.sizeof(abi.FragmentKey)
+                                                  + ctypes.sizeof(abi.FragmentVerdict) + 64)
+    assert whole - shared == connections + fragments
+
+
+def cgroup_tree(root: Path, cgroup: str, levels: dict[str, dict[str, str]],
+                meminfo_kib: int = 8 * 2**20) -> tuple[Path, Path]:
+    """A /proc and a /sys/fs/cgroup of our own: `cgroup` is /proc/self/cgroup, `levels`
+    each folder's files under the cgroup mount."""
+    proc, cgroups = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(cgroup)
+    (proc / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {meminfo_kib} kB\n")
+    for folder, files in levels.items():
+        (cgroups / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (cgroups / folder / name).write_text(text)
+    return proc, cgroups
+
+
+MIB = 2**20
+
+
+def test_the_memory_there_is_is_the_least_any_memory_cgroup_up_the_tree_leaves(tmp_path: Path) -> None:
+    """cgroup v2: the process's own group is unlimited, its parent is not; the page cache
+    the kernel would reclaim (inactive_file) counts as room."""
+    proc, cgroups = cgroup_tree(tmp_path, "0::/pods/web/app\n", {
+        "pods/web/app": {"memory.max": "max\n", "memory.current": f"{50 * MIB}\n",
+                         "memory.stat": "anon 1\ninactive_file 0\n"},
+        "pods/web": {"memory.max": f"{300 * MIB}\n", "memory.current": f"{280 * MIB}\n",
+                     "memory.stat": f"anon 1\ninactive_file {30 * MIB}\n"},
+        "pods": {"memory.max": f"{4096 * MIB}\n", "memory.current": f"{1000 * MIB}\n",
+                 "memory.stat": "inactive_file 0\n"},
+    })
+    assert capacity.available_memory(proc, cgroups) == (50 * MIB, "the memory cgroup /pods/web (memory.max)")
+
+
+def test_cgroup_v1_limits_count_and_no_limit_leaves_the_machines_memory(tmp_path: Path) -> None:
+    """cgroup v1 (memory.limit_in_bytes, as on this test machine), beside a v2 mount
+    without the memory controller; a limit of "no limit" leaves MemAvailable."""
+    v1 = {"memory/ci/job": {"memory.limit_in_bytes": f"{512 * MIB}\n",
+                            "memory.usage_in_bytes": f"{500 * MIB}\n",
+                            "memory.stat": f"cache 1\ntotal_inactive_file {4 * MIB}\n"},
+          "memory/ci": {"memory.limit_in_bytes": "9223372036854771712\n",
+                        "memory.usage_in_bytes": f"{900 * MIB}\n", "memory.stat": ""}}
+    proc, cgroups = cgroup_tree(tmp_path / "limited", "4:memory:/ci/job\n0::/\n", v1)
+    assert capacity.available_memory(proc, cgroups) == (16 * MIB, "the memory cgroup /ci/job "
+                                                                  "(memory.limit_in_bytes)")
+    proc, cgroups = cgroup_tree(tmp_path / "free", "4:memory:/ci\n0::/\n", v1, meminfo_kib=7 * 1024)
+    assert capacity.available_memory(proc, cgroups) == (7 * MIB, "this machine's MemAvailable")
