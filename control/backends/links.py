@@ -26,6 +26,7 @@ from .state import NETNS_DIR
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4  # since 5.7: replace only the program IFLA_XDP_EXPECTED_FD names
 XDP_MODE_FLAGS = {"xdp": XDP_FLAGS_DRV_MODE, "xdpgeneric": XDP_FLAGS_SKB_MODE}
 
 CLSACT_INGRESS = "ffff:fff2"
@@ -114,6 +115,20 @@ def attach_xdp(sock: Any, link: Link, prog_fd: int, mode: str, replace: bool) ->
             raise BackendError(f"{link.name} already has an XDP program that is not isoebpf's; "
                                "remove it or load with --force") from err
         raise BackendError(f"cannot attach XDP ({mode}) to {link.name}: {err}") from err
+
+
+def swap_xdp(sock: Any, link: Link, prog_fd: int, expected_fd: int, mode: str) -> None:
+    """Replace the program `expected_fd` on `link` by `prog_fd` in one step, only if it is
+    still there (XDP_FLAGS_REPLACE): a program another tool put there meanwhile stays."""
+    flags = XDP_MODE_FLAGS[mode] | XDP_FLAGS_REPLACE
+    try:
+        sock.link("set", index=link.index,
+                  xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_EXPECTED_FD", expected_fd),
+                                 ("IFLA_XDP_FLAGS", flags)]})
+    except NetlinkError as err:
+        if err.code == errno.EEXIST:
+            raise BackendError(f"{link.name}'s XDP program changed under us: not replaced") from err
+        raise BackendError(f"cannot replace XDP ({mode}) on {link.name}: {err}") from err
 
 
 def detach_xdp(sock: Any, link: Link, mode: str) -> None:

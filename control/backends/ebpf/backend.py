@@ -10,6 +10,9 @@ Lifecycle (everything under the scope's lock):
   entries for the next update; no recompile. Connections the new policy
   forbids are cut by the datapath itself (each conntrack entry remembers the
   generation that allowed it);
+- an update whose policy does not fit beside the one in force: a program
+  compiled with maps sized for it, sharing the connection state, takes the
+  running one's place on every attachment, each in one step (_grow);
 - unload: detach every attachment recorded or found by name, remove the pins
   and the record. Safe to repeat.
 
@@ -18,7 +21,9 @@ record, says which generation is live, so an update never writes into the
 live slot; the other slot's file (program.SlotFiles) is removed before writing
 into it, so a slot a killed update left half-written is rewritten whole. A
 first load leaves no record until it is complete: the next command finds its
-pins or attachments by name and removes them.
+pins or attachments by name and removes them. A growth's new pins take the old
+ones' place in one rename; the next load completes or undoes one killed
+before or around it (_finish_growth).
 
 Its neighbours: `program` (the maps), `bpfsys` (bpf(2)), `perf` (events), `capacity`;
 the shared floor's `state`, `links`, `interface`, `counts` below, and
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import logging
 import marshal
 import os
@@ -165,8 +171,9 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
     with scope.locked():
         record = scope.read()
         started = time.monotonic()
+        if record is not None and _ours_in_this_layout(record):
+            _finish_growth(scope)
         if record is not None and _reusable(record, scope):
-            _undo_growth(scope, record)
             return _update(ir, scope, record, globs, mode, said, force, started, change)
         # A first load compiles maps sized for the policy: refuse one this machine cannot
         # hold before compiling, pinning or tearing anything down.
@@ -227,9 +234,7 @@ def _first_load(ir: IR, scope: Scope, record: dict[str, Any] | None, globs: Sequ
         # always, because a killed first load may have attached before writing its record.
         _teardown(scope, record)
         scope.make_pin_dir()
-        pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
-                *((fd, name) for name, fd in compiled.map_fds.items())]
-        for fd, name in pins:
+        for fd, name in _pins_of(compiled):
             bpfsys.obj_pin(fd, str(scope.pin_dir / name))
             make_private(scope.pin_dir / name)
         _progress.info("writing %d classes and %d allow entries", len(ir.classes), len(ir.allowed))
@@ -319,111 +324,183 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
 def _grow(ir: IR, scope: Scope, record: dict[str, Any], old_maps: dict[str, int],
           old_progs: dict[str, int], globs: Sequence[str], mode: str, said: dict[str, str],
           force: bool, started: float) -> LoadReport:
-    """Move a policy that outgrows the maps in force to a program compiled with larger
-    ones, make before break. The new program shares the running one's connection
-    state (program.SHARED_STATE, by its pins) and holds the new policy as the next
-    generation before it sees a packet; each interface then switches programs in one
-    netlink message (a TC filter replaced, an XDP program swapped), so each packet
-    meets the old program and policy or the new ones, never a mix, and no tracked
-    connection is forgotten. Only then do the new pins replace the old ones. A
-    failure before that puts the old program back wherever it was switched."""
+    """Move a policy that does not fit beside the one in force to a program compiled
+    with maps sized for it, make before break. The new program shares the running
+    one's connection state (program.SHARED_STATE, by its pins) and holds the new
+    policy as the next generation before it sees a packet. Interfaces new to this
+    load are attached with the running program first (they enforce the policy in
+    force meanwhile, as in _update); then each attachment switches programs in one
+    netlink message (a TC filter replaced in place, an XDP program swapped for the
+    one expected there), so each packet meets the old program and policy or the new
+    ones, never a mix, and no tracked connection is forgotten. Only then do the new
+    pins take the old ones' place, in one rename (_commit). A failure before that
+    puts the old program back wherever it was switched; a command killed there is
+    undone by the next load (_finish_growth)."""
     needed = capacity.needed_entries(ir)
     sizes = capacity.sizes_for(needed)
-    # The shared tables stay as they are.
+    # The shared tables stay as they are, and cost nothing new.
     sizes.update({abi.MAP_SIZE_MACROS[name]: bpfsys.map_info(old_maps[name]).max_entries
                   for name in program.SHARED_STATE})
-    capacity.refuse(needed, sizes)
-    live = program.active_generation(old_maps)
-    new = live + 1
-    # The new maps count from 0: what each rule counted so far goes into the record.
-    old_rules = record["rules"]
-    names = {int(rule_id): str(name) for rule_id, name, _ in old_rules}
-    counted = {names[i]: count for i, count in program.read_counters(old_maps, names).items()
-               if count != (0, 0)}
-    carried = counts.carry(counts.totals(counted, record.get("carried", {})),
-                           [(str(n), str(t)) for _, n, t in old_rules],
-                           [(r.name, r.text) for r in ir.rules])
-    _progress.info("compiling the program with bcc, for larger maps")
+    capacity.refuse(needed, sizes, shared=program.SHARED_STATE)
+    new = program.active_generation(old_maps) + 1
+    _progress.info("compiling the program with bcc, for new maps")
     compiled = program.compile_program(sizes, shared_state=scope.pin_dir)
-    staged = scope.pin_dir / "next"
+    staged = _staged_dir(scope)
     known = [Attachment(**a) for a in record.get("attachments", [])]
+    attached: _Attached | None = None
     switched: list[Attachment] = []
     try:
         private_dir(staged)
-        pins = [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
-                *((fd, name) for name, fd in compiled.map_fds.items()
-                  if name not in program.SHARED_STATE)]
-        for fd, name in pins:
+        for fd, name in _pins_of(compiled):
             bpfsys.obj_pin(fd, str(staged / name))
             make_private(staged / name)
         _progress.info("writing %d classes and %d allow entries", len(ir.classes), len(ir.allowed))
-        program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True), new, sweep=False)
-        our_xdp = bpfsys.prog_info(compiled.prog_fds["xdp"]).id
+        _, no_room = program.first_generation(compiled.map_fds, ir, _slot_files(scope, make=True),
+                                              new, sweep=False)
+        attached = _attach_all(scope, old_progs, globs, mode, force, known)
         with links.netlink(scope.netns) as sock:
-            present = {link.index: link for link in links.links(sock)}
-            for a in known:
-                link = present.get(a.ifindex)
-                if link is None:
-                    continue
-                if a.mode == "tc":
-                    links.attach_tc(sock, link, compiled.prog_fds["tc"])
-                else:
-                    links.attach_xdp(sock, link, compiled.prog_fds["xdp"], a.mode, replace=True)
-                switched.append(dataclasses.replace(a, prog_id=our_xdp if a.mode != "tc" else 0))
-        attached = _attach_all(scope, compiled.prog_fds, globs, mode, force, switched)
+            for a in attached.now:
+                _switch_program(sock, a, compiled.prog_fds, old_progs)
+                switched.append(a)
+        # The old program runs nowhere now: what it counted is final, and the record
+        # carries it (the new maps count from 0).
+        old_rules = record["rules"]
+        names = {int(rule_id): str(name) for rule_id, name, _ in old_rules}
+        counted = {names[i]: count for i, count in program.read_counters(old_maps, names).items()
+                   if count != (0, 0)}
+        carried = counts.carry(counts.totals(counted, record.get("carried", {})),
+                               [(str(n), str(t)) for _, n, t in old_rules],
+                               [(r.name, r.text) for r in ir.rules])
+        _commit(scope)
     except BaseException:
-        _switch_back(scope, switched, old_progs)
-        _unpin_staged(staged)
+        if switched:
+            with links.netlink(scope.netns) as sock:
+                for a in switched:
+                    _switch_program(sock, a, old_progs, compiled.prog_fds)
+        if attached is not None:
+            _detach_all(scope, attached.added)
+        _remove_pins(staged)
         compiled.close()
         raise
-    for pin in staged.iterdir():
-        os.replace(pin, scope.pin_dir / pin.name)
-    staged.rmdir()
+    _remove_pins(staged)  # the old program's pins, since _commit
+    _remove_pins(_retired_dir(scope))
     program.activate(compiled.map_fds, ir, new)  # the sweep: cut what the new policy forbids
-    _save(scope, ir, new, attached.now, said, compiled.compile_seconds, carried)
+    our_xdp = bpfsys.prog_info(compiled.prog_fds["xdp"]).id
+    now = [dataclasses.replace(a, prog_id=our_xdp if a.mode != "tc" else 0) for a in attached.now]
+    _save(scope, ir, new, now, said, compiled.compile_seconds, carried)
     compiled.close()
     detached = _retire(scope, attached.retired)
     return LoadReport(new, True, compiled.compile_seconds, time.monotonic() - started,
-                      tuple(attached.now), None, detached,
+                      tuple(now), None, detached, _next_update_warnings(no_room),
                       grown=", ".join(f"{m}={v}" for m, v in sorted(sizes.items())))
 
 
-def _undo_growth(scope: Scope, record: dict[str, Any]) -> None:
-    """A growth killed before its new pins replaced the old: the record's program goes
-    back on every interface (some may run the new one), and the new one's pins go."""
-    staged = scope.pin_dir / "next"
+def _pins_of(compiled: program.CompiledProgram) -> list[tuple[int, str]]:
+    """(fd, pin name) of every program and map of `compiled`."""
+    return [*((compiled.prog_fds[kind], pin) for kind, pin in PROG_PINS.items()),
+            *((fd, name) for name, fd in compiled.map_fds.items())]
+
+
+def _switch_program(sock: Any, attachment: Attachment, to: dict[str, int],
+                    running: dict[str, int]) -> None:
+    """Put program `to` where program `running` enforces `attachment`, in one step."""
+    link = links.Link(attachment.ifname, attachment.ifindex, "")
+    if attachment.mode == "tc":
+        links.attach_tc(sock, link, to["tc"])  # the same priority and handle: replaced in place
+    else:
+        links.swap_xdp(sock, link, to["xdp"], running["xdp"], attachment.mode)
+
+
+def _staged_dir(scope: Scope) -> Path:
+    """Where a growth pins its new program until it commits (beside the scope's pins, under
+    a name no scope's pin directory has: those are `root` and `netns-*`; bpffs takes no dot)."""
+    return scope.pin_dir.with_name(f"staged-{scope.pin_dir.name}")
+
+
+def _retired_dir(scope: Scope) -> Path:
+    """Where the old pins go where bpffs cannot exchange two directories (see _commit)."""
+    return scope.pin_dir.with_name(f"retired-{scope.pin_dir.name}")
+
+
+RENAME_EXCHANGE = 2  # renameat2(2)
+_AT_FDCWD = -100
+
+
+def _commit(scope: Scope) -> None:
+    """The staged pins take the scope's pin directory in one step: renameat2 exchanges
+    the two directories, and the old pins are left under the staged name. Where bpffs
+    cannot exchange, two renames, through _retired_dir (_finish_growth completes them)."""
+    staged = _staged_dir(scope)
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None and renameat2(_AT_FDCWD, bytes(staged), _AT_FDCWD,
+                                           bytes(scope.pin_dir), RENAME_EXCHANGE) == 0:
+        return
+    error = ctypes.get_errno() if renameat2 is not None else errno.ENOSYS
+    if error not in (errno.EINVAL, errno.ENOSYS):
+        raise BackendError(f"cannot put {staged} in place of {scope.pin_dir}: {os.strerror(error)}")
+    os.rename(scope.pin_dir, _retired_dir(scope))
+    os.rename(staged, scope.pin_dir)
+
+
+def _finish_growth(scope: Scope) -> None:
+    """Complete or undo a growth killed midway. Killed before _commit: the old program
+    goes back wherever the new one runs, and the new one's pins go. After it: only the
+    old program's pins are left to remove (the record is the old policy's; the update
+    that follows writes its own policy whole, as after any killed update)."""
+    staged, retired = _staged_dir(scope), _retired_dir(scope)
+    if retired.exists():  # _commit's two renames: the first was done
+        if not scope.pin_dir.exists():
+            os.rename(staged, scope.pin_dir)
+        _remove_pins(retired)
+        return
     if not staged.exists():
         return
-    progs = {kind: bpfsys.obj_get(str(scope.pin_dir / pin)) for kind, pin in PROG_PINS.items()}
-    try:
-        with links.netlink(scope.netns) as sock:
-            present = {link.index for link in links.links(sock)}
-        _switch_back(scope, [Attachment(**a) for a in record.get("attachments", [])
-                             if a["ifindex"] in present], progs)
-    finally:
-        for fd in progs.values():
-            os.close(fd)
-    _unpin_staged(staged)
-
-
-def _switch_back(scope: Scope, switched: Sequence[Attachment], old_progs: dict[str, int]) -> None:
-    """Put the running program back on the interfaces a failed growth switched."""
-    if not switched:
+    if 0 < _generation(staged) < _generation(scope.pin_dir):
+        _remove_pins(staged)  # exchanged: the old program's pins
         return
-    with links.netlink(scope.netns) as sock:
-        for a in switched:
-            link = links.Link(a.ifname, a.ifindex, "")
-            if a.mode == "tc":
-                links.attach_tc(sock, link, old_progs["tc"])
-            else:
-                links.attach_xdp(sock, link, old_progs["xdp"], a.mode, replace=True)
+    _switch_back_everywhere(scope, staged)
+    _remove_pins(staged)
 
 
-def _unpin_staged(staged: Path) -> None:
-    if staged.exists():
-        for pin in staged.iterdir():
+def _generation(pins: Path) -> int:
+    """The active generation of the maps pinned under `pins` (0: none yet)."""
+    try:
+        fd = bpfsys.obj_get(str(pins / "config"))
+    except BackendError:
+        return 0
+    try:
+        return program.active_generation({"config": fd})
+    finally:
+        os.close(fd)
+
+
+def _switch_back_everywhere(scope: Scope, staged: Path) -> None:
+    """Every interface of the scope that runs the staged program runs the pinned one again."""
+    fds: dict[str, dict[str, int]] = {"pinned": {}, "staged": {}}
+    try:
+        for kind, pin in PROG_PINS.items():
+            fds["pinned"][kind] = bpfsys.obj_get(str(scope.pin_dir / pin))
+            with contextlib.suppress(BackendError):  # pinned after a kill, or never
+                fds["staged"][kind] = bpfsys.obj_get(str(staged / pin))
+        staged_xdp = bpfsys.prog_info(fds["staged"]["xdp"]).id if "xdp" in fds["staged"] else 0
+        with links.netlink(scope.netns) as sock:
+            for link in links.links(sock):
+                prog_id, xdp_mode = links.xdp_state(sock, link.index)
+                if xdp_mode and prog_id == staged_xdp:
+                    links.swap_xdp(sock, link, fds["pinned"]["xdp"], fds["staged"]["xdp"],
+                                   "xdpgeneric" if xdp_mode == "xdpgeneric" else "xdp")
+                if links.has_our_tc(sock, link.index):
+                    links.attach_tc(sock, link, fds["pinned"]["tc"])
+    finally:
+        for fd in (*fds["pinned"].values(), *fds["staged"].values()):
+            os.close(fd)
+
+
+def _remove_pins(folder: Path) -> None:
+    if folder.exists():
+        for pin in folder.iterdir():
             pin.unlink()
-        staged.rmdir()
+        folder.rmdir()
 
 
 def _retire(scope: Scope, retired: Sequence[tuple[Attachment, str]]) -> tuple[str, ...]:
@@ -637,12 +714,9 @@ def _unpin(scope: Scope) -> None:
         _slot_files(scope).forget(slot)
         _slot_files(scope).forget_pending(slot)
     _numbering_path(scope).unlink(missing_ok=True)
-    if not scope.pin_dir.exists():
-        return
-    _unpin_staged(scope.pin_dir / "next")  # a growth killed before it finished
-    for pin in scope.pin_dir.iterdir():
-        pin.unlink()
-    scope.pin_dir.rmdir()
+    _remove_pins(_staged_dir(scope))  # a growth killed before it finished
+    _remove_pins(_retired_dir(scope))
+    _remove_pins(scope.pin_dir)
 
 
 def _teardown(scope: Scope, record: dict[str, Any] | None) -> list[str]:
