@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from bench import policies
 from isoebpf import pipeline
-from isoebpf.backends.ebpf import bpfsys, program
+from isoebpf.backends.ebpf import bpfsys, capacity, program
 from isoebpf.backends.state import Scope
 from isoebpf.cli import main
-from isoebpf.errors import ProgramRejected
+from isoebpf.errors import BackendError, ProgramRejected
 from isoebpf.lab.testbed import Testbed
 from tests.conftest import PATHS_TAKEN
 from tests.integration.conftest import (
@@ -249,4 +249,32 @@ def test_a_100k_rule_policy_loads_with_no_setting_and_bounds_it_exceeds_are_name
         assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
     finally:
         isoebpf("unload", "--netns", testbed.router)
+    assert_clean(testbed)
+
+
+def test_a_first_load_beyond_the_memory_there_is_is_refused_before_anything_compiles(
+        testbed: Testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with 1 MiB to spare (injected: capacity.Machine.here) and two bounds the
+    policy exceeds: one message names all three, and neither the early compile nor the
+    load's own ran; nothing is left."""
+    path = tmp_path / "p.json"
+    path.write_text(policies.policy_text(300, ".json"))
+    tight = capacity.Machine(cpus=2, available=2**20, available_from="the test's cgroup", memlock=None)
+    compiled: list[object] = []
+
+    def compile_program(*args: object, **kwargs: object) -> None:
+        compiled.append(args)
+        raise BackendError("compiled")
+
+    monkeypatch.setattr(capacity.Machine, "here", classmethod(lambda cls, *a, **k: tight))
+    monkeypatch.setattr(program, "compile_program", compile_program)
+    done = CliRunner().invoke(main, ["load", "--backend", "ebpf", "--netns", testbed.router,
+                                     "--iface", "v-*", str(path)],
+                              env={"ISOEBPF_MAX_CLASSES": "64", "ISOEBPF_MAX_RULES": "128"})
+    assert done.exit_code == 1 and not compiled, done.output
+    said = done.output.split("nothing was compiled, nothing was changed:\n", 1)[1].splitlines()
+    assert "ISOEBPF_MAX_CLASSES=64 in the environment allows 64" in said[0]
+    assert "ISOEBPF_MAX_RULES=128 in the environment allows 128" in said[1]
+    assert said[2].endswith("MiB, and the test's cgroup leaves 1 MiB")
+    assert Scope(testbed.router).read() is None
     assert_clean(testbed)

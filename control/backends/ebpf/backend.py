@@ -153,11 +153,17 @@ def compile_early(scope: Scope, record: dict[str, Any] | None,
                   policy_bytes: int | None = None) -> EarlyCompile | None:
     """Start compiling now when the scope's next load is a first load (no reusable
     program pinned beside its `record`), its maps sized for a policy file of
-    `policy_bytes` (None: the defaults); None when it is an update, which never compiles."""
+    `policy_bytes` (None: the defaults); None when it is an update (which compiles
+    only to move to new maps, once it knows their sizes), or when a policy that
+    large would be refused: a refused policy compiles nothing, and one that fits
+    after all compiles once it is read."""
     if record is not None and _reusable(record, scope):
         return None
     needs = capacity.estimated_needs(policy_bytes) if policy_bytes else {}
-    return EarlyCompile(capacity.sizes_for(needs))
+    sizes = capacity.sizes_for(needs)
+    if capacity.refusals(needs, sizes):
+        return None
+    return EarlyCompile(sizes)
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
