@@ -15,7 +15,7 @@ from isoebpf import pipeline
 from isoebpf.backends import counts
 from isoebpf.backends.ebpf import abi, bpfsys, capacity, entries, program
 from isoebpf.backends.ebpf.backend import EarlyCompile
-from isoebpf.errors import BackendError
+from isoebpf.errors import BackendError, CapacityError
 from isoebpf.ir import evaluate
 from isoebpf.ir.compiler import Compiler
 from isoebpf.ir.evaluate import TCP_SYN
@@ -239,16 +239,17 @@ def test_counts_survive_an_update_by_rule_identity(datapath: Datapath) -> None:
 
 
 def test_map_limits_say_what_to_raise() -> None:
+    """What _update catches to move to new maps: CapacityError, before anything is written."""
     small = program.compile_program({"ISOEBPF_MAX_HAIRPINS": 2, "ISOEBPF_MAX_RULES": 20})
     try:
         assert program.max_rules(small.map_fds) == 20
         three = pipeline.loads(THREE_OVERLAYS).ir
-        with pytest.raises(BackendError, match=r"needs 21 rule counters, and the program holds 20 "
-                                               r"\(ISOEBPF_MAX_RULES in"):
+        with pytest.raises(CapacityError, match=r"needs 21 rule counters, and the program holds 20 "
+                                                r"\(ISOEBPF_MAX_RULES in"):
             program.write_generation(small.map_fds, three, 1)
         without_rules = pipeline.loads(THREE_OVERLAYS.split("allow:")[0]).ir
-        with pytest.raises(BackendError, match=r"needs 3 entries in map hairpins, and the program "
-                                               r"holds 2 \(ISOEBPF_MAX_HAIRPINS in"):
+        with pytest.raises(CapacityError, match=r"needs 3 entries in map hairpins, and the program "
+                                                r"holds 2 \(ISOEBPF_MAX_HAIRPINS in"):
             program.write_generation(small.map_fds, without_rules, 1)
         # Refused before a single entry was written.
         assert all(fill["entries"] == 0 for fill in program.map_fill(small.map_fds).values())
