@@ -379,13 +379,11 @@ def _grow(ir: IR, scope: Scope, record: dict[str, Any], old_maps: dict[str, int]
                                [(r.name, r.text) for r in ir.rules])
         _commit(scope)
     except BaseException:
-        if switched:
-            with links.netlink(scope.netns) as sock:
-                for a in switched:
-                    _switch_program(sock, a, old_progs, compiled.prog_fds)
+        switched_back = _switch_back(scope, switched, old_progs, compiled.prog_fds)
         if attached is not None:
             _detach_all(scope, attached.added)
-        _remove_pins(staged)
+        if switched_back:  # else the staged pins stay, for the next load to finish it
+            _remove_pins(staged)
         compiled.close()
         raise
     _remove_pins(staged)  # the old program's pins, since _commit
@@ -415,6 +413,20 @@ def _switch_program(sock: Any, attachment: Attachment, to: dict[str, int],
         links.attach_tc(sock, link, to["tc"])  # the same priority and handle: replaced in place
     else:
         links.swap_xdp(sock, link, to["xdp"], running["xdp"], attachment.mode)
+
+
+def _switch_back(scope: Scope, switched: Sequence[Attachment], old: dict[str, int],
+                 new: dict[str, int]) -> bool:
+    """Put the old program back where a failed growth switched; False if that failed
+    somewhere (the interface still there): _finish_growth then does it at the next load."""
+    done = True
+    with links.netlink(scope.netns) as sock:
+        for a in switched:
+            try:
+                _switch_program(sock, a, old, new)
+            except (BackendError, NetlinkError):
+                done = done and a.ifindex not in {link.index for link in links.links(sock)}
+    return done
 
 
 def _staged_dir(scope: Scope) -> Path:
