@@ -142,10 +142,11 @@ def _cli(rules: int, suffix: str) -> dict[str, float]:
             try:
                 timed = {"cli_load_s": load(first), "cli_change_s": load(change)}
                 timed["agent_change_s"] = _agent_change(netns, change, first.read_bytes())
-            finally:
+                topology.run(PYTHON, "-m", "isoebpf.cli", "unload", "--netns", netns)
+                timed["refuse_s"] = _refusal(netns, first)
+                return timed
+            finally:  # also the refusal's failure record
                 topology.run(PYTHON, "-m", "isoebpf.cli", "unload", "--netns", netns, check=False)
-            timed["refuse_s"] = _refusal(netns, first)
-            return timed
     finally:
         topology.run("ip", "netns", "del", netns, check=False)
 
