@@ -209,7 +209,9 @@ class Agent:
             listening.wait(timeout=10)
         self.check_policy()
         next_repair = next_canary = time.monotonic() + self.repair_interval
-        while not stop.wait(self.poll_interval):
+        # A sleep and a look, not stop.wait(): the signal handler that sets `stop` runs on
+        # this thread, and would wait forever for the event's lock were it held here.
+        while not _slept_until(stop, self.poll_interval):
             self.check_policy()
             sang = []
             if time.monotonic() >= next_canary:
@@ -235,3 +237,9 @@ class Agent:
                 self.on_new_link(ifname, time.monotonic())
             except IsoebpfError as err:
                 self.log("attach_failed", ifname=ifname, error=str(err))
+
+
+def _slept_until(stop: threading.Event, seconds: float) -> bool:
+    """Sleep `seconds`; whether `stop` is set (looked at, never waited on)."""
+    time.sleep(seconds)
+    return stop.is_set()
