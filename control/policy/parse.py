@@ -4,7 +4,8 @@ The file is read into plain values straight from the parser's events (libyaml's
 when present), without building YAML's node tree: `check` checks them, and the
 same checks read JSON files (`jsonfile`). What is YAML's alone is said here or
 kept for `check` to say: a file that is not YAML, aliases that expand beyond
-MAX_NODES, repeated keys, merge keys (`<<`) and keys that are not strings.
+MAX_NODES, nesting beyond MAX_DEPTH, repeated keys, merge keys (`<<`) and keys
+that are not strings.
 Positions are kept only for the places the model keeps (the collections down
 to the rules, and the keys of the top two levels); a message about anything
 else composes the file again to say where it is.
@@ -56,31 +57,17 @@ def loads(text: str, path: str = "<policy>") -> Policy:
         raise refuse(path, at, f"not valid YAML: {err.problem or err.context}") from err
     except yaml.YAMLError as err:
         raise refuse(path, Location(1, 1), f"not valid YAML: {err}") from err
-    except _Empty as err:
-        raise refuse(path, Location(1, 1), "the policy file is empty") from err
-    except _TooLarge as err:
-        raise refuse(path, err.where, f"the policy expands to more than {MAX_NODES} YAML nodes") from err
-    except _TooDeep as err:
-        raise refuse(path, err.where, f"the policy nests collections more than {MAX_DEPTH} deep") from err
+    except _Refused as err:
+        raise refuse(path, err.where, err.message) from err
     return check(document, places, path)
 
 
-class _Empty(Exception):
-    """The stream holds no document."""
+class _Refused(Exception):
+    """A YAML document refused as a whole: empty, or too large or deep to check."""
 
-
-class _TooLarge(Exception):
-    """The document, its aliases expanded, has more than MAX_NODES nodes."""
-
-    def __init__(self, where: Location) -> None:
+    def __init__(self, where: Location, message: str) -> None:
         self.where = where
-
-
-class _TooDeep(Exception):
-    """A collection lies more than MAX_DEPTH deep."""
-
-    def __init__(self, where: Location) -> None:
-        self.where = where
+        self.message = message
 
 
 class _ComposerProblem(Exception):
@@ -135,22 +122,8 @@ def _read(text: str) -> tuple[Any, _YamlPlaces]:
         except _ComposerProblem:
             yaml.compose(text, Loader=yaml.SafeLoader)  # raises what PyYAML says of it
             raise yaml.YAMLError("the document could not be composed") from None
-        except _TooLarge:
-            _compose(text)  # a file that is not YAML is said to be so first
-            raise
         return document, _YamlPlaces(text, loader, document, reader)
     raise AssertionError("no YAML loader")
-
-
-def _compose(text: str) -> yaml.Node | None:
-    """The YAML tree, by libyaml when present; a document libyaml refuses is composed
-    again in Python, whose messages we show."""
-    if _FastLoader is not None:
-        try:
-            return yaml.compose(text, Loader=_FastLoader)
-        except yaml.YAMLError:
-            pass
-    return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
 class _Sequence:
@@ -210,6 +183,7 @@ class _Reader:
         stack: list[_Sequence | _Mapping] = []  # the collections being read
         nodes = documents = 0
         root = None
+        too_deep: Location | None = None  # where the first collection MAX_DEPTH deep starts
         while True:
             event = next_event()
             kind = type(event)
@@ -237,10 +211,8 @@ class _Reader:
             elif kind is MappingStartEvent or kind is SequenceStartEvent:
                 nodes += 1
                 depth = len(stack)
-                if depth >= MAX_DEPTH:
-                    while type(next_event()) is not StreamEndEvent:
-                        pass  # a file that is not YAML is said to be so first
-                    raise _TooDeep(_location(event.start_mark))
+                if depth == MAX_DEPTH and too_deep is None:
+                    too_deep = _location(event.start_mark)
                 frame = (_Mapping(event.anchor, nodes, depth <= _KEYED_DEPTH) if kind is MappingStartEvent
                          else _Sequence(event.anchor, nodes))
                 if depth <= _MARKED_DEPTH:
@@ -265,14 +237,17 @@ class _Reader:
                 if documents > 1:
                     raise _ComposerProblem
                 continue
-            elif kind is StreamEndEvent:
+            elif kind is StreamEndEvent:  # said once the whole file is known to be YAML:
                 if not documents:
-                    raise _Empty
+                    raise _Refused(Location(1, 1), "the policy file is empty")
+                if too_deep is not None:
+                    raise _Refused(too_deep, f"the policy nests collections more than {MAX_DEPTH} deep")
+                if nodes > MAX_NODES:
+                    raise _Refused(_location(self.marks[id(root)]),
+                                   f"the policy expands to more than {MAX_NODES} YAML nodes")
                 return root
             else:
                 continue
-            if nodes > MAX_NODES:
-                raise _TooLarge(_location(self.marks[id(stack[0].value)] if stack else event.start_mark))
             if not stack:
                 root = value
                 continue
