@@ -35,6 +35,7 @@ DEFAULT_TIMEOUTS = {"tcp": 21600, "tcp_closing": 10, "udp": 60, "icmp": 30}
 TOP_KEYS = ("version", "default", "deny_action", "overlays", "exceptions", "allow", "interfaces",
             "timeouts")
 MERGE_TAG = "tag:yaml.org,2002:merge"
+INT_TAG = "tag:yaml.org,2002:int"
 
 # A value's place in the document: the keys and list indexes that lead to it.
 Path = tuple[str | int, ...]
@@ -404,7 +405,8 @@ class _Checker:
         specs: list[PortSpec] = []
         ok = True
         for i, item in enumerate(items):
-            if type(item) is int:
+            # A number, or YAML's `!!int x`, a number by its tag.
+            if type(item) is int or (isinstance(item, OtherScalar) and item.tag == INT_TAG):
                 written = self.locator.written((*path, i))
                 self.error((*path, i), f"port {written} needs a protocol: write 'tcp/{written}' or 'udp/{written}'")
                 ok = False

@@ -44,6 +44,8 @@ _CONSTRUCTED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.or
 # rules 2), and of the keys of mappings this deep (the overlays' names are 1).
 _MARKED_DEPTH = 2
 _KEYED_DEPTH = 1
+# Collections composed alone to locate a message, at most: beyond, the whole file once.
+_PIECES = 100
 
 
 def loads(text: str, path: str = "<policy>") -> Policy:
@@ -160,6 +162,8 @@ class _Reader:
         self._loader = loader
         # Each collection's start mark (to depth _MARKED_DEPTH), by id().
         self.marks: dict[int, Any] = {}
+        # Where each of those collections ends, by id().
+        self.ends: dict[int, Any] = {}
         # Each key's mark, by the id() of its mapping (to depth _KEYED_DEPTH).
         self.key_marks: dict[int, dict[str, Any]] = {}
         # Values of repeated keys, which no mapping holds: kept alive, so that no
@@ -224,6 +228,8 @@ class _Reader:
             elif kind is MappingEndEvent or kind is SequenceEndEvent:
                 frame = stack.pop()
                 value = self._made(frame) if isinstance(frame, _Mapping) else frame.value
+                if len(stack) <= _MARKED_DEPTH:
+                    self.ends[id(value)] = event.end_mark
                 if frame.anchor is not None:
                     anchors[frame.anchor] = value
                     sizes[frame.anchor] = nodes - frame.nodes_before + 1
@@ -302,40 +308,50 @@ def _construct(tag: str, text: str) -> Any:
 _NO_KEY = object()  # a mapping frame waits for a key
 
 
-def _location(mark: Any) -> Location:
-    return Location(mark.line + 1, mark.column + 1)
+def _location(mark: Any, line: int = 0) -> Location:
+    """A mark's place, in a text that starts on `line` of the file."""
+    return Location(line + mark.line + 1, mark.column + 1)
 
 
 class _YamlPlaces:
-    """Where the values of a YAML document are: from the marks the reader kept, or
-    else from the file composed again (only for messages, which are few)."""
+    """Where the values of a YAML document are: from the marks the reader kept, or else
+    composed again (only for messages, which are few): the text of the smallest kept
+    collection that holds the value (a rule, say), or the whole file."""
 
     def __init__(self, text: str, loader: type, document: Any, reader: _Reader) -> None:
         self._text = text
         self._loader = loader
         self._document = document
         self._marks = reader.marks
+        self._ends = reader.ends
         self._key_marks = reader.key_marks
-        self._root: Any = None  # the composed tree, once a message needs it
+        # Composed texts by the id() of their collection: (root node, the line it starts on),
+        # or None where the collection's text does not compose alone.
+        self._trees: dict[int, tuple[Any, int] | None] = {}
         # A mapping node's first member of each string key, by id(), once asked.
         self._members: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = {}
 
     def value(self, path: Path) -> Location:
         mark = self._marks.get(id(self._follow(path)))
-        return _location(mark if mark is not None else self._node(path).start_mark)
+        if mark is not None:
+            return _location(mark)
+        node, line = self._node(path)
+        return _location(node.start_mark, line)
 
     def key(self, path: Path) -> Location:
         *mapping, key = path
         mark = self._key_marks.get(id(self._follow(tuple(mapping))), {}).get(str(key))
-        if mark is None:
-            mark = self._members_of(self._node(tuple(mapping)))[str(key)][0].start_mark
-        return _location(mark)
+        if mark is not None:
+            return _location(mark)
+        node, line = self._node(tuple(mapping))
+        return _location(self._members_of(node)[str(key)][0].start_mark, line)
 
     def member(self, path: Path, index: int) -> Location:
-        return _location(self._node(path).value[index][0].start_mark)
+        node, line = self._node(path)
+        return _location(node.value[index][0].start_mark, line)
 
     def written(self, path: Path) -> str:
-        return str(self._node(path).value)
+        return str(self._node(path)[0].value)
 
     def elements(self, path: Path) -> list[Location]:
         marks = self._marks
@@ -348,13 +364,37 @@ class _YamlPlaces:
             value = value[step]
         return value
 
-    def _node(self, path: Path) -> Any:
-        if self._root is None:
-            self._root = yaml.compose(self._text, Loader=self._loader)
-        node = self._root
-        for step in path:
+    def _node(self, path: Path) -> tuple[Any, int]:
+        """The node at `path`, and the line (from 0) its composed text starts on."""
+        cut = len(path)
+        tree = self._tree(self._follow(path))
+        while tree is None:  # the whole file, at the latest, composes
+            cut -= 1
+            tree = self._tree(self._follow(path[:cut]))
+        node, line = tree
+        for step in path[cut:]:
             node = node.value[step] if isinstance(step, int) else self._members_of(node)[step][1]
-        return node
+        return node, line
+
+    def _tree(self, value: Any) -> tuple[Any, int] | None:
+        key = id(value)
+        if key not in self._trees:
+            self._trees[key] = self._compose(value)
+        return self._trees[key]
+
+    def _compose(self, value: Any) -> tuple[Any, int] | None:
+        start, end = self._marks.get(id(value)), self._ends.get(id(value))
+        if value is self._document:
+            return yaml.compose(self._text, Loader=self._loader), 0
+        # Alone, the collection's text keeps its columns (its first line padded) and
+        # composes to the same nodes. Not: where libyaml counts offsets past a BOM, or
+        # once the whole file composed once costs less than many pieces.
+        if start is None or end is None or self._text.startswith("\ufeff") or len(self._trees) > _PIECES:
+            return None
+        try:
+            return yaml.compose(" " * start.column + self._text[start.index:end.index], Loader=self._loader), start.line
+        except yaml.YAMLError:  # an alias to an anchor outside it, say
+            return None
 
     def _members_of(self, node: yaml.Node) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         members = self._members.get(id(node))
