@@ -62,12 +62,11 @@ class Locator(Protocol):
 
 
 class OtherScalar:
-    """A scalar of a type no policy value has (a YAML date, a merge key `<<`, a custom
-    tag): kept as its tag and text, for messages."""
+    """A YAML scalar of a type no policy value has (a date, a merge key `<<`, a custom
+    tag, `!!int x`): its tag says what it is, in messages."""
 
-    def __init__(self, tag: str, text: str) -> None:
+    def __init__(self, tag: str) -> None:
         self.tag = tag
-        self.text = text
 
 
 class IrregularMapping(dict[str, Any]):
@@ -85,7 +84,6 @@ _KINDS = {
     "tag:yaml.org,2002:float": "a number",
     "tag:yaml.org,2002:bool": "a boolean",
     "tag:yaml.org,2002:null": "empty",
-    "tag:yaml.org,2002:str": "a string",
 }
 
 

@@ -60,6 +60,8 @@ def loads(text: str, path: str = "<policy>") -> Policy:
 
 
 class _NotJSON(Exception):
+    """The file has NaN, Infinity or -Infinity, which Python's json reads and JSON has not."""
+
     def __init__(self, constant: str) -> None:
         self.constant = constant
 

@@ -297,12 +297,12 @@ def _anchor(anchors: dict[str, Any], anchor: str, value: Any) -> None:
 def _construct(tag: str, text: str) -> Any:
     """A scalar's value, as the safe constructor makes it: the policy's types only."""
     if tag not in _CONSTRUCTED:
-        return OtherScalar(tag, text)
+        return OtherScalar(tag)
     constructor = yaml.constructor.SafeConstructor
     try:
         return constructor.yaml_constructors[tag](constructor(), yaml.ScalarNode(tag, text))
     except (ValueError, KeyError):  # `!!int abc`: a number that is none
-        return OtherScalar(tag, text)
+        return OtherScalar(tag)
 
 
 _NO_KEY = object()  # a mapping frame waits for a key
