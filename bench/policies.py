@@ -93,21 +93,14 @@ def changed_policy(rules: int) -> str:
     return text.replace(f"tcp/{BENCH_PORT},", f"tcp/{BENCH_PORT + 1},", 1)
 
 
-FORMATS = (".yaml", ".json")
-
-
-def policy_text(rules: int, suffix: str = ".yaml", changed: bool = False) -> str:
-    """scaled_policy(rules), or changed_policy(rules) when `changed`, written as a file
-    ending in `suffix`: ".yaml" as above, ".json" the same document as JSON."""
-    if suffix == ".yaml":
-        return (changed_policy if changed else scaled_policy)(rules)
-    if suffix != ".json":
-        raise ValueError(f"no policy format {suffix!r}; known: {', '.join(FORMATS)}")
+def scaled_policy_json(rules: int, changed: bool = False) -> str:
+    """scaled_policy(rules) as JSON (or changed_policy(rules), when `changed`): the same
+    document, so the same IR, for the programs' format. The fillers a line each, as in
+    the YAML, ahead of the policy's own rules; the rest indented."""
     count = filler_count(rules)
     # The policy's own rules, from the YAML without fillers (with its change, if no filler takes it).
     document = yaml.safe_load(changed_policy(rules) if changed and not count else scaled_policy(CASE_RULES + 1))
-    # The fillers a line each, as in the YAML, ahead of the policy's own rules; the rest
-    # indented. Written out directly: a million rules are not read back through YAML.
+    # Written out directly: a million rules are not read back through YAML.
     ports = [f.port for f in fillers(count)]
     if changed and ports:
         ports[0] += CHANGED_PORT_OFFSET
@@ -116,3 +109,16 @@ def policy_text(rules: int, suffix: str = ".yaml", changed: bool = False) -> str
     lines += [f"  {json.dumps(rule)}" for rule in document.pop("allow")]
     head = json.dumps(document, indent=1)
     return head[:-2] + ',\n "allow": [\n' + ",\n".join(lines) + "\n ]\n}\n"
+
+
+FORMATS = (".yaml", ".json")
+
+
+def policy_text(rules: int, suffix: str = ".yaml", changed: bool = False) -> str:
+    """scaled_policy(rules), or changed_policy(rules) when `changed`, written as a file
+    ending in `suffix`: ".yaml" as above, ".json" by scaled_policy_json."""
+    if suffix == ".yaml":
+        return (changed_policy if changed else scaled_policy)(rules)
+    if suffix != ".json":
+        raise ValueError(f"no policy format {suffix!r}; known: {', '.join(FORMATS)}")
+    return scaled_policy_json(rules, changed)

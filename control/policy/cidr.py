@@ -35,7 +35,7 @@ def parse_cidr(text: str) -> netaddr.IPNetwork:
         raise ValueError(f"'{text}': prefix length must be a number from 0 to {width}")
     else:
         prefixlen = int(length)
-    network = netaddr.IPNetwork(f"{ip}/{prefixlen}")
+    network = netaddr.IPNetwork(f"{ip}/{prefixlen}", version=ip.version)
     if network.ip != network.network:
         raise ValueError(f"'{text}' has host bits set: did you mean {network.cidr}?")
     if ip.version == 6 and network in _IPV4_MAPPED:
@@ -66,8 +66,11 @@ def _parse_address(text: str, address: str) -> netaddr.IPAddress:
         raise ValueError(f"'{text}': a zone index (%...) has no place in a subnet")
     try:
         # INET_PTON: exactly inet_pton(3)'s grammar, so '10.1' or '010.1.2.3'
-        # (octal to some parsers) are refused instead of guessed at.
-        return netaddr.IPAddress(address, flags=netaddr.INET_PTON)
+        # (octal to some parsers) are refused instead of guessed at. The version
+        # given, as only IPv6 has a ':': netaddr would try IPv4 first, and the
+        # exception it raises holds its frame, so our callers' frames (and the
+        # whole document being checked) in a cycle that a paused collector keeps.
+        return netaddr.IPAddress(address, version=6 if ":" in address else 4, flags=netaddr.INET_PTON)
     except (netaddr.AddrFormatError, ValueError):
         pass
     if address.endswith("."):

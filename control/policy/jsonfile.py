@@ -1,31 +1,31 @@
 """Policy stage: JSON policy files, for the programs that write policies.
 
-The same schema, checks and model as `parse`; chosen by the file's extension
-(`.json`), or else by its content (its first character other than white space
-is `{`). A valid policy with nothing to say is read at the speed of Python's
-`json` module: plain values are checked, and only the places the model keeps
-(each overlay's name, each exception and rule) are found in the text, by
-scanning their arrays in C. Any error or warning sends the text to `parse`'s
-checker instead: JSON is YAML, and that checker locates every message as
-FILE:LINE:COL (tests/unit/test_json_policies.py holds the two to one result).
+The same schema, checks (`check`), model and messages as YAML files; chosen by
+the file's extension (`.json`), or else by its content (its first character
+other than white space is `{`). Python's `json` module reads the file into
+plain values in C, keeping no positions; the text is walked to find where a
+value is only for the places the model keeps (each overlay's name, each
+exception and rule) and for messages, one container at a time, the values in
+between skipped by the same C scanner.
 """
 
 from __future__ import annotations
 
-import itertools
+import bisect
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from ..errors import Diagnostic, PolicyError
-from . import parse
-from .cidr import parse_cidr
-from .model import ANY_PORT, AllowRule, Endpoint, Exception_, Location, Overlay, Policy, PortSpec
+from .check import IrregularMapping, Path, check, refuse
+from .model import Location, Policy
 
-_TOP_KEYS = {"version", "default", "deny_action", "overlays", "exceptions", "allow", "interfaces",
-             "timeouts"}
 _SPACE = re.compile(r"[ \t\n\r]*")
+# What follows a member or element: a ',' and the next one, or the container's end.
+_AFTER = re.compile(r"[ \t\n\r]*([,\]}])[ \t\n\r]*")
+_COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+# Python's json reads these, but they are not JSON; found outside strings to say where.
+_NOT_JSON = re.compile(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)')
 # The C scanner behind json.loads, one value at an offset: (value, offset past it).
 _SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
@@ -41,205 +41,162 @@ def is_json(text: str, path: str) -> bool:
     return text.lstrip()[:1] == "{"
 
 
-class _Something(Exception):
-    """The fast reading met something to say: `parse`'s checker says it, located."""
-
-
-def loads(text: str, path: str) -> Policy:
-    """Validate a JSON policy; raise PolicyError with every error found."""
+def loads(text: str, path: str = "<policy>") -> Policy:
+    """Validate JSON policy text; `path` only names the file in messages. Raise
+    PolicyError with every error found."""
     if not text.strip():
-        return parse.loads(text, path)  # "the policy file is empty", as for YAML
+        raise refuse(path, Location(1, 1), "the policy file is empty")
     try:
-        document = json.loads(text, object_pairs_hook=_refuse_duplicates)
+        document = json.loads(text, object_pairs_hook=_mapping, parse_constant=_refuse_constant)
     except json.JSONDecodeError as err:
-        raise PolicyError([Diagnostic(path, err.lineno, err.colno, "error",
-                                      f"not valid JSON: {err.msg}")]) from err
-    except _Something:
-        return parse.loads(text, path)  # a duplicate key, said where it is
-    try:
-        return _checked(document, text, path)
-    except _Something:
-        return parse.loads(text, path)
+        raise refuse(path, Location(err.lineno, err.colno), f"not valid JSON: {err.msg}") from err
+    except _NotJSON as err:
+        constant = next(m for m in _NOT_JSON.finditer(text) if m.group(1))
+        raise refuse(path, _JsonPlaces(text).location(constant.start()),
+                     f"not valid JSON: {err.constant} is not a JSON value") from err
+    except (ValueError, RecursionError) as err:  # a number of more digits than Python reads, too deep
+        raise refuse(path, Location(1, 1), f"not valid JSON: {err}") from err
+    return check(document, _JsonPlaces(text), path)
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class _NotJSON(Exception):
+    """The file has NaN, Infinity or -Infinity, which Python's json reads and JSON has not."""
+
+    def __init__(self, constant: str) -> None:
+        self.constant = constant
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise _NotJSON(constant)
+
+
+def _mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object, as a dict of its first member of each name (YAML's reading; json's
+    keeps the last); one with a repeated name says which, for `check` to refuse."""
     found = dict(pairs)
-    if len(found) != len(pairs):
-        raise _Something
-    return found
+    if len(found) == len(pairs):
+        return found
+    first: dict[str, Any] = {}
+    repeated = []
+    for index, (key, value) in enumerate(pairs):
+        if key in first:
+            repeated.append((index, key))
+        else:
+            first[key] = value
+    return IrregularMapping(first.items(), repeated)
 
 
-def _ensure(condition: bool) -> None:
-    if not condition:
-        raise _Something
-
-
-def _checked(document: Any, text: str, path: str) -> Policy:
-    """The policy `document` (read from `text`) says, when `parse`'s checker would find
-    nothing to say."""
-    _ensure(isinstance(document, dict) and set(document) <= _TOP_KEYS)
-    places = _Places(text)
-    _ensure(type(document.get("version")) is int and document["version"] in parse.SUPPORTED_VERSIONS)
-    default = document.get("default", "allow")
-    deny_action = document.get("deny_action", "reject")
-    _ensure(default in ("allow", "deny") and deny_action in ("reject", "drop"))
-    overlays = _overlays(document.get("overlays"), places)
-    index = parse._OverlayIndex(overlays)
-    endpoints: dict[str, Endpoint] = {}
-    ports: dict[tuple[str, ...], tuple[PortSpec, ...]] = {}
-    exceptions = [Exception_(i, *_ends(item, ("from", "to"), index, endpoints), where)
-                  for i, (item, where) in enumerate(_entries(document, "exceptions", places))]
-    rules = [AllowRule(i, *_ends(item, ("from", "to", "ports"), index, endpoints), _ports(item, ports), where)
-             for i, (item, where) in enumerate(_entries(document, "allow", places))]
-    return Policy(path, document["version"], default, deny_action, tuple(overlays), tuple(exceptions),
-                  tuple(rules), _interfaces(document.get("interfaces")), _timeouts(document.get("timeouts")))
-
-
-def _overlays(found: Any, places: _Places) -> list[Overlay]:
-    _ensure(isinstance(found, dict) and bool(found))
-    where = places.keys("overlays")
-    overlays = []
-    for name, body in found.items():
-        _ensure(bool(parse.OVERLAY_NAME.match(name)) and not name.startswith(parse.RESERVED_PREFIXES))
-        _ensure(isinstance(body, dict) and "subnets" in body and set(body) <= {"subnets", "isolated"})
-        subnets = body["subnets"]
-        _ensure(isinstance(subnets, list) and bool(subnets) and all(type(s) is str for s in subnets))
-        isolated = body.get("isolated", False)
-        _ensure(type(isolated) is bool)
-        overlays.append(Overlay(name, tuple(_cidr(s) for s in subnets), isolated, where[name]))
-    # Any two subnets that overlap, in one overlay (a warning) or two (an error).
-    ordered = sorted((n for o in overlays for n in o.subnets), key=lambda n: (n.version, n.first, -n.last))
-    for before, after in itertools.pairwise(ordered):
-        _ensure(before.version != after.version or after.first > before.last)
-    return overlays
-
-
-def _cidr(text: str) -> Any:
-    try:
-        return parse_cidr(text)
-    except ValueError as err:
-        raise _Something from err
-
-
-def _entries(document: dict[str, Any], key: str, places: _Places) -> Iterator[tuple[dict[str, Any], Location]]:
-    items = document.get(key, [])
-    _ensure(isinstance(items, list))
-    yield from zip(items, places.elements(key) if items else [], strict=True)
-
-
-def _ends(item: Any, allowed: tuple[str, ...], index: parse._OverlayIndex,
-          endpoints: dict[str, Endpoint]) -> tuple[Endpoint, Endpoint]:
-    _ensure(isinstance(item, dict) and "from" in item and "to" in item and set(item) <= set(allowed))
-    return _endpoint(item["from"], index, endpoints), _endpoint(item["to"], index, endpoints)
-
-
-def _endpoint(text: Any, index: parse._OverlayIndex, endpoints: dict[str, Endpoint]) -> Endpoint:
-    _ensure(type(text) is str)
-    overlay = index.by_name.get(text)
-    if overlay is not None:
-        return Endpoint(text, overlay.name, overlay.subnets)
-    known = endpoints.get(text)
-    if known is None:
-        _ensure(re.search(r"[.:/]", text) is not None)
-        net = _cidr(text)
-        owner = index.owner(net)
-        _ensure(owner is not None)
-        known = endpoints[text] = Endpoint(text, owner, (net,))  # type: ignore[arg-type]
-    return known
-
-
-def _ports(item: dict[str, Any], seen: dict[tuple[str, ...], tuple[PortSpec, ...]]) -> tuple[PortSpec, ...]:
-    """A rule's ports; `seen`: port lists read before (generated policies repeat them)."""
-    if "ports" not in item:
-        return (ANY_PORT,)
-    texts = item["ports"]
-    _ensure(isinstance(texts, list) and bool(texts) and all(type(t) is str for t in texts))
-    listed = tuple(texts)
-    specs = seen.get(listed)
-    if specs is None:
-        specs = seen[listed] = tuple(_port(t) for t in texts)
-        _ensure(len(set(specs)) == len(specs) and (ANY_PORT not in specs or len(specs) == 1))
-    return specs
-
-
-def _port(text: str) -> PortSpec:
-    if text in ("icmp", "any"):
-        return PortSpec(text)
-    match = parse.PORT_SPEC.match(text)
-    _ensure(match is not None)
-    assert match is not None
-    proto, low_text, high_text = match.groups()
-    low = int(low_text)
-    high = int(high_text) if high_text is not None else low
-    _ensure(1 <= low <= high <= 65535)
-    return PortSpec(proto, low, high)
-
-
-def _interfaces(globs: Any) -> tuple[str, ...] | None:
-    if globs is None:
-        return None
-    _ensure(isinstance(globs, list) and all(type(g) is str and parse.IFACE_GLOB.match(g) for g in globs))
-    return tuple(globs)
-
-
-def _timeouts(given: Any) -> dict[str, int]:
-    timeouts = dict(parse.DEFAULT_TIMEOUTS)
-    if given is None:
-        return timeouts
-    _ensure(isinstance(given, dict) and set(given) <= set(timeouts))
-    for key, value in given.items():
-        _ensure(type(value) is int and 1 <= value <= 86400 * 30)
-        timeouts[key] = value
-    return timeouts
-
-
-class _Places:
-    """Where the model's located parts start in the text, as YAML's marks say them:
-    each overlay's name, each exception's and rule's `{`. Found by walking only the
-    top-level object and those containers; each value is skipped by the C scanner."""
+class _JsonPlaces:
+    """Where the values of a JSON text are. A container is walked when a place in it
+    is first asked for (each value in between skipped by the C scanner), and
+    remembered: asking for every rule's place walks the rules' array once. An
+    object is walked only as far as the member asked for, so that finding the
+    rules does not skip over them first."""
 
     def __init__(self, text: str) -> None:
-        self.text = text
-        self._line = (0, 1)  # (an offset, the line it is on): counting goes on from there
-        self._top = {key: value_at for key, _, value_at in self._members(self._skip(0))}
+        self._text = text
+        self._objects: dict[int, _Object] = {}  # by offset
+        self._arrays: dict[int, list[int]] = {}  # an array's elements' offsets, by its offset
+        self._line_starts: list[int] | None = None
 
-    def keys(self, name: str) -> dict[str, Location]:
-        """Where each key of the top-level member `name` (an object) is."""
-        return {key: self._at(key_at) for key, key_at, _ in self._members(self._top[name])}
+    def value(self, path: Path) -> Location:
+        return self.location(self._offset(path))
 
-    def elements(self, name: str) -> list[Location]:
-        """Where each element of the top-level member `name` (an array) starts."""
-        return [self._at(at) for at in self._walk(self._top[name], "]")]
+    def key(self, path: Path) -> Location:
+        *container, key = path
+        return self.location(self._object(self._offset(tuple(container))).member(str(key))[0])
 
-    def _members(self, offset: int) -> list[tuple[str, int, int]]:
-        """(key, its offset, its value's offset) of the object at `offset`."""
-        found = []
-        for key_at in self._walk(offset, "}"):
-            key, after = _SCAN(self.text, key_at)
-            found.append((key, key_at, self._skip(self._skip(after) + 1)))  # past the ':'
+    def member(self, path: Path, index: int) -> Location:
+        return self.location(self._object(self._offset(path)).nth(index)[0])
+
+    def written(self, path: Path) -> str:
+        start = self._offset(path)
+        return self._text[start:_SCAN(self._text, start)[1]]
+
+    def elements(self, path: Path) -> list[Location]:
+        starts = self._starts()
+        found, line = [], 1
+        for offset in self._elements(self._offset(path)):  # in order: each line search starts at the last
+            line = bisect.bisect_right(starts, offset, line)
+            found.append(Location(line, offset - starts[line - 1] + 1))
         return found
 
-    def _walk(self, offset: int, close: str) -> Iterator[int]:
-        """The offsets of the members of the container at `offset` (past each one's value)."""
-        text, scan = self.text, _SCAN
-        offset = self._skip(offset + 1)
-        while text[offset] != close:
-            yield offset
-            if close == "}":  # a key, then its value
-                _, offset = scan(text, offset)
-                offset = self._skip(self._skip(offset) + 1)
-            _, offset = scan(text, offset)
-            offset = self._skip(offset)
-            if text[offset] == ",":
-                offset = self._skip(offset + 1)
+    def location(self, offset: int) -> Location:
+        """Line and column (from 1, in characters) of an offset."""
+        starts = self._starts()
+        line = bisect.bisect_right(starts, offset)
+        return Location(line, offset - starts[line - 1] + 1)
 
-    def _skip(self, offset: int) -> int:
-        return _SPACE.match(self.text, offset).end()  # type: ignore[union-attr]
+    def _starts(self) -> list[int]:
+        """Each line's offset."""
+        if self._line_starts is None:
+            self._line_starts = [0] + [m.end() for m in re.finditer("\n", self._text)]
+        return self._line_starts
 
-    def _at(self, offset: int) -> Location:
-        """Line and column of `offset`, counting lines on from the last one asked
-        (members are asked in order, so the whole text is counted about once)."""
-        start, line = self._line if self._line[0] <= offset else (0, 1)
-        line += self.text.count("\n", start, offset)
-        self._line = (offset, line)
-        return Location(line, offset - (self.text.rfind("\n", 0, offset) + 1) + 1)
+    def _offset(self, path: Path) -> int:
+        offset = _SPACE.match(self._text).end()  # type: ignore[union-attr]
+        for step in path:
+            offset = self._elements(offset)[step] if isinstance(step, int) else self._object(offset).member(step)[1]
+        return offset
+
+    def _object(self, offset: int) -> _Object:
+        found = self._objects.get(offset)
+        if found is None:
+            found = self._objects[offset] = _Object(self._text, offset)
+        return found
+
+    def _elements(self, offset: int) -> list[int]:
+        elements = self._arrays.get(offset)
+        if elements is None:
+            elements = self._arrays[offset] = []
+            text, scan, after_pattern = self._text, _SCAN, _AFTER
+            at = _SPACE.match(text, offset + 1).end()  # type: ignore[union-attr]
+            while text[at] != "]":
+                elements.append(at)
+                after = after_pattern.match(text, scan(text, at)[1])
+                assert after is not None  # the text is JSON: json.loads read it
+                at = after.end() if after.group(1) == "," else after.start(1)
+        return elements
+
+
+class _Object:
+    """The members of the object at an offset of a JSON text, walked as far as asked."""
+
+    def __init__(self, text: str, offset: int) -> None:
+        self._text = text
+        self._members: list[tuple[int, int]] = []  # (key's offset, value's offset)
+        self._first: dict[str, int] = {}  # each key's first member
+        self._at: int | None = offset  # the '{', or the last member's value: what the walk goes on past
+
+    def member(self, key: str) -> tuple[int, int]:
+        """The offsets of the first member named `key`: of its key and of its value."""
+        while key not in self._first and self._walk():
+            pass
+        return self._members[self._first[key]]
+
+    def nth(self, index: int) -> tuple[int, int]:
+        while len(self._members) <= index and self._walk():
+            pass
+        return self._members[index]
+
+    def _walk(self) -> bool:
+        """Read one more member; False at the end. Its value is skipped only when the
+        walk goes on past it."""
+        text, at = self._text, self._at
+        if at is None:
+            return False
+        if self._members:
+            after = _AFTER.match(text, _SCAN(text, at)[1])
+            assert after is not None  # the text is JSON: json.loads read it
+            at = after.end() if after.group(1) == "," else after.start(1)
+        else:
+            at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+        if text[at] == "}":
+            self._at = None
+            return False
+        key, past_key = _SCAN(text, at)
+        value_at = _COLON.match(text, past_key).end()  # type: ignore[union-attr]
+        self._first.setdefault(key, len(self._members))
+        self._members.append((at, value_at))
+        self._at = value_at
+        return True

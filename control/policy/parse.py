@@ -1,74 +1,86 @@
-"""Policy stage: the policy file (version 1), YAML text in, a validated `Policy` model out.
+"""Policy stage: YAML policy files (version 1), text in, a validated `Policy` model out.
 
-Every problem is collected and reported at once, located as FILE:LINE:COL, and
-nothing downstream ever sees an invalid policy. The contract is
-`shared/policy-format.md`; where it is silent, docs/policy.md says what we chose.
-Its neighbours: `model` (what it builds), `cidr` (strict CIDR spelling); the
-next stage, `isoebpf.ir`, compiles what it returns (`isoebpf.pipeline` chains them).
+The file is read into plain values straight from the parser's events (libyaml's
+when present), without building YAML's node tree: `check` checks them, and the
+same checks read JSON files (`jsonfile`). What is YAML's alone is said here or
+kept for `check` to say: a file that is not YAML, aliases that expand beyond
+MAX_NODES, nesting beyond MAX_DEPTH, repeated keys, merge keys (`<<`) and keys
+that are not strings.
+Positions are kept only for the places the model keeps (the collections down
+to the rules, and the keys of the top two levels); a message about anything
+else composes the file again to say where it is.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
-import netaddr
 import yaml
-
-from ..errors import Diagnostic, PolicyError
-from .cidr import parse_cidr
-from .model import (
-    ANY_PORT,
-    AllowRule,
-    Endpoint,
-    Exception_,
-    Location,
-    Overlay,
-    Policy,
-    PortSpec,
+from yaml.events import (
+    AliasEvent,
+    DocumentStartEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
 )
 
-SUPPORTED_VERSIONS = (1,)
-RESERVED_PREFIXES = ("dcos-", "mesos-")
-OVERLAY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,23}\Z")
-# Linux interface names are at most IFNAMSIZ-1 = 15 bytes.
-IFACE_GLOB = re.compile(r"[A-Za-z0-9_.:@*?\[\]!-]{1,15}\Z")
-PORT_SPEC = re.compile(r"(tcp|udp)/(0|[1-9][0-9]*)(?:-(0|[1-9][0-9]*))?\Z")
-# Bounds the work an adversarial file (anchors that expand exponentially) can cause.
-MAX_NODES = 2_000_000
+from .check import IrregularMapping, OtherScalar, Path, check, refuse
+from .model import Location, Policy
 
-DEFAULT_TIMEOUTS = {"tcp": 21600, "tcp_closing": 10, "udp": 60, "icmp": 30}
+# Bound the work an adversarial file can cause: anchors that expand exponentially,
+# and collections nested deeper than any policy's (4) until composing them overflows
+# Python's stack.
+MAX_NODES = 2_000_000
+MAX_DEPTH = 100
+_STR = "tag:yaml.org,2002:str"
+# The scalar types a policy's values have; a scalar of any other tag stays an OtherScalar.
+_CONSTRUCTED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+                "tag:yaml.org,2002:null")
+# Positions kept while reading: of collections this deep (the policy is 0, its
+# rules 2), and of the keys of mappings this deep (the overlays' names are 1).
+_MARKED_DEPTH = 2
+_KEYED_DEPTH = 1
+# Collections composed alone to locate a message, at most: beyond, the whole file once.
+_PIECES = 100
 
 
 def loads(text: str, path: str = "<policy>") -> Policy:
-    """Validate policy text; `path` only names the file in messages. The model keeps
-    the file's own warnings; those that need the compiled form are `isoebpf.ir.lint`'s."""
-    checker = _Checker(path)
-    policy = checker.check(text)
-    errors = [d for d in checker.diagnostics if d.severity == "error"]
-    if errors or policy is None:
-        raise PolicyError(sorted(checker.diagnostics))
-    return replace(policy, warnings=tuple(sorted(checker.diagnostics)))
+    """Validate YAML policy text; `path` only names the file in messages. Raise
+    PolicyError with every error found."""
+    try:
+        document, places = _read(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = Location(mark.line + 1, mark.column + 1) if mark else Location(1, 1)
+        raise refuse(path, at, f"not valid YAML: {err.problem or err.context}") from err
+    except yaml.YAMLError as err:
+        raise refuse(path, Location(1, 1), f"not valid YAML: {err}") from err
+    except _Refused as err:
+        raise refuse(path, err.where, err.message) from err
+    return check(document, places, path)
 
 
-def _compose(text: str) -> yaml.Node | None:
-    """The YAML tree, by libyaml when present (a 100k-rule policy: seconds, not minutes);
-    a document libyaml refuses is composed again in Python, whose messages we show."""
-    if _FastLoader is not None:
-        try:
-            return yaml.compose(text, Loader=_FastLoader)
-        except yaml.YAMLError:
-            pass
-    return yaml.compose(text, Loader=yaml.SafeLoader)
+class _Refused(Exception):
+    """A YAML document refused as a whole: empty, or too large or deep to check."""
+
+    def __init__(self, where: Location, message: str) -> None:
+        self.where = where
+        self.message = message
+
+
+class _ComposerProblem(Exception):
+    """Something YAML's composer refuses (an undefined or repeated anchor, a second
+    document): PyYAML's own composer says it."""
 
 
 def _fast_loader() -> type | None:
-    """libyaml's loader, minus the Python work it repeats for every node (a 100k-rule
-    policy has 800k): path resolvers, which the safe loader never has, and resolving
-    a scalar's tag, which depends only on its text and quoting, so is remembered."""
+    """libyaml's loader, minus the Python work it repeats for every node when composing
+    (which messages need, see _YamlPlaces): path resolvers, which the safe loader never
+    has, and resolving a scalar's tag, which depends only on its text and quoting."""
     base = getattr(yaml, "CSafeLoader", None)
     if base is None:
         return None
@@ -97,421 +109,298 @@ def _fast_loader() -> type | None:
 _FastLoader = _fast_loader()
 
 
-def _where(node: yaml.Node) -> Location:
-    return Location(node.start_mark.line + 1, node.start_mark.column + 1)
-
-
-def _kind(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return {
-        "tag:yaml.org,2002:int": "a number",
-        "tag:yaml.org,2002:float": "a number",
-        "tag:yaml.org,2002:bool": "a boolean",
-        "tag:yaml.org,2002:null": "empty",
-        "tag:yaml.org,2002:str": "a string",
-    }.get(node.tag, node.tag)
-
-
-class _Checker:
-    """Walks the composed YAML tree, keeping each node's position for messages."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.diagnostics: list[Diagnostic] = []
-        self._constructor = yaml.constructor.SafeConstructor()
-        # Every overlay subnet with its owner and node, for the overlap check.
-        self._subnet_nodes: list[tuple[netaddr.IPNetwork, str, yaml.Node]] = []
-        # Valid CIDR endpoints by their text: large policies name the same ones often.
-        self._cidr_endpoints: dict[str, Endpoint] = {}
-
-    def error(self, node: yaml.Node | Location, message: str) -> None:
-        self._say(node, "error", message)
-
-    def warn(self, node: yaml.Node | Location, message: str) -> None:
-        self._say(node, "warning", message)
-
-    def _say(self, node: yaml.Node | Location, severity: str, message: str) -> None:
-        at = node if isinstance(node, Location) else _where(node)
-        self.diagnostics.append(Diagnostic(self.path, at.line, at.column, severity, message))
-
-    # -- YAML shapes ---------------------------------------------------------
-
-    def scalar(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
-
-    def string(self, node: yaml.Node, what: str) -> str | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
-            return str(node.value)
-        self.error(node, f"{what} must be a string, not {_kind(node)}")
-        return None
-
-    def mapping(
-        self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """Keys to (key node, value node); flags duplicates and unknown keys."""
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{what} must be a mapping, not {_kind(node)}")
-            return {}
-        seen: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                self.error(key_node, "merge keys (<<) are not supported in a policy")
-                continue
-            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag.endswith(":str")):
-                self.error(key_node, f"keys of {what} must be strings, not {_kind(key_node)}")
-                continue
-            key = str(key_node.value)
-            if key in seen:
-                first = _where(seen[key][0])
-                self.error(key_node, f"duplicate key '{key}' in {what} (first at line {first.line})")
-                continue
-            if allowed is not None and key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f": did you mean '{close[0]}'?" if close else f" (known: {', '.join(allowed)})"
-                self.error(key_node, f"unknown key '{key}' in {what}{hint}")
-                continue
-            seen[key] = (key_node, value_node)
-        return seen
-
-    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        if isinstance(node, yaml.SequenceNode):
-            return list(node.value)
-        self.error(node, f"{what} must be a list, not {_kind(node)}")
-        return []
-
-    # -- the policy ----------------------------------------------------------
-
-    def check(self, text: str) -> Policy | None:
+def _read(text: str) -> tuple[Any, _YamlPlaces]:
+    """The document and where its values are: read by libyaml when present; a file
+    libyaml refuses is read again in Python, whose messages we show."""
+    loaders = [loader for loader in (_FastLoader, yaml.SafeLoader) if loader is not None]
+    for loader in loaders:
         try:
-            root = _compose(text)
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            at = Location(mark.line + 1, mark.column + 1) if mark else Location(1, 1)
-            self.error(at, f"not valid YAML: {err.problem or err.context}")
-            return None
-        except yaml.YAMLError as err:
-            self.error(Location(1, 1), f"not valid YAML: {err}")
-            return None
-        if root is None:
-            self.error(Location(1, 1), "the policy file is empty")
-            return None
-        if _size(root, {}) > MAX_NODES:
-            self.error(root, f"the policy expands to more than {MAX_NODES} YAML nodes")
-            return None
-        top = self.mapping(
-            root,
-            "the policy",
-            (
-                "version", "default", "deny_action", "overlays", "exceptions",
-                "allow", "interfaces", "timeouts",
-            ),
-        )
-        if not top and not isinstance(root, yaml.MappingNode):
-            return None
+            reader = _Reader(loader(text))
+            document = reader.read()
+        except yaml.YAMLError:
+            if loader is loaders[-1]:
+                raise
+            continue
+        except _ComposerProblem:
+            yaml.compose(text, Loader=yaml.SafeLoader)  # raises what PyYAML says of it
+            raise yaml.YAMLError("the document could not be composed") from None
+        return document, _YamlPlaces(text, loader, document, reader)
+    raise AssertionError("no YAML loader")
 
-        version = self.version(top.get("version"), root)
-        default = self.choice(top.get("default"), "default", ("allow", "deny"), "allow")
-        deny_action = self.choice(top.get("deny_action"), "deny_action", ("reject", "drop"), "reject")
-        overlays = self.overlays(top.get("overlays"), root)
-        index = _OverlayIndex(overlays)
-        exceptions = self.exceptions(top.get("exceptions"), index)
-        rules = self.rules(top.get("allow"), index)
-        interfaces = self.interfaces(top.get("interfaces"))
-        timeouts = self.timeouts(top.get("timeouts"))
-        if any(d.severity == "error" for d in self.diagnostics):
-            return None
-        assert version is not None
-        return Policy(
-            self.path, version, default, deny_action, tuple(overlays), tuple(exceptions),
-            tuple(rules), interfaces, timeouts,
-        )
 
-    def version(self, entry: tuple[yaml.Node, yaml.Node] | None, root: yaml.Node) -> int | None:
-        if entry is None:
-            self.error(root, "missing 'version' (this tool reads 'version: 1')")
-            return None
-        node = entry[1]
-        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
-        if type(value) is not int:
-            self.error(node, f"version must be the number 1, not {_kind(node)}")
-            return None
-        if value not in SUPPORTED_VERSIONS:
-            self.error(node, f"unknown version {value}: this tool reads version 1")
-            return None
+class _Sequence:
+    """A list being read."""
+
+    __slots__ = ("anchor", "nodes_before", "value")
+
+    def __init__(self, anchor: str | None, nodes_before: int) -> None:
+        self.value: list[Any] = []
+        self.anchor = anchor
+        self.nodes_before = nodes_before
+
+
+class _Mapping:
+    """A mapping being read: members so far, and those a dict cannot hold."""
+
+    __slots__ = ("anchor", "key", "key_marks", "members", "nodes_before", "others", "value")
+
+    def __init__(self, anchor: str | None, nodes_before: int, keyed: bool) -> None:
+        self.value: dict[str, Any] = {}
+        self.anchor = anchor
+        self.nodes_before = nodes_before
+        self.key: Any = _NO_KEY  # read, its value not yet
+        self.members = 0
+        self.others: list[tuple[int, Any]] = []
+        self.key_marks: dict[str, Any] | None = {} if keyed else None
+
+
+class _Reader:
+    """Plain values from a YAML parser's events, as PyYAML's composer and safe
+    constructor would make them, with the positions `_YamlPlaces` keeps."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        # Each collection's start mark (to depth _MARKED_DEPTH), by id().
+        self.marks: dict[int, Any] = {}
+        # Where each of those collections ends, by id().
+        self.ends: dict[int, Any] = {}
+        # Each key's mark, by the id() of its mapping (to depth _KEYED_DEPTH).
+        self.key_marks: dict[int, dict[str, Any]] = {}
+        # Values of repeated keys, which no mapping holds: kept alive, so that no
+        # other value takes their id() while the marks are in use.
+        self._unheld: list[Any] = []
+
+    def read(self) -> Any:
+        """The document's value; its size (aliases expanded) is bounded by MAX_NODES."""
+        loader = self._loader
+        try:
+            return self._build(loader.get_event)
+        finally:
+            loader.dispose()
+
+    def _build(self, next_event: Callable[[], Any]) -> Any:
+        resolve = self._loader.resolve
+        tags: dict[str, str] = {}  # a plain scalar's tag, by its text
+        scalars: dict[tuple[str, str], Any] = {}  # a scalar's value, by tag and text, but strings
+        anchors: dict[str, Any] = {}
+        sizes: dict[str, int] = {}  # an anchored node's size, once it has ended
+        stack: list[_Sequence | _Mapping] = []  # the collections being read
+        nodes = documents = 0
+        root = None
+        too_deep: Location | None = None  # where the first collection MAX_DEPTH deep starts
+        while True:
+            event = next_event()
+            kind = type(event)
+            if kind is ScalarEvent:
+                nodes += 1
+                tag, text = event.tag, event.value
+                if tag is None:
+                    if event.implicit[0]:
+                        tag = tags.get(text)
+                        if tag is None:
+                            tag = tags[text] = resolve(yaml.ScalarNode, text, (True, False))
+                    else:
+                        tag = _STR
+                elif tag == "!":
+                    tag = resolve(yaml.ScalarNode, text, event.implicit)
+                if tag == _STR:
+                    value = text
+                else:
+                    value = scalars.get((tag, text), scalars)
+                    if value is scalars:
+                        value = scalars[(tag, text)] = _construct(tag, text)
+                if event.anchor is not None:
+                    _anchor(anchors, event.anchor, value)
+                    sizes[event.anchor] = 1
+            elif kind is MappingStartEvent or kind is SequenceStartEvent:
+                nodes += 1
+                depth = len(stack)
+                if depth == MAX_DEPTH and too_deep is None:
+                    too_deep = _location(event.start_mark)
+                frame = (_Mapping(event.anchor, nodes, depth <= _KEYED_DEPTH) if kind is MappingStartEvent
+                         else _Sequence(event.anchor, nodes))
+                if depth <= _MARKED_DEPTH:
+                    self.marks[id(frame.value)] = event.start_mark
+                if event.anchor is not None:
+                    _anchor(anchors, event.anchor, frame.value)
+                stack.append(frame)
+                continue
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                frame = stack.pop()
+                value = self._made(frame) if isinstance(frame, _Mapping) else frame.value
+                if len(stack) <= _MARKED_DEPTH:
+                    self.ends[id(value)] = event.end_mark
+                if frame.anchor is not None:
+                    anchors[frame.anchor] = value
+                    sizes[frame.anchor] = nodes - frame.nodes_before + 1
+            elif kind is AliasEvent:
+                if event.anchor not in anchors:
+                    raise _ComposerProblem
+                value = anchors[event.anchor]
+                nodes += sizes.get(event.anchor, 1)  # 1: an alias inside its own anchor
+            elif kind is DocumentStartEvent:
+                documents += 1
+                if documents > 1:
+                    raise _ComposerProblem
+                continue
+            elif kind is StreamEndEvent:  # said once the whole file is known to be YAML:
+                if not documents:
+                    raise _Refused(Location(1, 1), "the policy file is empty")
+                if too_deep is not None:
+                    raise _Refused(too_deep, f"the policy nests collections more than {MAX_DEPTH} deep")
+                if nodes > MAX_NODES:
+                    raise _Refused(_location(self.marks[id(root)]),
+                                   f"the policy expands to more than {MAX_NODES} YAML nodes")
+                return root
+            else:
+                continue
+            if not stack:
+                root = value
+                continue
+            parent = stack[-1]
+            if isinstance(parent, _Sequence):
+                parent.value.append(value)
+            elif parent.key is _NO_KEY:
+                parent.key = value
+                if parent.key_marks is not None and kind is ScalarEvent and type(value) is str:
+                    parent.key_marks.setdefault(value, event.start_mark)
+            else:
+                key = parent.key
+                if type(key) is str and key not in parent.value:
+                    parent.value[key] = value
+                else:
+                    parent.others.append((parent.members, key))
+                    self._unheld.append(value)
+                parent.key = _NO_KEY
+                parent.members += 1
+
+    def _made(self, frame: _Mapping) -> dict[str, Any]:
+        """The mapping a frame read: an IrregularMapping in place of the dict if some
+        members were not string keys seen once."""
+        made = frame.value
+        if frame.others:
+            mark = self.marks.pop(id(made), None)
+            made = IrregularMapping(made.items(), frame.others)
+            if mark is not None:
+                self.marks[id(made)] = mark
+        if frame.key_marks is not None:
+            self.key_marks[id(made)] = frame.key_marks
+        return made
+
+
+def _anchor(anchors: dict[str, Any], anchor: str, value: Any) -> None:
+    if anchor in anchors:
+        raise _ComposerProblem
+    anchors[anchor] = value
+
+
+def _construct(tag: str, text: str) -> Any:
+    """A scalar's value, as the safe constructor makes it: the policy's types only."""
+    if tag not in _CONSTRUCTED:
+        return OtherScalar(tag)
+    constructor = yaml.constructor.SafeConstructor
+    try:
+        return constructor.yaml_constructors[tag](constructor(), yaml.ScalarNode(tag, text))
+    except (ValueError, KeyError):  # `!!int abc`: a number that is none
+        return OtherScalar(tag)
+
+
+_NO_KEY = object()  # a mapping frame waits for a key
+
+
+def _location(mark: Any, line: int = 0) -> Location:
+    """A mark's place, in a text that starts on `line` of the file."""
+    return Location(line + mark.line + 1, mark.column + 1)
+
+
+class _YamlPlaces:
+    """Where the values of a YAML document are: from the marks the reader kept, or else
+    composed again (only for messages, which are few): the text of the smallest kept
+    collection that holds the value (a rule, say), or the whole file."""
+
+    def __init__(self, text: str, loader: type, document: Any, reader: _Reader) -> None:
+        self._text = text
+        self._loader = loader
+        self._document = document
+        self._marks = reader.marks
+        self._ends = reader.ends
+        self._key_marks = reader.key_marks
+        # Composed texts by the id() of their collection: (root node, the line it starts on),
+        # or None where the collection's text does not compose alone.
+        self._trees: dict[int, tuple[Any, int] | None] = {}
+        # A mapping node's first member of each string key, by id(), once asked.
+        self._members: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = {}
+
+    def value(self, path: Path) -> Location:
+        mark = self._marks.get(id(self._follow(path)))
+        if mark is not None:
+            return _location(mark)
+        node, line = self._node(path)
+        return _location(node.start_mark, line)
+
+    def key(self, path: Path) -> Location:
+        *mapping, key = path
+        mark = self._key_marks.get(id(self._follow(tuple(mapping))), {}).get(str(key))
+        if mark is not None:
+            return _location(mark)
+        node, line = self._node(tuple(mapping))
+        return _location(self._members_of(node)[str(key)][0].start_mark, line)
+
+    def member(self, path: Path, index: int) -> Location:
+        node, line = self._node(path)
+        return _location(node.value[index][0].start_mark, line)
+
+    def written(self, path: Path) -> str:
+        return str(self._node(path)[0].value)
+
+    def elements(self, path: Path) -> list[Location]:
+        marks = self._marks
+        return [_location(marks[id(item)]) if id(item) in marks else self.value((*path, i))
+                for i, item in enumerate(self._follow(path))]
+
+    def _follow(self, path: Path) -> Any:
+        value = self._document
+        for step in path:
+            value = value[step]
         return value
 
-    def choice(
-        self, entry: tuple[yaml.Node, yaml.Node] | None, what: str, allowed: tuple[str, ...],
-        default: str,
-    ) -> str:
-        if entry is None:
-            return default
-        node = entry[1]
-        if isinstance(node, yaml.ScalarNode) and node.value in allowed:
-            return str(node.value)
-        shown = node.value if isinstance(node, yaml.ScalarNode) else _kind(node)
-        self.error(node, f"{what} must be {' or '.join(allowed)}, not '{shown}'")
-        return default
+    def _node(self, path: Path) -> tuple[Any, int]:
+        """The node at `path`, and the line (from 0) its composed text starts on."""
+        cut = len(path)
+        tree = self._tree(self._follow(path))
+        while tree is None:  # the whole file, at the latest, composes
+            cut -= 1
+            tree = self._tree(self._follow(path[:cut]))
+        node, line = tree
+        for step in path[cut:]:
+            node = node.value[step] if isinstance(step, int) else self._members_of(node)[step][1]
+        return node, line
 
-    def overlays(self, entry: tuple[yaml.Node, yaml.Node] | None, root: yaml.Node) -> list[Overlay]:
-        if entry is None:
-            self.error(root, "missing 'overlays': a policy needs at least one overlay")
-            return []
-        node = entry[1]
-        found = self.mapping(node, "overlays", None)
-        if isinstance(node, yaml.MappingNode) and not node.value:
-            self.error(node, "'overlays' is empty: a policy needs at least one overlay")
-        overlays: list[Overlay] = []
-        for name, (name_node, body) in found.items():
-            if not OVERLAY_NAME.match(name):
-                self.error(
-                    name_node,
-                    f"overlay name '{name}' must be 1-24 characters of a-z 0-9 _ -, "
-                    "starting with a letter",
-                )
-            elif name.startswith(RESERVED_PREFIXES):
-                self.error(name_node, f"overlay name '{name}' is reserved (dcos- and mesos- are DC/OS's)")
-            fields = self.mapping(body, f"overlay '{name}'", ("subnets", "isolated"))
-            subnets = self.overlay_subnets(fields.get("subnets"), name, name_node)
-            isolated = False
-            if "isolated" in fields:
-                flag = fields["isolated"][1]
-                if isinstance(flag, yaml.ScalarNode) and flag.tag.endswith(":bool"):
-                    isolated = bool(self.scalar(flag))
-                else:
-                    self.error(flag, f"'isolated' must be true or false, not {_kind(flag)}")
-            overlays.append(Overlay(name, tuple(s for s, _ in subnets), isolated, _where(name_node)))
-            self._subnet_nodes.extend((s, name, n) for s, n in subnets)
-        self.check_overlap()
-        return overlays
+    def _tree(self, value: Any) -> tuple[Any, int] | None:
+        key = id(value)
+        if key not in self._trees:
+            self._trees[key] = self._compose(value)
+        return self._trees[key]
 
-    def overlay_subnets(
-        self, entry: tuple[yaml.Node, yaml.Node] | None, name: str, name_node: yaml.Node
-    ) -> list[tuple[netaddr.IPNetwork, yaml.Node]]:
-        if entry is None:
-            self.error(name_node, f"overlay '{name}' needs 'subnets' (at least one)")
-            return []
-        items = self.sequence(entry[1], f"subnets of '{name}'")
-        if isinstance(entry[1], yaml.SequenceNode) and not items:
-            self.error(entry[1], f"overlay '{name}' needs at least one subnet")
-        subnets: list[tuple[netaddr.IPNetwork, yaml.Node]] = []
-        for item in items:
-            text = self.string(item, "a subnet")
-            if text is None:
-                continue
-            try:
-                subnets.append((parse_cidr(text), item))
-            except ValueError as err:
-                self.error(item, str(err))
-        return subnets
-
-    def check_overlap(self) -> None:
-        """Subnets of different overlays must be disjoint; report each clash once."""
-        entries = sorted(
-            self._subnet_nodes,
-            key=lambda e: (e[0].version, e[0].first, -e[0].last),
-        )
-        open_: tuple[netaddr.IPNetwork, str, yaml.Node] | None = None
-        for entry in entries:
-            net, name, node = entry
-            if open_ is not None and open_[0].version == net.version and net.first <= open_[0].last:
-                other, other_name, _ = open_
-                if other_name != name:
-                    self.error(
-                        node,
-                        f"subnet {net} of overlay '{name}' overlaps {other} of overlay '{other_name}'",
-                    )
-                else:
-                    self.warn(node, f"subnet {net} lies inside {other}, already in overlay '{name}'")
-                continue
-            open_ = entry
-
-    def endpoint(self, node: yaml.Node, what: str, index: _OverlayIndex) -> Endpoint | None:
-        text = self.string(node, what)
-        if text is None:
-            return None
-        if text in index.by_name:
-            overlay = index.by_name[text]
-            return Endpoint(text, overlay.name, overlay.subnets)
-        known = self._cidr_endpoints.get(text)
-        if known is not None:
-            return known
-        if not re.search(r"[.:/]", text):
-            close = difflib.get_close_matches(text, list(index.by_name), n=1)
-            hint = f": did you mean '{close[0]}'?" if close else ""
-            self.error(node, f"{what} '{text}' is neither an overlay nor a CIDR{hint}")
+    def _compose(self, value: Any) -> tuple[Any, int] | None:
+        start, end = self._marks.get(id(value)), self._ends.get(id(value))
+        if value is self._document:
+            return yaml.compose(self._text, Loader=self._loader), 0
+        # Alone, the collection's text keeps its columns (its first line padded) and
+        # composes to the same nodes. Not: where libyaml counts offsets past a BOM, or
+        # once the whole file composed once costs less than many pieces.
+        if start is None or end is None or self._text.startswith("\ufeff") or len(self._trees) > _PIECES:
             return None
         try:
-            net = parse_cidr(text)
-        except ValueError as err:
-            self.error(node, str(err))
+            return yaml.compose(" " * start.column + self._text[start.index:end.index], Loader=self._loader), start.line
+        except yaml.YAMLError:  # an alias to an anchor outside it, say
             return None
-        owner = index.owner(net)
-        if owner is None:
-            wider = index.covered_by(net)
-            if wider:
-                self.error(
-                    node,
-                    f"{what} {net} is wider than overlay '{wider}': name the overlay or narrow the CIDR",
-                )
-            else:
-                self.error(node, f"{what} {net} lies in no overlay, so this can never match")
-            return None
-        endpoint = self._cidr_endpoints[text] = Endpoint(text, owner, (net,))
-        return endpoint
 
-    def pair_entries(
-        self, entry: tuple[yaml.Node, yaml.Node] | None, what: str, keys: tuple[str, ...]
-    ) -> Iterator[tuple[int, yaml.Node, dict[str, tuple[yaml.Node, yaml.Node]]]]:
-        if entry is None:
-            return
-        for i, item in enumerate(self.sequence(entry[1], what)):
-            fields = self.mapping(item, f"{what}[{i}]", keys)
-            for needed in ("from", "to"):
-                if isinstance(item, yaml.MappingNode) and needed not in fields:
-                    self.error(item, f"{what}[{i}] needs '{needed}'")
-            yield i, item, fields
-
-    def ends(
-        self, fields: dict[str, tuple[yaml.Node, yaml.Node]], what: str, index: _OverlayIndex
-    ) -> tuple[Endpoint | None, Endpoint | None]:
-        src = self.endpoint(fields["from"][1], f"{what}.from", index) if "from" in fields else None
-        dst = self.endpoint(fields["to"][1], f"{what}.to", index) if "to" in fields else None
-        return src, dst
-
-    def exceptions(
-        self, entry: tuple[yaml.Node, yaml.Node] | None, index: _OverlayIndex
-    ) -> list[Exception_]:
-        found: list[Exception_] = []
-        for i, item, fields in self.pair_entries(entry, "exceptions", ("from", "to")):
-            src, dst = self.ends(fields, f"exceptions[{i}]", index)
-            if src and dst:
-                found.append(Exception_(i, src, dst, _where(item)))
-        return found
-
-    def rules(self, entry: tuple[yaml.Node, yaml.Node] | None, index: _OverlayIndex) -> list[AllowRule]:
-        found: list[AllowRule] = []
-        for i, item, fields in self.pair_entries(entry, "allow", ("from", "to", "ports")):
-            src, dst = self.ends(fields, f"allow[{i}]", index)
-            ports = self.ports(fields["ports"][1]) if "ports" in fields else (ANY_PORT,)
-            if src and dst and ports:
-                found.append(AllowRule(i, src, dst, ports, _where(item)))
-        return found
-
-    def ports(self, node: yaml.Node) -> tuple[PortSpec, ...]:
-        items = self.sequence(node, "ports")
-        if isinstance(node, yaml.SequenceNode) and not items:
-            self.error(node, "'ports' is empty: omit it to allow every protocol and port")
-        specs: list[PortSpec] = []
-        ok = True
-        for item in items:
-            if isinstance(item, yaml.ScalarNode) and item.tag.endswith(":int"):
-                self.error(item, f"port {item.value} needs a protocol: write 'tcp/{item.value}' or 'udp/{item.value}'")
-                ok = False
-                continue
-            text = self.string(item, "a port")
-            spec = self.port(item, text) if text is not None else None
-            if spec is None:
-                ok = False
-            elif spec in specs:
-                self.warn(item, f"'{spec}' is listed twice")
-            else:
-                specs.append(spec)
-        if ANY_PORT in specs and len(specs) > 1:
-            self.warn(node, "'any' already covers every protocol and port; the others add nothing")
-        return tuple(specs) if ok else ()
-
-    def port(self, node: yaml.Node, text: str) -> PortSpec | None:
-        if text in ("icmp", "any"):
-            return PortSpec(text)
-        match = PORT_SPEC.match(text)
-        if not match:
-            self.error(
-                node,
-                f"'{text}' is not a port: write tcp/N, udp/N, tcp/N-M, udp/N-M, icmp or any",
-            )
-            return None
-        proto, low_text, high_text = match.groups()
-        low = int(low_text)
-        high = int(high_text) if high_text is not None else low
-        for value in (low, high):
-            if not 1 <= value <= 65535:
-                self.error(node, f"port {value} in '{text}' is out of range (1-65535)")
-                return None
-        if low > high:
-            self.error(node, f"'{text}': the range must run low to high ({proto}/{high}-{low})")
-            return None
-        return PortSpec(proto, low, high)
-
-    def interfaces(self, entry: tuple[yaml.Node, yaml.Node] | None) -> tuple[str, ...] | None:
-        if entry is None:
-            return None
-        globs: list[str] = []
-        for item in self.sequence(entry[1], "interfaces"):
-            text = self.string(item, "an interface glob")
-            if text is None:
-                continue
-            if not IFACE_GLOB.match(text):
-                self.error(item, f"'{text}' is not an interface name or glob (at most 15 characters, no / or spaces)")
-            else:
-                globs.append(text)
-        return tuple(globs)
-
-    def timeouts(self, entry: tuple[yaml.Node, yaml.Node] | None) -> dict[str, int]:
-        timeouts = dict(DEFAULT_TIMEOUTS)
-        if entry is None:
-            return timeouts
-        for key, (_, node) in self.mapping(entry[1], "timeouts", tuple(DEFAULT_TIMEOUTS)).items():
-            value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
-            if type(value) is not int or not 1 <= value <= 86400 * 30:
-                self.error(node, f"timeouts.{key} must be a whole number of seconds from 1 to 2592000")
-            else:
-                timeouts[key] = value
-        return timeouts
-
-
-class _OverlayIndex:
-    """Which overlay holds a CIDR, in one dict probe per distinct subnet length."""
-
-    def __init__(self, overlays: list[Overlay]) -> None:
-        self.by_name = {o.name: o for o in overlays}
-        self._by_prefix: dict[tuple[int, int], dict[int, str]] = {}
-        for overlay in overlays:
-            for net in overlay.subnets:
-                self._by_prefix.setdefault((net.version, net.prefixlen), {})[net.first] = overlay.name
-        self._lengths = sorted(self._by_prefix)
-
-    def owner(self, net: netaddr.IPNetwork) -> str | None:
-        width = 32 if net.version == 4 else 128
-        for version, length in self._lengths:
-            if version != net.version or length > net.prefixlen:
-                continue
-            mask = ((1 << length) - 1) << (width - length)
-            owner = self._by_prefix[(version, length)].get(net.first & mask)
-            if owner is not None:
-                return owner
-        return None
-
-    def covered_by(self, net: netaddr.IPNetwork) -> str | None:
-        for overlay in self.by_name.values():
-            if any(s.version == net.version and s in net for s in overlay.subnets):
-                return overlay.name
-        return None
-
-
-def _size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Nodes in the tree with aliases expanded, computed without expanding them."""
-    if type(node) is yaml.ScalarNode:  # most nodes: no need to remember them
-        return 1
-    key = id(node)
-    if key not in memo:
-        memo[key] = 1  # a cycle counts once instead of recursing forever
-        if isinstance(node, yaml.MappingNode):
-            memo[key] = 1 + sum(_size(k, memo) + _size(v, memo) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            memo[key] = 1 + sum(_size(v, memo) for v in node.value)
-        memo[key] = min(memo[key], MAX_NODES + 1)
-    return memo[key]
+    def _members_of(self, node: yaml.Node) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        members = self._members.get(id(node))
+        if members is None:
+            members = self._members[id(node)] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag == _STR:
+                    members.setdefault(key.value, (key, value))
+        return members

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import json
 from pathlib import Path
 
 import netaddr
+import yaml
 
 from isoebpf import pipeline
 from isoebpf.errors import PolicyError
@@ -96,3 +99,19 @@ def test_alias_bombs_are_refused_without_expanding_them() -> None:
 def test_seed_example_file_is_valid() -> None:
     loaded = pipeline.read(ROOT / "examples" / "it-hr.yaml")
     assert loaded.warnings == () and [r.index for r in loaded.policy.rules] == [0]
+
+
+def test_reading_a_policy_leaves_no_cycle_for_a_paused_collector_to_keep() -> None:
+    """pipeline.collector_paused freezes what loading made: garbage in a cycle (an
+    exception holding the frames that held the document) would stay for good."""
+    text = CONTRACT_EXAMPLE.replace("subnets: [10.250.0.0/16]", 'subnets: [10.250.0.0/16, "fd00:1::/32"]')
+    for name, body in (("p.yaml", text), ("p.json", json.dumps(yaml.safe_load(text)))):
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            assert pipeline.parse_policy(body, name).overlays
+            assert gc.collect() == 0, name
+        finally:
+            if enabled:
+                gc.enable()
