@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -551,8 +552,163 @@ def unload(netns: str | None, as_json: bool) -> None:
     click.echo("unloaded" if removed else "nothing was loaded")
 
 
-@main.command()
+def etcd_options(func: _F) -> _F:
+    """Where the cluster's etcd is and how to reach it (each also from the environment)."""
+    for option in reversed((
+        click.option("--etcd", "etcd_urls", metavar="URLS", envvar="ISOEBPF_ETCD",
+                     help="The etcd cluster's client URLs, comma-separated "
+                          "(https://10.0.0.1:2379,...). Env: ISOEBPF_ETCD."),
+        click.option("--prefix", "etcd_prefix", metavar="PREFIX", envvar="ISOEBPF_ETCD_PREFIX",
+                     default="/isoebpf/", show_default=True,
+                     help="The cluster's keys live under it (clusters sharing an etcd take one each)."),
+        click.option("--etcd-ca", type=click.Path(exists=True, dir_okay=False), envvar="ISOEBPF_ETCD_CA",
+                     help="The CA that signed the etcd endpoints' certificates (https)."),
+        click.option("--etcd-cert", type=click.Path(exists=True, dir_okay=False), envvar="ISOEBPF_ETCD_CERT",
+                     help="Our client certificate (etcd's --client-cert-auth: its CN is the etcd user)."),
+        click.option("--etcd-key", type=click.Path(exists=True, dir_okay=False), envvar="ISOEBPF_ETCD_KEY",
+                     help="The client certificate's key."),
+    )):
+        func = option(func)
+    return func
+
+
+def _cluster(etcd_urls: str | None, etcd_prefix: str, etcd_ca: str | None, etcd_cert: str | None,
+             etcd_key: str | None) -> tuple[Any, Any]:
+    """(etcd client, layout) of the options etcd_options gives."""
+    from .cluster.etcd import Credentials, Etcd
+    from .cluster.layout import Layout
+
+    if not etcd_urls:
+        raise click.UsageError("no etcd given: --etcd URLS (or ISOEBPF_ETCD)")
+    if bool(etcd_cert) != bool(etcd_key):
+        raise click.UsageError("--etcd-cert and --etcd-key go together")
+    try:
+        layout = Layout(etcd_prefix)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--prefix") from err
+    urls = [u.strip() for u in etcd_urls.split(",") if u.strip()]
+    return Etcd(urls, Credentials(etcd_ca, etcd_cert, etcd_key)), layout
+
+
+@main.group()
+def cluster() -> None:
+    """One policy for every node, kept in etcd: push it, see it, see who enforces it."""
+
+
+@cluster.command(name="push")
 @click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
+@etcd_options
+@json_option()
+@click.option("--quiet", is_flag=True, help="No progress on a terminal.")
+def cluster_push(policy_file: str, as_json: bool, quiet: bool, **etcd: Any) -> None:
+    """Publish POLICY as the cluster's next version: validated first (nothing is written
+    on error), then only what differs from what is stored is written, and the agents
+    switch to it as one."""
+    from .cluster import store
+
+    client, layout = _cluster(**etcd)
+    with pipeline.collector_paused(), _progress(not (quiet or as_json) and _on_terminal()):
+        compiled = _read(policy_file)
+        pushed = store.push(client, layout, compiled.policy)
+    head = pushed.head
+    if as_json:
+        _emit({"ok": True, "changed": pushed.changed, "version": head.version, "digest": head.digest,
+               "revision": head.revision, "counts": pushed.plan.counts,
+               "transactions": pushed.transactions, "seconds": round(pushed.seconds, 3)})
+    elif pushed.changed:
+        click.echo(f"pushed version {head.version} (digest {head.digest[:12]}, revision "
+                   f"{head.revision}): {pushed.plan.summary()}; {pushed.transactions} "
+                   f"transaction{'s' if pushed.transactions != 1 else ''}, {pushed.seconds:.2f} s")
+    else:
+        click.echo(f"unchanged: version {head.version} (digest {head.digest[:12]}) is this policy")
+
+
+@cluster.command(name="diff")
+@click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
+@etcd_options
+@json_option()
+def cluster_diff(policy_file: str, as_json: bool, **etcd: Any) -> None:
+    """What pushing POLICY would write: one line a key (+ new, ~ changed, - removed).
+    Exit 0 when nothing would change, 3 when something would."""
+    from .cluster import layout as laid
+    from .cluster import store
+
+    client, layout = _cluster(**etcd)
+    compiled = _read(policy_file)
+    stored = store.read(client, layout)
+    plan = laid.plan(layout, stored.items, compiled.policy)
+    if as_json:
+        _emit({"ok": True, "changed": bool(plan), "counts": plan.counts,
+               "put": plan.puts, "delete": list(plan.deletes)})
+    else:
+        for key, text in sorted(plan.puts.items()):
+            click.echo(f"{'~' if key in stored.items else '+'} {key} {text}")
+        for key in plan.deletes:
+            click.echo(f"- {key}")
+        click.echo(plan.summary(), err=True)
+    if plan:
+        sys.exit(3)
+
+
+@cluster.command(name="show")
+@etcd_options
+@click.option("--format", "form", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
+              help="json prints the document the agents compile (a policy file that can be pushed).")
+def cluster_show(form: str, **etcd: Any) -> None:
+    """Print the policy the cluster publishes now, as a policy file."""
+    import yaml
+
+    from .cluster import layout as laid
+    from .cluster import store
+
+    client, layout = _cluster(**etcd)
+    stored, head = store.published(client, layout)
+    text, _ = laid.document(layout, stored.items)
+    click.echo(f"# version {head.version}, digest {head.digest[:12]}, revision {head.revision}", err=True)
+    if form == "json":
+        click.echo(text, nl=False)
+    else:
+        click.echo(yaml.safe_dump(json.loads(text), sort_keys=False, default_flow_style=None, width=120),
+                   nl=False)
+
+
+@cluster.command(name="status")
+@etcd_options
+@json_option()
+def cluster_status(as_json: bool, **etcd: Any) -> None:
+    """One line a node: the version it enforces, in sync or behind, stale, errors. Exit 0
+    only when every live node enforces the published version (and one does)."""
+    from .cluster import store
+
+    client, layout = _cluster(**etcd)
+    head = store.read(client, layout).head
+    rows = store.nodes(client, layout, head)
+    live = [r for r in rows if r.alive]
+    ok = bool(live) and all(r.in_sync for r in live)
+    if as_json:
+        _emit({"ok": ok, "version": head.version if head else None,
+               "digest": head.digest if head else None, "revision": head.revision if head else None,
+               "nodes": [{"node": r.node, "alive": r.alive, "in_sync": r.in_sync, "behind": r.behind,
+                          "state": r.state(),
+                          "report": dataclasses.asdict(r.report) if r.report else None} for r in rows]})
+    else:
+        click.echo(f"published: version {head.version}, digest {head.digest[:12]}, revision {head.revision}"
+                   if head else "published: nothing yet")
+        for r in rows:
+            said = r.report
+            version = f"version {said.version}" if said and said.version else "no version"
+            extra = f" [{said.backend}/{said.mode}]" if said and said.backend else ""
+            click.echo(f"{r.node:<20} {version:<12} {r.state()}{extra}")
+            for error in said.errors if said else ():
+                click.echo(f"{'':<20}   {error}")
+        if not live:
+            click.echo("no node is alive", err=True)
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False), required=False)
 @click.option("--backend", "backend_name", type=click.Choice(["auto", *registry.BACKENDS]),
               default="auto", show_default=True)
 @click.option("--mode", type=click.Choice(["auto", "xdp", "tc"]), default="auto", show_default=True)
@@ -564,10 +720,14 @@ def unload(netns: str | None, as_json: bool) -> None:
               show_default=True, help="Seconds between drift checks.")
 @force_option
 @on_failure_option
-def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
+@etcd_options
+@click.option("--node", metavar="NAME", help="Cluster mode: this node's name in etcd (default: the hostname).")
+def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[str, ...],
           netns: str | None, metrics: str | None, repair_interval: float, force: bool,
-          on_failure: str) -> None:
+          on_failure: str, node: str | None, **etcd: Any) -> None:
     """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
+    With --etcd (no POLICY): the cluster's policy, applied as each version is published,
+    this node's status reported in etcd.
 
     SIGTERM ends the agent and leaves enforcement in place ('isoebpf unload' removes it).
     """
@@ -576,11 +736,24 @@ def agent(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...
 
     require_privilege("agent")
     _require_namespace(Scope(netns))
-    forced = pipeline.check_trusted(policy_file, force)
-    if forced:
-        click.echo(f"warning: {forced}; used anyway (--force)", err=True)
-    runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
-                   on_failure=on_failure)
+    runner: Agent
+    if etcd["etcd_urls"]:
+        from .service.cluster_agent import ClusterAgent
+
+        if policy_file:
+            raise click.UsageError("give POLICY or --etcd, not both")
+        client, layout = _cluster(**etcd)
+        runner = ClusterAgent(f"etcd://{client.endpoint.split('://', 1)[-1]}{layout.prefix}", backend_name,
+                              ifaces, mode, netns, repair_interval, force=force, on_failure=on_failure,
+                              etcd=client, layout=layout, node=node or socket.gethostname())
+    else:
+        if not policy_file:
+            raise click.UsageError("give POLICY (a file) or --etcd URLS (a cluster)")
+        forced = pipeline.check_trusted(policy_file, force)
+        if forced:
+            click.echo(f"warning: {forced}; used anyway (--force)", err=True)
+        runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
+                       on_failure=on_failure)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

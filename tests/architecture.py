@@ -33,6 +33,7 @@ STAGES = (
     Stage("policy", ("isoebpf.policy",)),
     Stage("ir", ("isoebpf.ir",)),
     Stage("pipeline", ("isoebpf.pipeline",)),
+    Stage("cluster", ("isoebpf.cluster",)),
     Stage("backends: shared floor", ("isoebpf.backends", "isoebpf.backends.interface",
                                      "isoebpf.backends.state", "isoebpf.backends.counts",
                                      "isoebpf.backends.links")),
@@ -44,7 +45,8 @@ STAGES = (
 )
 
 # Third-party packages only some rooms may import.
-CONFINED = {"bcc": ("isoebpf.backends",), "pyroute2": ("isoebpf.backends",), "click": ("isoebpf.cli",)}
+CONFINED = {"bcc": ("isoebpf.backends",), "pyroute2": ("isoebpf.backends",), "click": ("isoebpf.cli",),
+            "etcd3gw": ("isoebpf.cluster.etcd",), "requests": ("isoebpf.cluster.etcd",)}
 
 Graph = dict[str, set[str]]
 

@@ -58,7 +58,8 @@ def state_record(name: str, scope: Scope, ir: IR, policy_path: str, generation: 
         "backend": name,
         "netns": scope.netns,
         "digest": ir.digest,
-        "policy": os.path.abspath(policy_path),
+        # A file, or where else the policy came from (a cluster's etcd://HOST:PORT/PREFIX).
+        "policy": policy_path if "://" in policy_path else os.path.abspath(policy_path),
         "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "generation": generation,
         "rules": [[r.id, r.name, r.text] for r in ir.rules],

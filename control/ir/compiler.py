@@ -701,3 +701,9 @@ def policy_digest(policy: Policy, exceptions: Iterable[str], rules: Iterable[str
 def compile_policy(policy: Policy, numbering: Numbering | None = None) -> IR:
     """`policy`'s IR: ids in file order, or kept from `numbering` where it has them."""
     return Compiler(policy, numbering).ir
+
+
+def digest_of(policy: Policy) -> str:
+    """The digest `policy`'s IR has, without compiling it."""
+    return policy_digest(policy, (f"{e.src.text} -> {e.dst.text} unfiltered" for e in policy.exceptions),
+                         (_describe(r) for r in policy.rules))

@@ -53,6 +53,11 @@ class Stats:
     applies: dict[str, int] = field(default_factory=lambda: {"ok": 0, "refused": 0, "failed": 0})
     last_apply_time: float = 0.0
     last_apply_ok: bool = False
+    last_error: str = ""  # why the last apply failed
+    attach_modes: tuple[str, ...] = ()  # of the last apply that worked
+    # Cluster mode: the version enforced, and whether etcd answers (None: not in cluster mode).
+    cluster_version: int = 0
+    etcd_connected: bool | None = None
 
 
 @dataclass
@@ -147,6 +152,7 @@ class Agent:
             except IsoebpfError as err:
                 self.stats.applies["failed"] += 1
                 self.stats.last_apply_ok = False
+                self.stats.last_error = str(err)
                 self.log("apply_failed", why=why, error=str(err))
                 # What is in force is not what was compiled: the next change compiles afresh.
                 self._compiled = None
@@ -160,6 +166,7 @@ class Agent:
             self.stats.applies["ok"] += 1
             self.stats.last_apply_ok = True
             self.stats.last_apply_time = time.time()
+            self.stats.attach_modes = tuple(sorted({a.mode for a in report.attachments}))
             self.log("applied", why=why, digest=ir.digest[:12], generation=report.generation,
                      ms=round((time.monotonic() - started) * 1000, 1), compile_ms=round(compile_ms, 1),
                      attachments=[a.ifname for a in report.attachments])

@@ -80,6 +80,12 @@ class StatusCollector(Collector):
                                 value=self._stats.last_apply_time)
         yield GaugeMetricFamily("isoebpf_last_apply_success", "1 if the last apply worked",
                                 value=1 if self._stats.last_apply_ok else 0)
+        if self._stats.etcd_connected is not None:  # cluster mode
+            yield GaugeMetricFamily("isoebpf_etcd_connected", "1 while etcd answers; 0: enforcing "
+                                    "the last good version (fail-static)",
+                                    value=1 if self._stats.etcd_connected else 0)
+            yield GaugeMetricFamily("isoebpf_cluster_version", "The cluster's policy version enforced",
+                                    value=self._stats.cluster_version)
         mode = GaugeMetricFamily("isoebpf_failure_mode", "What a change that cannot be applied "
                                  "leaves: closed keeps the policy in force, open removes it",
                                  labels=["mode"])

@@ -1,0 +1,174 @@
+"""Service stage: `isoebpf agent --etcd`, the agent of a cluster node.
+
+Everything the file agent does stays (interfaces as they appear, repair,
+metrics); the policy comes from etcd instead of a file:
+- Each version `cluster push` publishes is compiled as a difference of the one
+  in force and applied as soon as its head arrives (cluster.follow: the items
+  of a push under way are never applied).
+- A version that is not a valid policy (keys written by hand) is refused: its
+  errors, located by key, go to the node's status; the version in force stays.
+- etcd out of reach (a partition, every member down): enforcement stays with
+  the last good version (fail-static), logged and in the metrics; the watch
+  resumes where it stopped, and a compacted revision leads to a full read that
+  is compared with what is in force, deletes included.
+- The node says what it enforces in nodes/NODE/status after every version and
+  every change of connection, and that it lives in nodes/NODE/alive, under a
+  lease it refreshes every `heartbeat_interval` (`cluster status` calls a node
+  whose lease expired stale).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from .. import pipeline
+from ..backends import enforcer
+from ..cluster import store
+from ..cluster.etcd import Etcd, EtcdError
+from ..cluster.follow import Follower, Incomplete, Lost, Version
+from ..cluster.layout import Layout
+from ..errors import Diagnostic, PolicyError
+from .agent import Agent, LinkEvents
+
+
+@dataclass
+class ClusterAgent(Agent):
+    etcd: Etcd | None = None
+    layout: Layout = field(default_factory=Layout)
+    node: str = field(default_factory=socket.gethostname)
+    lease_ttl: int = 10
+    heartbeat_interval: float = 2.0
+    watch_quiet: float = 2.0  # a watch stream silent this long is reopened
+    _in_force: store.Head | None = None
+    _follower: Follower | None = None
+    _report: store.NodeReport | None = None
+    _report_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.etcd is None:
+            raise ValueError("a cluster agent needs an etcd client")
+
+    @property
+    def client(self) -> Etcd:
+        assert self.etcd is not None
+        return self.etcd
+
+    def check_policy(self) -> None:
+        """Nothing to poll: versions arrive from the watch as they are published."""
+
+    def run(self, stop: threading.Event, link_events: LinkEvents | None = None) -> None:
+        self.log("cluster", etcd=self.policy_path, node=self.node)
+        self.stats.etcd_connected = False
+        self._say(store.NodeReport(self.node, "starting", connected=False))
+        self._follower = Follower(self.client, self.layout, self.watch_quiet)
+        threads = [threading.Thread(target=self._heartbeats, args=(stop,), daemon=True),
+                   threading.Thread(target=self._follow, args=(stop,), daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            super().run(stop, link_events)
+        finally:
+            for thread in threads:
+                thread.join(timeout=self.client.timeout + 1)
+
+    # -- versions ----------------------------------------------------------------
+
+    def _follow(self, stop: threading.Event) -> None:
+        assert self._follower is not None
+        for said in self._follower.follow(stop):
+            if isinstance(said, Lost):
+                self._connected(False, said.why)
+            elif isinstance(said, Incomplete):
+                self.log("cluster_incomplete", version=said.head.version, why=said.why,
+                         keeping=self._in_force.version if self._in_force else None)
+            else:
+                self._connected(True)
+                self.take(said)
+
+    def take(self, version: Version) -> None:
+        """Enforce `version`, or refuse it and keep the one in force."""
+        head = version.head
+        started = time.monotonic()
+        try:
+            compiled = pipeline.read(self.policy_path, version.text.encode(),
+                                     numbering=None if self._compiled else enforcer.numbering(self.scope),
+                                     previous=self._compiled)
+        except PolicyError as err:
+            errors = [str(d) for d in located(err.diagnostics, version.line_keys) if d.severity == "error"]
+            self.stats.applies["refused"] += 1
+            self.log("policy_refused", version=head.version, errors=errors,
+                     keeping=self._in_force.version if self._in_force else None)
+            self._say(self._status("refused", errors=tuple(errors)))
+            return
+        self._compiled = compiled
+        self.apply(compiled.ir, f"cluster version {head.version}",
+                   compile_ms=(time.monotonic() - started) * 1000, change=compiled.delta)
+        if not self.stats.last_apply_ok:
+            assert self._follower is not None
+            self._follower.forget_changes()
+            self._say(self._status("failed", errors=(self.stats.last_error,)))
+            return
+        if compiled.ir.digest != head.digest:
+            self.log("digest_differs", version=head.version, head=head.digest[:12],
+                     compiled=compiled.ir.digest[:12])
+        self._in_force = head
+        self.stats.cluster_version = head.version
+        self._say(self._status("enforcing"))
+
+    def _status(self, state: str, errors: tuple[str, ...] = ()) -> store.NodeReport:
+        head = self._in_force
+        return store.NodeReport(
+            self.node, state, version=head.version if head else 0,
+            digest=self._ir.digest if self._ir else "", revision=head.revision if head else 0,
+            backend=self._chosen, mode=",".join(self.stats.attach_modes), errors=errors,
+            connected=bool(self.stats.etcd_connected))
+
+    # -- the node's status and heartbeat -------------------------------------------
+
+    def _say(self, report: store.NodeReport) -> None:
+        with self._report_lock:
+            self._report = report
+            try:
+                store.report(self.client, self.layout, report)
+            except EtcdError as err:
+                self.log("status_not_written", error=str(err))  # written again on reconnect
+
+    def _connected(self, connected: bool, why: str = "") -> None:
+        if connected == self.stats.etcd_connected:
+            return
+        self.stats.etcd_connected = connected
+        if connected:
+            self.log("etcd_connected", endpoint=self.client.endpoint)
+            if self._report is not None:
+                self._say(replace(self._report, connected=True, updated=round(time.time(), 3)))
+        else:
+            self.log("etcd_unreachable", why=why, note="enforcing the last good version",
+                     version=self._in_force.version if self._in_force else None)
+
+    def _heartbeats(self, stop: threading.Event) -> None:
+        lease = 0
+        while not stop.is_set():
+            try:
+                if not lease or self.client.keepalive(lease) <= 0:
+                    lease = self.client.grant(self.lease_ttl)
+                    store.heartbeat(self.client, self.layout, self.node, lease)
+                self._connected(True)
+            except EtcdError as err:
+                self._connected(False, str(err))
+            stop.wait(self.heartbeat_interval)
+        if lease:
+            with contextlib.suppress(EtcdError):  # etcd out of reach: the lease runs out by itself
+                self.client.revoke(lease)  # stopped: `cluster status` says so at once
+
+
+def located(diagnostics: list[Diagnostic], line_keys: list[str]) -> list[Diagnostic]:
+    """Diagnostics of a version's document, located by the key each line came from."""
+    found = []
+    for d in diagnostics:
+        key = line_keys[d.line - 1] if 0 < d.line <= len(line_keys) and line_keys[d.line - 1] else ""
+        found.append(replace(d, file=f"etcd:{key}", line=1) if key else d)
+    return found
