@@ -262,9 +262,15 @@ class EtcdCluster(Resource):
                                    f"{self._logs()}")
 
     def _logs(self) -> str:
-        tails = [f"\n--- {m.name}:\n" + "\n".join(m.log.read_text(errors="replace").splitlines()[-5:])
-                 for m in self.members if m.log.exists()]
-        return "".join(tails)
+        """The members' logs, for an error message (they go with the cluster). Head and
+        tail: a bad flag is said on the first line, above etcd's usage text."""
+        shown = []
+        for member in (m for m in self.members if m.log.exists()):
+            lines = member.log.read_text(errors="replace").splitlines()
+            if len(lines) > 8:
+                lines = [*lines[:3], "...", *lines[-5:]]
+            shown.append(f"\n--- {member.name}:\n" + "\n".join(lines))
+        return "".join(shown)
 
     def kill(self, member: Member) -> None:
         """SIGKILL: a crash, no goodbye to the peers or clients."""
