@@ -25,9 +25,13 @@ fi
 #   python3-matplotlib  the benchmarks' plots (the venv sees system site-packages)
 #   vagrant             `vagrant validate` keeps vagrant/Vagrantfile valid
 #   graphviz            `make architecture` draws docs/architecture.svg with dot
+#   etcd-server         the cluster mode's tests start real etcd members (control/lab/etcd.py)
+#                       on free ports; Debian's own etcd service (localhost:2379) is unused
+#   etcd-client         etcdctl: the lab's leader, compaction and roles go over gRPC
+#   openssl             the lab's CA and certificates for etcd's TLS (not essential in Debian)
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
           iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant
-          graphviz)
+          graphviz etcd-server etcd-client openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -11,16 +11,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from etcd3gw.client import Etcd3Client
 
 from isoebpf import pipeline
 from isoebpf.backends import links, state
 from isoebpf.backends.state import Scope
 from isoebpf.ir.tables import IR
+from isoebpf.lab.etcd import ETCD, ETCDCTL, LOOPBACK, Credentials, EtcdCluster, Member
 from isoebpf.lab.testbed import Testbed, default_prefix, it_hr
 from tests.conftest import require
 
@@ -271,3 +274,69 @@ def testbed() -> Iterator[Testbed]:
             yield bed
     finally:  # a backstop: whatever a failed test left loaded never reaches the next module
         isoebpf("unload", "--netns", bed.router, check=False)
+
+
+def require_etcd() -> None:
+    """Skip (fail under CI) where etcd, etcdctl or openssl does not run."""
+    for tool in (ETCD, ETCDCTL, "openssl"):
+        try:
+            ran = subprocess.run([tool, "version" if tool != ETCD else "--version"],
+                                 capture_output=True, text=True)
+        except FileNotFoundError:
+            require(tool, "not installed (scripts/setup.sh installs etcd-server, etcd-client, openssl)")
+        if ran.returncode != 0:
+            require(tool, ran.stderr.strip())
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """Three etcd members on loopback: plain HTTP, no users."""
+    require_etcd()
+    with EtcdCluster() as cluster:
+        yield cluster
+
+
+NODES = ("a", "b")
+
+
+@pytest.fixture
+def secured_etcd() -> Iterator[EtcdCluster]:
+    """Three members that want a client certificate from the lab's CA, with the cluster
+    mode's roles: `cluster.rbac` holds the admin's and nodes a and b's credentials."""
+    require_etcd()
+    with EtcdCluster(tls=True) as cluster:
+        cluster.enable_rbac(NODES)
+        yield cluster
+
+
+GatewayClient = Callable[..., Etcd3Client]
+
+
+@pytest.fixture
+def gateway_client() -> Iterator[GatewayClient]:
+    """Makes etcd3gw clients on a member's JSON gateway, as the agents will reach etcd:
+    `gateway_client(cluster, member=None, credentials=None)`; with credentials, logged
+    in. Their sessions close after the test."""
+    sessions: list[requests.Session] = []
+
+    def connect(cluster: EtcdCluster, member: Member | None = None,
+                credentials: Credentials | None = None) -> Etcd3Client:
+        member = member or next(m for m in cluster.members if m.running)
+        session = requests.Session()
+        sessions.append(session)
+        # Else REQUESTS_CA_BUNDLE, where set, replaces the CA etcd3gw puts on the session.
+        session.trust_env = False
+        if cluster.pki is not None:
+            session.verify = str(cluster.pki.ca)
+        client = Etcd3Client(LOOPBACK, member.client_port, protocol=member.scheme, session=session,
+                             timeout=10)
+        if credentials is not None:
+            session.cert = (str(credentials.cert), str(credentials.key))
+            answer = client.post(client.get_url("/auth/authenticate"),
+                                 json={"name": credentials.user, "password": credentials.password})
+            session.headers["Authorization"] = answer["token"]
+        return client
+
+    yield connect
+    for session in sessions:
+        session.close()
