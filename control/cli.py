@@ -564,16 +564,21 @@ def etcd_options(func: _F) -> _F:
         click.option("--etcd-ca", type=click.Path(exists=True, dir_okay=False), envvar="ISOEBPF_ETCD_CA",
                      help="The CA that signed the etcd endpoints' certificates (https)."),
         click.option("--etcd-cert", type=click.Path(exists=True, dir_okay=False), envvar="ISOEBPF_ETCD_CERT",
-                     help="Our client certificate (etcd's --client-cert-auth: its CN is the etcd user)."),
+                     help="Our client certificate (etcd's --client-cert-auth), without a common name: "
+                          "etcd's gateway refuses one that has it once auth is on."),
         click.option("--etcd-key", type=click.Path(exists=True, dir_okay=False), envvar="ISOEBPF_ETCD_KEY",
                      help="The client certificate's key."),
+        click.option("--etcd-user", envvar="ISOEBPF_ETCD_USER",
+                     help="The etcd user to log in as (etcd auth on): its password from --etcd-password-file."),
+        click.option("--etcd-password-file", type=click.Path(exists=True, dir_okay=False),
+                     envvar="ISOEBPF_ETCD_PASSWORD_FILE", help="The file holding the etcd user's password."),
     )):
         func = option(func)
     return func
 
 
 def _cluster(etcd_urls: str | None, etcd_prefix: str, etcd_ca: str | None, etcd_cert: str | None,
-             etcd_key: str | None) -> tuple[Any, Any]:
+             etcd_key: str | None, etcd_user: str | None, etcd_password_file: str | None) -> tuple[Any, Any]:
     """(etcd client, layout) of the options etcd_options gives."""
     from .cluster.etcd import Credentials, Etcd
     from .cluster.layout import Layout
@@ -582,12 +587,14 @@ def _cluster(etcd_urls: str | None, etcd_prefix: str, etcd_ca: str | None, etcd_
         raise click.UsageError("no etcd given: --etcd URLS (or ISOEBPF_ETCD)")
     if bool(etcd_cert) != bool(etcd_key):
         raise click.UsageError("--etcd-cert and --etcd-key go together")
+    if bool(etcd_user) != bool(etcd_password_file):
+        raise click.UsageError("--etcd-user and --etcd-password-file go together")
     try:
         layout = Layout(etcd_prefix)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--prefix") from err
     urls = [u.strip() for u in etcd_urls.split(",") if u.strip()]
-    return Etcd(urls, Credentials(etcd_ca, etcd_cert, etcd_key)), layout
+    return Etcd(urls, Credentials(etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file)), layout
 
 
 @main.group()
@@ -722,9 +729,11 @@ def cluster_status(as_json: bool, **etcd: Any) -> None:
 @on_failure_option
 @etcd_options
 @click.option("--node", metavar="NAME", help="Cluster mode: this node's name in etcd (default: the hostname).")
+@click.option("--lease-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
+              help="Cluster mode: seconds after its last heartbeat that the node counts as stale.")
 def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[str, ...],
           netns: str | None, metrics: str | None, repair_interval: float, force: bool,
-          on_failure: str, node: str | None, **etcd: Any) -> None:
+          on_failure: str, node: str | None, lease_ttl: int, **etcd: Any) -> None:
     """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
     With --etcd (no POLICY): the cluster's policy, applied as each version is published,
     this node's status reported in etcd.
@@ -745,7 +754,8 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
         client, layout = _cluster(**etcd)
         runner = ClusterAgent(f"etcd://{client.endpoint.split('://', 1)[-1]}{layout.prefix}", backend_name,
                               ifaces, mode, netns, repair_interval, force=force, on_failure=on_failure,
-                              etcd=client, layout=layout, node=node or socket.gethostname())
+                              etcd=client, layout=layout, node=node or socket.gethostname(),
+                              lease_ttl=lease_ttl, heartbeat_interval=lease_ttl / 5)
     else:
         if not policy_file:
             raise click.UsageError("give POLICY (a file) or --etcd URLS (a cluster)")

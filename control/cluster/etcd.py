@@ -14,6 +14,11 @@ ours:
   after silence or a lost member, and reports a compacted start revision so
   the caller reads everything afresh.
 - revisions: every read says the revision it was made at.
+- users: etcd's gateway refuses a client certificate that has a common name once
+  auth is on (etcd 3.4: "CommonName of client sending a request against gateway
+  will be ignored"), so a node's etcd user logs in with a password (kept in a
+  file) for a token its requests carry; the certificate, without a CN, only
+  opens TLS. An expired token is renewed once per refused request.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +37,9 @@ import requests
 from etcd3gw import exceptions as gw
 
 from ..errors import IsoebpfError
+
+# A watch reopened after a partition heals should not sit out a long connect first.
+WATCH_CONNECT_TIMEOUT = 0.5
 
 
 class EtcdError(IsoebpfError):
@@ -87,11 +96,14 @@ class WatchBatch:
 
 @dataclass(frozen=True)
 class Credentials:
-    """TLS material for the endpoints: the CA that signed them and our client certificate."""
+    """How we reach the endpoints: the CA that signed them, our client certificate, and
+    the etcd user we log in as (its password in a file only root can read)."""
 
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
 
 
 class Etcd:
@@ -102,9 +114,18 @@ class Etcd:
         if not endpoints:
             raise EtcdError("no etcd endpoint given")
         self.timeout = timeout
-        self._clients = [_client(url, credentials, timeout) for url in endpoints]
+        self.credentials = credentials
+        # One session for every endpoint: its TLS settings and the login's token.
+        self.session = requests.Session()
+        self.session.trust_env = False  # else REQUESTS_CA_BUNDLE, where set, overrides our CA
+        if credentials.ca:
+            self.session.verify = credentials.ca
+        if credentials.cert and credentials.key:
+            self.session.cert = (credentials.cert, credentials.key)
+        self._clients = [_client(url, credentials, timeout, self.session) for url in endpoints]
         self._current = 0
         self._lock = threading.Lock()
+        self._token = ""
 
     @property
     def endpoint(self) -> str:
@@ -114,6 +135,31 @@ class Etcd:
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST one gateway request, moving to the next endpoint when one cannot be reached."""
+        if self.credentials.user and not self._token:
+            self._login()
+        try:
+            return self._post(path, body)
+        except EtcdError as err:
+            if not (self.credentials.user and "invalid auth token" in str(err)):
+                raise
+            self._login()  # the token expired (etcd's --auth-token-ttl)
+            return self._post(path, body)
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Every endpoint in turn until one answers, again and again (a leader election
+        takes about a second) until the timeout has passed."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.05
+        while True:
+            try:
+                return self._post_once(path, body)
+            except EtcdUnavailable:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    def _post_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         failures = []
         for _ in range(len(self._clients)):
             with self._lock:
@@ -129,6 +175,18 @@ class Etcd:
             except gw.Etcd3Exception as err:
                 raise EtcdError(f"etcd refused {path}: {_detail(err)}") from err
         raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(failures))
+
+    def _login(self) -> None:
+        assert self.credentials.user and self.credentials.password_file
+        try:
+            with open(self.credentials.password_file, encoding="utf-8") as said:
+                password = said.read().strip()
+        except OSError as err:
+            raise EtcdError(f"cannot read the etcd password: {err}") from err
+        self.session.headers.pop("Authorization", None)
+        answer = self._post("/auth/authenticate", {"name": self.credentials.user, "password": password})
+        self._token = str(answer["token"])
+        self.session.headers["Authorization"] = self._token
 
     def range(self, prefix: str, revision: int = 0) -> Range:
         """Every key under `prefix`, at `revision` (0: the latest)."""
@@ -179,7 +237,7 @@ class Etcd:
     # -- the watch -------------------------------------------------------------
 
     def watch(self, prefix: str, start_revision: int, stop: threading.Event,
-              quiet: float = 2.0, backoff: tuple[float, float] = (0.05, 2.0)) -> Iterator[WatchBatch]:
+              quiet: float = 2.0, backoff: tuple[float, float] = (0.05, 0.25)) -> Iterator[WatchBatch]:
         """Every change under `prefix` from `start_revision` on, in order, until `stop`.
 
         A stream silent for `quiet` seconds is reopened from the next revision (a
@@ -191,6 +249,8 @@ class Etcd:
         delay = backoff[0]
         while not stop.is_set():
             try:
+                if self.credentials.user and not self._token:
+                    self._login()
                 for batch in self._stream(prefix, next_revision, quiet, stop):
                     if batch.compacted:
                         yield batch
@@ -216,12 +276,14 @@ class Etcd:
         create: dict[str, Any] = {"key": b64(prefix), "range_end": b64(range_end(prefix)),
                   "start_revision": start_revision, "progress_notify": True}
         try:
-            response = client.session.post(client.get_url("/watch"), json={"create_request": create},
-                                           stream=True, timeout=(self.timeout, quiet))
+            response = self.session.post(client.get_url("/watch"), json={"create_request": create},
+                                         stream=True, timeout=(min(self.timeout, WATCH_CONNECT_TIMEOUT), quiet))
         except requests.Timeout as err:
             raise EtcdUnavailable(f"{client.base_url}: {err}") from err
         with response:
             if response.status_code != 200:
+                if response.status_code == 401 and self.credentials.user:
+                    self._token = ""  # expired: the next call logs in again
                 raise EtcdError(f"etcd refused the watch: {response.status_code} {response.text[:200]}")
             decoder = json.JSONDecoder()
             pending = ""
@@ -271,15 +333,15 @@ def _batch(message: dict[str, Any]) -> WatchBatch | None:
     return WatchBatch(progress=int(result["header"]["revision"]))
 
 
-def _client(url: str, credentials: Credentials, timeout: float) -> etcd3gw.Etcd3Client:
+def _client(url: str, credentials: Credentials, timeout: float,
+            session: requests.Session) -> etcd3gw.Etcd3Client:
     parts = urlsplit(url if "//" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise EtcdError(f"not an etcd client URL: {url!r} (give http(s)://HOST:PORT)")
     if parts.scheme == "https" and not credentials.ca:
         raise EtcdError(f"{url}: https needs the CA that signed the endpoints (--etcd-ca)")
     return etcd3gw.Etcd3Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
-                               ca_cert=credentials.ca, cert_cert=credentials.cert,
-                               cert_key=credentials.key, timeout=timeout, api_path="/v3/")
+                               timeout=timeout, api_path="/v3/", session=session)
 
 
 def _detail(err: gw.Etcd3Exception) -> str:

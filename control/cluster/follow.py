@@ -11,7 +11,7 @@ deletes are seen too); a lost stream is reported and resumed where it stopped.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from . import layout as laid
@@ -22,14 +22,19 @@ from .layout import ItemsHash, Layout
 
 @dataclass(frozen=True)
 class Version:
-    """A complete published version, as the JSON policy document its items make."""
+    """A complete published version: its items, and the policy document they make."""
 
     head: store.Head
-    text: str
-    line_keys: list[str]  # the key each line of `text` comes from
+    layout: Layout
+    items: Mapping[str, str]  # key -> text, the head aside (the follower's own: read before the next)
     # The item keys that changed since the version handed out before (None: unknown,
     # compare everything).
     changed: frozenset[str] | None
+
+    def document(self) -> tuple[str, list[str]]:
+        """The JSON policy document (laid.document), made only when asked: a change of a
+        few rules needs only those (cluster.edit)."""
+        return laid.document(self.layout, self.items)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,15 @@ class Lost:
     """etcd could not be reached or the stream broke: why (the watch goes on trying)."""
 
     why: str
+
+
+@dataclass(frozen=True)
+class Read:
+    """Everything was read afresh at `revision`: at the start, or because the watch's
+    next revision was compacted (`compacted`: up to which)."""
+
+    revision: int
+    compacted: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,20 +76,23 @@ class Follower:
         self._given: store.Head | None = None
         self._changed: set[str] | None = set()
 
-    def follow(self, stop: threading.Event) -> Iterator[Version | Lost | Incomplete]:
+    def follow(self, stop: threading.Event) -> Iterator[Version | Lost | Incomplete | Read]:
         """Each version published from now on, once, in order (the one in etcd first)."""
+        compacted = 0
         while not stop.is_set():
             try:
                 stored = store.read(self.etcd, self.layout)
             except EtcdError as err:
                 yield Lost(str(err))
-                stop.wait(0.5)
+                stop.wait(0.25)
                 continue
+            yield Read(stored.revision, compacted)
             yield from self._reset(stored)
             for batch in self.etcd.watch(self.layout.policy, self.revision + 1, stop, self.quiet):
                 if batch.lost:
                     yield Lost(batch.lost)
                 elif batch.compacted:
+                    compacted = batch.compacted
                     break  # read everything again
                 elif batch.events:
                     yield from self._apply(batch.events)
@@ -130,15 +147,13 @@ class Follower:
                 yield Incomplete(head, "its items hash is not the hash of the items stored")
                 return
             items, changed = at_head.items, None
-        try:
-            text, line_keys = laid.document(self.layout, items)
-        except laid.NotAPolicy as err:
-            yield Incomplete(head, str(err))
+        if self.layout.header not in items:
+            yield Incomplete(head, f"no {self.layout.header}")
             return
         self._given = head
         # What changes next is counted from the items handed out, where they are the ones seen.
         self._changed = set() if items is self.items else None
-        yield Version(head, text, line_keys, changed)
+        yield Version(head, self.layout, items, changed)
 
     def forget_changes(self) -> None:
         """The next version is compared in full (what was handed out was not enforced)."""

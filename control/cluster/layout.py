@@ -21,6 +21,7 @@ meets the old version or the new one, never a mix.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import Diagnostic
 from ..policy.model import Policy
 
 DEFAULT_PREFIX = "/isoebpf/"
@@ -251,6 +253,16 @@ def document(layout: Layout, stored: Mapping[str, str]) -> tuple[str, list[str]]
     lines.append("}")
     keys.append("")
     return "\n".join(lines) + "\n", keys
+
+
+def located(diagnostics: Iterable[Diagnostic], line_keys: list[str]) -> list[Diagnostic]:
+    """Diagnostics of a `document`, located at the key each line came from
+    (`etcd:/isoebpf/policy/allow/5:1:COL`)."""
+    found = []
+    for d in diagnostics:
+        key = line_keys[d.line - 1] if 0 < d.line <= len(line_keys) else ""
+        found.append(dataclasses.replace(d, file=f"etcd:{key}", line=1) if key else d)
+    return found
 
 
 def _value(key: str, text: str) -> Any:

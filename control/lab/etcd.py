@@ -105,8 +105,12 @@ class Rbac:
     def policy_prefix(self) -> str:
         return f"{self.prefix}policy/"
 
+    def node_prefix(self, node: str) -> str:
+        """Where a node's agent reports (its status and its heartbeat)."""
+        return f"{self.prefix}nodes/{node}/"
+
     def status_key(self, node: str) -> str:
-        return f"{self.prefix}status/{node}"
+        return f"{self.node_prefix(node)}status"
 
 
 @dataclass(eq=False)  # members are told apart by identity: kill(m), start(m)
@@ -207,8 +211,9 @@ class EtcdCluster(Resource):
 
     def _spawn(self, member: Member) -> None:
         """Start the member's process; on a restart the data dir's WAL makes it rejoin."""
+        command = self._command(member)
         with member.log.open("ab") as log:
-            member.process = subprocess.Popen(self._command(member), stdin=subprocess.DEVNULL,
+            member.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                               stdout=log, stderr=subprocess.STDOUT)
         self._wait_listening(member)
 
@@ -317,7 +322,7 @@ class EtcdCluster(Resource):
     def enable_rbac(self, nodes: Sequence[str], prefix: str = DEFAULT_PREFIX) -> Rbac:
         """Turn on etcd's authentication with the cluster mode's roles:
         `isoebpf-admin` reads and writes all of `prefix`; user and role `node-<name>`, one per
-        node, read `<prefix>policy/` and write only `<prefix>status/<name>`. `root` is made
+        node, read `<prefix>policy/` and write only under `<prefix>nodes/<name>/`. `root` is made
         too (etcd requires it) and keeps working for etcdctl through its certificate's CN.
         The other users log in with a password, made into the cluster's directory."""
         if self.pki is None:
@@ -330,7 +335,8 @@ class EtcdCluster(Resource):
         for node in nodes:
             user = self._add_user(f"node-{node}")
             self.etcdctl("role", "grant-permission", user.user, "--prefix", "read", self.rbac.policy_prefix)
-            self.etcdctl("role", "grant-permission", user.user, "write", self.rbac.status_key(node))
+            self.etcdctl("role", "grant-permission", user.user, "--prefix", "write",
+                         self.rbac.node_prefix(node))
             self.rbac.nodes[node] = user
         self.etcdctl("auth", "enable")
         return self.rbac

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, replace
 
 from .. import pipeline
 from ..backends import enforcer
-from ..cluster import store
+from ..cluster import edit, store
 from ..cluster.etcd import Etcd, EtcdError
-from ..cluster.follow import Follower, Incomplete, Lost, Version
-from ..cluster.layout import Layout
-from ..errors import Diagnostic, PolicyError
+from ..cluster.follow import Follower, Incomplete, Lost, Read, Version
+from ..cluster.layout import Layout, NotAPolicy, located
+from ..errors import PolicyError
 from .agent import Agent, LinkEvents
 
 
@@ -47,6 +47,7 @@ class ClusterAgent(Agent):
     _follower: Follower | None = None
     _report: store.NodeReport | None = None
     _report_lock: threading.Lock = field(default_factory=threading.Lock)
+    _rule_keys: list[str] | None = None  # the key of each rule of the policy in force
 
     def __post_init__(self) -> None:
         if self.etcd is None:
@@ -82,6 +83,10 @@ class ClusterAgent(Agent):
         for said in self._follower.follow(stop):
             if isinstance(said, Lost):
                 self._connected(False, said.why)
+            elif isinstance(said, Read):
+                self._connected(True)
+                self.log("cluster_read", revision=said.revision,
+                         why=f"revision {said.compacted} compacted" if said.compacted else "start")
             elif isinstance(said, Incomplete):
                 self.log("cluster_incomplete", version=said.head.version, why=said.why,
                          keeping=self._in_force.version if self._in_force else None)
@@ -94,11 +99,10 @@ class ClusterAgent(Agent):
         head = version.head
         started = time.monotonic()
         try:
-            compiled = pipeline.read(self.policy_path, version.text.encode(),
-                                     numbering=None if self._compiled else enforcer.numbering(self.scope),
-                                     previous=self._compiled)
-        except PolicyError as err:
-            errors = [str(d) for d in located(err.diagnostics, version.line_keys) if d.severity == "error"]
+            compiled = self._compile(version)
+        except (PolicyError, NotAPolicy) as err:
+            errors = ([str(d) for d in err.diagnostics if d.severity == "error"]
+                      if isinstance(err, PolicyError) else [str(err)])
             self.stats.applies["refused"] += 1
             self.log("policy_refused", version=head.version, errors=errors,
                      keeping=self._in_force.version if self._in_force else None)
@@ -110,6 +114,7 @@ class ClusterAgent(Agent):
         if not self.stats.last_apply_ok:
             assert self._follower is not None
             self._follower.forget_changes()
+            self._rule_keys = None
             self._say(self._status("failed", errors=(self.stats.last_error,)))
             return
         if compiled.ir.digest != head.digest:
@@ -118,6 +123,28 @@ class ClusterAgent(Agent):
         self._in_force = head
         self.stats.cluster_version = head.version
         self._say(self._status("enforcing"))
+
+    def _compile(self, version: Version) -> pipeline.Compiled:
+        """`version` compiled as a difference of the one in force: from the rules that
+        changed alone where only rules did (cluster.edit), else from the whole document."""
+        changed = version.changed
+        if (self._compiled is not None and self._rule_keys is not None and changed is not None
+                and edit.rules_only(self.layout, changed)):
+            made = edit.edit(self.layout, self._compiled.policy, self._rule_keys, version.items, changed,
+                             self.policy_path)
+            with pipeline.collector_paused():
+                delta = self._compiled.compiler.update(made.policy)
+            self._rule_keys = made.rule_keys
+            return pipeline.Compiled(self._compiled.compiler, (), delta=delta)
+        text, line_keys = version.document()
+        try:
+            compiled = pipeline.read(self.policy_path, text.encode(),
+                                     numbering=None if self._compiled else enforcer.numbering(self.scope),
+                                     previous=self._compiled)
+        except PolicyError as err:
+            raise PolicyError(located(err.diagnostics, line_keys)) from err
+        self._rule_keys = sorted(k for k in version.items if k.startswith(self.layout.item("allow", "")))
+        return compiled
 
     def _status(self, state: str, errors: tuple[str, ...] = ()) -> store.NodeReport:
         head = self._in_force
@@ -164,11 +191,3 @@ class ClusterAgent(Agent):
             with contextlib.suppress(EtcdError):  # etcd out of reach: the lease runs out by itself
                 self.client.revoke(lease)  # stopped: `cluster status` says so at once
 
-
-def located(diagnostics: list[Diagnostic], line_keys: list[str]) -> list[Diagnostic]:
-    """Diagnostics of a version's document, located by the key each line came from."""
-    found = []
-    for d in diagnostics:
-        key = line_keys[d.line - 1] if 0 < d.line <= len(line_keys) and line_keys[d.line - 1] else ""
-        found.append(replace(d, file=f"etcd:{key}", line=1) if key else d)
-    return found

@@ -179,11 +179,14 @@ def flush_iptables(testbed: Testbed) -> None:
 class AgentProcess:
     """`isoebpf agent` running in a process of its own, its JSON log lines read as they come."""
 
-    def __init__(self, policy: Path, netns: str, *more: str) -> None:
+    def __init__(self, policy: Path | None, netns: str, *more: str, inside: bool = False) -> None:
+        """`policy` None: the options say where it comes from (--etcd). `inside`: the agent
+        runs in `netns` (its own connections, to etcd, go from there), not beside it."""
         self.events: list[dict[str, object]] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "isoebpf.cli", "agent", str(policy), "--netns", netns,
-             "--iface", "v-*", "--repair-interval", "0.5", *more],
+            [*(["nsenter", f"--net=/run/netns/{netns}"] if inside else []),
+             sys.executable, "-m", "isoebpf.cli", "agent", *([str(policy)] if policy else []),
+             "--netns", netns, "--iface", "v-*", "--repair-interval", "0.5", *more],
             stderr=subprocess.PIPE, cwd=ROOT)
         self._lines: queue.Queue[str] = queue.Queue()
         self._done = threading.Event()

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isoebpf import pipeline
+from isoebpf.cluster import edit
 from isoebpf.cluster import layout as laid
 from isoebpf.cluster.layout import ItemsHash, Layout, Plan, spread
 from isoebpf.cluster.store import canonical_policy
@@ -19,7 +20,6 @@ from isoebpf.errors import PolicyError
 from isoebpf.ir.compiler import compile_policy, digest_of
 from isoebpf.policy import parse
 from isoebpf.policy.model import Policy
-from isoebpf.service.cluster_agent import located
 from tests.policygen import random_policy
 
 LAYOUT = Layout()
@@ -142,7 +142,7 @@ def test_a_bad_item_is_refused_at_its_key() -> None:
     text, line_keys = laid.document(LAYOUT, stored)
     with pytest.raises(PolicyError) as refused:
         pipeline.parse_policy(text, "etcd")
-    said = [str(d) for d in located(refused.value.diagnostics, line_keys)]
+    said = [str(d) for d in laid.located(refused.value.diagnostics, line_keys)]
     assert said and all(s.startswith(f"etcd:{bad}:1:") for s in said), said
 
 
@@ -158,3 +158,39 @@ def test_a_prefix_must_be_a_directory() -> None:
         Layout("isoebpf")
     assert Layout("/c2/").node_of("/c2/nodes/n1/alive") == ("n1", "alive")
     assert dataclasses.replace(LAYOUT).head == "/isoebpf/policy/head"
+
+
+@given(st.lists(st.tuples(st.sampled_from(["insert", "delete", "change"]), st.integers(0, 50),
+                          st.integers(1, 65535)), min_size=1, max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_a_change_of_rules_alone_spliced_in_is_the_policy_read_whole(ops: list[tuple[str, int, int]]) -> None:
+    rules = list(RULES)
+    before = policy(rules)
+    stored = written({}, laid.plan(LAYOUT, {}, before))
+    for op, at, port in ops:
+        at %= len(rules) + (op == "insert")
+        if op == "insert":
+            rules.insert(at, f"  - {{from: it, to: hr, ports: [udp/{port}]}}")
+        elif rules and op == "delete":
+            del rules[at % len(rules)]
+        elif rules:
+            rules[at % len(rules)] = f"  - {{from: hr, to: 10.250.{port % 256}.0/24}}"
+    plan = laid.plan(LAYOUT, stored, policy(rules))
+    after = written(stored, plan)
+    made = edit.edit(LAYOUT, before, rule_keys(stored), after, {*plan.puts, *plan.deletes}, "etcd")
+    whole = pipeline.parse_policy(laid.document(LAYOUT, after)[0], "etcd")
+    assert [(r.src.text, r.dst.text, r.ports) for r in made.policy.rules] == \
+        [(r.src.text, r.dst.text, r.ports) for r in whole.rules]
+    assert made.rule_keys == rule_keys(after)
+    kept = [i for i in range(len(before.rules)) if i not in made.removed]
+    assert len(kept) + len(made.added) == len(made.policy.rules)
+
+
+def test_a_bad_rule_spliced_in_is_refused_at_its_key() -> None:
+    before = policy(RULES)
+    stored = written({}, laid.plan(LAYOUT, {}, before))
+    key = rule_keys(stored)[2]
+    after = {**stored, key: laid.canonical({"from": "hr", "to": "10.99.0.0/16"})}
+    with pytest.raises(PolicyError) as refused:
+        edit.edit(LAYOUT, before, rule_keys(stored), after, {key}, "etcd")
+    assert all(str(d).startswith(f"etcd:{key}:1:") for d in refused.value.diagnostics)
