@@ -11,6 +11,8 @@ namespace's loopback, reached through a relay on the node's own loopback
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -205,6 +207,24 @@ def test_members_and_then_the_leader_killed_during_pushes_lose_nothing(agents: C
     assert said["version"] == final["version"]
 
 
+def test_a_frozen_member_hangs_no_watch(agents: Cluster, tmp_path: Path) -> None:
+    """A member that stops answering without closing its connections (SIGSTOP: a hung
+    process, a half-open network) leaves streams that say nothing: the agents, watching
+    through the first member, notice the silence and go on through another one."""
+    first = agents.etcd.members[0]
+    assert first.process is not None
+    os.kill(first.process.pid, signal.SIGSTOP)
+    try:
+        pushed = agents.push(WITH_SSH, tmp_path)
+        for node in agents.nodes:
+            assert node.agent is not None
+            wait_version(node.agent, pushed["version"], timeout=30)
+            assert node.verdict(22) == "connected", node.name
+    finally:
+        os.kill(first.process.pid, signal.SIGCONT)
+    wait_status(agents, ok=True)
+
+
 def test_a_node_cut_off_keeps_enforcing_shows_stale_and_catches_up(agents: Cluster,
                                                                    tmp_path: Path) -> None:
     cut = agents.nodes[2]
@@ -278,6 +298,7 @@ def test_a_restarted_agent_carries_on_and_catches_up(agents: Cluster, tmp_path: 
     assert opened > 0 and set(seen[:opened]) == {"refused"} and set(seen[opened:]) <= {"connected"}, seen
     assert applied["generation"] != 1  # an update of what was in force, not a fresh load
     assert node.verdict(22) == "connected"
+    wait_status(agents, ok=True)
 
 
 def test_an_agent_killed_mid_change_converges_when_restarted(agents: Cluster, tmp_path: Path) -> None:
