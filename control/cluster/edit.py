@@ -38,13 +38,19 @@ def rules_only(layout: Layout, changed: Collection[str]) -> bool:
     return all(key.startswith(under) for key in changed)
 
 
-def edit(layout: Layout, policy: Policy, rule_keys: list[str], items: Mapping[str, str],
-         changed: Collection[str], path: str) -> RuleEdit:
-    """`policy` (its rules at `rule_keys`) with the allow rules of `changed` keys as
-    `items` now has them: checked (PolicyError, located by line_keys), then spliced."""
-    head = {k: t for k, t in items.items() if k == layout.header or k.startswith(layout.item("overlays", ""))}
+def frame(layout: Layout, items: Mapping[str, str]) -> dict[str, str]:
+    """The items every rule is checked against: the header and the overlays."""
+    header, overlays = layout.header, layout.item("overlays", "")
+    return {k: t for k, t in items.items() if k == header or k.startswith(overlays)}
+
+
+def edit(layout: Layout, policy: Policy, rule_keys: list[str], framing: Mapping[str, str],
+         items: Mapping[str, str], changed: Collection[str], path: str) -> RuleEdit:
+    """`policy` (its rules at `rule_keys`, checked against `framing`: `frame` of the
+    items it was read from) with the allow rules of `changed` keys as `items` now has
+    them: checked (PolicyError, located by line_keys), then spliced."""
     present = sorted(k for k in changed if k in items)
-    text, line_keys = document(layout, {**head, **{k: items[k] for k in present}})
+    text, line_keys = document(layout, {**framing, **{k: items[k] for k in present}})
     try:
         checked = pipeline.parse_policy(text, path)
     except PolicyError as err:

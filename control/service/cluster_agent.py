@@ -48,6 +48,7 @@ class ClusterAgent(Agent):
     _report: store.NodeReport | None = None
     _report_lock: threading.Lock = field(default_factory=threading.Lock)
     _rule_keys: list[str] | None = None  # the key of each rule of the policy in force
+    _frame: dict[str, str] = field(default_factory=dict)  # its header and overlays (cluster.edit)
 
     def __post_init__(self) -> None:
         if self.etcd is None:
@@ -130,8 +131,8 @@ class ClusterAgent(Agent):
         changed = version.changed
         if (self._compiled is not None and self._rule_keys is not None and changed is not None
                 and edit.rules_only(self.layout, changed)):
-            made = edit.edit(self.layout, self._compiled.policy, self._rule_keys, version.items, changed,
-                             self.policy_path)
+            made = edit.edit(self.layout, self._compiled.policy, self._rule_keys, self._frame, version.items,
+                             changed, self.policy_path)
             with pipeline.collector_paused():
                 delta = self._compiled.compiler.update(made.policy)
             self._rule_keys = made.rule_keys
@@ -144,6 +145,7 @@ class ClusterAgent(Agent):
         except PolicyError as err:
             raise PolicyError(located(err.diagnostics, line_keys)) from err
         self._rule_keys = sorted(k for k in version.items if k.startswith(self.layout.item("allow", "")))
+        self._frame = edit.frame(self.layout, version.items)
         return compiled
 
     def _status(self, state: str, errors: tuple[str, ...] = ()) -> store.NodeReport:

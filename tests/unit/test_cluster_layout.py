@@ -177,7 +177,8 @@ def test_a_change_of_rules_alone_spliced_in_is_the_policy_read_whole(ops: list[t
             rules[at % len(rules)] = f"  - {{from: hr, to: 10.250.{port % 256}.0/24}}"
     plan = laid.plan(LAYOUT, stored, policy(rules))
     after = written(stored, plan)
-    made = edit.edit(LAYOUT, before, rule_keys(stored), after, {*plan.puts, *plan.deletes}, "etcd")
+    made = edit.edit(LAYOUT, before, rule_keys(stored), edit.frame(LAYOUT, stored), after,
+                     {*plan.puts, *plan.deletes}, "etcd")
     whole = pipeline.parse_policy(laid.document(LAYOUT, after)[0], "etcd")
     assert [(r.src.text, r.dst.text, r.ports) for r in made.policy.rules] == \
         [(r.src.text, r.dst.text, r.ports) for r in whole.rules]
@@ -192,5 +193,5 @@ def test_a_bad_rule_spliced_in_is_refused_at_its_key() -> None:
     key = rule_keys(stored)[2]
     after = {**stored, key: laid.canonical({"from": "hr", "to": "10.99.0.0/16"})}
     with pytest.raises(PolicyError) as refused:
-        edit.edit(LAYOUT, before, rule_keys(stored), after, {key}, "etcd")
+        edit.edit(LAYOUT, before, rule_keys(stored), edit.frame(LAYOUT, stored), after, {key}, "etcd")
     assert all(str(d).startswith(f"etcd:{key}:1:") for d in refused.value.diagnostics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prometheus_client.core import Metric
 
@@ -150,6 +151,17 @@ def test_rule_metrics_are_labelled_with_the_identity() -> None:
     assert packets[("allow:1", "allow hr -> it tcp/80")] == 5
     assert samples(collected["isoebpf_rule_bytes"])[("allow:1", "allow hr -> it tcp/80")] == 500
     assert "identity" in collected["isoebpf_rule_packets"].documentation
+
+
+def test_cluster_metrics_say_whether_etcd_answers_and_the_version_in_force() -> None:
+    def collected(stats: Stats) -> dict[str, Any]:
+        return {m.name: m for m in StatusCollector(lambda: {}, stats, lambda: "deny").collect()}
+
+    assert "isoebpf_etcd_connected" not in collected(Stats())  # a file agent: no cluster
+    cut_off = collected(Stats(etcd_connected=False, cluster_version=7))
+    assert cut_off["isoebpf_etcd_connected"].samples[0].value == 0
+    assert cut_off["isoebpf_cluster_version"].samples[0].value == 7
+    assert collected(Stats(etcd_connected=True))["isoebpf_etcd_connected"].samples[0].value == 1
 
 
 # -- the iptables backend's carry, in the full layout (the kernel here may lack its set types) --
