@@ -45,7 +45,7 @@ from bench.topology import PYTHON
 from isoebpf import pipeline
 from isoebpf.backends.ebpf import entries, program
 from isoebpf.errors import PolicyError
-from isoebpf.ir.compiler import Compiler
+from isoebpf.ir.compiler import Compiler, Delta
 from isoebpf.ir.lint import lint
 from isoebpf.policy.model import Policy
 
@@ -86,6 +86,14 @@ def _compiled_and_linted(model: Policy) -> Compiler:
     return compiler
 
 
+def _changed_and_linted(compiler: Compiler, model: Policy) -> Delta | None:
+    """A change compiled as the agent's pipeline.read compiles it: as a difference, then
+    linted (which makes the IR, made when first read)."""
+    delta = compiler.update(model)
+    lint(model, compiler.ir)
+    return delta
+
+
 def _phases(rules: int, suffix: str) -> dict[str, Any]:
     text = policies.policy_text(rules, suffix)
     name = f"policy{suffix}"
@@ -106,7 +114,8 @@ def _phases(rules: int, suffix: str) -> dict[str, Any]:
             # The change as the agent makes it: the changed file parsed, compiled as a
             # difference of the policy in force, and that difference written.
             changed = policies.policy_text(rules, suffix, changed=True)
-            delta, change_compile_s = _timed(lambda: compiler.update(pipeline.parse_policy(changed, name)))
+            delta, change_compile_s = _timed(
+                lambda: _changed_and_linted(compiler, pipeline.parse_policy(changed, name)))
             if delta is None or compiler.ir.digest == ir.digest:
                 raise RuntimeError("B6: the one-rule change was not a change of rules")
             _, apply_s = _timed(lambda: program.next_generation(

@@ -3,10 +3,13 @@
 A `Compiler` holds a compiled policy in a form that a changed policy can be
 compiled against: `update` keeps the numbering (a class keeps its id while the
 policy names its CIDR, a rule its id while its identity stays, see
-tables.rule_identities), recompiles only what the allow rules that came and
-went touch, and says which entries changed (`Delta`), so a one-rule change
-costs that rule's entries and the address classes it splits or merges, not the
-policy's size. Changes to overlays or exceptions compile afresh under the same
+tables.rule_identities, or while it stays where the caller says which rules
+changed), recompiles only what the allow rules that came and went touch, and
+says which entries changed (`Delta`), so a one-rule change costs that rule's
+entries and the address classes it splits or merges, not the policy's size.
+Told which rules changed (`RuleEdit`), it reads no other rule; the IR itself is
+made when first read after a change, from tables kept sorted as the update
+goes. Changes to overlays or exceptions compile afresh under the same
 numbering. `compile_policy` is a fresh Compiler's IR: ids in file order.
 
 Reads the policy stage's model (`isoebpf.policy.model`), builds `tables.IR`; its
@@ -16,11 +19,14 @@ reference semantics on what it built).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from typing import TypeVar
 
 import netaddr
@@ -46,6 +52,10 @@ NetKey = tuple[int, int, int]  # (version, network address, prefix length)
 Pair = tuple[NetKey, NetKey]  # (source class, destination class), by CIDR
 AllowKey = tuple[int, int, int, int, int]  # (match bits, src class, dst class, proto, port): the map's key
 K = TypeVar("K")
+
+# Between neighbouring allow rules' ranks as first given: room for 32 rules inserted
+# one after another into one gap before every rule is ranked afresh (O(rules)).
+RANK_GAP = 1 << 32
 
 
 def port_prefixes(low: int, high: int) -> Iterator[tuple[int, int]]:
@@ -99,7 +109,6 @@ def _describe(rule: AllowRule) -> str:
 class _Said:
     """An exception or allow rule as the compiler reads it: what it names and lists."""
 
-    identity: str  # as tables.rule_identities says it
     text: str
     src: tuple[NetKey, ...]
     dst: tuple[NetKey, ...]
@@ -144,11 +153,26 @@ class Numbering:
                    {identities[r.name]: r.id for r in ir.rules if r.id >= FIRST_POLICY_RULE})
 
 
+@dataclass(frozen=True)
+class RuleEdit:
+    """Which allow rules a new policy changes, by place, from a caller that knows (the
+    cluster agent knows which rule keys changed): `removed`, indexes in the policy
+    compiled now of the rules that go; `added`, indexes in the new policy of the
+    rules that come. A rule changed in place is removed and added at its index.
+
+    The caller promises that the new policy's other allow rules are the old ones,
+    in the same order, each saying what it said (where the file says it may move).
+    Compiler.update checks what it can without reading them: the lengths, the
+    indexes, and the text of the rules on either side of each one named."""
+
+    removed: tuple[int, ...] = ()
+    added: tuple[int, ...] = ()
+
+
 class Compiler:
     """One policy compiled, and the state that compiles the next one as a difference."""
 
     policy: Policy
-    ir: IR
     # The class tree: every CIDR the policy names, the overlay that holds it, how many
     # subnets and endpoints name it, its nearest named ancestor and its named children.
     owner: dict[NetKey, str]
@@ -164,17 +188,31 @@ class Compiler:
     free_rule_ids: _Ids
     hairpin: dict[str, bool]  # overlay -> does traffic inside it pass as hairpin
     exceptions: list[_Said]
-    rules: list[_Said]
     said: dict[int, _Said]  # rule id -> the exception or allow rule
-    rank: dict[int, int]  # allow rule id -> its place among the allow rules
-    exception_rank: dict[int, int]
+    order: list[int]  # the allow rules' ids, in file order
+    # Allow rule id -> a number that sorts as the rules do: kept, with gaps between
+    # neighbours, so that a rule inserted costs one number, not renumbering those after.
+    rank: dict[int, int]
+    exception_rank: dict[int, int]  # exception id -> its place, in file order
+    # Allow rule text -> the rules of that text, in file order: the one says
+    # `text`'s identity, the second `text #2`, ... (tables.rule_identities).
+    by_text: dict[str, list[int]]
     users: dict[NetKey, set[int]]  # CIDR -> the rules and exceptions naming it
     exception_pairs: dict[Pair, list[int]]  # -> the exceptions making it unfiltered
     listed: dict[Pair, dict[PrefixKey, list[int]]]  # -> prefix -> the allow rules listing it
     resolved: dict[Pair, dict[PrefixKey, int]]  # -> the allowed map's entries of the pair
-    _seen: _Seen | None  # while an update runs: what it touched, as it was
-    _prefixes: dict[NetKey, ClassPrefix]  # the IR's class entries, kept while they stay
     sizes: dict[str, int]  # entries per table, as Delta.sizes says them
+    _seen: _Seen | None  # while an update runs: what it touched, as it was
+    # The IR's tables, kept as an update goes so that making the IR costs no sorting:
+    # the named CIDRs in address order and their class entries, the pairs with
+    # allowed entries in address order and their entries.
+    _class_order: list[NetKey]
+    _prefixes: dict[NetKey, ClassPrefix]
+    _pair_order: list[Pair]
+    _entries: dict[Pair, tuple[AllowEntry, ...]]
+    _ir: IR | None  # the IR last made: of the policy compiled now unless `_ir_stale`
+    _ir_stale: bool
+    _digest: str | None
 
     def __init__(self, policy: Policy, numbering: Numbering | None = None) -> None:
         """Compile `policy`; with a `numbering`, keep its ids for what it numbers."""
@@ -183,12 +221,29 @@ class Compiler:
     def numbering(self) -> Numbering:
         return Numbering(dict(self.class_ids), dict(self.overlay_ids), dict(self.rule_ids))
 
+    @property
+    def ir(self) -> IR:
+        """The IR of the policy compiled now, made when first read after a change."""
+        if self._ir is None or self._ir_stale:
+            self._ir, self._ir_stale = self._made_ir(self._ir), False
+        return self._ir
+
+    @property
+    def digest(self) -> str:
+        """The policy's digest (policy_digest), taken when first asked for after a change:
+        it hashes every rule's text (100k rules: about 11 ms)."""
+        if self._digest is None:
+            said = self.said.__getitem__
+            self._digest = policy_digest(self.policy, (s.text for s in self.exceptions),
+                                         map(attrgetter("text"), map(said, self.order)))
+        return self._digest
+
     # -- compiling afresh ------------------------------------------------------
 
     def _build(self, policy: Policy, numbering: Numbering | None) -> None:
         self.policy = policy
         self._seen = None
-        self._prefixes = {}
+        self._ir, self._ir_stale, self._digest = None, False, None
         self.owner = {}
         self.nets = {}
         self.namers = {}
@@ -203,7 +258,8 @@ class Compiler:
         stack: list[NetKey] = []
         # Policy CIDRs have no host bits, so (version, address, length) sorts as
         # (version, first, -last): containers before what they contain.
-        for key in sorted(self.owner):
+        self._class_order = sorted(self.owner)
+        for key in self._class_order:
             while stack and not _contains(stack[-1], key):
                 stack.pop()
             above = stack[-1] if stack else None
@@ -213,35 +269,44 @@ class Compiler:
             stack.append(key)
 
         old = numbering or Numbering({}, {}, {})
-        self.class_ids, self.free_class_ids = _numbered(sorted(self.owner), old.classes, 1)
+        self.class_ids, self.free_class_ids = _numbered(self._class_order, old.classes, 1)
         self.overlay_ids, _ = _numbered([o.name for o in policy.overlays], old.overlays, 1)
         self.hairpin = {o.name: not o.isolated for o in policy.overlays}
+        self._prefixes = {key: self._prefix(key) for key in self._class_order}
 
         self.exceptions = _exceptions_said(policy)
-        self.rules = _rules_said(policy)
-        identities = [s.identity for s in self.exceptions] + [
-            f"hairpin {o.name}" for o in policy.overlays if not o.isolated] + [
-            s.identity for s in self.rules]
-        self.rule_ids, self.free_rule_ids = _numbered(identities, old.rules, FIRST_POLICY_RULE)
-        self.said = {self.rule_ids[s.identity]: s for s in (*self.exceptions, *self.rules)}
-        self.rank = {self.rule_ids[s.identity]: i for i, s in enumerate(self.rules)}
-        self.exception_rank = {self.rule_ids[s.identity]: i for i, s in enumerate(self.exceptions)}
+        rules = [_said_of(_describe(r), r) for r in policy.rules]
+        exception_identities = _told_apart("exception", [s.text for s in self.exceptions])
+        allow_identities = _told_apart("allow", [s.text for s in rules])
+        self.rule_ids, self.free_rule_ids = _numbered(
+            [*exception_identities, *(f"hairpin {o.name}" for o in policy.overlays if not o.isolated),
+             *allow_identities], old.rules, FIRST_POLICY_RULE)
+        self.exception_rank = {self.rule_ids[identity]: n for n, identity in enumerate(exception_identities)}
+        self.order = [self.rule_ids[identity] for identity in allow_identities]
+        self.said = {**dict(zip(self.exception_rank, self.exceptions, strict=True)),
+                     **dict(zip(self.order, rules, strict=True))}
+        self.rank = {rule_id: n * RANK_GAP for n, rule_id in enumerate(self.order)}
+        self.by_text = {}
+        for rule_id, said in zip(self.order, rules, strict=True):
+            self.by_text.setdefault(said.text, []).append(rule_id)
 
         # Who names each CIDR (for the classes a new CIDR splits off its ancestors).
         self.users = {}
         self.exception_pairs = {}
-        for said in self.exceptions:
-            rule_id = self.rule_ids[said.identity]
+        for rule_id in self.exception_rank:
+            said = self.said[rule_id]
             self._use(said, rule_id)
             for pair in self._pairs(said):
                 self.exception_pairs.setdefault(pair, []).append(rule_id)
         self.listed = {}
-        for said in self.rules:
-            rule_id = self.rule_ids[said.identity]
+        for rule_id in self.order:
+            said = self.said[rule_id]
             self._use(said, rule_id)
             self._list(said, rule_id, self._pairs(said))
         self.resolved = {
             pair: self._resolve(table) for pair, table in self.listed.items()}
+        self._pair_order = sorted(self.resolved)
+        self._entries = {pair: self._allow_entries(pair, self.resolved[pair]) for pair in self._pair_order}
         self.sizes = {
             "classes_v4": sum(1 for key in self.owner if key[0] == 4),
             "classes_v6": sum(1 for key in self.owner if key[0] == 6),
@@ -250,7 +315,6 @@ class Compiler:
             "allowed": sum(len(table) for table in self.resolved.values()),
             "rules": self.free_rule_ids.next,
         }
-        self._finish(policy)
 
     def _name(self, key: NetKey, net: netaddr.IPNetwork, overlay: str) -> None:
         self.owner.setdefault(key, overlay)
@@ -271,65 +335,139 @@ class Compiler:
 
     # -- compiling a change ----------------------------------------------------
 
-    def update(self, policy: Policy) -> Delta | None:
+    def update(self, policy: Policy, edit: RuleEdit | None = None) -> Delta | None:
         """Compile `policy` as a change of the policy compiled now, keeping the numbering;
         the entries that changed. None: compiled afresh under the same numbering (the
         overlays or exceptions changed, or rules that stay changed their order), and
-        the caller compares whole tables."""
-        texts = [_describe(r) for r in policy.rules]
-        identities = _told_apart("allow", texts)
-        before = {s.identity: s for s in self.rules}
-        after = set(identities)
+        the caller compares whole tables.
+
+        `edit`: which allow rules changed, where the caller knows (see RuleEdit; a
+        ValueError where it visibly does not fit): then no other rule is read, and
+        a rule it keeps keeps its id, whatever rules of its text come and go around
+        it. Without, the edit is found by comparing every rule's identity."""
         if (_overlays_of(policy) != _overlays_of(self.policy)
-                or _exceptions_said(policy) != self.exceptions
-                or [s.identity for s in self.rules if s.identity in after]
-                != [i for i in identities if i in before]):
+                or _exceptions_said(policy) != self.exceptions):
             self._build(policy, self.numbering())
             return None
-        gone = [s for s in self.rules if s.identity not in after]
-        new = [(_said_of(identity, text, rule.src, rule.dst, _keys(rule)), rule)
-               for identity, text, rule in zip(identities, texts, policy.rules, strict=True)
-               if identity not in before]
-        made = {s.identity: s for s, _ in new}
-        rules = [before.get(identity) or made[identity] for identity in identities]
+        if edit is None:
+            edit = self._edit_to(policy)
+            if edit is None:
+                self._build(policy, self.numbering())
+                return None
+        else:
+            self._check(edit, policy)
+        return self._apply(policy, sorted(edit.removed), sorted(edit.added))
+
+    def _edit_to(self, policy: Policy) -> RuleEdit | None:
+        """The edit that turns the allow rules compiled now into `policy`'s, rule by
+        identity; None when rules both have are in another order."""
+        was = _told_apart("allow", [self.said[rule_id].text for rule_id in self.order])
+        now = _told_apart("allow", [_describe(r) for r in policy.rules])
+        before, after = set(was), set(now)
+        if [i for i in was if i in after] != [i for i in now if i in before]:
+            return None
+        return RuleEdit(tuple(n for n, identity in enumerate(was) if identity not in after),
+                        tuple(n for n, identity in enumerate(now) if identity not in before))
+
+    def _check(self, edit: RuleEdit, policy: Policy) -> None:
+        """Refuse (ValueError) an edit that cannot turn the rules compiled now into
+        `policy`'s, as far as the rules it names and their neighbours show."""
+        removed, added = sorted(edit.removed), sorted(edit.added)
+        for name, indexes, count in (("removed", removed, len(self.order)),
+                                     ("added", added, len(policy.rules))):
+            if len(set(indexes)) != len(indexes) or (indexes and not 0 <= indexes[0] <= indexes[-1] < count):
+                raise ValueError(f"RuleEdit.{name}: {indexes} are not distinct indexes below {count}")
+        kept = len(self.order) - len(removed)
+        if len(policy.rules) != kept + len(added):
+            raise ValueError(f"RuleEdit: {len(self.order)} rules, {len(removed)} removed and "
+                             f"{len(added)} added cannot make {len(policy.rules)}")
+        # The kept rules on either side of each edit, by their place among the kept: an
+        # edit at `index` with `n` edits before it has `index - n` kept rules before it.
+        around = {index - n + side for edits in (removed, added)
+                  for n, index in enumerate(edits) for side in (-1, 0)}
+        for n in sorted(k for k in around if 0 <= k < kept):
+            old, new = self.order[_nth_outside(removed, n)], policy.rules[_nth_outside(added, n)]
+            if self.said[old].text != _describe(new):
+                raise ValueError(f"RuleEdit: allow[{new.index}] is not the rule it keeps "
+                                 f"({_describe(new)!r}, was {self.said[old].text!r})")
+
+    def _apply(self, policy: Policy, removed: list[int], added: list[int]) -> Delta:
+        """Compile the change of the rules at `removed` (old indexes) for those at
+        `added` (new indexes), both rising."""
+        base = self.digest  # known already where the last change's was read
+        gone = [self.order[index] for index in removed]
+        made = [_said_of(_describe(policy.rules[index]), policy.rules[index]) for index in added]
+        texts = {self.said[rule_id].text for rule_id in gone} | {said.text for said in made}
+        for text in texts:  # their identities change below: named afresh once all is in place
+            for identity in _told_apart("allow", [text] * len(self.by_text.get(text, ()))):
+                del self.rule_ids[identity]
         self._seen = _Seen()
-        freed = [self.rule_ids[s.identity] for s in gone]
-        for said in gone:
-            rule_id = self.rule_ids.pop(said.identity)
+        left = [self.said.pop(rule_id) for rule_id in gone]
+        for rule_id, said in zip(gone, left, strict=True):
             self._unlist(said, rule_id)
             self._unuse(said, rule_id)
-            del self.said[rule_id]
             for key in (*said.src, *said.dst):
                 self.namers[key] -= 1
-        for said, _ in new:
-            self.rule_ids[said.identity] = self.free_rule_ids.take()
-            self.said[self.rule_ids[said.identity]] = said
+            self.by_text[said.text].remove(rule_id)
+            del self.rank[rule_id]
+        for index in reversed(removed):
+            del self.order[index]
+        new = []
+        for index, said in zip(added, made, strict=True):
+            rule_id = self.free_rule_ids.take()
+            self.said[rule_id] = said
+            self._place(rule_id, index)
+            bisect.insort(self.by_text.setdefault(said.text, []), rule_id, key=self.rank.__getitem__)
+            new.append(rule_id)
         # Only now: an id that a rule of this change gave up is not another's in the
         # same change, so no packet of the outgoing generation counts under a new rule.
-        for rule_id in freed:
+        for rule_id in gone:
             self.free_rule_ids.give_back(rule_id)
-        self.rules = rules
-        self.rank = {self.rule_ids[s.identity]: i for i, s in enumerate(rules)}
-        for said, rule in new:
+        for text in texts:
+            ids = self.by_text[text]
+            if ids:
+                self.rule_ids.update(zip(_told_apart("allow", [text] * len(ids)), ids, strict=True))
+            else:
+                del self.by_text[text]
+        for index, rule_id in zip(added, new, strict=True):
+            said, rule = self.said[rule_id], policy.rules[index]
             for keys, endpoint in ((said.src, rule.src), (said.dst, rule.dst)):
                 for key, net in zip(keys, endpoint.cidrs, strict=True):
                     if key not in self.owner:
                         self._split(key, net, endpoint.overlay)
                     self.namers[key] += 1
-        for key in {k for said in gone for k in (*said.src, *said.dst)}:
+        for key in {k for said in left for k in (*said.src, *said.dst)}:
             if self.namers.get(key) == 0:
                 self._merge(key)
-        for said, _ in new:
-            rule_id = self.rule_ids[said.identity]
+        for rule_id in new:
+            said = self.said[rule_id]
             self._use(said, rule_id)
             self._list(said, rule_id, self._pairs(said))
         delta = self._delta()
-        delta.base = self.ir.digest
-        delta.rules_new = [self.rule_ids[s.identity] for s, _ in new]
+        delta.base = base
+        delta.rules_new = new
         self._seen = None
         self.policy = policy
-        self._finish(policy)
+        # The IR made before stays until the next is made from it: an update neither
+        # makes it nor frees it (100k rules: 5 ms).
+        self._ir_stale, self._digest = True, None
         return delta
+
+    def _place(self, rule_id: int, index: int) -> None:
+        """Put allow rule `rule_id` at `index` of the order, ranked between its neighbours;
+        where they leave no room, every rule is ranked afresh."""
+        order, rank = self.order, self.rank
+        order.insert(index, rule_id)
+        before = rank[order[index - 1]] if index > 0 else None
+        after = rank[order[index + 1]] if index + 1 < len(order) else None
+        if before is None:
+            rank[rule_id] = 0 if after is None else after - RANK_GAP
+        elif after is None:
+            rank[rule_id] = before + RANK_GAP
+        elif after - before > 1:
+            rank[rule_id] = (before + after) // 2
+        else:
+            self.rank = {ranked: n * RANK_GAP for n, ranked in enumerate(order)}
 
     def _delta(self) -> Delta:
         """What the entries the update touched were, against what they are now."""
@@ -357,9 +495,13 @@ class Compiler:
             table = self.listed.get(pair)
             resolved = self._resolve(table) if table else {}
             if resolved:
+                if pair not in self.resolved:
+                    bisect.insort(self._pair_order, pair)
                 self.resolved[pair] = resolved
-            else:
-                self.resolved.pop(pair, None)
+                self._entries[pair] = self._allow_entries(pair, resolved)
+            elif pair in self.resolved:
+                del self.resolved[pair], self._entries[pair]
+                del self._pair_order[bisect.bisect_left(self._pair_order, pair)]
             now = self._numbered_entries(pair, resolved)
             gone = [key for key in was if key not in now]
             delta.allowed_deleted += gone
@@ -453,6 +595,8 @@ class Compiler:
                 for kid in inside:
                     self.parent[kid] = key
         self.class_ids[key] = self.free_class_ids.take()
+        bisect.insort(self._class_order, key)
+        self._prefixes[key] = self._prefix(key)
         found = list(self._pairs_through(key))
         for rule_id, pair in found:
             if rule_id in self.exception_rank:
@@ -482,7 +626,8 @@ class Compiler:
             if not self.kids[above]:
                 del self.kids[above]
         self.free_class_ids.give_back(self.class_ids.pop(key))
-        del self.owner[key], self.nets[key], self.namers[key]
+        del self.owner[key], self.nets[key], self.namers[key], self._prefixes[key]
+        del self._class_order[bisect.bisect_left(self._class_order, key)]
 
     # -- classes and pairs -----------------------------------------------------
 
@@ -551,20 +696,22 @@ class Compiler:
     # -- the IR ----------------------------------------------------------------
 
     def _prefix(self, key: NetKey) -> ClassPrefix:
-        """The class entry of a named CIDR, made once while its numbering stays."""
-        made = self._prefixes.get(key)
-        class_id, overlay_id = self.class_ids[key], self.overlay_ids[self.owner[key]]
-        if made is None or made.class_id != class_id or made.overlay_id != overlay_id:
-            made = self._prefixes[key] = ClassPrefix(self.nets[key], class_id, overlay_id)
-        return made
+        return ClassPrefix(self.nets[key], self.class_ids[key], self.overlay_ids[self.owner[key]])
 
-    def _finish(self, policy: Policy) -> None:
-        """The IR of what is compiled now."""
-        names = {s.identity: f"exception:{i}" for i, s in enumerate(self.exceptions)}
-        names |= {s.identity: f"allow:{i}" for i, s in enumerate(self.rules)}
+    def _allow_entries(self, pair: Pair, table: dict[PrefixKey, int]) -> tuple[AllowEntry, ...]:
+        """A pair's allowed entries as the IR lists them, by (protocol, port, bits)."""
+        s, d = self.class_ids[pair[0]], self.class_ids[pair[1]]
+        return tuple(AllowEntry(s, d, proto, port, bits, rule)
+                     for (proto, port, bits), rule in sorted(table.items()))
+
+    def _made_ir(self, previous: IR | None) -> IR:
+        """The IR of what is compiled now. Its tables are kept sorted as updates go;
+        only the rule table is made afresh (its names say each rule's place), taking
+        the allow rules that kept their place from the `previous` IR."""
+        policy, said = self.policy, self.said
         rules = [RuleInfo(rule_id, name, name) for rule_id, name in FIXED_RULES.items()]
-        rules += [RuleInfo(self.rule_ids[s.identity], names[s.identity], s.text, e.where.line)
-                  for s, e in zip(self.exceptions, policy.exceptions, strict=True)]
+        rules += [RuleInfo(rule_id, f"exception:{n}", said[rule_id].text, e.where.line)
+                  for n, (rule_id, e) in enumerate(zip(self.exception_rank, policy.exceptions, strict=True))]
         overlays = []
         for overlay in policy.overlays:
             hairpin = self.rule_ids[f"hairpin {overlay.name}"] if not overlay.isolated else 0
@@ -573,28 +720,31 @@ class Compiler:
                                       f"{overlay.name} -> {overlay.name}", overlay.where.line))
             overlays.append(OverlayInfo(self.overlay_ids[overlay.name], overlay.name,
                                         overlay.isolated, hairpin))
-        rules += [RuleInfo(self.rule_ids[s.identity], names[s.identity], s.text, r.where.line)
-                  for s, r in zip(self.rules, policy.rules, strict=True)]
+        # `previous` has as many rules before its allow rules: an update changes allow rules alone.
+        was = previous.rules[len(rules):] if previous is not None else ()
+        texts = map(attrgetter("text"), map(said.__getitem__, self.order))
+        for n, (rule_id, text, rule) in enumerate(zip(self.order, texts, policy.rules, strict=True)):
+            info = was[n] if n < len(was) else None
+            if info is None or info.id != rule_id or info.line != rule.where.line or info.text != text:
+                info = RuleInfo(rule_id, f"allow:{n}", text, rule.where.line)
+            rules.append(info)
         ids = self.class_ids
         exception_rank = self.exception_rank.__getitem__
-        self.ir = IR(
+        return IR(
             default_action="allow" if policy.default == "allow" else policy.deny_action,
             deny_action=policy.deny_action,
             timeouts=dict(policy.timeouts),
             overlays=tuple(overlays),
-            classes=tuple(self._prefix(k) for k in sorted(self.owner)),
+            classes=tuple(map(self._prefixes.__getitem__, self._class_order)),
             # In address order, not id order: an IR compiled as a change lists its
             # entries as one compiled afresh does (the iptables layout follows it).
             exceptions=tuple(ExceptionPair(ids[s], ids[d], min(self.exception_pairs[(s, d)],
                                                                key=exception_rank))
                              for s, d in sorted(self.exception_pairs)),
-            allowed=tuple(AllowEntry(ids[s], ids[d], proto, port, bits, rule)
-                          for s, d in sorted(self.resolved)
-                          for (proto, port, bits), rule in sorted(self.resolved[(s, d)].items())),
+            allowed=tuple(chain.from_iterable(map(self._entries.__getitem__, self._pair_order))),
             rules=tuple(rules),
             interfaces=policy.interfaces,
-            digest=policy_digest(policy, (s.text for s in self.exceptions),
-                                 (s.text for s in self.rules)),
+            digest=self.digest,
         )
 
 
@@ -610,26 +760,17 @@ def _endpoints(policy: Policy) -> Iterator[Endpoint]:
 
 
 def _exceptions_said(policy: Policy) -> list[_Said]:
-    texts = [f"{e.src.text} -> {e.dst.text} unfiltered" for e in policy.exceptions]
-    return [_said_of(identity, text, e.src, e.dst, ())
-            for identity, text, e in zip(_told_apart("exception", texts), texts, policy.exceptions,
-                                         strict=True)]
+    return [_Said(f"{e.src.text} -> {e.dst.text} unfiltered", _keys_of(e.src), _keys_of(e.dst), ())
+            for e in policy.exceptions]
 
 
-def _rules_said(policy: Policy) -> list[_Said]:
-    texts = [_describe(r) for r in policy.rules]
-    return [_said_of(identity, text, r.src, r.dst, _keys(r))
-            for identity, text, r in zip(_told_apart("allow", texts), texts, policy.rules, strict=True)]
+def _said_of(text: str, rule: AllowRule) -> _Said:
+    return _Said(text, _keys_of(rule.src), _keys_of(rule.dst),
+                 tuple(k for spec in rule.ports for k in spec_prefixes(spec)))
 
 
-def _keys(rule: AllowRule) -> tuple[PrefixKey, ...]:
-    return tuple(k for spec in rule.ports for k in spec_prefixes(spec))
-
-
-def _said_of(identity: str, text: str, src: Endpoint, dst: Endpoint,
-             keys: tuple[PrefixKey, ...]) -> _Said:
-    return _Said(identity, text, tuple(_key(c) for c in src.cidrs), tuple(_key(c) for c in dst.cidrs),
-                 keys)
+def _keys_of(endpoint: Endpoint) -> tuple[NetKey, ...]:
+    return tuple(_key(c) for c in endpoint.cidrs)
 
 
 def _told_apart(kind: str, texts: list[str]) -> list[str]:
@@ -641,6 +782,16 @@ def _told_apart(kind: str, texts: list[str]) -> list[str]:
         n = seen[text] = seen.get(text, 0) + 1
         found.append(f"{kind} {text}" if n == 1 else f"{kind} {text} #{n}")
     return found
+
+
+def _nth_outside(excluded: list[int], n: int) -> int:
+    """The `n`th (from 0) of the indexes 0, 1, ... that rising `excluded` leaves out."""
+    index = n
+    for taken in excluded:
+        if taken > index:
+            break
+        index += 1
+    return index
 
 
 @dataclass

@@ -7,13 +7,14 @@ import random
 from typing import Any
 
 import netaddr
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import policies
 from isoebpf import pipeline
 from isoebpf.backends.iptables.layout import NET, SET_TYPES, render
-from isoebpf.ir.compiler import Compiler, Delta, compile_policy
+from isoebpf.ir.compiler import RANK_GAP, Compiler, Delta, RuleEdit, compile_policy
 from isoebpf.ir.evaluate import Classifier, decide
 from isoebpf.ir.tables import IR
 from isoebpf.policy import parse
@@ -203,3 +204,111 @@ def test_the_iptables_layout_does_not_depend_on_the_numbering() -> None:
 
     check()
     assert checked >= 50
+
+
+def edited_by_place(rng: random.Random, text: str, policy: Policy) -> tuple[str, RuleEdit]:
+    """`text` with a few allow rules removed, added, repeated (a rule saying what another
+    says) or changed in place (now and then in their ports alone), and the RuleEdit
+    that says which."""
+    head, marker, rules = text.partition("allow:\n")
+    lines = rules.splitlines() if marker else []
+    was: list[int | None] = list(range(len(lines)))  # each line's index before; None: added
+    for _ in range(rng.randint(1, 4)):
+        pick = rng.random()
+        ports = rng.choice(["", ", ports: [tcp/80]", ", ports: [udp/5000-5010, icmp]", ", ports: [any]",
+                            f", ports: [tcp/{rng.randint(1, 65535)}]"])
+        if pick < 0.25 and lines:
+            at = rng.randrange(len(lines))
+            del lines[at], was[at]
+        elif pick < 0.45 and lines:
+            at = rng.randrange(len(lines) + 1)
+            lines.insert(at, rng.choice(lines))
+            was.insert(at, None)
+        elif pick < 0.65 and lines:
+            at = rng.randrange(len(lines))
+            lines[at] = lines[at].split(", ports:")[0].rstrip("}") + ports + "}"
+            was[at] = None
+        else:
+            at = rng.randrange(len(lines) + 1)
+            lines.insert(at, f"  - {{from: {endpoint(rng, policy)}, to: {endpoint(rng, policy)}{ports}}}")
+            was.insert(at, None)
+    kept = {n for n in was if n is not None}
+    edit = RuleEdit(tuple(n for n in range(len(policy.rules)) if n not in kept),
+                    tuple(n for n, before in enumerate(was) if before is None))
+    return head + ("allow:\n" + "\n".join(lines) + "\n" if lines else ""), edit
+
+
+def test_changes_said_by_place_compile_to_what_compiling_afresh_under_their_numbering_gives() -> None:
+    """Told which rules changed, the compiler reads no other rule: what it holds after
+    any run of such changes (the IR read after some, not all) is the IR compiled
+    afresh under its numbering, and the deltas add up to its tables."""
+    checked = 0
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.randoms(use_true_random=False))
+    def check(rng: random.Random) -> None:
+        nonlocal checked
+        text = random_policy(rng).text
+        compiler = Compiler(parse.loads(text))
+        entries = tables(compiler.ir)
+        for step in range(6):
+            text, edit = edited_by_place(rng, text, compiler.policy)
+            policy = parse.loads(text)
+            delta = compiler.update(policy, edit)
+            assert delta is not None
+            entries = applied(entries, delta)
+            assert len(delta.rules_new) == len(edit.added)
+            if step < 5 and rng.random() < 0.5:
+                continue  # read after the next change: the IR is made across two
+            fresh = compile_policy(policy, compiler.numbering())
+            assert compiler.ir == fresh and compiler.ir.digest == fresh.digest, text
+            assert by_identity(compiler.ir) == by_identity(compile_policy(policy)), text
+            assert entries == tables(compiler.ir), text
+            assert delta.sizes["allowed"] == len(compiler.ir.allowed)
+            checked += 1
+
+    check()
+    assert checked >= 250
+
+
+def test_a_rule_kept_by_place_keeps_its_id_where_rules_of_its_text_come_and_go() -> None:
+    text = policies.scaled_policy(50)
+    twice = "  - {from: 10.100.0.1, to: 10.101.0.0/24, ports: [tcp/1000]}\n"
+    compiler = Compiler(parse.loads(text.replace("allow:\n", "allow:\n" + twice + twice)))
+    first, second = (r.id for r in compiler.ir.rules if r.name in ("allow:0", "allow:1"))
+    delta = compiler.update(parse.loads(text.replace("allow:\n", "allow:\n" + twice)), RuleEdit((0,), ()))
+    assert delta is not None and not delta.rules_new
+    assert compiler.ir.rule(second).name == "allow:0" and first not in {r.id for r in compiler.ir.rules}
+    # The text's first rule is now the one that was its second.
+    assert compiler.numbering().rules["allow 10.100.0.1 -> 10.101.0.0/24 tcp/1000"] == second
+
+
+def test_rules_inserted_at_one_place_again_and_again_keep_their_order() -> None:
+    """Each insertion halves the gap between two ranks, until the rules are ranked afresh."""
+    text = policies.scaled_policy(20)
+    compiler = Compiler(parse.loads(text))
+    head, _, rules = text.partition("allow:\n")
+    lines = rules.splitlines()
+    for n in range(RANK_GAP.bit_length() + 8):
+        lines.insert(1, f"  - {{from: 10.100.0.{n + 1}, to: 10.101.7.0/24, ports: [tcp/{2000 + n}]}}")
+        policy = parse.loads(head + "allow:\n" + "\n".join(lines) + "\n")
+        assert compiler.update(policy, RuleEdit((), (1,))) is not None
+    assert compiler.ir == compile_policy(policy, compiler.numbering())
+    assert by_identity(compiler.ir) == by_identity(compile_policy(policy))
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (RuleEdit((), ()), "cannot make"),
+    (RuleEdit((0,), (0, 0)), "not distinct"),
+    (RuleEdit((5,), (5, 100)), "not distinct indexes below"),
+    (RuleEdit((), (5,)), "is not the rule it keeps"),
+])
+def test_an_edit_that_visibly_does_not_fit_is_refused(edit: RuleEdit, problem: str) -> None:
+    text = policies.scaled_policy(30)
+    compiler = Compiler(parse.loads(text))
+    changed = text.replace("allow:\n", "allow:\n  - {from: 10.100.0.9, to: 10.101.3.0/24, ports: [udp/53]}\n")
+    before = compiler.ir
+    with pytest.raises(ValueError, match=problem):
+        compiler.update(parse.loads(changed), edit)
+    assert compiler.ir is before, "a refused edit changes nothing"
