@@ -22,6 +22,7 @@ from .ir.compiler import Compiler, Delta, Numbering
 from .ir.lint import lint
 from .ir.tables import IR
 from .policy import jsonfile, parse, trust
+from .policy.check import Networks
 from .policy.model import Policy
 
 # Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
@@ -50,7 +51,7 @@ class Compiled:
 
 def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = False,
          force: bool = False, numbering: Numbering | None = None,
-         previous: Compiled | None = None) -> Compiled:
+         previous: Compiled | None = None, networks: Networks | None = None) -> Compiled:
     """Read, validate, compile and lint the policy file at `path`; raise PolicyError with
     every error found. `data`: the file's bytes, where the caller has read them already.
 
@@ -59,7 +60,8 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
     `numbering`: the policy in force's, kept for what stays (an update then writes
     only what changed). `previous`: the compiled policy in force, which the file is
     compiled as a difference of, and which it changes (the agent keeps one); its
-    `delta` says what changed."""
+    `delta` says what changed. `networks`: the subnets of Docker networks overlays name
+    (policy.check.Networks)."""
     path = str(path)
     problem = check_trusted(path, force) if check_trust else None
     _progress.info("reading and checking %s", path)
@@ -68,10 +70,10 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
     except (OSError, UnicodeDecodeError) as err:
         raise PolicyError([Diagnostic(path, 1, 1, "error", f"cannot read policy: {err}")]) from err
     if previous is None:
-        compiled = loads(text, path, numbering)
+        compiled = loads(text, path, numbering, networks)
         return Compiled(compiled.compiler, compiled.warnings, problem)
     with collector_paused():
-        policy = parse_policy(text, path)
+        policy = parse_policy(text, path, networks)
         _progress.info("compiling %d rules as a change of the policy in force", len(policy.rules))
         delta = previous.compiler.update(policy)
         return Compiled(previous.compiler, _warnings(previous.compiler), problem, delta)
@@ -86,20 +88,21 @@ def check_trusted(path: str | Path, force: bool) -> str | None:
     return problem
 
 
-def loads(text: str, path: str = "<policy>", numbering: Numbering | None = None) -> Compiled:
+def loads(text: str, path: str = "<policy>", numbering: Numbering | None = None,
+          networks: Networks | None = None) -> Compiled:
     """Validate, compile and lint policy text; `path` only names the file in messages."""
     with collector_paused():
-        policy = parse_policy(text, path)
+        policy = parse_policy(text, path, networks)
         _progress.info("compiling %d rules, %d exceptions, %d overlays", len(policy.rules),
                        len(policy.exceptions), len(policy.overlays))
         compiler = Compiler(policy, numbering)
         return Compiled(compiler, _warnings(compiler))
 
 
-def parse_policy(text: str, path: str = "<policy>") -> Policy:
+def parse_policy(text: str, path: str = "<policy>", networks: Networks | None = None) -> Policy:
     """The validated model of policy text: JSON or YAML, by the file's name or its first
     character (policy.jsonfile.is_json); raise PolicyError with every error found."""
-    return (jsonfile.loads if jsonfile.is_json(text, path) else parse.loads)(text, path)
+    return (jsonfile.loads if jsonfile.is_json(text, path) else parse.loads)(text, path, networks)
 
 
 def _warnings(compiler: Compiler) -> tuple[Diagnostic, ...]:

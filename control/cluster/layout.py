@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
-from ..policy.model import Policy
+from ..policy.model import Overlay, Policy
 
 DEFAULT_PREFIX = "/isoebpf/"
 # The lists of the policy file, by the key a list's items are kept under.
@@ -104,12 +104,23 @@ def parts(policy: Policy) -> Parts:
         header["interfaces"] = list(policy.interfaces)
     return Parts(
         header=header,
-        overlays={o.name: {"subnets": [str(n) for n in o.subnets], "isolated": o.isolated}
-                  for o in policy.overlays},
+        overlays={o.name: _overlay(o) for o in policy.overlays},
         exceptions=[{"from": e.src.text, "to": e.dst.text} for e in policy.exceptions],
         allow=[{"from": r.src.text, "to": r.dst.text, "ports": [str(p) for p in r.ports]}
                for r in policy.rules],
     )
+
+
+def _overlay(overlay: Overlay) -> dict[str, Any]:
+    """An overlay's value: a Docker network's subnets are the node's engine's to say, so its
+    name is kept, not what it gave here."""
+    value: dict[str, Any] = {"isolated": overlay.isolated}
+    given = [str(n) for n in overlay.subnets if n not in overlay.from_docker]
+    if given or not overlay.docker_network:
+        value["subnets"] = given
+    if overlay.docker_network:
+        value["docker_network"] = overlay.docker_network
+    return value
 
 
 # -- positions ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -39,6 +39,11 @@ INT_TAG = "tag:yaml.org,2002:int"
 
 # A value's place in the document: the keys and list indexes that lead to it.
 Path = tuple[str | int, ...]
+# A Docker network's subnets by its name; LookupError (its text said) when it has none
+# to give: no such network, no engine to ask.
+Networks = Callable[[str], Sequence[str]]
+# Docker's own rule for network names.
+DOCKER_NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
 class Locator(Protocol):
@@ -104,11 +109,12 @@ def kind(value: Any) -> str:
     return "a string"
 
 
-def check(document: Any, locator: Locator, path: str) -> Policy:
+def check(document: Any, locator: Locator, path: str, networks: Networks | None = None) -> Policy:
     """Validate a policy `document` read from the file `path`; raise PolicyError with every
     error found. The model keeps the file's own warnings; those that need the compiled
-    form are `isoebpf.ir.lint`'s."""
-    checker = _Checker(locator, path)
+    form are `isoebpf.ir.lint`'s. `networks` gives the subnets of the Docker networks
+    overlays name (None: there is no engine to ask, and an overlay that names one is an error)."""
+    checker = _Checker(locator, path, networks)
     policy = checker.check(document)
     if policy is None:
         raise PolicyError(sorted(checker.diagnostics))
@@ -123,9 +129,10 @@ def refuse(path: str, where: Location, message: str) -> PolicyError:
 class _Checker:
     """Checks a document, asking `locator` where the values it has something to say about are."""
 
-    def __init__(self, locator: Locator, path: str) -> None:
+    def __init__(self, locator: Locator, path: str, networks: Networks | None = None) -> None:
         self.locator = locator
         self.path = path
+        self.networks = networks
         self.diagnostics: list[Diagnostic] = []
         self._errors = 0
         # Every overlay subnet with its owner and place, for the overlap check.
@@ -262,8 +269,11 @@ class _Checker:
                                        "starting with a letter")
             elif name.startswith(RESERVED_PREFIXES):
                 self.error(name_place, f"overlay name '{name}' is reserved (dcos- and mesos- are DC/OS's)")
-            fields = self.mapping(body, at, f"overlay '{name}'", ("subnets", "isolated"))
-            subnets = self.overlay_subnets(fields, at, name, name_place)
+            fields = self.mapping(body, at, f"overlay '{name}'", ("subnets", "isolated", "docker_network"))
+            network = self.docker_network(fields, at, name)
+            subnets = self.overlay_subnets(fields, at, name, name_place, needed="docker_network" not in fields)
+            from_docker = self.network_subnets(network, (*at, "docker_network"), name) if network else []
+            subnets += from_docker
             isolated = False
             if "isolated" in fields:
                 flag = fields["isolated"]
@@ -271,19 +281,53 @@ class _Checker:
                     isolated = flag
                 else:
                     self.error((*at, "isolated"), f"'isolated' must be true or false, not {kind(flag)}")
-            overlays.append(Overlay(name, tuple(s for s, _ in subnets), isolated, name_place))
+            overlays.append(Overlay(name, tuple(s for s, _ in subnets), isolated, name_place, network,
+                                    tuple(s for s, _ in from_docker)))
             self._subnets.extend((s, name, p) for s, p in subnets)
         self.check_overlap()
         return overlays
 
+    def docker_network(self, fields: dict[str, Any], at: Path, name: str) -> str | None:
+        if "docker_network" not in fields:
+            return None
+        path = (*at, "docker_network")
+        network = self.string(fields["docker_network"], path, "a Docker network's name")
+        if network is not None and not DOCKER_NETWORK_NAME.match(network):
+            self.error(path, f"'{network}' is no Docker network name (letters, digits, _ . -, "
+                             "starting with a letter or digit)")
+            return None
+        return network
+
+    def network_subnets(self, network: str, path: Path, name: str) -> list[tuple[netaddr.IPNetwork, Path]]:
+        """The subnets Docker gives the overlay's network (each said at the network's name)."""
+        if self.networks is None:
+            self.error(path, f"overlay '{name}' names Docker network '{network}', and no Docker "
+                             "engine is asked here")
+            return []
+        try:
+            texts = self.networks(network)
+        except LookupError as err:
+            self.error(path, f"overlay '{name}': {err.args[0] if err.args else err}")
+            return []
+        if not texts:
+            self.error(path, f"overlay '{name}': Docker network '{network}' has no subnet")
+        subnets = []
+        for text in texts:
+            try:
+                subnets.append((parse_cidr(text), path))
+            except ValueError as err:
+                self.error(path, f"overlay '{name}': Docker network '{network}' gives {text}: {err}")
+        return subnets
+
     def overlay_subnets(self, fields: dict[str, Any], at: Path, name: str,
-                        name_place: Location) -> list[tuple[netaddr.IPNetwork, Path]]:
+                        name_place: Location, needed: bool = True) -> list[tuple[netaddr.IPNetwork, Path]]:
         if "subnets" not in fields:
-            self.error(name_place, f"overlay '{name}' needs 'subnets' (at least one)")
+            if needed:
+                self.error(name_place, f"overlay '{name}' needs 'subnets' (at least one) or 'docker_network'")
             return []
         path = (*at, "subnets")
         items = self.sequence(fields["subnets"], path, f"subnets of '{name}'")
-        if isinstance(fields["subnets"], list) and not items:
+        if isinstance(fields["subnets"], list) and not items and needed:
             self.error(path, f"overlay '{name}' needs at least one subnet")
         subnets: list[tuple[netaddr.IPNetwork, Path]] = []
         for i, item in enumerate(items):

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .check import IrregularMapping, Path, check, refuse
+from .check import IrregularMapping, Networks, Path, check, refuse
 from .model import Location, Policy
 
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -41,7 +41,7 @@ def is_json(text: str, path: str) -> bool:
     return text.lstrip()[:1] == "{"
 
 
-def loads(text: str, path: str = "<policy>") -> Policy:
+def loads(text: str, path: str = "<policy>", networks: Networks | None = None) -> Policy:
     """Validate JSON policy text; `path` only names the file in messages. Raise
     PolicyError with every error found."""
     if not text.strip():
@@ -56,7 +56,7 @@ def loads(text: str, path: str = "<policy>") -> Policy:
                      f"not valid JSON: {err.constant} is not a JSON value") from err
     except (ValueError, RecursionError) as err:  # a number of more digits than Python reads, too deep
         raise refuse(path, Location(1, 1), f"not valid JSON: {err}") from err
-    return check(document, _JsonPlaces(text), path)
+    return check(document, _JsonPlaces(text), path, networks)
 
 
 class _NotJSON(Exception):

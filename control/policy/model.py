@@ -22,9 +22,11 @@ class Location:
 @dataclass(frozen=True)
 class Overlay:
     name: str
-    subnets: tuple[netaddr.IPNetwork, ...]
+    subnets: tuple[netaddr.IPNetwork, ...]  # all of them: the file's and the Docker network's
     isolated: bool
     where: Location
+    docker_network: str | None = None  # the Docker network whose subnets it takes too
+    from_docker: tuple[netaddr.IPNetwork, ...] = ()  # those of `subnets` that network gave
 
 
 @dataclass(frozen=True)

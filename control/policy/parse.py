@@ -28,7 +28,7 @@ from yaml.events import (
     StreamEndEvent,
 )
 
-from .check import IrregularMapping, OtherScalar, Path, check, refuse
+from .check import IrregularMapping, Networks, OtherScalar, Path, check, refuse
 from .model import Location, Policy
 
 # Bound the work an adversarial file can cause: anchors that expand exponentially,
@@ -48,7 +48,7 @@ _KEYED_DEPTH = 1
 _PIECES = 100
 
 
-def loads(text: str, path: str = "<policy>") -> Policy:
+def loads(text: str, path: str = "<policy>", networks: Networks | None = None) -> Policy:
     """Validate YAML policy text; `path` only names the file in messages. Raise
     PolicyError with every error found."""
     try:
@@ -61,7 +61,7 @@ def loads(text: str, path: str = "<policy>") -> Policy:
         raise refuse(path, Location(1, 1), f"not valid YAML: {err}") from err
     except _Refused as err:
         raise refuse(path, err.where, err.message) from err
-    return check(document, places, path)
+    return check(document, places, path, networks)
 
 
 class _Refused(Exception):
