@@ -49,6 +49,7 @@ class LoadReport:
     detached: tuple[str, ...] = ()  # interfaces no longer enforced on, and why
     warnings: tuple[str, ...] = ()  # what the user should act on before the next change
     grown: str = ""  # the sizes of the new maps an update moved to (its policy did not fit beside the old)
+    enforced_at: float = 0.0  # time.time() when the new policy went live, where the backend says (0: at return)
 
 
 def state_record(name: str, scope: Scope, ir: IR, policy_path: str, generation: int,
@@ -70,10 +71,17 @@ def state_record(name: str, scope: Scope, ir: IR, policy_path: str, generation: 
 
 
 def _networks_by_overlay(ir: IR) -> dict[str, list[str]]:
-    """Overlay name -> the networks of its classes (what trace's --overlay matches)."""
+    """Overlay name -> its outermost classes' networks, which hold all its addresses (what
+    trace's --overlay matches). Classes come in address order, each after any that holds
+    it, and every class lies in its overlay's subnets: those are the outermost ones."""
     found: dict[int, list[str]] = {o.id: [] for o in ir.overlays}
+    version, last = 0, -1
     for c in ir.classes:
-        found[c.overlay_id].append(str(c.network))
+        net = c.network
+        if net.version == version and net.value <= last:
+            continue  # inside the one before
+        version, last = net.version, net.last
+        found[c.overlay_id].append(str(net))
     return {o.name: found[o.id] for o in ir.overlays}
 
 

@@ -133,6 +133,9 @@ class Delta:
     # "classes_v6", "exceptions", "hairpins", "allowed"), and "rules": one past the
     # highest rule id.
     sizes: dict[str, int] = field(default_factory=dict)
+    # The numbering the new IR is compiled under, as Numbering.of(ir) gives it, at the
+    # price of copying the compiler's ids rather than reading every rule of the IR.
+    numbering: Numbering | None = None
 
 
 @dataclass(frozen=True)
@@ -448,6 +451,7 @@ class Compiler:
         delta.rules_new = new
         self._seen = None
         self.policy = policy
+        delta.numbering = self.numbering()
         # The IR made before stays until the next is made from it: an update neither
         # makes it nor frees it (100k rules: 5 ms).
         self._ir_stale, self._digest = True, None

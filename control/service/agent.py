@@ -169,7 +169,8 @@ class Agent:
             self.stats.attach_modes = tuple(sorted({a.mode for a in report.attachments}))
             self.log("applied", why=why, digest=ir.digest[:12], generation=report.generation,
                      ms=round((time.monotonic() - started) * 1000, 1), compile_ms=round(compile_ms, 1),
-                     attachments=[a.ifname for a in report.attachments])
+                     attachments=[a.ifname for a in report.attachments],
+                     enforced=round(report.enforced_at or time.time(), 3))
 
     # -- interfaces and repair -------------------------------------------------
 

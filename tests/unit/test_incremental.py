@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bench import policies
 from isoebpf import pipeline
 from isoebpf.backends.iptables.layout import NET, SET_TYPES, render
-from isoebpf.ir.compiler import RANK_GAP, Compiler, Delta, RuleEdit, compile_policy
+from isoebpf.ir.compiler import RANK_GAP, Compiler, Delta, Numbering, RuleEdit, compile_policy
 from isoebpf.ir.evaluate import Classifier, decide
 from isoebpf.ir.tables import IR
 from isoebpf.policy import parse
@@ -122,6 +122,7 @@ def test_changes_compile_to_what_compiling_afresh_gives_with_a_delta_of_what_cha
             assert by_identity(compiler.ir) == by_identity(fresh), text
             if delta is not None:
                 assert applied(before, delta) == tables(compiler.ir), text
+                assert delta.numbering == Numbering.of(compiler.ir), text  # what the backend records
             classifier, reference = Classifier(compiler.ir), Classifier(fresh)
             for _ in range(20):
                 pkt = random_first_packet(rng, generated)

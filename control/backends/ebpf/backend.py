@@ -307,8 +307,9 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
                     carried, fresh = program.counters_across(maps, record["rules"], carried, ir)
                 _progress.info("writing what changed as generation %d", live + 1)
                 new = program.next_generation(maps, ir, slots, tables, fresh, change)
+            enforced_at = time.time()  # the new generation is live: what follows is bookkeeping
             _save(scope, ir, new, attached.now, said, float(record.get("compile_seconds", 0)),
-                  carried)
+                  carried, delta.numbering if change is not None and delta is not None else None)
         except BaseException:
             # The live generation's slot was never written: flipping back restores
             # the policy in force exactly (the connections the sweep cut are judged afresh).
@@ -324,7 +325,7 @@ def _update(ir: IR, scope: Scope, record: dict[str, Any], globs: Sequence[str], 
         for fd in (*maps.values(), *progs.values()):
             os.close(fd)
     return LoadReport(new, False, 0.0, time.monotonic() - started, tuple(attached.now), None,
-                      detached, warnings)
+                      detached, warnings, enforced_at=enforced_at)
 
 
 def _grow(ir: IR, scope: Scope, record: dict[str, Any], old_maps: dict[str, int],
@@ -696,12 +697,14 @@ def _detach_all(scope: Scope, attachments: Sequence[Attachment]) -> None:
 
 
 def _save(scope: Scope, ir: IR, generation: int, attachments: Sequence[Attachment],
-          said: dict[str, str], compile_seconds: float, carried: counts.Carried) -> None:
-    """`said`: the command's policy_path and on_failure; `carried`: see counts."""
+          said: dict[str, str], compile_seconds: float, carried: counts.Carried,
+          numbered: Numbering | None = None) -> None:
+    """`said`: the command's policy_path and on_failure; `carried`: see counts;
+    `numbered`: the IR's numbering, where the compile gave it (else read from the IR)."""
     scope.write(state_record(BACKEND, scope, ir, said["policy_path"], generation, attachments,
                                on_failure=said["on_failure"],
                                compile_seconds=round(compile_seconds, 3), carried=carried))
-    numbered = Numbering.of(ir)
+    numbered = numbered or Numbering.of(ir)
     write_atomically(_numbering_path(scope),
                      marshal.dumps((numbered.classes, numbered.overlays, numbered.rules)))
 
