@@ -202,7 +202,10 @@ def _read(path: str, check_trust: bool = False, force: bool = False,
     """The policy file through the pipeline, its warnings said on stderr. `check_trust`
     (load, agent): a file others could write is refused unless --force; `numbering`:
     the policy in force's (pipeline.read)."""
-    compiled = pipeline.read(path, check_trust=check_trust, force=force, numbering=numbering)
+    from .service.docker import Engine  # asked only by a policy that names a Docker network
+
+    compiled = pipeline.read(path, check_trust=check_trust, force=force, numbering=numbering,
+                             networks=Engine().subnets)
     if compiled.untrusted:
         click.echo(f"warning: {compiled.untrusted}; used anyway (--force)", err=True)
     for warning in compiled.warnings:
@@ -742,6 +745,7 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
     """
     from .backends import links
     from .service.agent import Agent
+    from .service.docker import Engine
 
     require_privilege("agent")
     _require_namespace(Scope(netns))
@@ -755,7 +759,7 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
         runner = ClusterAgent(f"etcd://{client.endpoint.split('://', 1)[-1]}{layout.prefix}", backend_name,
                               ifaces, mode, netns, repair_interval, force=force, on_failure=on_failure,
                               etcd=client, layout=layout, node=node or socket.gethostname(),
-                              lease_ttl=lease_ttl, heartbeat_interval=lease_ttl / 5)
+                              lease_ttl=lease_ttl, heartbeat_interval=lease_ttl / 5, docker=Engine())
     else:
         if not policy_file:
             raise click.UsageError("give POLICY (a file) or --etcd URLS (a cluster)")
@@ -763,7 +767,7 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
         if forced:
             click.echo(f"warning: {forced}; used anyway (--force)", err=True)
         runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
-                       on_failure=on_failure)
+                       on_failure=on_failure, docker=Engine())
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

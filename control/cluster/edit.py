@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .. import pipeline
 from ..errors import PolicyError
+from ..policy.check import Networks
 from ..policy.model import AllowRule, Policy
 from .layout import Layout, document, located
 
@@ -45,14 +46,15 @@ def frame(layout: Layout, items: Mapping[str, str]) -> dict[str, str]:
 
 
 def edit(layout: Layout, policy: Policy, rule_keys: list[str], framing: Mapping[str, str],
-         items: Mapping[str, str], changed: Collection[str], path: str) -> RuleEdit:
+         items: Mapping[str, str], changed: Collection[str], path: str,
+         networks: Networks | None = None) -> RuleEdit:
     """`policy` (its rules at `rule_keys`, checked against `framing`: `frame` of the
     items it was read from) with the allow rules of `changed` keys as `items` now has
     them: checked (PolicyError, located by line_keys), then spliced."""
     present = sorted(k for k in changed if k in items)
     text, line_keys = document(layout, {**framing, **{k: items[k] for k in present}})
     try:
-        checked = pipeline.parse_policy(text, path)
+        checked = pipeline.parse_policy(text, path, networks)
     except PolicyError as err:
         raise PolicyError(located(err.diagnostics, line_keys)) from err
     fresh: dict[str, AllowRule] = dict(zip(present, checked.rules, strict=True))

@@ -39,6 +39,7 @@ from ..backends.state import Scope
 from ..errors import IsoebpfError, PolicyError, UntrustedPolicyError
 from ..ir.compiler import Delta
 from ..ir.tables import IR
+from .docker import DockerError, Engine
 
 # (stop, listening) -> names of new interfaces, as links.new_links yields them.
 LinkEvents = Callable[[threading.Event, threading.Event], Iterator[str]]
@@ -79,6 +80,11 @@ class Agent:
     _ir: IR | None = None  # the policy in force
     _compiled: pipeline.Compiled | None = None  # ... kept compiled: the next change is a difference
     _chosen: str = ""
+    # The engine overlays' Docker networks are asked of; the agent reads the policy again
+    # when its networks change (None: a policy that names one is refused).
+    docker: Engine | None = None
+    _names_networks: bool = False  # the policy file read last names a Docker network
+    _networks_moved: threading.Event = field(default_factory=threading.Event)  # read it again
 
     def __post_init__(self) -> None:
         # bcc moves the whole process into the kernel headers' directory while it compiles.
@@ -109,14 +115,17 @@ class Agent:
                 self._digest = "unreadable"
             return
         digest = hashlib.sha256(text).hexdigest()
-        if digest == self._digest:
+        if digest == self._digest and not self._networks_moved.is_set():
             return
+        self._networks_moved.clear()
         self._digest = digest
+        self._names_networks = b"docker_network" in text
         started = time.monotonic()
         try:
             # The bytes just hashed: a file swapped since must not be applied as them.
             # The policy in force, kept compiled, makes the change a difference.
             compiled = pipeline.read(self.policy_path, text, check_trust=True, force=self.force,
+                                     networks=self.docker.subnets if self.docker else None,
                                      numbering=None if self._compiled else enforcer.numbering(self.scope),
                                      previous=self._compiled)
         except (PolicyError, UntrustedPolicyError) as err:
@@ -216,6 +225,8 @@ class Agent:
                              daemon=True).start()
             listening.wait(timeout=10)
         self.check_policy()
+        if self.docker is not None:
+            threading.Thread(target=self._follow_networks, args=(stop, self.docker), daemon=True).start()
         next_repair = next_canary = time.monotonic() + self.repair_interval
         # A sleep and a look, not stop.wait(): the signal handler that sets `stop` runs on
         # this thread, and would wait forever for the event's lock were it held here.
@@ -245,6 +256,30 @@ class Agent:
                 self.on_new_link(ifname, time.monotonic())
             except IsoebpfError as err:
                 self.log("attach_failed", ifname=ifname, error=str(err))
+
+
+    def _follow_networks(self, stop: threading.Event, engine: Engine) -> None:
+        """Read the policy again when a Docker network it names is created, removed or
+        changed, and each time the engine's event stream is (re)opened (what happened
+        while it was away is not said). An engine out of reach is logged; the policy in
+        force stays."""
+        pause = 0.1
+        while not stop.is_set():
+            if not self._names_networks:
+                stop.wait(0.5)
+                continue
+            try:
+                for name in engine.network_events(stop):
+                    pause = 0.1
+                    named = {o.docker_network for o in self._compiled.policy.overlays} if self._compiled else None
+                    if not name or named is None or name in named:
+                        if name:
+                            self.log("docker_network_changed", network=name)
+                        self._networks_moved.set()
+            except DockerError as err:
+                self.log("docker_unreachable", error=str(err), note="the policy in force stays")
+            stop.wait(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def _slept_until(stop: threading.Event, seconds: float) -> bool:

@@ -133,7 +133,7 @@ class ClusterAgent(Agent):
         if (self._compiled is not None and self._rule_keys is not None and changed is not None
                 and edit.rules_only(self.layout, changed)):
             made = edit.edit(self.layout, self._compiled.policy, self._rule_keys, self._frame, version.items,
-                             changed, self.policy_path)
+                             changed, self.policy_path, self.docker.subnets if self.docker else None)
             with pipeline.collector_paused():
                 delta = self._compiled.compiler.update(made.policy, edit=RuleEdit(tuple(made.removed),
                                                                                  tuple(made.added)))
@@ -142,6 +142,7 @@ class ClusterAgent(Agent):
         text, line_keys = version.document()
         try:
             compiled = pipeline.read(self.policy_path, text.encode(),
+                                     networks=self.docker.subnets if self.docker else None,
                                      numbering=None if self._compiled else enforcer.numbering(self.scope),
                                      previous=self._compiled)
         except PolicyError as err:

@@ -82,9 +82,10 @@ class Engine:
         configs = ((said or {}).get("IPAM") or {}).get("Config") or []
         return [c["Subnet"] for c in configs if c.get("Subnet")]
 
-    def network_events(self, stop: threading.Event, listening: threading.Event | None = None) -> Iterator[str]:
-        """The names of networks as they are created, removed, connected to or from, until
-        `stop`; DockerError when the stream cannot be (re)opened or breaks."""
+    def network_events(self, stop: threading.Event) -> Iterator[str]:
+        """"" once the stream is open (what happened before is not in it), then the names of
+        networks as they are created, removed, connected to or from, until `stop`;
+        DockerError when the stream cannot be opened or breaks."""
         filters = urllib.parse.quote(json.dumps({"type": ["network"]}))
         connection = _UnixConnection(self.path, None)
         try:
@@ -92,8 +93,7 @@ class Engine:
             answer = connection.getresponse()
             if answer.status != 200:
                 raise DockerError(f"the Docker engine at {self.host} refused its events: {answer.status}")
-            if listening is not None:
-                listening.set()
+            yield ""
             while not stop.is_set():
                 line = answer.readline()
                 if not line:
