@@ -174,7 +174,12 @@ struct params {
 	__u64 icmp_timeout_ns;
 	__u64 fragment_timeout_ns;
 	__u32 default_action;
-	__u32 pad;
+	/*
+	 * Mark bits the TC program sets on the packets it allows between two
+	 * overlays (0: none). Where Docker's FORWARD isolation would drop them
+	 * again, one DOCKER-USER rule accepts what carries them (docs/docker.md).
+	 */
+	__u32 accept_mark;
 };
 
 struct counter {

@@ -21,6 +21,7 @@
 struct verdict {
 	__u32 gen; /* the generation that judged the packet */
 	__u32 rule;
+	__u32 accept_mark; /* params' accept_mark for a filtered packet, else 0 */
 	__u8 action;
 };
 
@@ -304,6 +305,8 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 		settle(v, ACTION_ALLOW, rule);
 		return;
 	}
+	/* Judged by the policy from here on (exception pairs are never filtered). */
+	v->accept_mark = p->accept_mark;
 	if (pkt->later_fragment) {
 		follow_first_fragment(pkt, p, now, v);
 		return;

@@ -75,10 +75,13 @@ int tc_isoebpf(struct __sk_buff *skb)
 	classify(frame, &pkt, now, &v);
 	/*
 	 * UNSPEC rather than OK for "allow": filters of other tools after ours on
-	 * the same hook still get their say.
+	 * the same hook still get their say. The mark tells a firewall further on
+	 * (Docker's isolation) that the policy allowed it.
 	 */
-	if (v.action == ACTION_ALLOW)
+	if (v.action == ACTION_ALLOW) {
+		skb->mark |= v.accept_mark;
 		ret = TC_ACT_UNSPEC;
+	}
 	else if (v.action == ACTION_REJECT && !tc_reply(skb, &pkt))
 		ret = bpf_redirect(skb->ifindex, 0);
 	else

@@ -36,7 +36,7 @@ STAGES = (
     Stage("cluster", ("isoebpf.cluster",)),
     Stage("backends: shared floor", ("isoebpf.backends", "isoebpf.backends.interface",
                                      "isoebpf.backends.state", "isoebpf.backends.counts",
-                                     "isoebpf.backends.links")),
+                                     "isoebpf.backends.links", "isoebpf.backends.docker_user")),
     Stage("backends", ("isoebpf.backends.ebpf", "isoebpf.backends.iptables"), apart=True),
     Stage("backends: top floor", ("isoebpf.backends.registry", "isoebpf.backends.enforcer")),
     Stage("service", ("isoebpf.service",)),

@@ -142,7 +142,7 @@ class Params(ctypes.Structure):
     _fields_ = [
         ("tcp_timeout_ns", _u64), ("tcp_closing_timeout_ns", _u64), ("udp_timeout_ns", _u64),
         ("icmp_timeout_ns", _u64), ("fragment_timeout_ns", _u64),
-        ("default_action", _u32), ("pad", _u32),
+        ("default_action", _u32), ("accept_mark", _u32),
     ]
 
 

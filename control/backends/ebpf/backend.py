@@ -53,7 +53,7 @@ from ...errors import BackendError, CapacityError, IsoebpfError, StateError
 from ...ir.compiler import Delta, Numbering
 from ...ir.tables import IR
 from ...resource import Resource
-from .. import counts, links
+from .. import counts, docker_user, links
 from ..interface import Attachment, LoadReport, Verdict, state_record
 from ..state import LAYOUT, Scope, ensure_bpffs, make_private, private_dir, write_atomically
 from . import abi, bpfsys, capacity, entries, perf, program
@@ -180,13 +180,38 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         if record is not None and _ours_in_this_layout(record):
             _finish_growth(scope)
         if record is not None and _reusable(record, scope):
-            return _update(ir, scope, record, globs, mode, said, force, started, change)
-        # A first load compiles maps sized for the policy: refuse one this machine cannot
-        # hold before compiling, pinning or tearing anything down.
-        needed = capacity.needed_entries(ir)
-        sizes = capacity.sizes_for(needed)
-        capacity.refuse(needed, sizes)
-        return _first_load(ir, scope, record, globs, mode, said, force, started, compiling, sizes)
+            report = _update(ir, scope, record, globs, mode, said, force, started, change)
+        else:
+            # A first load compiles maps sized for the policy: refuse one this machine cannot
+            # hold before compiling, pinning or tearing anything down.
+            needed = capacity.needed_entries(ir)
+            sizes = capacity.sizes_for(needed)
+            capacity.refuse(needed, sizes)
+            report = _first_load(ir, scope, record, globs, mode, said, force, started, compiling, sizes)
+        return _beside_docker(scope, report)
+
+
+def _beside_docker(scope: Scope, report: LoadReport) -> LoadReport:
+    """Where Docker runs, mark what the program allows between overlays and accept it in
+    DOCKER-USER (backends.docker_user); where it does not (any more), mark nothing."""
+    tools = docker_user.families(scope.netns)
+    mark = docker_user.MARK if tools else 0
+    maps = _open_maps(scope)
+    try:
+        if program.accept_mark(maps) != mark:
+            program.set_accept_mark(maps, mark)
+    finally:
+        for fd in maps.values():
+            os.close(fd)
+    if not tools:
+        return report
+    docker_user.ensure(scope.netns, tools)
+    unmarked = [a.ifname for a in report.attachments if a.mode != "tc"]
+    if not unmarked:
+        return report
+    return dataclasses.replace(report, warnings=(*report.warnings, (
+        f"Docker runs here, and XDP cannot mark what it allows: Docker's isolation drops what the "
+        f"policy allows between overlays through {', '.join(unmarked)}; load with --mode tc")))
 
 
 def program_ids(scope: Scope) -> dict[str, int]:
@@ -776,7 +801,8 @@ def unload(scope: Scope) -> list[str]:
             record = scope.read()
         except StateError:
             record = None
-        return _teardown(scope, record)
+        removed = _teardown(scope, record)
+        return removed + ([] if scope.namespace_gone else docker_user.remove(scope.netns))
 
 
 def drift(scope: Scope, ir: IR) -> list[str]:
@@ -794,6 +820,9 @@ def drift(scope: Scope, ir: IR) -> list[str]:
         for a in record["attachments"]:
             if a["ifindex"] in present and not _attached(sock, a):
                 found.append(f"detached:{a['ifname']}")
+    # Docker started (or restarted with its rules flushed) beside us: our accept rule.
+    found += [f"docker:{tool} {docker_user.CHAIN} does not accept what the program allowed"
+              for tool in docker_user.families(scope.netns) if not docker_user.accepting(scope.netns, tool)]
     return found
 
 

@@ -185,7 +185,8 @@ def _seconds_to_ns(seconds: float) -> int:
     return int(seconds * 1_000_000_000)
 
 
-def params_of(ir: IR) -> abi.Params:
+def params_of(ir: IR, accept_mark: int = 0) -> abi.Params:
+    """`accept_mark`: the bits TC sets on packets the policy allows between two overlays."""
     return abi.Params(
         tcp_timeout_ns=_seconds_to_ns(ir.timeouts["tcp"]),
         tcp_closing_timeout_ns=_seconds_to_ns(ir.timeouts["tcp_closing"]),
@@ -194,6 +195,7 @@ def params_of(ir: IR) -> abi.Params:
         # Read at call time, so tests can shorten it.
         fragment_timeout_ns=_seconds_to_ns(evaluate.FRAGMENT_TIMEOUT),
         default_action=abi.ACTIONS[ir.default_action],
+        accept_mark=accept_mark,
     )
 
 
@@ -248,9 +250,10 @@ def needed_entries(ir: IR, tables: Tables) -> dict[str, int]:
 
 def _write(maps: Maps, ir: IR, gen: int, plan: Plan, fresh: Iterable[int]) -> None:
     """Write `ir`'s parameters and `plan` into generation `gen`'s slot, and zero the
-    counters of the `fresh` rule ids (those that count a rule they did not before)."""
+    counters of the `fresh` rule ids (those that count a rule they did not before).
+    The accept mark is the node's, not the policy's: it stays what it is."""
     slot = slot_of(gen)
-    bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir))
+    bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params_of(ir, accept_mark(maps)))
     zero = bytes(ctypes.sizeof(abi.Counter) * bpfsys.possible_cpus())
     indexes = array.array("I", fresh)
     bpfsys.map_update_packed(maps["counters"], indexes.tobytes(), zero * len(indexes), len(indexes))
@@ -505,6 +508,25 @@ def _verdict_key(raw: bytes) -> bytes:
 def active_generation(maps: Maps) -> int:
     raw = bpfsys.map_lookup(maps["config"], ctypes.c_uint32(0), ctypes.sizeof(ctypes.c_uint32))
     return ctypes.c_uint32.from_buffer_copy(raw).value if raw else 0
+
+
+def _params(maps: Maps, slot: int) -> abi.Params:
+    raw = bpfsys.map_lookup(maps["params"], ctypes.c_uint32(slot), ctypes.sizeof(abi.Params))
+    return abi.Params.from_buffer_copy(raw) if raw else abi.Params()
+
+
+def accept_mark(maps: Maps) -> int:
+    """The mark bits the TC program sets on packets the policy allows between overlays."""
+    return int(_params(maps, slot_of(active_generation(maps))).accept_mark)
+
+
+def set_accept_mark(maps: Maps, mark: int) -> None:
+    """Set the accept mark in both generations' parameters, in place: the rest of each
+    is written again as it was, so a packet that reads one meanwhile sees the same."""
+    for slot in (0, 1):
+        params = _params(maps, slot)
+        params.accept_mark = mark
+        bpfsys.map_update(maps["params"], ctypes.c_uint32(slot), params)
 
 
 def set_event_rate(maps: Maps, per_second: int) -> None:

@@ -1,0 +1,91 @@
+"""Backends' shared floor: enforcing beside Docker's own firewall.
+
+Docker drops all traffic between its networks (DOCKER-ISOLATION-STAGE-2, from
+FORWARD), so where overlays are Docker networks a policy's allows between
+them would be dropped again after isoebpf allowed them. DOCKER-USER is the
+place Docker leaves to its users: FORWARD jumps there first, and a dockerd
+restart keeps its content and puts that jump first again. So:
+
+- the eBPF program marks what it allows between two overlays (`MARK`, set in
+  its parameters: program.set_accept_mark), and one rule first in DOCKER-USER
+  accepts what carries the mark: `ensure`;
+- the iptables backend puts its jumps in DOCKER-USER instead of FORWARD and
+  accepts what its chain allows between overlays (iptables.layout).
+
+Traffic that is not between overlays, and exception pairs, are not isoebpf's to
+judge: they carry no mark and go on to Docker's rules untouched.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+from ..errors import BackendError
+
+CHAIN = "DOCKER-USER"
+# A bit of the packet mark no common tool uses (Docker uses none; kube-proxy 0x4000,
+# 0x8000; Calico the top 16 bits; Cilium 0x0f00 and 0x0e00).
+MARK = 0x00400000
+COMMENT = "isoebpf: allowed between overlays"
+ACCEPT_RULE = ("-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment", COMMENT,
+               "-j", "ACCEPT")
+TOOLS = ("iptables", "ip6tables")
+LOCK_WAIT_SECONDS = "5"
+
+
+def _run(netns: str | None, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [tool, "-w", LOCK_WAIT_SECONDS, *args]
+    if netns:
+        command = ["ip", "netns", "exec", netns, *command]
+    try:
+        return subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise BackendError(f"{tool} is not installed: {err}") from err
+
+
+def families(netns: str | None) -> list[str]:
+    """The iptables tools ("iptables", "ip6tables") whose filter table has Docker's
+    DOCKER-USER chain in `netns`: where Docker runs."""
+    found = []
+    for tool in TOOLS:
+        try:
+            if _run(netns, tool, "-S", CHAIN).returncode == 0:
+                found.append(tool)
+        except BackendError:
+            continue
+    return found
+
+
+def accepting(netns: str | None, tool: str) -> bool:
+    """Whether `tool`'s DOCKER-USER starts with our accept rule."""
+    done = _run(netns, tool, "-S", CHAIN)
+    first = next((line for line in done.stdout.splitlines() if line.startswith(f"-A {CHAIN} ")), "")
+    return COMMENT in first
+
+
+def ensure(netns: str | None, tools: Sequence[str]) -> list[str]:
+    """Put our accept rule first in DOCKER-USER of each of `tools` (once); what it did."""
+    done = []
+    for tool in tools:
+        if accepting(netns, tool):
+            continue
+        remove(netns, [tool])
+        added = _run(netns, tool, "-I", CHAIN, "1", *ACCEPT_RULE)
+        if added.returncode != 0:
+            raise BackendError(f"cannot accept isoebpf's allowed traffic in {tool} {CHAIN}: "
+                               f"{added.stderr.strip()}")
+        done.append(f"{tool} {CHAIN}: accepts what the program allowed between overlays")
+    return done
+
+
+def remove(netns: str | None, tools: Sequence[str] = TOOLS) -> list[str]:
+    """Remove our accept rule wherever it is; safe to repeat."""
+    removed = []
+    for tool in tools:
+        try:
+            while _run(netns, tool, "-D", CHAIN, *ACCEPT_RULE).returncode == 0:
+                removed.append(f"{tool} {CHAIN} accept rule")
+        except BackendError:
+            continue
+    return removed
