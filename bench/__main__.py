@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only b1,b6,traffic]`: run the suite, write
+"""`python -m bench [--quick] [--only b1,b6,traffic,b7]`: run the suite, write
 bench/results/<time>.json, bench/RESULTS.md and bench/plots/*.png. A quick run
 writes the same under bench/quick/ (not kept in git), so that it never
 replaces the full run's report.
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import classifier, control_plane, machine, policies, report, traffic
+from bench import classifier, cluster, control_plane, machine, policies, report, traffic
 from bench.targets import evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -52,7 +52,9 @@ def say(text: str) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer sizes and runs")
-    parser.add_argument("--only", default="b1,b6,traffic", help="comma-separated: b1, b6, traffic")
+    parser.add_argument("--only", default="b1,b6,traffic",
+                        help="comma-separated: b1, b6, traffic, b7 (cluster mode: not in the default, "
+                             "it adds about ten minutes)")
     parser.add_argument("--policy-format", choices=policies.FORMATS, default=control_plane.POLICY_FORMAT,
                         help="B6's policy files: .yaml, or the same policy as .json (default %(default)s)")
     parser.add_argument("--report", type=Path, help="regenerate RESULTS.md and plots from this JSON, run nothing")
@@ -82,6 +84,8 @@ def main(argv: list[str]) -> int:
         results.update(control_plane.run(b6_sizes, peer_sizes, rounds, say, args.policy_format))
     if "traffic" in only:
         results["traffic"] = traffic.run_all(traffic_sizes, rounds, window, say)
+    if "b7" in only:
+        results["b7"] = cluster.run(cluster.PLANS["quick" if args.quick else "full"], say)
     if not args.into:
         results["duration_s"] = time.monotonic() - started
     home = _home(results["quick"])

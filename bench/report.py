@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import enforcers
-from bench.targets import evaluate, traffic_row
+from bench.targets import PROPAGATION_BOUNDS_MS, b6_apply_ms, evaluate, traffic_row
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,6 +104,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         out.append("")
     if results.get("b6") or results.get("b6_peers"):
         out += control_plane(results)
+    if results.get("b7"):
+        out += cluster(results)
     if plots:
         out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     return "\n".join(out)
@@ -186,6 +188,71 @@ def control_plane(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _quantiles(p: dict[str, Any] | None, keys: tuple[str, ...] = ("p50", "p90", "p99", "max"),
+               digits: int = 0) -> str:
+    """`keys` of a percentiles record, " / " between them."""
+    if p is None:
+        return "-"
+    return " / ".join(f"{float(p[k]):,.{digits}f}" for k in keys)
+
+
+def cluster(results: dict[str, Any]) -> list[str]:
+    """B7's sections: propagation by agents, CPU per change, and resyncs after partitions."""
+    b7 = results["b7"]
+    apply = b6_apply_ms(results)
+    cpus = results.get("machine", {}).get("cpus", "the machine's")
+    out = [f"## B7: cluster mode ({b7['rules']:,} rules in a three-member etcd)", "",
+           f"One-rule changes pushed one at a time (`store.push`, as `isoebpf cluster push`: "
+           f"{fmt(b7['push_s'], digits=2)} s each, most of it reading the {b7['rules']:,} keys to compare; "
+           f"the first push {b7['first_push_s']:.1f} s). A change's time runs from the push's commit (etcd's "
+           "answer to its last transaction, the one that writes the head) to the node having it in force. "
+           "**Every node**: per change, its slowest node (what the targets name); **each node**: every "
+           "(node, change) pair; **delivery**: to the follower handing the version out, before the compile "
+           "(a few ms below zero where a node heard of the head before the pusher did).", "",
+           f"Simulated nodes (bench/cluster_node.py) run the agent's follow-and-compile path and write no "
+           f"map; they share this machine's {cpus} CPUs with each other and with etcd, so with N of them a "
+           "change waits for the compiles ahead of it. The kernel write they leave out is B6's one-rule apply "
+           + (f"at 100k rules, {apply:.1f} ms in this document, which the targets add to the p99." if apply
+              is not None else "(not in this document: the targets do not add it).")
+           + " The real node is `isoebpf agent --etcd` with the eBPF backend in a namespace of its own, timed "
+           "to its `applied` log line (the moment it says the version went live, `enforced`, where it says it; "
+           "else the line's `ts`); its apply column is the line's `ms`, the backend's whole load.", "",
+           "| agents | nodes | rules | changes | every node ms: p50 / p90 / p99 / max "
+           "| each node ms: p50 / p90 / p99 / max | delivery ms: p50 / p99 | compile ms: p50 / p99 "
+           "| apply ms: p50 | etcd CPU ms per change (after the commit; idle) | agents' CPU ms per change (idle) "
+           "| private MiB per node |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in b7["propagation"]:
+        cpu = r["cpu"]
+        memory = r.get("node_private_mb")
+        out.append(f"| {r['agents']} | {r['nodes']} | {r['rules']:,} | {r['changes']} | {_quantiles(r['every_ms'])} | "
+                   f"{_quantiles(r['each_ms'])} | {_quantiles(r.get('delivery_ms'), ('p50', 'p99'))} | "
+                   f"{_quantiles(r['compile_ms'], ('p50', 'p99'))} | "
+                   f"{_quantiles(r.get('apply_ms'), ('p50',), 1)} | "
+                   f"{cpu['etcd_ms_per_change']:,.0f} ({cpu['etcd_after_commit_ms_per_change']:,.0f}; "
+                   f"{cpu['etcd_idle_ms_per_change']:,.0f}) | {cpu['agents_ms_per_change']:,.0f} "
+                   f"({cpu['agents_idle_ms_per_change']:,.0f}) | {'-' if memory is None else f'{memory:,.0f}'} |")
+    out += ["", "CPU is utime + stime of the processes over the series, per change; \"after the commit\" counts "
+            "etcd only from each push's return to the next push (delivery, the nodes' status writes), the rest "
+            "is the push's read; \"idle\" is what the same processes took in an idle window just before, "
+            "scaled to the series' length (heartbeats, leases). Private memory is what a simulated node does "
+            "not share with the others (they fork from one process that compiled the policy once).", ""]
+    for skip in b7.get("skipped", []):
+        out += [f"- **{skip['agents']} simulated nodes were not measured at {skip['rules']:,} rules**: "
+                f"{skip['why']}", ""]
+    resync = b7.get("resync")
+    if resync:
+        out += [f"### Resync after a partition ({resync['pushes']} changes pushed while the node was cut off)", "",
+                "The real node's namespace drops its agent's traffic to etcd until the agent says etcd is out of "
+                "reach; the changes are pushed; the rules go. From the heal to the last version's `applied` "
+                "line, less that node's own compile and apply of what changed.", "",
+                "| partition | heal to applied s | compile and apply s | resync s |", "|---|---|---|---|"]
+        for index, run in enumerate(resync["runs"], 1):
+            out.append(f"| {index} | {run['caught_up_s']:.2f} | {run['work_s']:.2f} | {run['resync_s']:.2f} |")
+        out += ["", f"Median {resync['median_s']:.2f} s, max {resync['max_s']:.2f} s.", ""]
+    return out
+
+
 def plot(results: dict[str, Any], where: Path) -> list[str]:
     """Write the plots; returns their file names."""
     import matplotlib
@@ -261,7 +328,38 @@ def plot(results: dict[str, Any], where: Path) -> list[str]:
         save(fig, "b6-load.png")
     if results.get("b6_peers"):
         save(_peers_plot(results, plt), "b6-peers.png")
+    if results.get("b7"):
+        save(_propagation_plot(results, plt), "b7-propagation.png")
     return made
+
+
+def _propagation_plot(results: dict[str, Any], plt: Any) -> Any:
+    """Every node's percentiles against simulated agents, the real node beside them, the targets."""
+    b7 = results["b7"]
+    rows = b7["propagation"]
+    simulated = sorted((r for r in rows if r["nodes"] == "simulated" and r["rules"] == b7["rules"]),
+                       key=lambda r: r["agents"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, style in (("p50", "o-"), ("p90", "s-"), ("p99", "^-"), ("max", "v:")):
+        ax.plot([r["agents"] for r in simulated], [r["every_ms"][key] for r in simulated], style,
+                label=f"simulated nodes, {key}")
+    for r in (r for r in rows if r["nodes"] != "simulated"):
+        ax.plot([r["agents"]] * 2, [r["every_ms"]["p50"], r["every_ms"]["p99"]], "kD",
+                label=f"a real {r['nodes']} node, p50 and p99")
+    for r in (r for r in rows if r["nodes"] == "simulated" and r["rules"] != b7["rules"]):
+        ax.plot([r["agents"]] * 2, [r["every_ms"]["p50"], r["every_ms"]["p99"]], "g*", markersize=10,
+                label=f"{r['agents']} simulated nodes at {r['rules']:,} rules, p50 and p99")
+    ax.plot([a for a, _ in PROPAGATION_BOUNDS_MS], [b for _, b in PROPAGATION_BOUNDS_MS], "rx", markersize=12,
+            mew=2, label="target, p99 (plus B6's apply)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = sorted({r["agents"] for r in rows} | {a for a, _ in PROPAGATION_BOUNDS_MS})
+    ax.set_xticks(ticks, [str(a) for a in ticks])
+    ax.set_xlabel("agents")
+    ax.set_ylabel("ms from the push's commit to every node")
+    ax.set_title(f"B7: a one-rule change at {b7['rules']:,} rules")
+    ax.legend(fontsize="small")
+    return fig
 
 
 def _peers_plot(results: dict[str, Any], plt: Any) -> Any:

@@ -28,6 +28,17 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
             "min": ordered[0], "max": ordered[-1], "runs": list(values)}
 
 
+def percentiles(values: Sequence[float]) -> dict[str, Any]:
+    """p50, p90, p99 (interpolated between the values around each) and the extremes, and
+    the values themselves (JSON-ready)."""
+    if not values:
+        raise ValueError("no values to take percentiles of")
+    ordered = sorted(values)
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) >= 2 else [ordered[0]] * 99
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "min": ordered[0], "max": ordered[-1],
+            "count": len(ordered), "runs": [round(v, 2) for v in values]}
+
+
 def interleaved(rounds: int, subjects: Sequence[T]) -> list[tuple[int, T]]:
     """(round, subject) in the order to measure: each round takes every subject
     once, starting one further along than the round before."""

@@ -169,6 +169,46 @@ def control_plane(results: dict[str, Any]) -> list[Target]:
     ]
 
 
+# Issue #17: from a push's commit to every node, p99, by agents.
+PROPAGATION_BOUNDS_MS = ((10, 100.0), (50, 250.0))
+RESYNC_BOUND_S = 1.0
+
+
+def b6_apply_ms(results: dict[str, Any]) -> float | None:
+    """B6's one-rule apply at AT rules (the kernel write B7's simulated nodes leave out), in ms."""
+    apply = _median(_row(results.get("b6", []), rules=AT), "change_apply_s")
+    return None if apply is None else apply * 1000
+
+
+def cluster(results: dict[str, Any]) -> list[Target]:
+    """Issue #17's targets (B7) at AT rules: the simulated nodes' p99 to every node, plus
+    B6's apply from the same document; a partitioned node's resync, its own work taken off."""
+    b7 = results.get("b7") or {}
+    apply = b6_apply_ms(results)
+    found = []
+    for agents, bound in PROPAGATION_BOUNDS_MS:
+        row = _row(b7.get("propagation", []), agents=agents, nodes="simulated", rules=AT)
+        p99 = None if row is None else float(row["every_ms"]["p99"])
+        why_not = next((f"not measured: {s['why']}" for s in b7.get("skipped", [])
+                        if (s["agents"], s["rules"]) == (agents, AT)), "not measured")
+
+        def says(total: float, p99: float | None = p99) -> str:
+            if apply is None:
+                return f"{total:.0f} ms (p99, simulated nodes; B6's apply not in this run, not added)"
+            return f"{total:.0f} ms (p99 {p99:.0f} ms, simulated nodes, + {apply:.1f} ms B6 apply)"
+
+        found.append(_at_most(f"B7: a one-rule change at {AT // 1000}k rules reaches {agents} agents in p99 "
+                              f"<= {bound:.0f} ms", f"<= {bound:.0f} ms", bound,
+                              None if p99 is None else p99 + (apply or 0.0), says, why_not))
+    resync: dict[str, Any] = b7.get("resync") or {}
+    found.append(_at_most(
+        f"B7: a node's resync after a partition <= {RESYNC_BOUND_S:.0f} s plus the apply",
+        f"<= {RESYNC_BOUND_S:.0f} s", RESYNC_BOUND_S, float(resync["max_s"]) if resync else None,
+        lambda v: (f"max {v:.2f} s, median {resync['median_s']:.2f} s over {len(resync['runs'])} partitions "
+                   f"({resync['pushes']} pushes each; its compile and apply taken off)")))
+    return found
+
+
 def evaluate(results: dict[str, Any]) -> list[Target]:
     return [classifier_scaling(results), *discard(results), answers(results), throughput(results),
-            *scaling(results), *control_plane(results)]
+            *scaling(results), *control_plane(results), *cluster(results)]

@@ -38,7 +38,31 @@ def results(ebpf_xdp: float = 400e3, ebpf_tc: float = 400e3, iptables: float = 1
         ],
         "b6": [{"rules": 100000, "load_total_s": s(2.5), "change_apply_s": s(0.2)}],
         "b6_peers": [peer_row(100000)],
+        "b7": b7_doc([b7_row(10, 60), b7_row(50, 240)], resync_max=0.8),
     }
+
+
+def pct(p50: float, p90: float, p99: float, most: float) -> dict[str, Any]:
+    return {"p50": p50, "p90": p90, "p99": p99, "min": p50 / 2, "max": most, "count": 30, "runs": []}
+
+
+def b7_row(agents: int, p99: float, nodes: str = "simulated", rules: int = 100000) -> dict[str, Any]:
+    return {"agents": agents, "nodes": nodes, "rules": rules, "changes": 30,
+            "every_ms": pct(p99 / 2, p99 * 0.9, p99, p99 + 1), "each_ms": pct(p99 / 3, p99 / 2, p99 * 0.9, p99 + 1),
+            "delivery_ms": pct(1, 3, 8, 9), "compile_ms": pct(60, 70, 80, 90),
+            "cpu": {"etcd_ms_per_change": 1000.0, "etcd_after_commit_ms_per_change": 25.0,
+                    "agents_ms_per_change": 70.0 * agents, "etcd_idle_ms_per_change": 90.0,
+                    "agents_idle_ms_per_change": 5.0, "series_s": 60.0},
+            "node_private_mb": 165.0}
+
+
+def b7_doc(rows: list[dict[str, Any]], resync_max: float, skipped: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
+    runs = [{"caught_up_s": 0.4, "work_s": 0.3, "resync_s": 0.1},
+            {"caught_up_s": resync_max + 0.3, "work_s": 0.3, "resync_s": resync_max}]
+    return {"rules": 100000, "warmup": 2, "first_push_s": 6.5, "push_s": s(1.6), "propagation": rows,
+            "skipped": skipped or [], "resync": {"pushes": 3, "runs": runs, "median_s": (0.1 + resync_max) / 2,
+                                                  "max_s": resync_max}}
 
 
 def peer_row(rules: int, restore: float = 0.5, add: float = 0.0025) -> dict[str, Any]:
@@ -62,7 +86,7 @@ def verdicts(doc: dict[str, Any]) -> dict[str, bool | None]:
 
 def test_every_target_judged_from_a_full_document() -> None:
     got = verdicts(results())
-    assert len(got) == 15
+    assert len(got) == 18
     assert [name for name, met in got.items() if not met] == [
         "B2: XDP discard (drop) >= 3 x iptables REJECT",
         "B2: REJECT answers by the program (auto mode) >= 3 x iptables REJECT",
@@ -73,6 +97,8 @@ def test_every_target_judged_from_a_full_document() -> None:
         "B6: the agent applies a one-rule change of the file at 100000 rules in <= 1.5 s",
         "B6: a one-rule change at 1000000 rules applies in <= 10 ms",
         "B6: a policy of 100000 rules over the limits is refused in <= 2 s, every limit named",
+        "B7: a one-rule change at 100k rules reaches 10 agents in p99 <= 100 ms",  # 60 ms + B6's apply, 200 ms
+        "B7: a one-rule change at 100k rules reaches 50 agents in p99 <= 250 ms",
     ]
     assert got["B6: `isoebpf load` of the changed file at 100000 rules <= 1.5 s"] is None
     assert got["B6: a policy of 100000 rules over the limits is refused in <= 2 s, every limit named"] is None
@@ -234,3 +260,42 @@ def test_b6_runs_isoebpf_and_the_peers_in_the_same_rounds_and_says_what_was_refu
     assert peer["ipset_restore_s"]["runs"] == [0.5, 0.5]
     assert got["b6_skipped"] == [{"subject": "isoebpf (.json)", "rules": 1000000, "why": "too many nodes"}]
     assert any("not measured, the .json policy is refused: too many nodes" in line for line in said)
+
+
+def test_b7_adds_b6s_apply_to_the_simulated_p99_and_says_why_a_count_was_not_measured() -> None:
+    why = "50 nodes would take about 8.1 GiB; measured at 10,000 rules instead"
+    doc = {"b6": [b6_row(100000, 3.0, 0.002, 3.0)],
+           "b7": b7_doc([b7_row(1, 70), b7_row(10, 95), b7_row(1, 190, nodes="ebpf"),
+                         b7_row(50, 120, rules=10000)], resync_max=1.2,
+                        skipped=[{"agents": 50, "rules": 100000, "why": why}])}
+    ten, fifty, resync = targets.cluster(doc)
+    assert (ten.met, ten.value) == (True, "97 ms (p99 95 ms, simulated nodes, + 2.0 ms B6 apply)")
+    assert (fifty.met, fifty.value) == (None, f"not measured: {why}")  # the 10k row is not the target's
+    assert (resync.met, resync.value) == (
+        False, "max 1.20 s, median 0.65 s over 2 partitions (3 pushes each; its compile and apply taken off)")
+    del doc["b6"]
+    ten = targets.cluster(doc)[0]
+    assert (ten.met, ten.value) == (True, "95 ms (p99, simulated nodes; B6's apply not in this run, not added)")
+    assert [t.met for t in targets.cluster({})] == [None, None, None]
+
+
+def test_the_report_shows_b7_by_agents_with_its_resyncs() -> None:
+    doc = {"machine": {"cpus": 2}, "b6": [b6_row(100000, 3.0, 0.0017, 3.0)],
+           "b7": b7_doc([b7_row(10, 95), b7_row(1, 190, nodes="ebpf") | {"apply_ms": pct(2.04, 3, 4, 5)}],
+                        resync_max=0.8, skipped=[{"agents": 50, "rules": 100000, "why": "too little memory"}])}
+    text = "\n".join(report.cluster(doc))
+    assert "| 10 | simulated | 100,000 | 30 | 48 / 86 / 95 / 96 | 32 / 48 / 86 / 96 | 1 / 8 | 60 / 80 | - " \
+           "| 1,000 (25; 90) | 700 (5) | 165 |" in text
+    assert "| 1 | ebpf | 100,000 | 30 | 95 / 171 / 190 / 191 |" in text and "| 2.0 |" in text
+    assert "one-rule apply at 100k rules, 1.7 ms in this document, which the targets add to the p99" in text
+    assert "**50 simulated nodes were not measured at 100,000 rules**: too little memory" in text
+    assert "| 2 | 1.10 | 0.30 | 0.80 |" in text and "Median 0.45 s, max 0.80 s." in text
+
+
+def test_percentiles_interpolate_and_keep_the_values() -> None:
+    got = stats.percentiles([float(v) for v in range(1, 101)])
+    assert (got["p50"], got["p90"], got["max"], got["count"]) == (50.5, 90.1, 100, 100)
+    assert round(got["p99"], 2) == 99.01
+    assert stats.percentiles([7.0])["p99"] == 7.0
+    with pytest.raises(ValueError):
+        stats.percentiles([])
