@@ -154,6 +154,15 @@ class DockerEngine(Resource):
             self._process.wait()
         self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL, a crash: containerd dies with dockerd (its parent-death signal); shims
+        and containers run on, unmanaged, until `start` or `close`."""
+        if self._process is None:
+            raise RuntimeError("dockerd is not running")
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
     def restart(self) -> None:
         """`stop` and `start` on the same roots. dockerd re-inserts its FORWARD jumps on
         start; containers come back as `stop` and `live_restore` say."""
