@@ -29,9 +29,14 @@ fi
 #                       on free ports; Debian's own etcd service (localhost:2379) is unused
 #   etcd-client         etcdctl: the lab's leader, compaction and roles go over gRPC
 #   openssl             the lab's CA and certificates for etcd's TLS (not essential in Debian)
+#   docker.io           the Docker tests start their own dockerd (with its containerd, runc,
+#                       docker-init) inside a namespace (control/lab/docker.py); Debian's own
+#                       docker service is unused, and on a machine with systemd it starts
+#   busybox-static      the lab's only image: one static binary (sh, nc, httpd, ping) imported
+#                       with `docker import`, so no registry is needed
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
           iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant
-          graphviz etcd-server etcd-client openssl)
+          graphviz etcd-server etcd-client openssl docker.io busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

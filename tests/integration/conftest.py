@@ -23,6 +23,8 @@ from isoebpf import pipeline
 from isoebpf.backends import links, state
 from isoebpf.backends.state import Scope
 from isoebpf.ir.tables import IR
+from isoebpf.lab import docker as docker_lab
+from isoebpf.lab.docker import DockerEngine
 from isoebpf.lab.etcd import ETCD, ETCDCTL, LOOPBACK, Credentials, EtcdCluster, Member
 from isoebpf.lab.testbed import Testbed, default_prefix, it_hr
 from tests.conftest import require
@@ -343,3 +345,22 @@ def gateway_client() -> Iterator[GatewayClient]:
     yield connect
     for session in sessions:
         session.close()
+
+
+def require_docker() -> None:
+    """Skip (fail under CI) where Debian's dockerd, its CLI or busybox-static is missing."""
+    for tool in (docker_lab.DOCKERD, docker_lab.DOCKER, docker_lab.BUSYBOX):
+        if not Path(tool).exists():
+            require(tool, "not installed (scripts/setup.sh installs docker.io, busybox-static)")
+    ran = subprocess.run([docker_lab.DOCKERD, "--version"], capture_output=True, text=True)
+    if ran.returncode != 0:
+        require(docker_lab.DOCKERD, ran.stderr.strip())
+
+
+@pytest.fixture
+def docker_engine() -> Iterator[DockerEngine]:
+    """dockerd in a namespace of its own, the busybox image imported, no networks yet.
+    Tests that want it where isoebpf enforces open `DockerEngine(netns=testbed.router)`."""
+    require_docker()
+    with DockerEngine() as engine:
+        yield engine
