@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer sizes and runs")
     parser.add_argument("--only", default="b1,b6,traffic",
                         help="comma-separated: b1, b6, traffic, b7 (cluster mode: not in the default, "
-                             "it adds about ten minutes)")
+                             "it adds about five minutes)")
     parser.add_argument("--policy-format", choices=policies.FORMATS, default=control_plane.POLICY_FORMAT,
                         help="B6's policy files: .yaml, or the same policy as .json (default %(default)s)")
     parser.add_argument("--report", type=Path, help="regenerate RESULTS.md and plots from this JSON, run nothing")

@@ -339,7 +339,7 @@ def _propagation_plot(results: dict[str, Any], plt: Any) -> Any:
     rows = b7["propagation"]
     simulated = sorted((r for r in rows if r["nodes"] == "simulated" and r["rules"] == b7["rules"]),
                        key=lambda r: r["agents"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for key, style in (("p50", "o-"), ("p90", "s-"), ("p99", "^-"), ("max", "v:")):
         ax.plot([r["agents"] for r in simulated], [r["every_ms"][key] for r in simulated], style,
                 label=f"simulated nodes, {key}")
@@ -355,10 +355,13 @@ def _propagation_plot(results: dict[str, Any], plt: Any) -> Any:
     ax.set_yscale("log")
     ticks = sorted({r["agents"] for r in rows} | {a for a, _ in PROPAGATION_BOUNDS_MS})
     ax.set_xticks(ticks, [str(a) for a in ticks])
+    marks = [50, 100, 200, 500, 1000]
+    ax.set_yticks(marks, [str(m) for m in marks])
+    ax.minorticks_off()
     ax.set_xlabel("agents")
     ax.set_ylabel("ms from the push's commit to every node")
     ax.set_title(f"B7: a one-rule change at {b7['rules']:,} rules")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
