@@ -8,7 +8,10 @@ restart keeps its content and puts that jump first again. So:
 
 - the eBPF program marks what it allows between two overlays (`MARK`, set in
   its parameters: program.set_accept_mark), and one rule first in DOCKER-USER
-  accepts what carries the mark: `ensure`;
+  accepts what carries the mark: `ensure`. A dockerd with --live-restore puts
+  its isolation jump above DOCKER-USER when it restarts, so a second rule,
+  first in DOCKER-ISOLATION-STAGE-1, returns what carries the mark: Docker's
+  own rules after it then forward it as they forward within a network;
 - the iptables backend puts its jumps in DOCKER-USER instead of FORWARD and
   accepts what its chain allows between overlays (iptables.layout).
 
@@ -24,12 +27,14 @@ from collections.abc import Sequence
 from ..errors import BackendError
 
 CHAIN = "DOCKER-USER"
+ISOLATION = "DOCKER-ISOLATION-STAGE-1"
 # A bit of the packet mark no common tool uses (Docker uses none; kube-proxy 0x4000,
 # 0x8000; Calico the top 16 bits; Cilium 0x0f00 and 0x0e00).
 MARK = 0x00400000
 COMMENT = "isoebpf: allowed between overlays"
-ACCEPT_RULE = ("-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment", COMMENT,
-               "-j", "ACCEPT")
+_MARKED = ("-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment", COMMENT)
+# Each chain of Docker's where we come first, and what we do there with a marked packet.
+RULES = {CHAIN: (*_MARKED, "-j", "ACCEPT"), ISOLATION: (*_MARKED, "-j", "RETURN")}
 TOOLS = ("iptables", "ip6tables")
 LOCK_WAIT_SECONDS = "5"
 
@@ -57,35 +62,44 @@ def families(netns: str | None) -> list[str]:
     return found
 
 
-def accepting(netns: str | None, tool: str) -> bool:
-    """Whether `tool`'s DOCKER-USER starts with our accept rule."""
-    done = _run(netns, tool, "-S", CHAIN)
-    first = next((line for line in done.stdout.splitlines() if line.startswith(f"-A {CHAIN} ")), "")
+def _first_is_ours(netns: str | None, tool: str, chain: str) -> bool:
+    done = _run(netns, tool, "-S", chain)
+    first = next((line for line in done.stdout.splitlines() if line.startswith(f"-A {chain} ")), "")
     return COMMENT in first
 
 
+def accepting(netns: str | None, tool: str) -> bool:
+    """Whether `tool`'s Docker chains start with our rules (where the chain exists)."""
+    return all(_first_is_ours(netns, tool, chain) for chain in RULES
+               if chain == CHAIN or _run(netns, tool, "-S", chain).returncode == 0)
+
+
 def ensure(netns: str | None, tools: Sequence[str]) -> list[str]:
-    """Put our accept rule first in DOCKER-USER of each of `tools` (once); what it did."""
+    """Put our rules first in DOCKER-USER and DOCKER-ISOLATION-STAGE-1 of each of
+    `tools` (once); what it did."""
     done = []
     for tool in tools:
-        if accepting(netns, tool):
-            continue
-        remove(netns, [tool])
-        added = _run(netns, tool, "-I", CHAIN, "1", *ACCEPT_RULE)
-        if added.returncode != 0:
-            raise BackendError(f"cannot accept isoebpf's allowed traffic in {tool} {CHAIN}: "
-                               f"{added.stderr.strip()}")
-        done.append(f"{tool} {CHAIN}: accepts what the program allowed between overlays")
+        for chain, rule in RULES.items():
+            if _run(netns, tool, "-S", chain).returncode != 0 or _first_is_ours(netns, tool, chain):
+                continue
+            while _run(netns, tool, "-D", chain, *rule).returncode == 0:
+                pass  # ours, but not first any more
+            added = _run(netns, tool, "-I", chain, "1", *rule)
+            if added.returncode != 0:
+                raise BackendError(f"cannot let isoebpf's allowed traffic through {tool} {chain}: "
+                                   f"{added.stderr.strip()}")
+            done.append(f"{tool} {chain}: lets through what the program allowed between overlays")
     return done
 
 
 def remove(netns: str | None, tools: Sequence[str] = TOOLS) -> list[str]:
-    """Remove our accept rule wherever it is; safe to repeat."""
+    """Remove our rules wherever they are; safe to repeat."""
     removed = []
     for tool in tools:
-        try:
-            while _run(netns, tool, "-D", CHAIN, *ACCEPT_RULE).returncode == 0:
-                removed.append(f"{tool} {CHAIN} accept rule")
-        except BackendError:
-            continue
+        for chain, rule in RULES.items():
+            try:
+                while _run(netns, tool, "-D", chain, *rule).returncode == 0:
+                    removed.append(f"{tool} {chain} rule")
+            except BackendError:
+                break
     return removed

@@ -304,9 +304,18 @@ def test_dockers_chains_stay_intact_and_in_order(
 
         load(testbed, SEED)
         assert dockers_rules() == with_docker["ipv4"]
-        forward = [line for line in snapshot(testbed)["ipv4"] if line.startswith("-A FORWARD")]
-        assert "isoebpf forwarded" in forward[0] and "-j dcos-isolation" in forward[1]
-        assert forward[2:] == [line for line in with_docker["ipv4"] if line.startswith("-A FORWARD")]
+        # Ours go first in DOCKER-USER, where Docker leaves room for its users; FORWARD
+        # stays exactly Docker's.
+        def chain(name: str, rules: list[str]) -> list[str]:
+            return [line for line in rules if line.startswith(f"-A {name} ")]
+
+        user = chain("DOCKER-USER", snapshot(testbed)["ipv4"])
+        assert "isoebpf forwarded" in user[0] and "-j dcos-isolation" in user[1]
+        assert user[2:] == chain("DOCKER-USER", with_docker["ipv4"])
+        assert chain("FORWARD", snapshot(testbed)["ipv4"]) == chain("FORWARD", with_docker["ipv4"])
+        # What the policy allows is accepted there, before Docker's isolation could drop it.
+        assert any("-j ACCEPT" in line and "allow" in line for line in chain("dcos-isolation",
+                                                                            snapshot(testbed)["ipv4"]))
         assert testbed.probe("hr1", "tcp", "it1", 80, timeout=1.0)["outcome"] == "connected"
         assert testbed.probe("hr1", "tcp", "it1", 22, timeout=1.0)["outcome"] == "refused"
         load(testbed, updated)

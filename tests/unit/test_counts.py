@@ -180,7 +180,7 @@ def in_force(layout: Layout, packets: dict[str, int]) -> iptables_backend._State
         forward = [(i, spec, *counted(iptables_backend._tag(spec)))
                    for i, spec in enumerate(rules.forward, start=1)]
         chain = [(spec, *counted(iptables_backend._tag(spec))) for spec in rules.chain]
-        families[version] = iptables_backend._Family(forward, {layout.chain: chain})
+        families[version] = iptables_backend._Family({"FORWARD": forward}, {layout.chain: chain})
     sets = {s.name: SavedSet(s.name, s.type, s.version, 0, elements=[
         Element(tuple(element.split(",")), note, 0, *counted(note)) for element, note in s.elements])
         for s in layout.sets}

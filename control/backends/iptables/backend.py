@@ -45,7 +45,7 @@ from ...errors import BackendError, StateError
 from ...ir.compiler import Delta
 from ...ir.evaluate import IPPROTO_ICMPV6, Classifier, Packet, first_packet
 from ...ir.tables import IR, PROTO_ICMP
-from .. import counts
+from .. import counts, docker_user
 from ..interface import Attachment, LoadReport, state_record
 from ..state import Scope
 from . import nftrace
@@ -170,16 +170,38 @@ def set_types() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(found), hidden
 
 
+# Where our jump goes: first in FORWARD, or where Docker runs first in DOCKER-USER, which
+# FORWARD jumps to before anything else and a dockerd restart leaves in place
+# (backends.docker_user).
+HOSTS = ("FORWARD", docker_user.CHAIN)
+
+
 @dataclass
 class _Family:
     """Our part of one family's filter table, as iptables-save shows it."""
 
-    forward: list[tuple[int, str, int, int]] = field(default_factory=list)  # position, spec, counters
+    # Our rules in each chain that may hold our jump: position, spec, counters.
+    placed: dict[str, list[tuple[int, str, int, int]]] = field(default_factory=lambda: {h: [] for h in HOSTS})
     chains: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)  # every chain
 
     @property
+    def host(self) -> str:
+        """The chain our jump belongs in: DOCKER-USER where Docker made it, else FORWARD."""
+        return docker_user.CHAIN if docker_user.CHAIN in self.chains else "FORWARD"
+
+    @property
+    def forward(self) -> list[tuple[int, str, int, int]]:
+        """Our rules where they belong (see `host`)."""
+        return self.placed.get(self.host, [])
+
+    @property
+    def stray(self) -> list[tuple[str, int]]:
+        """(chain, position) of our rules where they no longer belong (Docker came or went)."""
+        return [(h, p) for h in HOSTS if h != self.host for p, _, _, _ in self.placed.get(h, [])]
+
+    @property
     def jump_targets(self) -> list[str]:
-        return [target for _, spec, _, _ in self.forward if (target := _target(spec))]
+        return [target for h in HOSTS for _, spec, _, _ in self.placed.get(h, []) if (target := _target(spec))]
 
 
 def _target(spec: str) -> str:
@@ -198,7 +220,6 @@ def _tag(spec: str) -> str | None:
 
 def _read_family(tools: _Tools, version: int) -> _Family:
     family = _Family()
-    position = 0
     for line in tools.save(version).splitlines():
         if line.startswith(":"):
             family.chains.setdefault(line[1:].split()[0], [])
@@ -208,10 +229,8 @@ def _read_family(tools: _Tools, version: int) -> _Family:
             continue
         packets, octets, chain, spec = int(match[1]), int(match[2]), match[3], match[4]
         family.chains.setdefault(chain, []).append((spec, packets, octets))
-        if chain == "FORWARD":
-            position += 1
-            if _tag(spec) in (FORWARDED, JUMP):
-                family.forward.append((position, spec, packets, octets))
+        if chain in HOSTS and _tag(spec) in (FORWARDED, JUMP):
+            family.placed.setdefault(chain, []).append((len(family.chains[chain]), spec, packets, octets))
     return family
 
 
@@ -272,7 +291,9 @@ def differences(layout: Layout, state: _State) -> list[str]:
         positions = [p for p, _, _, _ in family.forward]
         if [spec for _, spec, _, _ in family.forward] != list(rules.forward) or \
                 positions != list(range(1, len(positions) + 1)):
-            found.append(f"jump: {tool} FORWARD rules are missing, changed or not first")
+            found.append(f"jump: {tool} {family.host} rules are missing, changed or not first")
+        if family.stray:
+            found.append(f"jump: {tool} has our rules in {family.stray[0][0]}, where they no longer belong")
         if rules.chain and [spec for spec, _, _ in family.chains.get(layout.chain, [])] != \
                 list(rules.chain):
             found.append(f"chain: {tool} {layout.chain} is missing or changed")
@@ -287,13 +308,16 @@ def _stale_chains(layout: Layout, version: int, family: _Family) -> list[str]:
 
 
 def _forward_ops(family: _Family, specs: Sequence[str]) -> list[str]:
-    """Put our FORWARD rules first: replaced where they are first already, else (gone, or
-    someone inserted rules above them) deleted and inserted at the top."""
+    """Put our jump rules first in their chain (FORWARD, or DOCKER-USER: `_Family.host`):
+    replaced where they are first already, else (gone, or someone inserted rules above
+    them) deleted and inserted at the top; and take them out of the chain they left."""
+    host = family.host
+    strays = [f"-D {chain} {p}" for chain, p in sorted(family.stray, reverse=True)]
     positions = [p for p, _, _, _ in family.forward]
     if positions == list(range(1, len(specs) + 1)):
-        return [f"-R FORWARD {p} {spec}" for p, spec in zip(positions, specs, strict=True)]
-    return [*(f"-D FORWARD {p}" for p in reversed(positions)),
-            *(f"-I FORWARD {i} {spec}" for i, spec in enumerate(specs, start=1))]
+        return [*strays, *(f"-R {host} {p} {spec}" for p, spec in zip(positions, specs, strict=True))]
+    return [*strays, *(f"-D {host} {p}" for p in reversed(positions)),
+            *(f"-I {host} {i} {spec}" for i, spec in enumerate(specs, start=1))]
 
 
 def _switch(tools: _Tools, layout: Layout, names: dict[str, str],
@@ -499,10 +523,15 @@ def _why(kind: str, found: Sequence[str], hidden: Sequence[str]) -> str:
     return f"{kind} layout: the kernel has no {', '.join(missing)}"
 
 
-def _attachments(layout: Layout, tools: _Tools, why: str) -> list[Attachment]:
-    return [Attachment("FORWARD", 0, IP_VERSIONS[v],
+def _attachments(layout: Layout, tools: _Tools, why: str, state: _State) -> list[Attachment]:
+    return [Attachment(state.families[v].host, 0, IP_VERSIONS[v],
                        f"jump to {layout.chain} (iptables-{tools.flavour}; {why})")
             for v, rules in sorted(layout.families.items()) if rules.chain]
+
+
+def _accepting(state: _State) -> set[int]:
+    """The IP versions where Docker runs: our chain ACCEPTs what it allows there."""
+    return {v for v, family in state.families.items() if family.host == docker_user.CHAIN}
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
@@ -525,11 +554,11 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
         mine = record if record and record.get("backend") == BACKEND else None
         tools = _Tools(scope.netns, flavour())
         found, hidden = set_types()
-        layout = build(ir, chain or (mine or {}).get("chain") or DEFAULT_CHAIN, found)
+        state = _read_state(tools)
+        layout = build(ir, chain or (mine or {}).get("chain") or DEFAULT_CHAIN, found, _accepting(state))
         gap = _bridge_gap(tools, layout, ir)
         if gap:
             raise BackendError(gap)
-        state = _read_state(tools)
         drifted = differences(layout, state)
         generation = int((mine or {}).get("generation", 0))
         carried = (mine or {}).get("carried", {})
@@ -541,7 +570,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
             carried = _carried(mine, state, layout, ir, refilled) if mine else {}
         revoked = revoke(scope.netns, ir)
         why = _why(layout.kind, found, hidden)
-        attachments = _attachments(layout, tools, why)
+        attachments = _attachments(layout, tools, why, state)
         scope.write(state_record(
             BACKEND, scope, ir, policy_path, generation, attachments, on_failure=on_failure,
             chain=layout.chain,
@@ -558,8 +587,8 @@ def drift(scope: Scope, ir: IR) -> list[str]:
         return ["state: no iptables record"]
     tools = _Tools(scope.netns, str(record["flavour"]))
     found, _ = set_types()
-    layout = build(ir, str(record["chain"]), found)
-    return differences(layout, _read_state(tools))
+    state = _read_state(tools)
+    return differences(build(ir, str(record["chain"]), found, _accepting(state)), state)
 
 
 def plan(scope: Scope, ir: IR, chain: str | None = None) -> list[str]:
@@ -571,9 +600,9 @@ def plan(scope: Scope, ir: IR, chain: str | None = None) -> list[str]:
         record = None
     mine = record if record and record.get("backend") == BACKEND else None
     found, _ = set_types()
-    layout = build(ir, chain or (mine or {}).get("chain") or DEFAULT_CHAIN, found)
-    return differences(layout, _read_state(_Tools(scope.netns, flavour()))) or [
-        "nothing: this policy is in force as it is"]
+    state = _read_state(_Tools(scope.netns, flavour()))
+    layout = build(ir, chain or (mine or {}).get("chain") or DEFAULT_CHAIN, found, _accepting(state))
+    return differences(layout, state) or ["nothing: this policy is in force as it is"]
 
 
 def numbering(scope: Scope) -> None:
@@ -584,9 +613,10 @@ def numbering(scope: Scope) -> None:
 def canary(scope: Scope) -> list[str]:
     """The cheap check the agent makes between read-backs ('<kind>: <what>'; [] if fine).
 
-    Each family's first FORWARD rule must be ours: an `iptables -F`, an `nft flush
-    ruleset`, a restored foreign ruleset (a firewalld reload) and rules inserted above
-    ours (a Docker restart) all change it. One command per family, no set listing.
+    Each family's first FORWARD rule (DOCKER-USER's, where Docker runs) must be ours: an
+    `iptables -F`, an `nft flush ruleset`, a restored foreign ruleset (a firewalld
+    reload) and rules inserted above ours all change it, and so does Docker starting
+    or going. Two commands per family at most, no set listing.
     """
     record = scope.read()
     if record is None or record.get("backend") != BACKEND:
@@ -594,13 +624,15 @@ def canary(scope: Scope) -> list[str]:
     tools = _Tools(scope.netns, str(record["flavour"]))
     found = []
     for version, tool in IP_VERSIONS.items():
-        try:
-            first = tools.run([tools.tool(version), "-w", LOCK_WAIT_SECONDS, "-S", "FORWARD",
-                               "1"]).strip()
-        except BackendError:
-            first = ""  # no FORWARD rule at all, or no filter table
+        first = ""  # no rule at all, or no filter table
+        for host in reversed(HOSTS):  # DOCKER-USER where it exists
+            try:
+                first = tools.run([tools.tool(version), "-w", LOCK_WAIT_SECONDS, "-S", host, "1"]).strip()
+            except BackendError:
+                continue
+            break
         if _tag(first) != FORWARDED:
-            found.append(f"jump: {tool} FORWARD does not start with our rules")
+            found.append(f"jump: {tool} {host} does not start with our rules")
     return found
 
 
@@ -731,7 +763,7 @@ def _remove_ours(scope: Scope, mine: dict[str, Any] | None) -> list[str]:
         if ops:
             tools.restore(version, "\n".join(["*filter", *ops, "COMMIT", ""]))
             tool = IP_VERSIONS[version]
-            removed += [f"{tool} FORWARD rule {_tag(spec)}" for _, spec, _, _ in family.forward]
+            removed += [f"{tool} {h} rule {_tag(spec)}" for h in HOSTS for _, spec, _, _ in family.placed.get(h, [])]
             removed += [f"{tool} chain {c}" for c in chains]
     ours = sorted(n for n in tools.sets() if OUR_SET.match(n))
     tools.ipset(_destroy_text(ours))

@@ -40,7 +40,7 @@ Written by `backend`, read back through `saved`, named by `importer`; reads only
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ...errors import BackendError
@@ -163,8 +163,12 @@ def layout_kind(set_types: Iterable[str]) -> str:
     return FULL if {NET_NET, NET_PORT_NET} <= present else DEGRADED
 
 
-def build(ir: IR, chain: str = DEFAULT_CHAIN, set_types: Iterable[str] = SET_TYPES) -> Layout:
-    """The sets and rules that enforce `ir`, using only the given ipset types."""
+def build(ir: IR, chain: str = DEFAULT_CHAIN, set_types: Iterable[str] = SET_TYPES,
+          accepting: Collection[int] = ()) -> Layout:
+    """The sets and rules that enforce `ir`, using only the given ipset types.
+    `accepting`: the IP versions whose chain ACCEPTs what it allows between overlays
+    (where Docker runs, whose isolation would drop it after a RETURN:
+    backends.docker_user); elsewhere it RETURNs to FORWARD."""
     if not CHAIN_NAME.match(chain) or chain.upper() in RESERVED_CHAINS:
         raise BackendError(f"'{chain}' cannot name our chain: 1-28 letters, digits, _ . or -, "
                            "and not a built-in chain or target")
@@ -177,7 +181,7 @@ def build(ir: IR, chain: str = DEFAULT_CHAIN, set_types: Iterable[str] = SET_TYP
             # Nothing to judge in this family; still count what passes, as `unfiltered`.
             families[version] = FamilyRules((f'-m comment --comment "{comment(FORWARDED)}"',), ())
             continue
-        builder = _FamilyBuilder(ir, tree, chain, kind)
+        builder = _FamilyBuilder(ir, tree, chain, kind, "ACCEPT" if version in accepting else "RETURN")
         families[version] = builder.rules()
         sets += builder.sets
     return Layout(chain, kind, tuple(sets), families)
@@ -287,8 +291,9 @@ def _breadth(item: Item) -> int:
 
 
 class _FamilyBuilder:
-    def __init__(self, ir: IR, tree: _ClassTree, chain: str, kind: str) -> None:
+    def __init__(self, ir: IR, tree: _ClassTree, chain: str, kind: str, allowing: str = "RETURN") -> None:
         self.ir = ir
+        self.allowing = allowing  # the target of what the policy allows between overlays
         self.tree = tree
         self.version = tree.version
         self.chain = chain
@@ -339,7 +344,7 @@ class _FamilyBuilder:
             for rule in sorted(by_rule, key=self.rank.__getitem__):
                 chain += self._rule_lines(rule, by_rule[rule])
         chain.append('-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment '
-                     f'"{comment("established")}" -j RETURN')
+                     f'"{comment("established")}" -j {self.allowing}')
         for overlay in self.ir.overlays:
             if overlay.hairpin_rule and overlay.id in self.overlay_sets:
                 ov = self.overlay_sets[overlay.id]
@@ -359,7 +364,7 @@ class _FamilyBuilder:
     def _default(self) -> list[str]:
         note = comment("default")
         if self.ir.default_action == "allow":
-            return [f'-m comment --comment "{note}" -j RETURN']
+            return [f'-m comment --comment "{note}" -j {self.allowing}']
         if self.ir.default_action == "drop":
             return [f'-m comment --comment "{note}" -j DROP']
         return [f'-p tcp -m comment --comment "{note}" -j REJECT --reject-with tcp-reset',
@@ -373,10 +378,11 @@ class _FamilyBuilder:
             by_rule.setdefault(a.rule, []).append((a.src_class, a.dst_class, _item(a)))
         lines: list[str] = []
         for rule in sorted(by_rule, key=self.rank.__getitem__):
-            lines += self._rule_lines(rule, by_rule[rule])
+            lines += self._rule_lines(rule, by_rule[rule], self.allowing)
         return lines
 
-    def _rule_lines(self, rule: int, entries: list[tuple[int, int, Item]]) -> list[str]:
+    def _rule_lines(self, rule: int, entries: list[tuple[int, int, Item]],
+                    target: str = "RETURN") -> list[str]:
         """Lines matching every packet some entry of `rule` matches.
 
         A line may match a packet of a nested class too; that packet's own
@@ -412,7 +418,7 @@ class _FamilyBuilder:
                 for src in self._endpoint(srcs, "s", "src"):
                     for dst in self._endpoint(list(dsts), "d", "dst"):
                         for proto, match in self._ports(items):
-                            lines.append(_spec(src, dst, proto, match, note))
+                            lines.append(_spec(src, dst, proto, match, note, target))
         return lines
 
     def _endpoint(self, class_ids: list[int], flag: str, direction: str) -> list[tuple[str, str]]:
@@ -481,18 +487,19 @@ class _FamilyBuilder:
         return [
             f"-m set --match-set {names['allowed-ports']} src,dst,dst "
             f'-m comment --comment "{comment("allowed-ports", "network/port/network tuples")}" '
-            "-j RETURN",
+            f"-j {self.allowing}",
             f"-p {ICMP_PROTO[v]} -m set --match-set {names['allowed-icmp']} src,dst "
-            f'-m comment --comment "{comment("allowed-icmp", "network pairs, ICMP")}" -j RETURN',
+            f'-m comment --comment "{comment("allowed-icmp", "network pairs, ICMP")}" -j {self.allowing}',
             f"-m set --match-set {names['allowed']} src,dst "
-            f'-m comment --comment "{comment("allowed", "network pairs")}" -j RETURN',
+            f'-m comment --comment "{comment("allowed", "network pairs")}" -j {self.allowing}',
         ]
 
 
-def _spec(src: tuple[str, str], dst: tuple[str, str], proto: str, match: str, note: str) -> str:
+def _spec(src: tuple[str, str], dst: tuple[str, str], proto: str, match: str, note: str,
+          target: str = "RETURN") -> str:
     """A rule in iptables-save's own order: addresses, protocol, then matches as added."""
     words = [src[0], dst[0], proto, src[1], dst[1], match, f'-m comment --comment "{note}"',
-             "-j RETURN"]
+             f"-j {target}"]
     return " ".join(w for w in words if w)
 
 
