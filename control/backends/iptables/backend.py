@@ -186,8 +186,11 @@ class _Family:
 
     @property
     def host(self) -> str:
-        """The chain our jump belongs in: DOCKER-USER where Docker made it, else FORWARD."""
-        return docker_user.CHAIN if docker_user.CHAIN in self.chains else "FORWARD"
+        """The chain our jump belongs in: DOCKER-USER where FORWARD starts by jumping there
+        (Docker runs), else FORWARD itself. A dockerd with --live-restore puts its
+        isolation jump first when it restarts: ours then go first in FORWARD, above it."""
+        first = next(iter(self.chains.get("FORWARD", [])), ("", 0, 0))[0]
+        return docker_user.CHAIN if first == f"-j {docker_user.CHAIN}" else "FORWARD"
 
     @property
     def forward(self) -> list[tuple[int, str, int, int]]:
@@ -530,8 +533,9 @@ def _attachments(layout: Layout, tools: _Tools, why: str, state: _State) -> list
 
 
 def _accepting(state: _State) -> set[int]:
-    """The IP versions where Docker runs: our chain ACCEPTs what it allows there."""
-    return {v for v, family in state.families.items() if family.host == docker_user.CHAIN}
+    """The IP versions where Docker runs (its DOCKER-USER chain is there): our chain
+    ACCEPTs what it allows, which Docker's isolation further on would drop."""
+    return {v for v, family in state.families.items() if docker_user.CHAIN in family.chains}
 
 
 def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str,
@@ -624,13 +628,16 @@ def canary(scope: Scope) -> list[str]:
     tools = _Tools(scope.netns, str(record["flavour"]))
     found = []
     for version, tool in IP_VERSIONS.items():
+        host = "FORWARD"
         first = ""  # no rule at all, or no filter table
-        for host in reversed(HOSTS):  # DOCKER-USER where it exists
+        for _ in HOSTS:
             try:
                 first = tools.run([tools.tool(version), "-w", LOCK_WAIT_SECONDS, "-S", host, "1"]).strip()
             except BackendError:
-                continue
-            break
+                break
+            if host != "FORWARD" or first != f"-A FORWARD -j {docker_user.CHAIN}":
+                break
+            host = docker_user.CHAIN  # Docker runs: ours belong first in DOCKER-USER
         if _tag(first) != FORWARDED:
             found.append(f"jump: {tool} {host} does not start with our rules")
     return found
