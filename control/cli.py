@@ -580,8 +580,14 @@ def etcd_options(func: _F) -> _F:
     return func
 
 
+# An agent's request to etcd gives up sooner than a command's: its heartbeat is how it
+# learns that etcd is out of reach (and says so) while it goes on enforcing.
+AGENT_ETCD_TIMEOUT = 2.0
+
+
 def _cluster(etcd_urls: str | None, etcd_prefix: str, etcd_ca: str | None, etcd_cert: str | None,
-             etcd_key: str | None, etcd_user: str | None, etcd_password_file: str | None) -> tuple[Any, Any]:
+             etcd_key: str | None, etcd_user: str | None, etcd_password_file: str | None,
+             timeout: float = 5.0) -> tuple[Any, Any]:
     """(etcd client, layout) of the options etcd_options gives."""
     from .cluster.etcd import Credentials, Etcd
     from .cluster.layout import Layout
@@ -597,7 +603,7 @@ def _cluster(etcd_urls: str | None, etcd_prefix: str, etcd_ca: str | None, etcd_
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--prefix") from err
     urls = [u.strip() for u in etcd_urls.split(",") if u.strip()]
-    return Etcd(urls, Credentials(etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file)), layout
+    return Etcd(urls, Credentials(etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file), timeout), layout
 
 
 @main.group()
@@ -755,7 +761,7 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
 
         if policy_file:
             raise click.UsageError("give POLICY or --etcd, not both")
-        client, layout = _cluster(**etcd)
+        client, layout = _cluster(**etcd, timeout=AGENT_ETCD_TIMEOUT)
         runner = ClusterAgent(f"etcd://{client.endpoint.split('://', 1)[-1]}{layout.prefix}", backend_name,
                               ifaces, mode, netns, repair_interval, force=force, on_failure=on_failure,
                               etcd=client, layout=layout, node=node or socket.gethostname(),

@@ -160,7 +160,7 @@ class Etcd:
                 pause = min(pause * 2, 0.5)
 
     def _post_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        failures = []
+        failures: list[str] = []
         for _ in range(len(self._clients)):
             with self._lock:
                 client = self._clients[self._current]

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..resource import Resource
+from .testbed import stop_servers
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's CLI, the daemon's version: not one found first on PATH
@@ -299,12 +300,7 @@ class DockerEngine(Resource):
             self._remove_objects()
             self.stop()
         self._process = None
-        for server in self._servers:
-            server.kill()
-            server.wait()
-            if server.stdout:
-                server.stdout.close()
-        self._servers.clear()
+        stop_servers(self._servers)
         if self._root is not None:
             self._sweep()
             shutil.rmtree(self._root)

@@ -173,12 +173,7 @@ class Testbed(Resource):
         return opened
 
     def close(self) -> None:
-        for server in self._servers:
-            server.kill()
-            server.wait()
-            if server.stdout:
-                server.stdout.close()
-        self._servers.clear()
+        stop_servers(self._servers)
         for name in reversed(self._made):
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
         self._made.clear()
@@ -235,3 +230,13 @@ def it_hr() -> Testbed:
             Host("out1", "out", "203.0.113.10"),
         ],
     )
+
+
+def stop_servers(servers: list[subprocess.Popen[str]]) -> None:
+    """Kill probe servers (`isoebpf.lab.probe serve`) and forget them."""
+    for server in servers:
+        server.kill()
+        server.wait()
+        if server.stdout:
+            server.stdout.close()
+    servers.clear()
