@@ -242,7 +242,7 @@ class EtcdCluster(Resource):
                 return None
             status = json.loads(done.stdout)[0]["Status"]
             member.id = status["header"]["member_id"]
-            named[member.name] = status["leader"]
+            named[member.name] = status.get("leader", 0)  # JSON leaves out a zero: no leader yet
         return named
 
     def leader(self, timeout: float = 10.0) -> Member:
