@@ -62,16 +62,19 @@ def families(netns: str | None) -> list[str]:
     return found
 
 
-def _first_is_ours(netns: str | None, tool: str, chain: str) -> bool:
+def _first(netns: str | None, tool: str, chain: str) -> str | None:
+    """`chain`'s first rule ("" when it has none); None when there is no such chain."""
     done = _run(netns, tool, "-S", chain)
-    first = next((line for line in done.stdout.splitlines() if line.startswith(f"-A {chain} ")), "")
-    return COMMENT in first
+    if done.returncode != 0:
+        return None
+    return next((line for line in done.stdout.splitlines() if line.startswith(f"-A {chain} ")), "")
 
 
 def accepting(netns: str | None, tool: str) -> bool:
-    """Whether `tool`'s Docker chains start with our rules (where the chain exists)."""
-    return all(_first_is_ours(netns, tool, chain) for chain in RULES
-               if chain == CHAIN or _run(netns, tool, "-S", chain).returncode == 0)
+    """Whether `tool`'s Docker chains start with our rules (DOCKER-USER must exist; the
+    isolation chain only where it does)."""
+    firsts = {chain: _first(netns, tool, chain) for chain in RULES}
+    return all(COMMENT in first if first is not None else chain != CHAIN for chain, first in firsts.items())
 
 
 def ensure(netns: str | None, tools: Sequence[str]) -> list[str]:
@@ -80,7 +83,8 @@ def ensure(netns: str | None, tools: Sequence[str]) -> list[str]:
     done = []
     for tool in tools:
         for chain, rule in RULES.items():
-            if _run(netns, tool, "-S", chain).returncode != 0 or _first_is_ours(netns, tool, chain):
+            first = _first(netns, tool, chain)
+            if first is None or COMMENT in first:
                 continue
             while _run(netns, tool, "-D", chain, *rule).returncode == 0:
                 pass  # ours, but not first any more

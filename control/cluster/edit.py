@@ -17,21 +17,20 @@ from dataclasses import dataclass
 
 from .. import pipeline
 from ..errors import PolicyError
+from ..ir.compiler import RuleEdit
 from ..policy.check import Networks
 from ..policy.model import AllowRule, Policy
 from .layout import Layout, document, located
 
 
 @dataclass(frozen=True)
-class RuleEdit:
-    """The version after a change of rules, and where the change was."""
+class Spliced:
+    """The version after a change of rules, and where the change was, as the compiler
+    takes it (Compiler.update's hint)."""
 
     policy: Policy
     rule_keys: list[str]  # the key of each of policy.rules
-    removed: list[int]  # indexes, in the rules before, of the rules that went or changed
-    added: list[int]  # indexes, in policy.rules, of the rules that came or changed
-    text: str  # the checked document (the changed rules')
-    line_keys: list[str]
+    edit: RuleEdit
 
 
 def rules_only(layout: Layout, changed: Collection[str]) -> bool:
@@ -47,7 +46,7 @@ def frame(layout: Layout, items: Mapping[str, str]) -> dict[str, str]:
 
 def edit(layout: Layout, policy: Policy, rule_keys: list[str], framing: Mapping[str, str],
          items: Mapping[str, str], changed: Collection[str], path: str,
-         networks: Networks | None = None) -> RuleEdit:
+         networks: Networks | None = None) -> Spliced:
     """`policy` (its rules at `rule_keys`, checked against `framing`: `frame` of the
     items it was read from) with the allow rules of `changed` keys as `items` now has
     them: checked (PolicyError, located by line_keys), then spliced."""
@@ -72,8 +71,8 @@ def edit(layout: Layout, policy: Policy, rule_keys: list[str], framing: Mapping[
         keys.insert(index, key)
         rules.insert(index, fresh[key])
     added = [bisect.bisect_left(keys, key) for key in present]
-    return RuleEdit(dataclasses.replace(policy, rules=tuple(rules)), keys, sorted(removed), added,
-                    text, line_keys)
+    return Spliced(dataclasses.replace(policy, rules=tuple(rules)), keys,
+                   RuleEdit(tuple(sorted(removed)), tuple(added)))
 
 
 def _at(keys: list[str], key: str) -> int | None:

@@ -285,29 +285,32 @@ class Etcd:
                 if response.status_code == 401 and self.credentials.user:
                     self._token = ""  # expired: the next call logs in again
                 raise EtcdError(f"etcd refused the watch: {response.status_code} {response.text[:200]}")
-            decoder = json.JSONDecoder()
-            pending = ""
             try:
-                for chunk in response.iter_content(chunk_size=None):
-                    pending += chunk.decode()
-                    while True:
-                        pending = pending.lstrip()
-                        if not pending:
-                            break
-                        try:
-                            message, end = decoder.raw_decode(pending)
-                        except json.JSONDecodeError:
-                            break  # the rest of it is still on its way
-                        pending = pending[end:]
-                        batch = _batch(message)
-                        if batch is not None:
-                            yield batch
+                for message in _messages(response.iter_content(chunk_size=None)):
+                    batch = _batch(message)
+                    if batch is not None:
+                        yield batch
                     if stop.is_set():
                         return
             except requests.exceptions.ConnectionError as err:
                 if "timed out" in str(err):
                     raise _Quiet() from err
                 raise
+
+
+def _messages(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON messages of a stream however its chunks cut them."""
+    decoder = json.JSONDecoder()
+    pending = ""
+    for chunk in chunks:
+        pending = (pending + chunk.decode()).lstrip()
+        while pending:
+            try:
+                message, end = decoder.raw_decode(pending)
+            except json.JSONDecodeError:
+                break  # the rest of it is still on its way
+            pending = pending[end:].lstrip()
+            yield message
 
 
 class _Quiet(Exception):

@@ -32,7 +32,6 @@ from ..cluster.etcd import Etcd, EtcdError
 from ..cluster.follow import Follower, Incomplete, Lost, Read, Version
 from ..cluster.layout import Layout, NotAPolicy, located
 from ..errors import PolicyError
-from ..ir.compiler import RuleEdit
 from .agent import Agent, LinkEvents
 
 
@@ -135,8 +134,7 @@ class ClusterAgent(Agent):
             made = edit.edit(self.layout, self._compiled.policy, self._rule_keys, self._frame, version.items,
                              changed, self.policy_path, self.docker.subnets if self.docker else None)
             with pipeline.collector_paused():
-                delta = self._compiled.compiler.update(made.policy, edit=RuleEdit(tuple(made.removed),
-                                                                                 tuple(made.added)))
+                delta = self._compiled.compiler.update(made.policy, edit=made.edit)
             self._rule_keys = made.rule_keys
             return pipeline.Compiled(self._compiled.compiler, (), delta=delta)
         text, line_keys = version.document()

@@ -183,8 +183,8 @@ def test_a_change_of_rules_alone_spliced_in_is_the_policy_read_whole(ops: list[t
     assert [(r.src.text, r.dst.text, r.ports) for r in made.policy.rules] == \
         [(r.src.text, r.dst.text, r.ports) for r in whole.rules]
     assert made.rule_keys == rule_keys(after)
-    kept = [i for i in range(len(before.rules)) if i not in made.removed]
-    assert len(kept) + len(made.added) == len(made.policy.rules)
+    kept = [i for i in range(len(before.rules)) if i not in made.edit.removed]
+    assert len(kept) + len(made.edit.added) == len(made.policy.rules)
 
 
 def test_a_bad_rule_spliced_in_is_refused_at_its_key() -> None:
