@@ -23,6 +23,7 @@ struct verdict {
 	__u32 rule;
 	__u32 accept_mark; /* params' accept_mark for a filtered packet, else 0 */
 	__u8 action;
+	__u8 between_overlays; /* filtered, from one overlay to another */
 };
 
 /* Source and destination (class, overlay). */
@@ -307,6 +308,7 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 	}
 	/* Judged by the policy from here on (exception pairs are never filtered). */
 	v->accept_mark = p->accept_mark;
+	v->between_overlays = ends.src.overlay_id != ends.dst.overlay_id;
 	if (pkt->later_fragment) {
 		follow_first_fragment(pkt, p, now, v);
 		return;

@@ -4,7 +4,9 @@
  *
  * Two entry points share one classifier (classify.h) and one exit
  * (record_verdict, stats.h): xdp_isoebpf for XDP, tc_isoebpf for TC clsact
- * ingress. control/backends/program.py compiles this file with bcc, and
+ * ingress. Beside Docker, tc_isoebpf tail-calls a third, tc_forward
+ * (route.h), with what it allows between overlays.
+ * control/backends/ebpf/program.py compiles this file with bcc, and
  * tests/bpf runs both programs through BPF_PROG_TEST_RUN against the
  * reference evaluator.
  *
@@ -20,6 +22,7 @@
 #include "conntrack.h"
 #include "classify.h"
 #include "reject.h"
+#include "route.h"
 #include "stats.h"
 
 /* Headers a TC parse may need linear: Ethernet, VLAN, IPv6 and extensions, a quote. */
@@ -48,19 +51,21 @@ int xdp_isoebpf(struct xdp_md *ctx)
 	return ret;
 }
 
-int tc_isoebpf(struct __sk_buff *skb)
+/* TC's verdict on skb, parsed into the CPU's scratch pkt. */
+static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u32 skb_len = skb->len;
 	__u64 now = bpf_ktime_get_ns();
-	struct packet pkt = {};
 	struct verdict v = {};
+	int forward = 0;
 	int frame;
 	int ret;
 
-	frame = parse_frame(data, data_end, &pkt);
-	if (parse_wants_more(frame, &pkt) && data_end - data < skb_len) {
+	__builtin_memset(pkt, 0, sizeof(*pkt));
+	frame = parse_frame(data, data_end, pkt);
+	if (parse_wants_more(frame, pkt) && data_end - data < skb_len) {
 		/*
 		 * Headers reach into a nonlinear skb's fragments: pull them in and
 		 * parse again (should the pull fail, the second parse sees what the
@@ -69,23 +74,36 @@ int tc_isoebpf(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, skb_len < TC_PARSE_BYTES ? skb_len : TC_PARSE_BYTES);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
-		__builtin_memset(&pkt, 0, sizeof(pkt));
-		frame = parse_frame(data, data_end, &pkt);
+		__builtin_memset(pkt, 0, sizeof(*pkt));
+		frame = parse_frame(data, data_end, pkt);
 	}
-	classify(frame, &pkt, now, &v);
+	classify(frame, pkt, now, &v);
 	/*
 	 * UNSPEC rather than OK for "allow": filters of other tools after ours on
 	 * the same hook still get their say. The mark tells a firewall further on
-	 * (Docker's isolation) that the policy allowed it.
+	 * (Docker's isolation) that the policy allowed it; beside Docker, what
+	 * crosses overlays is forwarded here instead (route.h).
 	 */
 	if (v.action == ACTION_ALLOW) {
 		skb->mark |= v.accept_mark;
+		forward = v.accept_mark && v.between_overlays;
 		ret = TC_ACT_UNSPEC;
 	}
-	else if (v.action == ACTION_REJECT && !tc_reply(skb, &pkt))
+	else if (v.action == ACTION_REJECT && !tc_reply(skb, pkt))
 		ret = bpf_redirect(skb->ifindex, 0);
 	else
 		ret = TC_ACT_SHOT;
-	record_verdict(skb, skb->ifindex, skb_len, &pkt, &v, now);
+	record_verdict(skb, skb->ifindex, skb_len, pkt, &v, now);
+	if (forward)
+		forwarders.call(skb, FORWARDER); /* returns only if the forwarder is missing */
 	return ret;
+}
+
+int tc_isoebpf(struct __sk_buff *skb)
+{
+	int scratch = 0;
+	struct packet *pkt = tc_packets.lookup(&scratch);
+
+	/* The lookup cannot fail (index 0 of a one-entry array); the verifier wants the check. */
+	return pkt ? tc_judge(skb, pkt) : TC_ACT_SHOT;
 }

@@ -17,6 +17,7 @@
 #define ISOEBPF_MAPS_H
 
 #include "abi.h"
+#include "parse.h" /* struct packet, for tc_packets */
 
 #ifndef ISOEBPF_MAX_CLASSES
 #define ISOEBPF_MAX_CLASSES 16384
@@ -147,5 +148,23 @@ BPF_ARRAY(event_rate, __u32, 1);
 
 /* Each CPU's token bucket for events. The program's own state. */
 BPF_PERCPU_ARRAY(event_tokens, struct token_bucket, 1);
+
+/*
+ * The forwarder (route.h's tc_forward) at index FORWARDER, which tc_isoebpf
+ * tail-calls with what it allows between overlays beside Docker. Written by
+ * program.compile_program, once; kept filled by its pin (a program array
+ * empties when its last user reference goes).
+ */
+#define FORWARDER 0
+BPF_PROG_ARRAY(forwarders, 1);
+
+/*
+ * Each CPU's parsed packet for tc_isoebpf, index 0: the TC program's stack
+ * (REJECT answers, the tail call) has no room for it. The program's own scratch.
+ */
+BPF_PERCPU_ARRAY(tc_packets, struct packet, 1);
+
+/* Each CPU's route lookup for tc_forward, index 0. The program's own scratch. */
+BPF_PERCPU_ARRAY(route_lookup, struct bpf_fib_lookup, 1);
 
 #endif /* ISOEBPF_MAPS_H */

@@ -779,7 +779,7 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
         signal.signal(signum, lambda *_: stop.set())
     if metrics:
         _serve_metrics(metrics, runner)
-    runner.run(stop, lambda until, listening: links.new_links(netns, until, listening))
+    runner.run(stop, lambda until, listening: links.link_changes(netns, until, listening))
 
 
 def _serve_metrics(address: str, runner: Any) -> None:

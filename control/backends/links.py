@@ -205,17 +205,20 @@ def detach_tc(sock: Any, link: Link, remove_clsact: bool) -> None:
             raise BackendError(f"cannot detach TC from {link.name}: {err}") from err
 
 
-def new_links(netns: str | None, stop: Any, listening: Any) -> Iterator[str]:
-    """Names of interfaces as they appear (RTM_NEWLINK). Sets `listening` once no
-    new link can be missed. Blocks on netlink: run it in a daemon thread; `stop`
-    is honoured at the next event."""
+def link_changes(netns: str | None, stop: Any, listening: Any) -> Iterator[tuple[str, bool]]:
+    """(name, True) as an interface appears (RTM_NEWLINK), (name, False) as one goes
+    (RTM_DELLINK). Sets `listening` once no change can be missed. Blocks on netlink:
+    run it in a daemon thread; `stop` is honoured at the next event."""
     with netlink(netns, keep=False) as sock:
         sock.bind()  # joins the link multicast group, among others
         known = {link.index for link in links(sock)}
         listening.set()
         while not stop.is_set():
             for msg in sock.get():
-                if msg.get("event") != "RTM_NEWLINK" or msg["index"] in known:
-                    continue
-                known.add(msg["index"])
-                yield msg.get_attr("IFLA_IFNAME")
+                event = msg.get("event")
+                if event == "RTM_NEWLINK" and msg["index"] not in known:
+                    known.add(msg["index"])
+                    yield msg.get_attr("IFLA_IFNAME"), True
+                elif event == "RTM_DELLINK" and msg["index"] in known:
+                    known.discard(msg["index"])
+                    yield msg.get_attr("IFLA_IFNAME"), False

@@ -155,6 +155,11 @@ class Scope:
         self._write_json(self.record_path, {**record, "layout": LAYOUT})
         self.failure_path.unlink(missing_ok=True)
 
+    def amend(self, record: dict[str, Any]) -> None:
+        """Replace the record atomically with a corrected copy of itself (not a change of
+        enforcement: a failure recorded stays)."""
+        self._write_json(self.record_path, {**record, "layout": LAYOUT})
+
     def forget(self) -> None:
         self._remove(self.record_path)
 

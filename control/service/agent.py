@@ -41,8 +41,8 @@ from ..ir.compiler import Delta
 from ..ir.tables import IR
 from .docker import DockerError, Engine
 
-# (stop, listening) -> names of new interfaces, as links.new_links yields them.
-LinkEvents = Callable[[threading.Event, threading.Event], Iterator[str]]
+# (stop, listening) -> (interface, appeared) as interfaces come and go, as links.link_changes yields them.
+LinkEvents = Callable[[threading.Event, threading.Event], Iterator[tuple[str, bool]]]
 
 
 @dataclass
@@ -195,6 +195,17 @@ class Agent:
         latency = (time.monotonic() - seen_at) * 1000
         self.log("interface_enforced", ifname=ifname, ms=round(latency, 1))
 
+    def on_link_gone(self, ifname: str) -> None:
+        """An interface went (a container removed): where it was enforced, the backend
+        forgets it, so that `status` does not report enforcement missing there."""
+        forget = getattr(registry.get(self._chosen), "forget_gone", None) if self._chosen else None
+        if forget is None or not self.matches(ifname):
+            return
+        with self._lock:
+            gone = forget(self.scope)
+        if gone:
+            self.log("interface_gone", ifname=ifname, forgotten=gone)
+
     def canary(self) -> list[str]:
         """What the backend's canary says drifted; [] if fine or the backend has none."""
         if self._ir is None:
@@ -251,9 +262,12 @@ class Agent:
 
     def _follow_links(self, stop: threading.Event, listening: threading.Event,
                       link_events: LinkEvents) -> None:
-        for ifname in link_events(stop, listening):
+        for ifname, appeared in link_events(stop, listening):
             try:
-                self.on_new_link(ifname, time.monotonic())
+                if appeared:
+                    self.on_new_link(ifname, time.monotonic())
+                else:
+                    self.on_link_gone(ifname)
             except IsoebpfError as err:
                 self.log("attach_failed", ifname=ifname, error=str(err))
 

@@ -60,7 +60,8 @@ FLOW_CLOSING = 4
 # backend pins and opens.
 MAP_NAMES = (
     "config", "params", "classes_v4", "classes_v6", "exceptions", "hairpins", "allowed",
-    "conntrack", "fragments", "counters", "events", "event_rate", "event_tokens",
+    "conntrack", "fragments", "counters", "events", "event_rate", "event_tokens", "forwarders",
+    "tc_packets", "route_lookup",
 )
 
 # The compile-time constant that sizes each map, for messages that say what to raise.

@@ -826,6 +826,23 @@ def drift(scope: Scope, ir: IR) -> list[str]:
     return found
 
 
+def forget_gone(scope: Scope) -> list[str]:
+    """Drop from the record the attachments whose interface no longer exists (a
+    container removed took its veth, and our program with it), so that `status` does
+    not report enforcement missing there. Their names."""
+    with scope.locked():
+        record = scope.read()
+        if record is None or record.get("backend") != BACKEND:
+            return []
+        with links.netlink(scope.netns) as sock:
+            present = {link.index: link.name for link in links.links(sock)}
+        kept = [a for a in record["attachments"] if present.get(a["ifindex"]) == a["ifname"]]
+        gone = [a["ifname"] for a in record["attachments"] if a not in kept]
+        if gone:
+            scope.amend({**record, "attachments": kept})
+        return gone
+
+
 def _attached(sock: Any, attachment: dict[str, Any]) -> bool:
     if attachment["mode"] == "tc":
         return links.has_our_tc(sock, attachment["ifindex"])

@@ -55,6 +55,9 @@ BPF_DIR = capacity.BPF_DIR
 SOURCE = BPF_DIR / "isoebpf.c"
 XDP_NAME = "xdp_isoebpf"
 TC_NAME = "tc_isoebpf"
+# The program tc_isoebpf tail-calls beside Docker, and its index in `forwarders` (FORWARDER, bpf/maps.h).
+FORWARDER_NAME = "tc_forward"
+FORWARDER_INDEX = 0
 MAP_NAMES = abi.MAP_NAMES
 
 # Map sizes a user may raise at compile time, from the environment of the
@@ -147,12 +150,14 @@ def compile_program(sizes: Mapping[str, int] | None = None,
     try:
         xdp = bpf.load_func(XDP_NAME.encode(), BPF.XDP)
         tc = bpf.load_func(TC_NAME.encode(), BPF.SCHED_CLS)
+        forwarder = bpf.load_func(FORWARDER_NAME.encode(), BPF.SCHED_CLS)
     except Exception as err:  # the verifier's log went to stderr
         bpf.cleanup()
         raise ProgramRejected(f"the kernel refused the program ({err}); the verifier's log is "
                               "above") from err
     elapsed = time.monotonic() - started
     map_fds = {name: int(bpf.get_table(name.encode()).map_fd) for name in MAP_NAMES}
+    bpfsys.map_update(map_fds["forwarders"], ctypes.c_uint32(FORWARDER_INDEX), ctypes.c_uint32(forwarder.fd))
     return CompiledProgram(bpf, {"xdp": int(xdp.fd), "tc": int(tc.fd)}, map_fds, elapsed)
 
 
