@@ -106,8 +106,9 @@ class Backend(Protocol):
 
     Beyond these, a backend may offer what only it can: the eBPF one `preflight`
     and `compile_early` (what `--backend auto` asks, and a first load's compile
-    started early) and `forget_gone` (attachments whose interface went), the iptables one `canary` (a cheap check the agent runs
-    between read-backs) and `set_types` (what `render` asks)."""
+    started early) and `forget_gone` (attachments whose interface went), the
+    iptables one `canary` (a cheap check the agent runs between read-backs) and
+    `set_types` (what `render` asks)."""
 
     def load(self, ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str, *,
              force: bool = False, on_failure: str = "closed", compiling: Any | None = None,
