@@ -164,6 +164,7 @@ class Verdict:
     action: str  # "allow", "drop", "reject"
     rule: str  # the rule's name: "allow:0", "default", ...
     text: str  # what the rule says
+    audit: bool = False  # audit mode let it through: `action` is what enforcing would have done
 
     def endpoint(self, address: netaddr.IPAddress, port: int) -> str:
         if not self.family:
