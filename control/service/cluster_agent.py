@@ -47,6 +47,7 @@ class ClusterAgent(Agent):
     _follower: Follower | None = None
     _report: store.NodeReport | None = None
     _report_lock: threading.Lock = field(default_factory=threading.Lock)
+    _report_unwritten: bool = False  # the last write of _report failed: the next heartbeat writes it
     _rule_keys: list[str] | None = None  # the key of each rule of the policy in force
     _frame: dict[str, str] = field(default_factory=dict)  # its header and overlays (cluster.edit)
 
@@ -162,10 +163,17 @@ class ClusterAgent(Agent):
     def _say(self, report: store.NodeReport) -> None:
         with self._report_lock:
             self._report = report
-            try:
-                store.report(self.client, self.layout, report)
-            except EtcdError as err:
-                self.log("status_not_written", error=str(err))  # written again on reconnect
+            self._write_report(report)
+
+    def _write_report(self, report: store.NodeReport) -> None:
+        """Under _report_lock. A write that fails (a member that hangs can fail one while
+        the others answer) is tried again by the next heartbeat."""
+        try:
+            store.report(self.client, self.layout, report)
+            self._report_unwritten = False
+        except EtcdError as err:
+            self._report_unwritten = True
+            self.log("status_not_written", error=str(err))
 
     def _connected(self, connected: bool, why: str = "") -> None:
         if connected == self.stats.etcd_connected:
@@ -187,6 +195,9 @@ class ClusterAgent(Agent):
                     lease = self.client.grant(self.lease_ttl)
                     store.heartbeat(self.client, self.layout, self.node, lease)
                 self._connected(True)
+                with self._report_lock:
+                    if self._report_unwritten and self._report is not None:
+                        self._write_report(self._report)
             except EtcdError as err:
                 self._connected(False, str(err))
             stop.wait(self.heartbeat_interval)
