@@ -180,6 +180,13 @@ struct params {
 	 * again, one DOCKER-USER rule accepts what carries them (docs/docker.md).
 	 */
 	__u32 accept_mark;
+	/*
+	 * Audit mode (1): verdicts are reached, counted and traced as always, but
+	 * nothing is denied; connections the policy would deny are tracked, so
+	 * that their replies are not counted as denials too.
+	 */
+	__u32 audit;
+	__u32 pad;
 };
 
 struct counter {
@@ -205,7 +212,7 @@ struct verdict_event {
 	__u8 family;
 	__u8 proto;
 	__u8 action;
-	__u8 pad;
+	__u8 audit; /* audit mode let it through: `action` is what enforcing would have done */
 	__be16 sport;
 	__be16 dport;
 	__u8 src[16];

@@ -24,6 +24,7 @@ struct verdict {
 	__u32 accept_mark; /* params' accept_mark for a filtered packet, else 0 */
 	__u8 action;
 	__u8 between_overlays; /* filtered, from one overlay to another */
+	__u8 audit; /* judged by a generation in audit mode: a denial is let through */
 };
 
 /* Source and destination (class, overlay). */
@@ -262,8 +263,12 @@ static __always_inline void judge_filtered(const struct packet *pkt, const struc
 		}
 	}
 	judge_by_policy(gen, p, ends, pkt->proto, pkt->dport, v);
-	/* Contract 3: allowed packets open connections, except a TCP reset, which ends one. */
-	if (v->action == ACTION_ALLOW && flow_key_of(pkt, &candidates[0]) &&
+	/*
+	 * Contract 3: allowed packets open connections, except a TCP reset, which
+	 * ends one. In audit mode so do denied ones, which pass: their replies are
+	 * then not counted as denials. A switch to enforcing re-judges them.
+	 */
+	if ((v->action == ACTION_ALLOW || p->audit) && flow_key_of(pkt, &candidates[0]) &&
 	    !(pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAGS_RST)))
 		flow_start(&candidates[0], gen, now);
 }
@@ -308,6 +313,7 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 	}
 	/* Judged by the policy from here on (exception pairs are never filtered). */
 	v->accept_mark = p->accept_mark;
+	v->audit = p->audit;
 	v->between_overlays = ends.src.overlay_id != ends.dst.overlay_id;
 	if (pkt->later_fragment) {
 		follow_first_fragment(pkt, p, now, v);

@@ -41,7 +41,7 @@ int xdp_isoebpf(struct xdp_md *ctx)
 
 	frame = parse_frame(data, data_end, &pkt);
 	classify(frame, &pkt, now, &v);
-	if (v.action == ACTION_ALLOW)
+	if (v.action == ACTION_ALLOW || v.audit)
 		ret = XDP_PASS;
 	else if (v.action == ACTION_REJECT && !xdp_reply(ctx, &pkt, frame_len))
 		ret = XDP_TX;
@@ -89,6 +89,8 @@ static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 		forward = v.accept_mark && v.between_overlays;
 		ret = TC_ACT_UNSPEC;
 	}
+	else if (v.audit)
+		ret = TC_ACT_UNSPEC; /* unmarked: a firewall further on judges it as if we were not there */
 	else if (v.action == ACTION_REJECT && !tc_reply(skb, pkt))
 		ret = bpf_redirect(skb->ifindex, 0);
 	else

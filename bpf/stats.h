@@ -73,7 +73,8 @@ static __always_inline void emit_event(void *ctx, __u32 ifindex, const struct pa
 				       .rule = v->rule,
 				       .family = pkt->family,
 				       .proto = pkt->proto,
-				       .action = v->action };
+				       .action = v->action,
+				       .audit = v->action != ACTION_ALLOW && v->audit };
 	struct flow_key flow = {};
 
 	if (!event_budget_allows(now))

@@ -198,14 +198,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _read(path: str, check_trust: bool = False, force: bool = False,
-          numbering: Numbering | None = None) -> pipeline.Compiled:
+          numbering: Numbering | None = None, audit: bool = False) -> pipeline.Compiled:
     """The policy file through the pipeline, its warnings said on stderr. `check_trust`
     (load, agent): a file others could write is refused unless --force; `numbering`:
-    the policy in force's (pipeline.read)."""
+    the policy in force's; `audit`: audit mode whatever the file says (pipeline.read)."""
     from .service.docker import Engine  # asked only by a policy that names a Docker network
 
     compiled = pipeline.read(path, check_trust=check_trust, force=force, numbering=numbering,
-                             networks=Engine().subnets)
+                             networks=Engine().subnets, audit=audit)
     if compiled.untrusted:
         click.echo(f"warning: {compiled.untrusted}; used anyway (--force)", err=True)
     for warning in compiled.warnings:
@@ -270,6 +270,16 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
     click.echo(f"  decided by {answer['rule']} ({answer['rule_text']}{line}): {answer['reason']}")
 
 
+AUDIT_BANNER = ("*** AUDIT MODE: NOTHING IS DENIED. Would-be denials are counted and traced "
+                "as their rules; load without --audit (and without 'audit: true') to enforce. ***")
+
+audit_option = click.option(
+    "--audit", is_flag=True,
+    help="Audit mode: judge, count and trace every packet as the policy says, deny nothing "
+         "(as 'audit: true' in the policy). Loading without it (and without the key) enforces; "
+         "either switch is one atomic update that keeps connections.")
+
+
 @main.command()
 @click.argument("policy_file", metavar="POLICY", type=click.Path(dir_okay=False))
 @click.option("--backend", "backend_name", type=click.Choice(["auto", *registry.BACKENDS]),
@@ -286,12 +296,13 @@ def explain_cmd(policy_file: str, src: netaddr.IPAddress, dst: netaddr.IPAddress
               help="iptables backend: the isolation chain [default: the one in force, "
                    "else dcos-isolation].")
 @json_option("Print what was done (with --dry-run: what would be) as one line of JSON.")
+@audit_option
 @click.option("--quiet", is_flag=True,
               help=f"No progress: a load that runs over {PROGRESS_AFTER:g} s shows its phases "
                    "on a terminal otherwise.")
 def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
          netns: str | None, dry_run: bool, force: bool, on_failure: str,
-         chain: str | None, as_json: bool, quiet: bool) -> None:
+         chain: str | None, as_json: bool, audit: bool, quiet: bool) -> None:
     """Start enforcing POLICY, or atomically replace the policy enforced."""
     if not dry_run:
         require_privilege("load")
@@ -304,7 +315,7 @@ def load(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...]
     try:
         with pipeline.collector_paused(), _progress(not (quiet or as_json) and _on_terminal()):
             result = _enforce(policy_file, backend_name, mode, ifaces, scope, dry_run, force,
-                              on_failure, chain, compiling, as_json)
+                              on_failure, chain, compiling, as_json, audit)
     except BaseException:
         if compiling is not None and _program_ends_after_command:  # said at once (see run)
             compiling.abandon()
@@ -328,18 +339,19 @@ def _size_of(path: str) -> int | None:
 
 def _enforce(policy_file: str, backend_name: str, mode: str, ifaces: tuple[str, ...],
              scope: Scope, dry_run: bool, force: bool, on_failure: str, chain: str | None,
-             compiling: Any | None, as_json: bool) -> dict[str, Any]:
+             compiling: Any | None, as_json: bool, audit: bool) -> dict[str, Any]:
     """Load (or, dry run, only choose): the result, for _say_enforced or as JSON. The
     backend and why are said at once (on stderr under --json), before the seconds a
     load may take."""
-    compiled = _read(policy_file, check_trust=True, force=force, numbering=enforcer.numbering(scope))
+    compiled = _read(policy_file, check_trust=True, force=force, numbering=enforcer.numbering(scope),
+                     audit=audit)
     ir = compiled.ir
     globs = list(ifaces) or list(ir.interfaces or ())
     chosen, why = enforcer.choose(backend_name, scope, compiling)
     click.echo(f"backend {chosen}: {why}", err=as_json)
     if chain and chosen != "iptables":
         raise click.UsageError(f"--chain names the iptables backend's chain, not {chosen}'s")
-    result: dict[str, Any] = {"policy": policy_file, "digest": ir.digest, "netns": scope.netns,
+    result: dict[str, Any] = {"policy": policy_file, "digest": ir.digest, "audit": ir.audit, "netns": scope.netns,
                               "interfaces": globs, "dry_run": dry_run, "why": why,
                               "warnings": _diagnostics(compiled.warnings)}
     extra = {"chain": chain} if chain else {}
@@ -381,7 +393,9 @@ def _say_enforced(result: dict[str, Any]) -> None:
         click.echo(note)
     if result["replaced_layout"]:
         click.echo(f"removed older state ({result['replaced_layout']}) instead of reusing it")
-    click.echo(f"enforcing {what}, generation {result['generation']}")
+    if result["audit"]:
+        click.echo(AUDIT_BANNER)
+    click.echo(f"{'auditing' if result['audit'] else 'enforcing'} {what}, generation {result['generation']}")
     if result["grown"]:
         click.echo("the policy did not fit beside the one in force: moved to new maps "
                    f"({result['grown']}), connections kept")
@@ -505,6 +519,8 @@ def _say_status(record: dict[str, Any] | None, netns: str | None) -> None:
     if record is None or record.get("backend") is None:
         click.echo("nothing loaded" + (f" in namespace {netns}" if netns else ""))
         return
+    if record.get("audit"):
+        click.echo(AUDIT_BANNER)
     click.echo(f"backend {record['backend']}, policy {record['policy']} "
                f"(digest {record['digest'][:12]}), generation {record['generation']}, "
                f"loaded {record['loaded_at']}, on failure: {record.get('on_failure', 'closed')}")
@@ -740,9 +756,10 @@ def cluster_status(as_json: bool, **etcd: Any) -> None:
 @click.option("--node", metavar="NAME", help="Cluster mode: this node's name in etcd (default: the hostname).")
 @click.option("--lease-ttl", type=click.IntRange(2, 3600), default=10, show_default=True,
               help="Cluster mode: seconds after its last heartbeat that the node counts as stale.")
+@audit_option
 def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[str, ...],
           netns: str | None, metrics: str | None, repair_interval: float, force: bool,
-          on_failure: str, node: str | None, lease_ttl: int, **etcd: Any) -> None:
+          on_failure: str, node: str | None, lease_ttl: int, audit: bool, **etcd: Any) -> None:
     """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
     With --etcd (no POLICY): the cluster's policy, applied as each version is published,
     this node's status reported in etcd.
@@ -765,7 +782,8 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
         runner = ClusterAgent(f"etcd://{client.endpoint.split('://', 1)[-1]}{layout.prefix}", backend_name,
                               ifaces, mode, netns, repair_interval, force=force, on_failure=on_failure,
                               etcd=client, layout=layout, node=node or socket.gethostname(),
-                              lease_ttl=lease_ttl, heartbeat_interval=lease_ttl / 5, docker=Engine())
+                              lease_ttl=lease_ttl, heartbeat_interval=lease_ttl / 5, docker=Engine(),
+                              audit=audit)
     else:
         if not policy_file:
             raise click.UsageError("give POLICY (a file) or --etcd URLS (a cluster)")
@@ -773,7 +791,7 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
         if forced:
             click.echo(f"warning: {forced}; used anyway (--force)", err=True)
         runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
-                       on_failure=on_failure, docker=Engine())
+                       on_failure=on_failure, docker=Engine(), audit=audit)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -10,6 +10,7 @@ stages only.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from collections.abc import Iterator
@@ -51,7 +52,8 @@ class Compiled:
 
 def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = False,
          force: bool = False, numbering: Numbering | None = None,
-         previous: Compiled | None = None, networks: Networks | None = None) -> Compiled:
+         previous: Compiled | None = None, networks: Networks | None = None,
+         audit: bool = False) -> Compiled:
     """Read, validate, compile and lint the policy file at `path`; raise PolicyError with
     every error found. `data`: the file's bytes, where the caller has read them already.
 
@@ -61,7 +63,7 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
     only what changed). `previous`: the compiled policy in force, which the file is
     compiled as a difference of, and which it changes (the agent keeps one); its
     `delta` says what changed. `networks`: the subnets of Docker networks overlays name
-    (policy.check.Networks)."""
+    (policy.check.Networks). `audit`: audit mode whatever the file says (`load --audit`)."""
     path = str(path)
     problem = check_trusted(path, force) if check_trust else None
     _progress.info("reading and checking %s", path)
@@ -70,10 +72,10 @@ def read(path: str | Path, data: bytes | None = None, *, check_trust: bool = Fal
     except (OSError, UnicodeDecodeError) as err:
         raise PolicyError([Diagnostic(path, 1, 1, "error", f"cannot read policy: {err}")]) from err
     if previous is None:
-        compiled = loads(text, path, numbering, networks)
+        compiled = loads(text, path, numbering, networks, audit)
         return Compiled(compiled.compiler, compiled.warnings, problem)
     with collector_paused():
-        policy = parse_policy(text, path, networks)
+        policy = parse_policy(text, path, networks, audit)
         _progress.info("compiling %d rules as a change of the policy in force", len(policy.rules))
         delta = previous.compiler.update(policy)
         return Compiled(previous.compiler, _warnings(previous.compiler), problem, delta)
@@ -89,20 +91,23 @@ def check_trusted(path: str | Path, force: bool) -> str | None:
 
 
 def loads(text: str, path: str = "<policy>", numbering: Numbering | None = None,
-          networks: Networks | None = None) -> Compiled:
+          networks: Networks | None = None, audit: bool = False) -> Compiled:
     """Validate, compile and lint policy text; `path` only names the file in messages."""
     with collector_paused():
-        policy = parse_policy(text, path, networks)
+        policy = parse_policy(text, path, networks, audit)
         _progress.info("compiling %d rules, %d exceptions, %d overlays", len(policy.rules),
                        len(policy.exceptions), len(policy.overlays))
         compiler = Compiler(policy, numbering)
         return Compiled(compiler, _warnings(compiler))
 
 
-def parse_policy(text: str, path: str = "<policy>", networks: Networks | None = None) -> Policy:
+def parse_policy(text: str, path: str = "<policy>", networks: Networks | None = None,
+                 audit: bool = False) -> Policy:
     """The validated model of policy text: JSON or YAML, by the file's name or its first
-    character (policy.jsonfile.is_json); raise PolicyError with every error found."""
-    return (jsonfile.loads if jsonfile.is_json(text, path) else parse.loads)(text, path, networks)
+    character (policy.jsonfile.is_json); raise PolicyError with every error found.
+    `audit`: in audit mode whatever the text says."""
+    policy = (jsonfile.loads if jsonfile.is_json(text, path) else parse.loads)(text, path, networks)
+    return dataclasses.replace(policy, audit=True) if audit and not policy.audit else policy
 
 
 def _warnings(compiler: Compiler) -> tuple[Diagnostic, ...]:

@@ -66,6 +66,7 @@ def state_record(name: str, scope: Scope, ir: IR, policy_path: str, generation: 
         "rules": [[r.id, r.name, r.text] for r in ir.rules],
         "overlays": _networks_by_overlay(ir),
         "attachments": [a.as_record() for a in attachments],
+        "audit": ir.audit,
         **extra,
     }
 

@@ -2,7 +2,7 @@
 
 Under a prefix (default `/isoebpf/`; clusters sharing one etcd take one each):
 
-    policy/header              version, default, deny_action, timeouts, interfaces
+    policy/header              version, default, deny_action, timeouts, interfaces, audit
     policy/overlays/NAME       {"subnets": [...], "isolated": bool}
     policy/exceptions/POS      {"from": ..., "to": ...}
     policy/allow/POS           {"from": ..., "to": ..., "ports": [...]}
@@ -102,6 +102,8 @@ def parts(policy: Policy) -> Parts:
                               "deny_action": policy.deny_action, "timeouts": dict(policy.timeouts)}
     if policy.interfaces is not None:
         header["interfaces"] = list(policy.interfaces)
+    if policy.audit:
+        header["audit"] = True
     return Parts(
         header=header,
         overlays={o.name: _overlay(o) for o in policy.overlays},

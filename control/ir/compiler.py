@@ -748,6 +748,7 @@ class Compiler:
             allowed=tuple(chain.from_iterable(map(self._entries.__getitem__, self._pair_order))),
             rules=tuple(rules),
             interfaces=policy.interfaces,
+            audit=policy.audit,
             digest=self.digest,
         )
 
@@ -846,6 +847,7 @@ def policy_digest(policy: Policy, exceptions: Iterable[str], rules: Iterable[str
         "timeouts": dict(sorted(policy.timeouts.items())),
         "overlays": [[o.name, [str(n) for n in o.subnets], o.isolated] for o in policy.overlays],
         "interfaces": list(policy.interfaces) if policy.interfaces is not None else None,
+        **({"audit": True} if policy.audit else {}),
     }
     hashed = hashlib.sha256(json.dumps(head, separators=(",", ":")).encode())
     for texts in (exceptions, rules):

@@ -125,6 +125,9 @@ class Decision:
     reason: str
     track: bool = False  # the packet starts a tracked connection
     connection: FlowKey | None = None  # the tracked connection it belongs to
+    # Audit mode let a denial through (and tracks its connection, so that its replies
+    # are not denials too); `action` is what enforcing would have done.
+    audit: bool = False
 
 
 class Classifier:
@@ -219,10 +222,12 @@ def decide(
             return verdict
         first = ({} if fragments is None else fragments).get(_fragment_key(pkt))
         if first is None:
-            return Decision("drop", RULE_FRAGMENT, True, "fragment without its first fragment")
+            return Decision("drop", RULE_FRAGMENT, True, "fragment without its first fragment",
+                            audit=classifier.ir.audit)
         # A rejected datagram's later fragments are dropped: one answer is enough.
         action = "drop" if first.action == "reject" else first.action
-        return replace(first, action=action, track=False, reason="follows its first fragment")
+        return replace(first, action=action, track=False, reason="follows its first fragment",
+                       audit=action != "allow" and classifier.ir.audit)
 
     verdict = classifier.judge(pkt)
     key = flow_key(pkt)
@@ -243,8 +248,9 @@ def decide(
                 if candidate in tracked:
                     return Decision("allow", RULE_ESTABLISHED, True,
                                     "ICMP error about a tracked connection")
-    track = verdict.track and key is not None and not _ends_tcp(pkt)
-    return replace(verdict, track=track, connection=key if track else None)
+    audit = verdict.action != "allow" and classifier.ir.audit
+    track = (verdict.track or audit) and key is not None and not _ends_tcp(pkt)
+    return replace(verdict, track=track, connection=key if track else None, audit=audit)
 
 
 def _ends_tcp(pkt: Packet) -> bool:
@@ -308,7 +314,7 @@ class Conntrack:
         decision = decide(classifier, pkt, live, fragments)
         if pkt.more_fragments and not pkt.is_later_fragment:
             self.fragments[fragment] = (decision, now)
-        if decision.action != "allow" or pkt.is_later_fragment:
+        if (decision.action != "allow" and not decision.audit) or pkt.is_later_fragment:
             return decision
         key = decision.connection
         if decision.track and key is not None:

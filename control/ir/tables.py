@@ -111,6 +111,7 @@ class IR:
     allowed: tuple[AllowEntry, ...]
     rules: tuple[RuleInfo, ...]
     interfaces: tuple[str, ...] | None
+    audit: bool = False  # every backend lets what the policy denies through, counted and traced as denied
     digest: str = field(default="", compare=False)
 
     def rule(self, rule_id: int) -> RuleInfo:
@@ -138,6 +139,8 @@ class IR:
             ],
             "rules": [[r.id, r.name, r.text, r.line] for r in self.rules],
             "interfaces": list(self.interfaces) if self.interfaces is not None else None,
+            # Only when set: every enforcing policy keeps the digest it always had.
+            **({"audit": True} if self.audit else {}),
         }
 
 

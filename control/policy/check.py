@@ -33,7 +33,7 @@ PORT_SPEC = re.compile(r"(tcp|udp)/(0|[1-9][0-9]*)(?:-(0|[1-9][0-9]*))?\Z")
 CIDR_LIKE = re.compile(r"[.:/]")  # an endpoint that is no overlay's name is meant as a CIDR
 DEFAULT_TIMEOUTS = {"tcp": 21600, "tcp_closing": 10, "udp": 60, "icmp": 30}
 TOP_KEYS = ("version", "default", "deny_action", "overlays", "exceptions", "allow", "interfaces",
-            "timeouts")
+            "timeouts", "audit")
 MERGE_TAG = "tag:yaml.org,2002:merge"
 INT_TAG = "tag:yaml.org,2002:int"
 
@@ -219,11 +219,19 @@ class _Checker:
         rules = self.rules(top, index)
         interfaces = self.interfaces(top)
         timeouts = self.timeouts(top)
+        audit = self.flag(top, "audit")
         if self._errors:
             return None
         assert version is not None
         return Policy(self.path, version, default, deny_action, tuple(overlays), tuple(exceptions),
-                      tuple(rules), interfaces, timeouts)
+                      tuple(rules), interfaces, timeouts, audit)
+
+    def flag(self, top: dict[str, Any], key: str) -> bool:
+        value = top.get(key, False)
+        if type(value) is bool:
+            return value
+        self.error((key,), f"'{key}' must be true or false, not {kind(value)}")
+        return False
 
     def version(self, top: dict[str, Any]) -> int | None:
         if "version" not in top:

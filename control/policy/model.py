@@ -85,6 +85,7 @@ class Policy:
     rules: tuple[AllowRule, ...]
     interfaces: tuple[str, ...] | None
     timeouts: dict[str, int]
+    audit: bool = False  # judge and count as the policy says, deny nothing
     # What the file itself deserves a warning for (the compiled form's are ir.lint's).
     warnings: tuple[Diagnostic, ...] = field(default=(), compare=False)
 

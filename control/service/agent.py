@@ -73,6 +73,7 @@ class Agent:
     force: bool = False  # override safety refusals (a policy file others can write, ...)
     poll_interval: float = 0.2
     on_failure: str = "closed"
+    audit: bool = False  # audit mode whatever the policy says (agent --audit)
     log_stream: TextIO = sys.stderr
     stats: Stats = field(default_factory=Stats)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -127,7 +128,7 @@ class Agent:
             compiled = pipeline.read(self.policy_path, text, check_trust=True, force=self.force,
                                      networks=self.docker.subnets if self.docker else None,
                                      numbering=None if self._compiled else enforcer.numbering(self.scope),
-                                     previous=self._compiled)
+                                     previous=self._compiled, audit=self.audit)
         except (PolicyError, UntrustedPolicyError) as err:
             errors = ([str(d) for d in err.diagnostics if d.severity == "error"]
                       if isinstance(err, PolicyError) else [str(err)])

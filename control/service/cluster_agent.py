@@ -143,7 +143,7 @@ class ClusterAgent(Agent):
             compiled = pipeline.read(self.policy_path, text.encode(),
                                      networks=self.docker.subnets if self.docker else None,
                                      numbering=None if self._compiled else enforcer.numbering(self.scope),
-                                     previous=self._compiled)
+                                     previous=self._compiled, audit=self.audit)
         except PolicyError as err:
             raise PolicyError(located(err.diagnostics, line_keys)) from err
         self._rule_keys = sorted(k for k in version.items if k.startswith(self.layout.item("allow", "")))

@@ -61,8 +61,13 @@ def line(v: Verdict, clock_offset: float) -> str:
     when = v.timestamp_ns / 1e9 + clock_offset
     stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
     return (f"{stamp} {v.ifname:12} {v.protocol:6} {v.endpoint(v.src, v.sport):>22} -> "
-            f"{v.endpoint(v.dst, v.dport):22} {v.action:6} {v.rule}"
+            f"{v.endpoint(v.dst, v.dport):22} {_shown_action(v):12} {v.rule}"
             + (f" ({v.text})" if v.text != v.rule else ""))
+
+
+def _shown_action(v: Verdict) -> str:
+    """What happened: audit mode's would-be denials say so ("AUDIT drop": it passed)."""
+    return f"AUDIT {v.action}" if v.audit else v.action
 
 
 def as_json(v: Verdict, clock_offset: float) -> str:
@@ -70,7 +75,7 @@ def as_json(v: Verdict, clock_offset: float) -> str:
         "time": round(v.timestamp_ns / 1e9 + clock_offset, 6), "ifname": v.ifname,
         "protocol": v.protocol, "src": v.endpoint(v.src, 0), "sport": v.sport,
         "dst": v.endpoint(v.dst, 0),
-        "dport": v.dport, "action": v.action, "rule": v.rule, "text": v.text,
+        "dport": v.dport, "action": v.action, "rule": v.rule, "text": v.text, "audit": v.audit,
     }, sort_keys=True)
 
 

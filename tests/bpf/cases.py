@@ -58,6 +58,7 @@ POLICY_CLOSED = POLICY.split("exceptions:")[0]
 
 POLICY_DEFAULT_ALLOW = POLICY.replace("default: deny", "default: allow")
 POLICY_DROP = POLICY.replace("deny_action: reject", "deny_action: drop")
+POLICY_AUDIT = POLICY + "audit: true\n"
 
 
 def ip(text: str) -> netaddr.IPAddress:
@@ -299,4 +300,24 @@ CASES: tuple[Case, ...] = (
         step(SYN_80, "pass", "allow:0"),
         step(reverse(SYN_80), "pass", "established", switch_to=POLICY_DROP, lazy=True),
         step(reverse(SYN_80), "pass", "established", switch_to=POLICY),)),
+    Case("audit", "audit mode passes every denial under its rule, and tracks its connection", (
+        step(tcp(HR, IT, 22), "pass", "default"),
+        step(reverse(tcp(HR, IT, 22)), "pass", "established"),
+        step(tcp(HR, IT, 22, TCP_ACK), "pass", "established"),
+        step(udp(HR, IT, 53), "pass", "default"),
+        step(echo(IT, HR), "pass", "default"),
+        step(tcp(LAB, LAB2, 22), "pass", "default"),
+        step(SYN_80, "pass", "allow:0"),), policy=POLICY_AUDIT),
+    Case("audit-to-enforce", "enforcing after audit cuts what audit let through, keeps what is allowed", (
+        step(SYN_80, "pass", "allow:0"),
+        step(tcp(HR, IT, 22), "pass", "default"),
+        step(reverse(SYN_80, TCP_ACK), "pass", "established", switch_to=POLICY),
+        step(tcp(HR, IT, 22, TCP_ACK), "tx", "default"),), policy=POLICY_AUDIT),
+    Case("audit-to-enforce-lazily", "as audit-to-enforce, re-judged by the datapath", (
+        step(tcp(HR, IT, 22), "pass", "default"),
+        step(tcp(HR, IT, 22, TCP_ACK), "tx", "default", switch_to=POLICY, lazy=True),), policy=POLICY_AUDIT),
+    Case("enforce-to-audit", "auditing after enforcing keeps connections", (
+        step(SYN_80, "pass", "allow:0"),
+        step(reverse(SYN_80, TCP_ACK), "pass", "established", switch_to=POLICY_AUDIT),
+        step(tcp(HR, IT, 22), "pass", "default"),)),
 )

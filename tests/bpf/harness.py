@@ -147,7 +147,7 @@ def expected(frame: bytes, *, conntrack: Conntrack | None = None, classifier: Cl
         return parsed, Expectation("drop", RULE_MALFORMED, "drop")
     assert parsed.packet is not None and conntrack is not None and classifier is not None
     decision = conntrack.step(classifier, parsed.packet, now)
-    if decision.action == "allow":
+    if decision.action == "allow" or decision.audit:
         verdict = "pass"
     elif decision.action == "reject" and answerable(parsed):
         verdict = "tx"

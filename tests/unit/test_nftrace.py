@@ -17,19 +17,19 @@ table ip filter {
 \t}
 }
 """
-RULES = [("established", "allow"), ("allow:0", "allow"), ("default", "reject")]
+RULES = [("established", "allow", False), ("allow:0", "allow", False), ("default", "reject", False)]
 PACKET = ('packet: iif "br-hr" oif "br-it" ether saddr 02:00:00:00:00:01 ip saddr 192.168.1.10 '
           "ip daddr 10.250.1.10 ip dscp cs0 ip ecn not-ect ip ttl 63 ip id 1 ip protocol tcp "
           "ip length 60 tcp sport 40000 tcp dport 80 tcp flags == syn tcp window 64240")
 
 
-def tracer() -> nftrace.Tracer:
+def tracer(rules: list[tuple[str, str, bool]] = RULES) -> nftrace.Tracer:
     def run(args: Sequence[str], stdin: str | None = None) -> str:
         assert list(args[:4]) == ["nft", "-a", "list", "chain"], args
         return LISTING if args[4] == "ip" else ""
 
     found = nftrace.Tracer(None, run, "dcos-isolation",
-                           lambda version: RULES if version == 4 else [],
+                           lambda version: rules if version == 4 else [],
                            {"allow:0": "hr -> it tcp/80"}, 10)
     found.learn()
     return found
@@ -62,6 +62,19 @@ def test_handles_map_to_our_rule_names_by_position() -> None:
         # REJECT is an xt target: nftables reports it as drop.
         "trace id bb ip filter dcos-isolation unknown rule handle 10 (verdict drop)",
     ]) == [("allow:0", "allow"), ("default", "reject")]
+
+
+def test_audit_modes_default_says_what_it_would_have_done() -> None:
+    t = tracer([*RULES[:2], ("default", "reject", True)])
+    verdicts = []
+    for line in (f"trace id cc inet isoebpf-trace forward {PACKET}",
+                 "trace id cc ip filter FORWARD rule # handle 4 (verdict jump dcos-isolation)",
+                 "trace id cc ip filter dcos-isolation rule # handle 10 (verdict return)"):
+        match = nftrace.TRACE.match(line)
+        assert match, line
+        verdicts.append(t.step(*match.groups()))
+    assert verdicts[-1] is not None
+    assert (verdicts[-1].rule, verdicts[-1].action, verdicts[-1].audit) == ("default", "reject", True)
 
 
 def test_a_packet_that_skips_our_jump_is_unfiltered() -> None:

@@ -144,6 +144,7 @@ class Params(ctypes.Structure):
         ("tcp_timeout_ns", _u64), ("tcp_closing_timeout_ns", _u64), ("udp_timeout_ns", _u64),
         ("icmp_timeout_ns", _u64), ("fragment_timeout_ns", _u64),
         ("default_action", _u32), ("accept_mark", _u32),
+        ("audit", _u32), ("pad", _u32),
     ]
 
 
@@ -158,7 +159,7 @@ class TokenBucket(ctypes.Structure):
 class VerdictEvent(ctypes.Structure):
     _fields_ = [
         ("timestamp_ns", _u64), ("ifindex", _u32), ("rule", _u32),
-        ("family", _u8), ("proto", _u8), ("action", _u8), ("pad", _u8),
+        ("family", _u8), ("proto", _u8), ("action", _u8), ("audit", _u8),
         ("sport", _be16), ("dport", _be16), ("src", _Addr16), ("dst", _Addr16),
     ]
 

@@ -950,7 +950,7 @@ class Tracer(Resource):
             yield Verdict(event.timestamp_ns, self._ifnames.get(event.ifindex, f"if{event.ifindex}"),
                           event.family, event.proto, program.address(event.family, event.src), event.sport,
                           program.address(event.family, event.dst), event.dport,
-                          abi.ACTION_NAMES.get(event.action, str(event.action)), name, text)
+                          abi.ACTION_NAMES.get(event.action, str(event.action)), name, text, bool(event.audit))
 
 
 def tracer(scope: Scope, per_second: int) -> Tracer:

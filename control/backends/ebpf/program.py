@@ -201,6 +201,7 @@ def params_of(ir: IR, accept_mark: int = 0) -> abi.Params:
         fragment_timeout_ns=_seconds_to_ns(evaluate.FRAGMENT_TIMEOUT),
         default_action=abi.ACTIONS[ir.default_action],
         accept_mark=accept_mark,
+        audit=int(ir.audit),
     )
 
 
@@ -474,10 +475,11 @@ def activate(maps: Maps, ir: IR, gen: int, sweep: bool = True) -> None:
     re-judges a connection lazily when its next packet arrives; the sweep here
     cuts the others now, so that a connection this policy forbids stays cut
     even if the next policy would allow it again (as evaluate.Conntrack.revalidate).
-    `sweep=False`: the change only adds entries, so it forbids nothing new.
+    `sweep=False`: the change only adds entries, so it forbids nothing new; nor
+    does audit mode.
     """
     set_active(maps, gen)
-    if not sweep:
+    if not sweep or ir.audit:
         return
     classifier: Classifier | None = None  # built only when there is a connection to judge
     allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port

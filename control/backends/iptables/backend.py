@@ -60,6 +60,7 @@ from .layout import (
     TAG,
     IpSet,
     Layout,
+    audited_action,
     build,
     ipset_restore,
     iptables_restore,
@@ -212,12 +213,23 @@ def _target(spec: str) -> str:
     return spec.rsplit(" -j ", 1)[1].split()[0] if " -j " in spec else ""
 
 
-def _tag(spec: str) -> str | None:
-    """Our name for a rule ("allow:0", "jump", ...) from its comment; None if not ours."""
+def _action(spec: str) -> tuple[str, bool]:
+    """(what a rule does, whether audit mode let it pass instead) by its target and comment."""
+    audited = audited_action(_note(spec) or "")
+    return (audited, True) if audited else (target_action(_target(spec)), False)
+
+
+def _note(spec: str) -> str | None:
+    """The comment of one of our rules; None if not ours."""
     if f'--comment "{TAG} ' not in spec:
         return None
     words = shlex.split(spec)
-    note = words[words.index("--comment") + 1].split()
+    return words[words.index("--comment") + 1]
+
+
+def _tag(spec: str) -> str | None:
+    """Our name for a rule ("allow:0", "jump", ...) from its comment; None if not ours."""
+    note = (_note(spec) or "").split()
     return note[1] if len(note) > 1 and note[0] == TAG else None
 
 
@@ -572,7 +584,7 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
             refilled, unfinished = _apply(tools, layout, state)
             generation += 1
             carried = _carried(mine, state, layout, ir, refilled) if mine else {}
-        revoked = revoke(scope.netns, ir)
+        revoked = 0 if ir.audit else revoke(scope.netns, ir)  # audit mode forbids nothing
         why = _why(layout.kind, found, hidden)
         attachments = _attachments(layout, tools, why, state)
         scope.write(state_record(
@@ -656,8 +668,8 @@ def tracer(scope: Scope, per_second: int) -> nftrace.Tracer:
             "'isoebpf status' or 'iptables -L dcos-isolation -v -n' (in the namespace)")
     chain = str(record["chain"])
 
-    def chain_rules(version: int) -> list[tuple[str, str]]:
-        return [(_tag(spec) or "foreign", target_action(_target(spec)))
+    def chain_rules(version: int) -> list[tuple[str, str, bool]]:
+        return [(_tag(spec) or "foreign", *_action(spec))
                 for spec, _, _ in _read_family(tools, version).chains.get(chain, [])]
 
     return nftrace.Tracer(scope.netns, tools.run, chain, chain_rules,

@@ -12,7 +12,8 @@ fills `overlays`):
              per non-isolated overlay: OV src, OV dst RETURN (hairpin, step b)
              full: the tuples set, the ICMP pairs set, the pairs set (step c)
              degraded: the allow rules, one group of lines each, in file order (step c)
-             default: REJECT tcp-reset / icmp admin-prohibited, DROP, or RETURN (step d)
+             default: REJECT tcp-reset / icmp admin-prohibited, DROP, or RETURN (step d);
+                      in audit mode RETURN, its comment saying what enforcing would do
 
 Two layouts, one policy:
 
@@ -77,6 +78,16 @@ ALLOWING_TARGETS = ("RETURN", "ACCEPT")  # our chain hands a packet it allows ba
 def target_action(target: str | None) -> str:
     """What a rule with this iptables target does to a packet, in our words."""
     return "drop" if target == "DROP" else "reject" if target == "REJECT" else "allow"
+
+
+# Audit mode's default line says in its comment what enforcing would do.
+AUDIT_WOULD = "audit: would "
+
+
+def audited_action(note: str) -> str | None:
+    """What an audit line's comment says enforcing would do (None: not an audit line)."""
+    _, found, action = note.partition(AUDIT_WOULD)
+    return action.split()[0] if found and action else None
 
 # Rule comments that are not policy rules.
 FORWARDED = "forwarded"
@@ -365,6 +376,10 @@ class _FamilyBuilder:
         note = comment("default")
         if self.ir.default_action == "allow":
             return [f'-m comment --comment "{note}" -j {self.allowing}']
+        if self.ir.audit:
+            # Counted as the default, and passed on as the policy's allows are.
+            audited = comment("default", AUDIT_WOULD + self.ir.default_action)
+            return [f'-m comment --comment "{audited}" -j {self.allowing}']
         if self.ir.default_action == "drop":
             return [f'-m comment --comment "{note}" -j DROP']
         return [f'-p tcp -m comment --comment "{note}" -j REJECT --reject-with tcp-reset',

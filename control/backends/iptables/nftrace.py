@@ -56,8 +56,9 @@ class Run(Protocol):
     def __call__(self, args: Sequence[str], stdin: str | None = None) -> str: ...
 
 
-# Our chain's rules in one family, in order: (rule name, action), from iptables-save.
-ChainRules = Callable[[int], list[tuple[str, str]]]
+# Our chain's rules in one family, in order: (rule name, action, audit mode let it pass
+# instead), from iptables-save.
+ChainRules = Callable[[int], list[tuple[str, str, bool]]]
 
 
 def remove_table(run: Run) -> bool:
@@ -132,7 +133,7 @@ class Tracer(Resource):
         self.per_second = per_second
         self.suppressed = 0
         self.lost = 0
-        self._rules: dict[tuple[int, int], tuple[str, str]] = {}  # (family, handle) -> name, action
+        self._rules: dict[tuple[int, int], tuple[str, str, bool]] = {}  # (family, handle) -> name, action, audit
         self._pending: dict[str, Packet] = {}  # trace id -> the packet, until its verdict
         self._monitor: subprocess.Popen[bytes] | None = None
         self._buffer = b""
@@ -182,7 +183,7 @@ class Tracer(Resource):
 
     def learn(self) -> None:
         """Map our chain's rule handles to rule names, per family."""
-        rules: dict[tuple[int, int], tuple[str, str]] = {}
+        rules: dict[tuple[int, int], tuple[str, str, bool]] = {}
         for family, version in FAMILIES.items():
             try:
                 listing = self.run(["nft", "-a", "list", "chain", family, "filter", self.chain])
@@ -239,9 +240,9 @@ class Tracer(Resource):
                 # The policy changed since; if it is changing right now, the handle it is.
                 with contextlib.suppress(BackendError):
                     self.learn()
-            name, action = self._rules.get(key, (f"rule handle {ruled[1]}", "allow"
-                                                 if ruled[2] != "drop" else "drop"))
-            return self._verdict(trace_id, name, action)
+            name, action, audit = self._rules.get(key, (f"rule handle {ruled[1]}", "allow"
+                                                        if ruled[2] != "drop" else "drop", False))
+            return self._verdict(trace_id, name, action, audit)
         if chain == "FORWARD":
             if ruled and ruled[2] == f"jump {self.chain}":
                 packet.filtered = True
@@ -250,10 +251,10 @@ class Tracer(Resource):
                 return self._verdict(trace_id, "unfiltered", "allow")
         return None
 
-    def _verdict(self, trace_id: str, name: str, action: str) -> Verdict:
+    def _verdict(self, trace_id: str, name: str, action: str, audit: bool = False) -> Verdict:
         p = self._pending.pop(trace_id)
         return Verdict(time.monotonic_ns(), p.ifname, p.family, p.proto, p.src, p.sport, p.dst,
-                       p.dport, action, name, self.texts.get(name, name))
+                       p.dport, action, name, self.texts.get(name, name), audit)
 
 
 def _protocol_number(name: str) -> int:
