@@ -3,17 +3,23 @@ unit-tests them), the dashboard, and the metrics both ask the exporter for."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from isoebpf.cluster import store
+from isoebpf.cluster.follow import Incomplete
 from isoebpf.service.agent import Stats
+from isoebpf.service.cluster_agent import ClusterAgent
 from isoebpf.service.metrics import StatusCollector
 from tests.conftest import require
 
@@ -77,6 +83,28 @@ def test_attachments_by_state_audit_mode_and_the_published_cluster_version() -> 
     assert enforcing["isoebpf_audit_mode"] == {(): 0.0}
     assert "isoebpf_attachment_state" not in enforcing  # nothing loaded: no interface
     assert "isoebpf_cluster_published_version" not in enforcing  # a file agent: no cluster
+
+
+class _Follower:
+    """Heads published one after another whose items never arrive (a push racing another)."""
+
+    head: store.Head | None = None
+
+    def follow(self, stop: threading.Event) -> Iterator[Incomplete]:
+        for version in (5, 6):
+            self.head = store.Head(version, "0" * 64, "0" * 64, {}, 0.0)
+            yield Incomplete(self.head, "its items are not the ones seen")
+
+
+def test_a_cluster_node_says_the_newest_version_published_even_one_it_cannot_take() -> None:
+    agent = ClusterAgent("etcd://relay/isoebpf/", etcd=object(),
+                         log_stream=io.StringIO())
+    agent.stats.cluster_version, agent.stats.etcd_connected = 4, True
+    agent._follower = _Follower()
+    agent._follow(threading.Event())
+    series = exposition({}, agent.stats)
+    assert series["isoebpf_cluster_published_version"] == {(): 6.0}
+    assert series["isoebpf_cluster_version"] == {(): 4.0}  # behind: IsoebpfNodeBehindCluster
 
 
 # -- the alert rules ------------------------------------------------------------------------
