@@ -448,7 +448,7 @@ def graph(policy_file: str, node: bool, netns: str | None, form: str, output: st
     if netns and not node:
         raise click.UsageError("--netns goes with --node")
     compiled = _read(policy_file)
-    packets = None
+    packets, record = None, None
     if node:
         scope = Scope(netns)
         _require_namespace(scope)
@@ -460,7 +460,7 @@ def graph(policy_file: str, node: bool, netns: str | None, form: str, output: st
             click.echo(f"warning: {record['policy']} is in force, not {policy_file}: its counts "
                        "are shown on the rules they share", err=True)
         packets = {c["identity"]: c["packets"] for c in record.get("counters", [])}
-    text = dot(picture(compiled.policy, compiled.ir, packets))
+    text = dot(picture(compiled.policy, compiled.ir, packets, audit=bool(record and record.get("audit"))))
     drawn = text.encode() if form == "dot" else _drawn(text, form)
     if output:
         with open(output, "wb") as out:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..policy.model import Endpoint, Policy
 from .tables import IR, rule_identities
@@ -75,12 +75,15 @@ class Picture:
     nodes: tuple[Node, ...]
     edges: tuple[Edge, ...]
     legend: tuple[str, ...]
-    counted: bool = field(default=False)  # edges carry a node's packet counts
+    counted: bool = False  # edges carry a node's packet counts
 
 
-def picture(policy: Policy, ir: IR, packets: Mapping[str, int] | None = None) -> Picture:
+def picture(policy: Policy, ir: IR, packets: Mapping[str, int] | None = None,
+            audit: bool = False) -> Picture:
     """The picture of `policy` (compiled to `ir`); `packets`: rule identity -> packets
-    counted on a node (a status record's counters), or None for the policy alone."""
+    counted on a node (a status record's counters), or None for the policy alone;
+    `audit`: that node enforces in audit mode, where the default's denials are only
+    counted."""
     identity = rule_identities((r.name, r.text) for r in ir.rules)
 
     def counted(name: str) -> int | None:
@@ -106,7 +109,7 @@ def picture(policy: Policy, ir: IR, packets: Mapping[str, int] | None = None) ->
         grouped.setdefault((ALLOW, rule.src.overlay, rule.dst.overlay), []).append(
             Line(name, f"{between}: {ports}" if between else ports, counted(name)))
     edges = [Edge(kind, src, dst, tuple(lines)) for (kind, src, dst), lines in grouped.items()]
-    return Picture(nodes, tuple(edges), _legend(policy, counted), packets is not None)
+    return Picture(nodes, tuple(edges), _legend(policy, counted, audit), packets is not None)
 
 
 def _between(src: Endpoint, dst: Endpoint) -> str:
@@ -116,7 +119,7 @@ def _between(src: Endpoint, dst: Endpoint) -> str:
     return f"{src.text} → {dst.text}"
 
 
-def _legend(policy: Policy, counted: Callable[[str], int | None]) -> tuple[str, ...]:
+def _legend(policy: Policy, counted: Callable[[str], int | None], audit: bool) -> tuple[str, ...]:
     default = counted("default")
     if policy.default == "allow":
         said = "default allow: traffic between overlays that no rule names passes"
@@ -124,7 +127,8 @@ def _legend(policy: Policy, counted: Callable[[str], int | None]) -> tuple[str, 
     else:
         said = (f"default deny ({policy.deny_action}): traffic between overlays that no rule "
                 "allows is " + ("rejected" if policy.deny_action == "reject" else "dropped"))
-        tally = f" ({default} packets denied)" if default is not None else ""
+        denied = "that enforcing would deny; audit mode denies nothing" if audit else "denied"
+        tally = f" ({default} packets {denied})" if default is not None else ""
     lines = [said + tally,
              "solid: allowed (ports), dashed: exception (never filtered), "
              "dotted loop: free inside the overlay",

@@ -115,6 +115,12 @@ def test_a_nodes_counts_go_to_the_rules_by_identity() -> None:
             "dropped as fragment or malformed: 2\\l") in text
 
 
+def test_in_audit_mode_the_defaults_packets_are_would_be_denials() -> None:
+    compiled = pipeline.loads(SEED.read_text())
+    text = dot(picture(compiled.policy, compiled.ir, {"default": 5}, audit=True))
+    assert "rejected (5 packets that enforcing would deny; audit mode denies nothing)\\l" in text
+
+
 def test_an_edge_of_many_rules_shows_the_first_and_sums_the_rest() -> None:
     rules = "".join(f"  - {{from: hr, to: it, ports: [tcp/{port}]}}\n" for port in range(1, 11))
     text, _ = drawn(SEED.read_text().replace("  - {from: hr, to: it, ports: [tcp/80]}\n", rules),
