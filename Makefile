@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak bench bench-quick architecture clean
+.PHONY: setup demo test lint test-unit test-bpf test-integration test-vm soak bench bench-quick architecture graph-picture clean
 
 setup:
 	@bash scripts/setup.sh
@@ -48,6 +48,12 @@ bench-quick: setup
 # (tests/unit/test_architecture.py fails when the committed picture is out of date).
 architecture: setup
 	$(PYTHON) -m tests.architecture docs
+
+# docs/it-hr-graph.dot and .svg: the README's picture of examples/it-hr.yaml, drawn by
+# `isoebpf graph` (tests/unit/test_graph.py fails when the committed picture is out of date).
+graph-picture: setup
+	$(PYTHON) -m isoebpf.cli graph examples/it-hr.yaml -o docs/it-hr-graph.dot
+	$(PYTHON) -m isoebpf.cli graph examples/it-hr.yaml --format svg -o docs/it-hr-graph.svg
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

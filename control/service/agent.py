@@ -56,8 +56,10 @@ class Stats:
     last_apply_ok: bool = False
     last_error: str = ""  # why the last apply failed
     attach_modes: tuple[str, ...] = ()  # of the last apply that worked
-    # Cluster mode: the version enforced, and whether etcd answers (None: not in cluster mode).
+    # Cluster mode: the version enforced, the newest published that the node has seen,
+    # and whether etcd answers (None: not in cluster mode).
     cluster_version: int = 0
+    cluster_published: int = 0
     etcd_connected: bool | None = None
 
 

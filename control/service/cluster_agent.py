@@ -83,6 +83,8 @@ class ClusterAgent(Agent):
     def _follow(self, stop: threading.Event) -> None:
         assert self._follower is not None
         for said in self._follower.follow(stop):
+            if self._follower.head is not None:  # published, whether or not it can be taken
+                self.stats.cluster_published = self._follower.head.version
             if isinstance(said, Lost):
                 self._connected(False, said.why)
             elif isinstance(said, Read):

@@ -19,6 +19,9 @@ from .agent import Stats
 FIXED_ACTIONS = {"unfiltered": "allow", "established": "allow", "fragment": "drop",
                  "malformed": "drop"}
 
+# What `status` says of each attachment (backends' status: `state`).
+ATTACHMENT_STATES = ("attached", "detached", "interface gone")
+
 # Why a rule's series carry two labels: names number rules by their place in the
 # file, identities (ir.rule_identities) stay with the rule, and its count with them.
 RULE_LABELS_HELP = ("; rule: its name now (allow:<i> moves when rules are inserted above it), "
@@ -63,6 +66,19 @@ class StatusCollector(Collector):
             fill.add_metric([name], entry["entries"])
             capacity.add_metric([name], entry["max_entries"])
         yield from (fill, capacity)
+        # One series a state for each interface, 1 for the state it is in: an alert can
+        # ask for interfaces not attached and name them.
+        attachments = GaugeMetricFamily("isoebpf_attachment_state", "1 for the state each "
+                                        "enforced interface is in (attached, detached, "
+                                        "interface gone)", labels=["ifname", "mode", "state"])
+        for attachment in record.get("attachments", []):
+            for state in ATTACHMENT_STATES:
+                attachments.add_metric([attachment["ifname"], attachment["mode"], state],
+                                       1 if attachment.get("state", "attached") == state else 0)
+        yield attachments
+        yield GaugeMetricFamily("isoebpf_audit_mode", "1 while the policy in force is in audit "
+                                "mode: judged, counted, nothing denied",
+                                value=1 if record.get("audit", False) else 0)
 
         yield CounterMetricFamily("isoebpf_reconciles", "Interfaces enforced as they appeared",
                                   value=self._stats.reconciles)
@@ -86,6 +102,9 @@ class StatusCollector(Collector):
                                     value=1 if self._stats.etcd_connected else 0)
             yield GaugeMetricFamily("isoebpf_cluster_version", "The cluster's policy version enforced",
                                     value=self._stats.cluster_version)
+            yield GaugeMetricFamily("isoebpf_cluster_published_version", "The cluster's "
+                                    "newest policy version this node has seen published",
+                                    value=self._stats.cluster_published)
         mode = GaugeMetricFamily("isoebpf_failure_mode", "What a change that cannot be applied "
                                  "leaves: closed keeps the policy in force, open removes it",
                                  labels=["mode"])
