@@ -734,7 +734,8 @@ def cluster_status(as_json: bool, **etcd: Any) -> None:
 @click.option("--iface", "ifaces", multiple=True, metavar="GLOB",
               help="Interfaces to enforce on, now and as they appear.")
 @click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
-@click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on HOST:PORT.")
+@click.option("--metrics", metavar="ADDR",
+              help="Serve Prometheus metrics (/metrics) and the live page (/) on HOST:PORT.")
 @click.option("--repair-interval", type=click.FloatRange(0.1, 3600), default=1.0,
               show_default=True, help="Seconds between drift checks.")
 @click.option("--flow-rate", type=click.IntRange(0, 100000), default=flowlog.DEFAULT_FLOW_RATE, show_default=True,
@@ -794,8 +795,10 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
 
 
 def _serve_metrics(address: str, runner: Any) -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
+    """Prometheus metrics at /metrics, and the live page at / (service/live.py)."""
+    from prometheus_client import CollectorRegistry
 
+    from .service import live
     from .service.metrics import StatusCollector
 
     host, _, port = address.rpartition(":")
@@ -805,7 +808,8 @@ def _serve_metrics(address: str, runner: Any) -> None:
     collectors.register(StatusCollector(lambda: enforcer.status(runner.scope), runner.stats,
                                       lambda: runner.default_action, runner.on_failure))
     try:
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=collectors)
+        live.serve(host or "0.0.0.0", int(port), live.Sources(
+            collectors, lambda: enforcer.status(runner.scope), runner.stats, runner.recorder))
     except OSError as err:
         raise IsoebpfError(f"cannot serve metrics on {address}: {err.strerror}") from err
 

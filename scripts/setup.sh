@@ -34,9 +34,11 @@ fi
 #                       docker service is unused, and on a machine with systemd it starts
 #   busybox-static      the lab's only image: one static binary (sh, nc, httpd, ping) imported
 #                       with `docker import`, so no registry is needed
+#   chromium            the live page's test opens it in a real headless browser (Playwright
+#                       drives this one; it never downloads a browser of its own)
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
           iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant
-          graphviz etcd-server etcd-client openssl docker.io busybox-static)
+          graphviz etcd-server etcd-client openssl docker.io busybox-static chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
