@@ -29,6 +29,7 @@ from .backends.state import Scope, require_privilege
 from .errors import Diagnostic, IsoebpfError, PolicyError, StateError
 from .ir.compiler import Numbering
 from .ir.explain import PortNeededError, Question, explain
+from .service import flows as flowlog
 
 
 class _Group(click.Group):
@@ -611,6 +612,8 @@ def unload(netns: str | None, as_json: bool) -> None:
                    "removing isoebpf's own state of it", err=as_json)
     removed = [what for name in registry.BACKENDS for what in registry.get(name).unload(scope)]
     with scope.locked():  # so that the scope's lock goes with its last file
+        if flowlog.forget(scope):
+            removed.append("flow log")
         scope.clear_failure()
         scope.clear_switch()  # both backends are gone: nothing is left to finish
     if as_json:
@@ -798,9 +801,15 @@ def cluster_status(as_json: bool, **etcd: Any) -> None:
 @click.option("--iface", "ifaces", multiple=True, metavar="GLOB",
               help="Interfaces to enforce on, now and as they appear.")
 @click.option("--netns", metavar="NAME", help="Act on this network namespace's interfaces.")
-@click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on HOST:PORT.")
+@click.option("--metrics", metavar="ADDR",
+              help="Serve Prometheus metrics (/metrics) and the live page (/) on HOST:PORT.")
 @click.option("--repair-interval", type=click.FloatRange(0.1, 3600), default=1.0,
               show_default=True, help="Seconds between drift checks.")
+@click.option("--flow-rate", type=click.IntRange(0, 100000), default=flowlog.DEFAULT_FLOW_RATE, show_default=True,
+              help="Verdicts a second (eBPF: each CPU) sampled into the flow log ('isoebpf flows'); "
+                   "the kernel counts the rest; 0: no flow log.")
+@click.option("--flow-interval", type=click.FloatRange(1, 3600), default=flowlog.BUCKET_SECONDS, show_default=True,
+              help="Seconds of flows per line of the flow log.")
 @force_option
 @on_failure_option
 @etcd_options
@@ -809,8 +818,9 @@ def cluster_status(as_json: bool, **etcd: Any) -> None:
               help="Cluster mode: seconds after its last heartbeat that the node counts as stale.")
 @audit_option
 def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[str, ...],
-          netns: str | None, metrics: str | None, repair_interval: float, force: bool,
-          on_failure: str, node: str | None, lease_ttl: int, audit: bool, **etcd: Any) -> None:
+          netns: str | None, metrics: str | None, repair_interval: float, flow_rate: int,
+          flow_interval: float, force: bool, on_failure: str, node: str | None, lease_ttl: int,
+          audit: bool, **etcd: Any) -> None:
     """Stay running: reload on file change, enforce new interfaces, repair, export metrics.
     With --etcd (no POLICY): the cluster's policy, applied as each version is published,
     this node's status reported in etcd.
@@ -843,6 +853,8 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
             click.echo(f"warning: {forced}; used anyway (--force)", err=True)
         runner = Agent(policy_file, backend_name, ifaces, mode, netns, repair_interval, force=force,
                        on_failure=on_failure, docker=Engine(), audit=audit)
+    if flow_rate:
+        runner.recorder = flowlog.Recorder(Scope(netns), flow_rate, runner.log, flow_interval)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -852,8 +864,10 @@ def agent(policy_file: str | None, backend_name: str, mode: str, ifaces: tuple[s
 
 
 def _serve_metrics(address: str, runner: Any) -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
+    """Prometheus metrics at /metrics, and the live page at / (service/live.py)."""
+    from prometheus_client import CollectorRegistry
 
+    from .service import live
     from .service.metrics import StatusCollector
 
     host, _, port = address.rpartition(":")
@@ -863,7 +877,8 @@ def _serve_metrics(address: str, runner: Any) -> None:
     collectors.register(StatusCollector(lambda: enforcer.status(runner.scope), runner.stats,
                                       lambda: runner.default_action, runner.on_failure))
     try:
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=collectors)
+        live.serve(host or "0.0.0.0", int(port), live.Sources(
+            collectors, lambda: enforcer.status(runner.scope), runner.stats, runner.recorder))
     except OSError as err:
         raise IsoebpfError(f"cannot serve metrics on {address}: {err.strerror}") from err
 
@@ -901,7 +916,7 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
     deadline = time.monotonic() + timeout if timeout else None
     shown = 0
     tracer = registry.get(str(record["backend"])).tracer(scope, rate)
-    with tracer:
+    with flowlog.tracing_turn(scope), tracer:
         click.echo(f"tracing {record['backend']} verdicts in "
                    f"{('namespace ' + netns) if netns else 'this namespace'}", err=True)
         try:
@@ -924,6 +939,105 @@ def trace(netns: str | None, overlays: tuple[str, ...], rules: tuple[str, ...],
             pass
     click.echo(f"{shown} events shown; {tracer.suppressed} verdicts suppressed by the rate "
                f"limit, {tracer.lost} lost (ring full)", err=True)
+
+
+# How long `flows` traces where no agent records and no --listen says.
+FLOWS_LISTEN = 10.0
+
+
+@main.command(name="flows")
+@click.option("--netns", metavar="NAME", help="The flows of this namespace's enforcement.")
+@click.option("--since", metavar="WHEN", help="Only flows seen since: a duration back (30s, 5m, 2h) or an ISO time.")
+@click.option("--overlay", metavar="NAME", help="Only flows from or to this overlay.")
+@click.option("--verdict", type=click.Choice(["allow", "drop", "reject"]), help="Only flows with this verdict.")
+@json_option()
+@click.option("--suggest", is_flag=True,
+              help="Print the policy's allow lines that would admit the denied flows (YAML).")
+@click.option("--plot", "plot_file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Draw packets by verdict over time into FILE (PNG).")
+@click.option("--listen", type=click.FloatRange(0.1, 3600), metavar="SECONDS",
+              help="Trace live for this long rather than read the agent's flow log.")
+@click.option("--rate", type=click.IntRange(1, 100000), default=1000, show_default=True,
+              help="With --listen: events a second (eBPF: each CPU), as trace's --rate.")
+def flows_cmd(netns: str | None, since: str | None, overlay: str | None, verdict: str | None,
+              as_json: bool, suggest: bool, plot_file: str | None, listen: float | None, rate: int) -> None:
+    """Connections by source, destination, port, verdict and rule, from the agent's flow log
+    (or traced live): top talkers, and the denials one more rule would allow.
+
+    Without an agent recording (its --flow-rate), it traces for 10 s itself.
+    Counts are the verdicts the rate limit sampled; status has the exact totals.
+    """
+    scope = Scope(netns)
+    _require_namespace(scope)
+    record = scope.read()
+    overlays = flowlog.Overlays((record or {}).get("overlays", {}))
+    if overlay and overlay not in overlays.names:
+        raise IsoebpfError(f"no overlay {overlay} in the loaded policy "
+                           f"(it has {', '.join(overlays.names) or 'none'})")
+    now = time.time()
+    start = flowlog.parse_since(since, now) if since else 0.0
+    log = flowlog.flow_log(scope)
+    if listen is None and not log.exists():
+        listen = FLOWS_LISTEN
+        click.echo(f"no flow log at {log} (no agent records flows here): tracing for "
+                   f"{listen:g} s", err=True)
+    if listen is not None:
+        buckets = flowlog.listen(scope, listen, rate)
+        source = f"traced for {listen:g} s"
+    else:
+        buckets = flowlog.read(log, start)
+        source = f"the flow log {log}"
+    buckets = flowlog.filtered(buckets, flowlog.Filters(overlay, verdict), overlays)
+    seen = flowlog.merged(buckets)
+    denied = flowlog.denials(seen, overlays)
+    lines = flowlog.suggest(denied) if suggest else []
+    if plot_file:
+        flowlog.plot(buckets, plot_file, f"verdicts in {('namespace ' + netns) if netns else 'this namespace'}")
+    sampled = {"suppressed": sum(b.suppressed for b in buckets), "lost": sum(b.lost for b in buckets),
+               "overflow": sum(b.overflow for b in buckets)}
+    if as_json:
+        _emit({"ok": True, "netns": netns, "source": source, "since": start or None,
+               "flows": [f.as_json() for f in seen],
+               "top_talkers": [{"src": src, "packets": n} for src, n in flowlog.top_talkers(seen)],
+               "denials": [d.as_json() for d in denied], **({"suggest": lines} if suggest else {}),
+               **sampled})
+        return
+    if suggest:
+        if lines:
+            click.echo(f"# under the policy's allow: these admit the {len(denied)} kinds of denied "
+                       f"flows seen in {source}")
+            click.echo("\n".join(lines))
+        else:
+            click.echo("no denied flow that one more rule would allow", err=True)
+        return
+    _say_flows(seen, denied, source, sampled)
+
+
+def _say_flows(seen: list[flowlog.Flow], denied: list[flowlog.Denial], source: str,
+               sampled: dict[str, int]) -> None:
+    def clock(when: float) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(when))
+
+    click.echo(f"{len(seen)} flows from {source}")
+    click.echo(f"  {'source':24} {'destination':24} {'port':10} {'verdict':13} {'rule':14} "
+               f"{'packets':>8}  first     last")
+    for f in seen:
+        shown = f.key.action + (" audit" if f.key.audit else "")
+        click.echo(f"  {f.key.src:24} {f.key.dst:24} {f.service:10} {shown:13} {f.key.rule:14} "
+                   f"{f.packets:>8}  {clock(f.first)}  {clock(f.last)}")
+    click.echo("top talkers:")
+    for src, packets in flowlog.top_talkers(seen):
+        click.echo(f"  {src:24} {packets:>8} packets")
+    click.echo("denials one more rule would allow:" if denied else
+               "denials one more rule would allow: none")
+    for d in denied:
+        click.echo(f"  {d.src_overlay} -> {d.dst_overlay} {d.service}: {d.packets} packets in "
+                   f"{d.flows} flows" + (" (audit: let through)" if d.audit else ""))
+    if denied:
+        click.echo("  ('isoebpf flows --suggest' prints the allow lines)")
+    if any(sampled.values()):
+        click.echo(f"sampled: {sampled['suppressed']} verdicts beyond the rate limit, {sampled['lost']} "
+                   f"lost, {sampled['overflow']} beyond a bucket's flows (status counts them all)")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -35,10 +35,12 @@ fi
 #   busybox-static      the lab's only image: one static binary (sh, nc, httpd, ping) imported
 #                       with `docker import`, so no registry is needed
 #   prometheus          a real server scrapes the agent in the tests, and promtool checks and
-#                       unit-tests deploy/alerts.yaml; Debian's own prometheus service is unused
+#                       unit-tests deploy/isoebpf-alerts.yaml; Debian's own prometheus service is unused
+#   chromium            the live page's test opens it in a real headless browser (Playwright
+#                       drives this one; it never downloads a browser of its own)
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
           iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant
-          graphviz etcd-server etcd-client openssl docker.io busybox-static prometheus)
+          graphviz etcd-server etcd-client openssl docker.io busybox-static prometheus chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

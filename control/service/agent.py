@@ -12,6 +12,7 @@
   every `canary_interval`, so a flush or a foreign ruleset is repaired without
   waiting for the next read-back.
 - Metrics: a Prometheus endpoint reads the backend's status on every scrape.
+- Flows: with a `flows.Recorder`, verdicts are sampled into the scope's flow log.
 - SIGTERM/SIGINT end the agent; enforcement stays in place (`isoebpf unload`
   removes it).
 
@@ -40,6 +41,7 @@ from ..errors import IsoebpfError, PolicyError, UntrustedPolicyError
 from ..ir.compiler import Delta
 from ..ir.tables import IR
 from .docker import DockerError, Engine
+from .flows import Recorder
 
 # (stop, listening) -> (interface, appeared) as interfaces come and go, as links.link_changes yields them.
 LinkEvents = Callable[[threading.Event, threading.Event], Iterator[tuple[str, bool]]]
@@ -88,6 +90,7 @@ class Agent:
     docker: Engine | None = None
     _names_networks: bool = False  # the policy file read last names a Docker network
     _networks_moved: threading.Event = field(default_factory=threading.Event)  # read it again
+    recorder: Recorder | None = None  # the flow log's, run beside the agent (None: no flow log)
 
     def __post_init__(self) -> None:
         # bcc moves the whole process into the kernel headers' directory while it compiles.
@@ -232,6 +235,10 @@ class Agent:
 
     def run(self, stop: threading.Event, link_events: LinkEvents | None = None) -> None:
         self.log("started", policy=self.policy_path, netns=self.netns)
+        recording = None
+        if self.recorder is not None:
+            recording = threading.Thread(target=self.recorder.run, args=(stop,), daemon=True)
+            recording.start()
         if link_events is not None:
             # Listen before the first apply lists the interfaces, so none slips between.
             listening = threading.Event()
@@ -261,6 +268,8 @@ class Agent:
                 except IsoebpfError as err:
                     self.log("repair_failed", error=str(err))
                 next_repair = time.monotonic() + self.repair_interval
+        if recording is not None:
+            recording.join(timeout=5)  # its last bucket written
         self.log("stopped", note="enforcement stays in place; 'isoebpf unload' removes it")
 
     def _follow_links(self, stop: threading.Event, listening: threading.Event,
