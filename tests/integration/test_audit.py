@@ -5,13 +5,16 @@ back) is one atomic update that keeps the connections the policy allows."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from isoebpf import pipeline
 from isoebpf.lab.testbed import Testbed
-from tests.integration.conftest import SEED, Trace, isoebpf, packets_by_rule
+from tests.integration.conftest import SEED, AgentProcess, Trace, isoebpf, packets_by_rule
 from tests.scenarios import IT_HR_TRIES, expected_outcome
 
 pytestmark = pytest.mark.integration
@@ -75,3 +78,32 @@ def test_switching_to_enforce_and_back_is_atomic_and_keeps_allowed_connections(
     finally:
         allowed.close()
         audited.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_auditing_agent_logs_would_be_denials_as_audit(testbed: Testbed, tmp_path: Path,
+                                                          backend: str) -> None:
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(SEED, policy)
+    isoebpf("unload", "--netns", testbed.router)
+    running = AgentProcess(policy, testbed.router, "--audit", "--backend", backend, "--iface", "v-*",
+                           "--flow-interval", "1")
+    try:
+        running.wait_for("applied", timeout=120)
+        if not any(e["event"] == "flows_recording" for e in running.events):
+            running.wait_for("flows_recording")
+        log = Path("/run/isoebpf") / f"netns-{testbed.router}" / "flows.jsonl"
+        deadline = time.monotonic() + 10
+        # Tried again until logged: the recorder's reader may still be starting.
+        while b"192.168.2.20" not in (log.read_bytes() if log.exists() else b""):
+            assert testbed.probe("it1", "tcp", "hr2", 22, timeout=1.0)["outcome"] == "connected"
+            assert time.monotonic() < deadline, running.events
+            time.sleep(0.5)
+        shown = json.loads(isoebpf("flows", "--netns", testbed.router, "--json").stdout)
+        found = [f for f in shown["flows"] if (f["src"], f["dst"], f["port"]) == ("10.250.1.10", "192.168.2.20", 22)]
+        assert [(f["action"], f["rule"], f["audit"]) for f in found] == [("reject", "default", True)]
+        suggested = isoebpf("flows", "--netns", testbed.router, "--suggest").stdout
+        assert "- {from: it, to: hr, ports: [tcp/22]}" in suggested.splitlines()
+    finally:
+        running.stop()
+        isoebpf("unload", "--netns", testbed.router)
