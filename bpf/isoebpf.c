@@ -25,7 +25,7 @@
 #include "route.h"
 #include "stats.h"
 
-/* Headers a TC parse may need linear: Ethernet, VLAN, IPv6 and extensions, a quote. */
+/* Headers a TC parse may need linear: Ethernet, VLAN tags, IPv6 and extensions, a quote. */
 #define TC_PARSE_BYTES 256
 
 int xdp_isoebpf(struct xdp_md *ctx)

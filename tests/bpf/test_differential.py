@@ -46,9 +46,11 @@ from tests.packets import (
     IPPROTO_DSTOPTS,
     IPPROTO_HOPOPTS,
     IPPROTO_ROUTING,
+    VLAN_TPIDS,
     Wire,
     build,
     build_other,
+    vlan_tags,
 )
 from tests.policygen import GeneratedPolicy, random_address, random_first_packet, random_policy
 
@@ -93,7 +95,10 @@ class Episode:
             choices = (IPPROTO_HOPOPTS, IPPROTO_DSTOPTS, IPPROTO_ROUTING)
             ext = tuple(rng.choice(choices) for _ in range(rng.choice([1, 2, 3, 9])))
         payload_len = rng.choice([0, 0, 1, 3, 17, 64]) if rng.random() < 0.9 else rng.randint(500, 1400)
-        return Wire(vlan=rng.randrange(4096) if rng.random() < 0.1 else None, ip_options=options,
+        tags: tuple[tuple[int, int], ...] = ()
+        if rng.random() < 0.1:  # one VLAN tag or two (QinQ), of either kind
+            tags = tuple((rng.choice(VLAN_TPIDS), rng.randrange(65536)) for _ in range(rng.choice([1, 2])))
+        return Wire(tags=tags, ip_options=options,
                     ext_headers=ext, seq=rng.getrandbits(32), ack=rng.getrandbits(32),
                     payload=rng.randbytes(payload_len), ttl=rng.choice([1, 64, 255]))
 
@@ -186,7 +191,7 @@ class Episode:
         rng = self.rng
         pkt = self.known()
         frame = bytearray(build(pkt, self.wire(pkt)))
-        at = 18 if frame[12:14] == b"\x81\x00" else 14
+        at = 14 + 4 * len(vlan_tags(frame))
         if pkt.src.version == 4:
             damage = rng.choice(["ihl", "version", "total"])
             if damage == "ihl":
