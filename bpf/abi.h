@@ -202,11 +202,13 @@ struct counter {
 /*
  * Per-CPU token bucket of events; tokens are counted in billionths.
  * `suppressed`: verdicts not sent while tracing because the bucket was empty.
+ * `lost`: events the bucket allowed that found the ring buffer full.
  */
 struct token_bucket {
 	__u64 refilled_ns;
 	__u64 nanotokens;
 	__u64 suppressed;
+	__u64 lost;
 };
 
 /* One verdict, as `isoebpf trace` shows it. Ports as in flow_key. */

@@ -154,7 +154,7 @@ class Counter(ctypes.Structure):
 
 
 class TokenBucket(ctypes.Structure):
-    _fields_ = [("refilled_ns", _u64), ("nanotokens", _u64), ("suppressed", _u64)]
+    _fields_ = [("refilled_ns", _u64), ("nanotokens", _u64), ("suppressed", _u64), ("lost", _u64)]
 
 
 class VerdictEvent(ctypes.Structure):
