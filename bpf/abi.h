@@ -20,18 +20,20 @@
  * verdict reasons of counters and events: never renumber one, only add.
  * Policy rules (exceptions, hairpins, allow rules) start at FIRST_POLICY_RULE.
  */
-#define RULE_UNFILTERED   0 /* source or destination in no overlay, or not IP */
+#define RULE_UNFILTERED   0 /* source or destination in no overlay, or not IP (by its ethertype) */
 #define RULE_ESTABLISHED  1 /* a tracked connection, or an ICMP error about one */
 #define RULE_DEFAULT      2 /* no exception, hairpin or allow rule matched */
 #define RULE_FRAGMENT     3 /* a later fragment whose first fragment was not seen */
 /*
- * A filtered packet whose transport header is cut short; and also any IP
- * packet whose IP header cannot be read (IPv4: shorter than 20 bytes or than
- * its IHL, IHL < 5, total length below the header length, version not 4;
- * IPv6: shorter than 40 bytes, version not 6, an extension header cut short,
- * or more than IPV6_MAX_EXT_HEADERS of them). Without its addresses such a
- * packet cannot be shown to be outside the overlays, so it is dropped rather
- * than let through unjudged (the kernel's own IP input would drop it as well).
+ * A filtered packet whose transport header is cut short; any IP packet whose
+ * IP header cannot be read (IPv4: shorter than 20 bytes or than its IHL,
+ * IHL < 5, total length below the header length, version not 4; IPv6:
+ * shorter than 40 bytes, version not 6, an extension header cut short, or
+ * more than IPV6_MAX_EXT_HEADERS of them); and any frame whose link header
+ * cannot be read (shorter than Ethernet, a VLAN tag cut short, more than
+ * VLAN_MAX_TAGS tags). Without its addresses such a packet cannot be shown to
+ * be outside the overlays, so it is dropped rather than let through unjudged
+ * (the kernel's own input would drop most of them as well).
  */
 #define RULE_MALFORMED    4
 #define FIRST_POLICY_RULE 16
@@ -53,6 +55,9 @@
 
 /* Extension headers an IPv6 packet may carry before its transport header. */
 #define IPV6_MAX_EXT_HEADERS 8
+
+/* VLAN tags (802.1Q or 802.1ad) a frame may carry before its ethertype: QinQ. */
+#define VLAN_MAX_TAGS 2
 
 /*
  * REJECT replies: an ICMP error quotes as much of the offending packet as
@@ -197,11 +202,13 @@ struct counter {
 /*
  * Per-CPU token bucket of events; tokens are counted in billionths.
  * `suppressed`: verdicts not sent while tracing because the bucket was empty.
+ * `lost`: events the bucket allowed that found the ring buffer full.
  */
 struct token_bucket {
 	__u64 refilled_ns;
 	__u64 nanotokens;
 	__u64 suppressed;
+	__u64 lost;
 };
 
 /* One verdict, as `isoebpf trace` shows it. Ports as in flow_key. */

@@ -25,7 +25,7 @@
 #include "route.h"
 #include "stats.h"
 
-/* Headers a TC parse may need linear: Ethernet, VLAN, IPv6 and extensions, a quote. */
+/* Headers a TC parse may need linear: Ethernet, VLAN tags, IPv6 and extensions, a quote. */
 #define TC_PARSE_BYTES 256
 
 int xdp_isoebpf(struct xdp_md *ctx)
@@ -47,7 +47,7 @@ int xdp_isoebpf(struct xdp_md *ctx)
 		ret = XDP_TX;
 	else
 		ret = XDP_DROP;
-	record_verdict(ctx, ctx->ingress_ifindex, frame_len, &pkt, &v, now);
+	record_verdict(ctx->ingress_ifindex, frame_len, &pkt, &v, now);
 	return ret;
 }
 
@@ -95,7 +95,7 @@ static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 		ret = bpf_redirect(skb->ifindex, 0);
 	else
 		ret = TC_ACT_SHOT;
-	record_verdict(skb, skb->ifindex, skb_len, pkt, &v, now);
+	record_verdict(skb->ifindex, skb_len, pkt, &v, now);
 	if (forward)
 		forwarders.call(skb, FORWARDER); /* returns only if the forwarder is missing */
 	return ret;

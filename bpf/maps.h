@@ -37,6 +37,9 @@
 #ifndef ISOEBPF_MAX_FRAGMENTS
 #define ISOEBPF_MAX_FRAGMENTS 8192
 #endif
+#ifndef ISOEBPF_EVENT_RING_PAGES
+#define ISOEBPF_EVENT_RING_PAGES 256
+#endif
 
 /*
  * The active generation, at index 0. Written by program.activate (one word,
@@ -135,10 +138,15 @@ BPF_TABLE("lru_hash", struct fragment_key, struct fragment_verdict, fragments,
 BPF_PERCPU_ARRAY(counters, struct counter, ISOEBPF_MAX_RULES);
 
 /*
- * Verdict events for `isoebpf trace`, one perf ring per CPU (bcc sizes it to
- * the CPUs). Read by the trace command; nothing is sent unless it asks.
+ * Verdict events for `isoebpf trace`: one BPF ring buffer (kernel 5.8) that
+ * every CPU writes, in ISOEBPF_EVENT_RING_PAGES pages (a power of two). Read
+ * by the trace command through libbpf (control/backends/ebpf/ringbuf.py);
+ * nothing is sent unless it asks (event_rate), and an event that finds no
+ * room is counted in event_tokens' `lost`. Size: 1 MiB holds 16,384 events
+ * of 64 bytes (with the ring's own header), a second of the default rate
+ * (1000 a second per CPU) on 16 CPUs should the reader stall that long.
  */
-BPF_PERF_OUTPUT(events);
+BPF_RINGBUF_OUTPUT(events, ISOEBPF_EVENT_RING_PAGES);
 
 /*
  * Events per second each CPU may send, index 0; 0 (the default) sends none.
@@ -146,7 +154,11 @@ BPF_PERF_OUTPUT(events);
  */
 BPF_ARRAY(event_rate, __u32, 1);
 
-/* Each CPU's token bucket for events. The program's own state. */
+/*
+ * Each CPU's token bucket for events, and what became of the verdicts it did
+ * not send (suppressed, lost). Written by the program; read by the trace
+ * command, which sums the CPUs.
+ */
 BPF_PERCPU_ARRAY(event_tokens, struct token_bucket, 1);
 
 /*

@@ -22,9 +22,9 @@
 #include "abi.h"
 
 /* What parse_frame found. */
-#define FRAME_NOT_IP    0 /* not IPv4/IPv6 (after at most one VLAN tag), or shorter than Ethernet */
+#define FRAME_NOT_IP    0 /* an ethertype other than IPv4/IPv6, after at most VLAN_MAX_TAGS tags */
 #define FRAME_IP        1
-#define FRAME_MALFORMED 2 /* an IP header that cannot be read: see RULE_MALFORMED */
+#define FRAME_MALFORMED 2 /* a link or IP header that cannot be read: see RULE_MALFORMED */
 
 /* IPv4 frag_off bits (include/net/ip.h is not UAPI). */
 #define IPV4_MORE_FRAGMENTS 0x2000
@@ -45,25 +45,28 @@
 #define TCP_FLAGS_RST 0x04
 #define TCP_FLAGS_ACK 0x10
 
-/*
- * Above every offset of an IP header (Ethernet and a VLAN tag) and of a
- * transport header (then IPv6 and IPV6_MAX_EXT_HEADERS extension headers of
- * at most 2 KiB): masks for the verifier (parse_frame).
- */
-#define L3_OFF_MASK 0x1f
-#define L4_OFF_MASK 0x7fff
-_Static_assert(ETH_HLEN + 4 <= L3_OFF_MASK, "L3_OFF_MASK must not change an offset");
-_Static_assert(ETH_HLEN + 4 + 40 + IPV6_MAX_EXT_HEADERS * 2048 <= L4_OFF_MASK,
-	       "L4_OFF_MASK must not change an offset");
-
-/* Transport bytes a quoted packet must carry: RFC 792's "64 bits of data". */
-#define QUOTED_TRANSPORT_BYTES 8
-
 /* An 802.1Q/802.1ad tag (include/linux/if_vlan.h is not UAPI). */
 struct vlan_tag {
 	__be16 tci;
 	__be16 encapsulated_proto;
 };
+
+/* The longest link header parse_ethernet() reads: Ethernet and VLAN_MAX_TAGS tags. */
+#define LINK_HEADER_MAX (ETH_HLEN + VLAN_MAX_TAGS * sizeof(struct vlan_tag))
+
+/*
+ * Above every offset of an IP header (LINK_HEADER_MAX) and of a transport
+ * header (then IPv6 and IPV6_MAX_EXT_HEADERS extension headers of at most
+ * 2 KiB): masks for the verifier (parse_frame).
+ */
+#define L3_OFF_MASK 0x1f
+#define L4_OFF_MASK 0x7fff
+_Static_assert(LINK_HEADER_MAX <= L3_OFF_MASK, "L3_OFF_MASK must not change an offset");
+_Static_assert(LINK_HEADER_MAX + 40 + IPV6_MAX_EXT_HEADERS * 2048 <= L4_OFF_MASK,
+	       "L4_OFF_MASK must not change an offset");
+
+/* Transport bytes a quoted packet must carry: RFC 792's "64 bits of data". */
+#define QUOTED_TRANSPORT_BYTES 8
 
 /* The IPv6 fragment header (RFC 8200 4.5; include/net/ipv6.h is not UAPI). */
 struct ipv6_fragment_hdr {
@@ -103,8 +106,9 @@ struct packet {
 	__u8 icmp_code;
 	__u8 link_multicast; /* sent to an Ethernet group address (broadcast included) */
 	/*
-	 * Where the IP header starts: 14 or 18. A u8, so that the verifier
-	 * knows every pointer computed from it stays far below 64 KiB.
+	 * Where the IP header starts: 14, 18 or 22 (no, one or two VLAN tags).
+	 * A u8, so that the verifier knows every pointer computed from it stays
+	 * far below 64 KiB.
 	 */
 	__u8 l3_off;
 	__u8 pad;
@@ -153,25 +157,41 @@ static __always_inline int is_icmp_echo(__u8 proto, __u8 type)
 	return type == ICMPV6_ECHO_REQUEST_TYPE || type == ICMPV6_ECHO_REPLY_TYPE;
 }
 
-/* Ethernet and at most one VLAN tag; returns the ethertype (host order) or -1. */
+static __always_inline int is_vlan_tag(__u16 ethertype)
+{
+	return ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD;
+}
+
+/*
+ * Ethernet and up to VLAN_MAX_TAGS VLAN tags, 802.1Q or 802.1ad in any order
+ * (the kernel stacks VLAN devices either way, and strips the tags on the
+ * way to an address behind them). Returns the ethertype (host order), or -1
+ * for a link header that cannot be read: cut short, or with a tag beyond
+ * VLAN_MAX_TAGS, whose payload may as well be IP for an overlay.
+ */
 static __always_inline int parse_ethernet(struct cursor *c, struct packet *pkt)
 {
 	struct ethhdr *eth = c->pos;
 	struct vlan_tag *tag;
 	__u16 type;
+	int i;
 
 	if ((void *)(eth + 1) > c->end)
 		return -1;
 	c->pos = eth + 1;
 	pkt->link_multicast = eth->h_dest[0] & 1;
 	type = bpf_ntohs(eth->h_proto);
-	if (type != ETH_P_8021Q && type != ETH_P_8021AD)
-		return type;
-	tag = c->pos;
-	if ((void *)(tag + 1) > c->end)
-		return -1;
-	c->pos = tag + 1;
-	return bpf_ntohs(tag->encapsulated_proto);
+#pragma unroll
+	for (i = 0; i < VLAN_MAX_TAGS; i++) {
+		if (!is_vlan_tag(type))
+			return type;
+		tag = c->pos;
+		if ((void *)(tag + 1) > c->end)
+			return -1;
+		c->pos = tag + 1;
+		type = bpf_ntohs(tag->encapsulated_proto);
+	}
+	return is_vlan_tag(type) ? -1 : type;
 }
 
 /* Returns the IP protocol, or -1 for a header that cannot be read. */
@@ -355,7 +375,7 @@ static __always_inline void parse_transport(struct cursor *c, struct packet *pkt
 
 /*
  * After the link header and after the IP header, the cursor goes on from its
- * offset, masked. Each way through a parser (VLAN tag or not, each number of
+ * offset, masked. Each way through a parser (each number of VLAN tags and of
  * IPv6 extension headers) left it differently bounded, and the verifier
  * carried every one through the rest of the program: the 6.1 verifier gave
  * up on the TC program (E2BIG). From a masked offset they look alike. The
@@ -367,6 +387,8 @@ static __always_inline int parse_frame(void *data, void *data_end, struct packet
 	int ethertype = parse_ethernet(&c, pkt);
 	int proto;
 
+	if (ethertype < 0)
+		return FRAME_MALFORMED;
 	if (ethertype != ETH_P_IP && ethertype != ETH_P_IPV6)
 		return FRAME_NOT_IP;
 	pkt->l3_off = c.pos - data;

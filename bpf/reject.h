@@ -11,7 +11,7 @@
  * offending packet as fits in REPLY_MAX_IPV4 / REPLY_MAX_IPV6 bytes.
  *
  * The reply comes from the packet's original destination, swaps the MAC
- * addresses, keeps the VLAN tag, and leaves with REPLY_HOP_LIMIT.
+ * addresses, keeps the VLAN tags (both of a QinQ frame), and leaves with REPLY_HOP_LIMIT.
  *
  * The frame is resized by the entry point (XDP and TC move packets with
  * different helpers), then reply_write() fills it in.
@@ -30,7 +30,6 @@
 #define TCP_RESET_LEN                20 /* a header without options */
 #define IPV4_REPLY_HEADER_LEN        20 /* no options */
 #define IPV6_REPLY_HEADER_LEN        40
-#define LINK_HEADER_MAX              18 /* Ethernet and one VLAN tag */
 
 /*
  * bpf_csum_diff() sums at most 512 bytes per call, in multiples of 4: the
@@ -317,8 +316,9 @@ static __always_inline int reply_write(void *data, void *data_end, const struct 
 	if ((void *)(old + LINK_HEADER_MAX) > data_end)
 		return -1;
 	/*
-	 * Copy 18 bytes whether or not there is a tag: without one, the last 4
-	 * are the start of the IP header, which write_ip_header() overwrites.
+	 * Copy LINK_HEADER_MAX bytes however many tags there are: past the last
+	 * tag they are the start of the IP header, which write_ip_header()
+	 * overwrites (it is longer than the two tags a frame may lack).
 	 */
 	__builtin_memcpy(link, old, LINK_HEADER_MAX);
 	__builtin_memcpy(mac, link, ETH_ALEN);

@@ -3,7 +3,8 @@
  * What every verdict leaves behind: a per-rule counter, and, when the trace
  * command asks for them, an event, at most event_rate[0] per second per CPU
  * so that tracing cannot slow the datapath down; the verdicts beyond the rate
- * are counted (token_bucket.suppressed), not sent.
+ * are counted (token_bucket.suppressed), not sent, and so are the events the
+ * ring buffer has no room for (token_bucket.lost).
  */
 #ifndef ISOEBPF_STATS_H
 #define ISOEBPF_STATS_H
@@ -33,8 +34,9 @@ static __always_inline void count_verdict(const struct verdict *v, __u64 bytes)
 /*
  * A token bucket of `rate` tokens per second holding at most one second's
  * worth, kept in billionths of a token so that refilling needs no division.
+ * Returns the CPU's bucket when it allows an event, else NULL.
  */
-static __always_inline int event_budget_allows(__u64 now)
+static __always_inline struct token_bucket *event_budget_allows(__u64 now)
 {
 	struct token_bucket *bucket;
 	__u32 *rate;
@@ -44,10 +46,10 @@ static __always_inline int event_budget_allows(__u64 now)
 
 	rate = event_rate.lookup(&index);
 	if (!rate || !*rate)
-		return 0;
+		return NULL;
 	bucket = event_tokens.lookup(&index);
 	if (!bucket)
-		return 0;
+		return NULL;
 	full = *rate * ONE_SECOND_NS;
 	elapsed = now > bucket->refilled_ns ? now - bucket->refilled_ns : 0;
 	/* Capped, so that elapsed * rate cannot overflow 64 bits. */
@@ -59,42 +61,55 @@ static __always_inline int event_budget_allows(__u64 now)
 	bucket->refilled_ns = now;
 	if (bucket->nanotokens < ONE_SECOND_NS) {
 		bucket->suppressed++;
-		return 0;
+		return NULL;
 	}
 	bucket->nanotokens -= ONE_SECOND_NS;
-	return 1;
+	return bucket;
 }
 
-static __always_inline void emit_event(void *ctx, __u32 ifindex, const struct packet *pkt,
+/*
+ * The event is written in place in the ring (reserve, fill, submit): no copy,
+ * and no room on the stack, which the TC program has little of. A reserve
+ * fails only when the ring is full (the reader is behind): counted as lost.
+ */
+static __always_inline void emit_event(__u32 ifindex, const struct packet *pkt,
 				       const struct verdict *v, __u64 now)
 {
-	struct verdict_event event = { .timestamp_ns = now,
-				       .ifindex = ifindex,
-				       .rule = v->rule,
-				       .family = pkt->family,
-				       .proto = pkt->proto,
-				       .action = v->action,
-				       .audit = v->action != ACTION_ALLOW && v->audit };
+	struct token_bucket *bucket = event_budget_allows(now);
+	struct verdict_event *event;
 	struct flow_key flow = {};
 
-	if (!event_budget_allows(now))
+	if (!bucket)
 		return;
-	if (pkt->family && flow_key_of(pkt, &flow)) {
-		event.sport = flow.sport;
-		event.dport = flow.dport;
+	event = events.ringbuf_reserve(sizeof(*event));
+	if (!event) {
+		bucket->lost++; /* per-CPU: no other CPU writes this bucket */
+		return;
 	}
-	__builtin_memcpy(event.src, pkt->src, 16);
-	__builtin_memcpy(event.dst, pkt->dst, 16);
-	events.perf_submit(ctx, &event, sizeof(event));
+	event->timestamp_ns = now;
+	event->ifindex = ifindex;
+	event->rule = v->rule;
+	event->family = pkt->family;
+	event->proto = pkt->proto;
+	event->action = v->action;
+	event->audit = v->action != ACTION_ALLOW && v->audit;
+	event->sport = 0;
+	event->dport = 0;
+	if (pkt->family && flow_key_of(pkt, &flow)) {
+		event->sport = flow.sport;
+		event->dport = flow.dport;
+	}
+	__builtin_memcpy(event->src, pkt->src, 16);
+	__builtin_memcpy(event->dst, pkt->dst, 16);
+	events.ringbuf_submit(event, 0);
 }
 
 /* The one exit of both programs: count the verdict, and trace it if asked. */
-static __always_inline void record_verdict(void *ctx, __u32 ifindex, __u64 bytes,
-					   const struct packet *pkt, const struct verdict *v,
-					   __u64 now)
+static __always_inline void record_verdict(__u32 ifindex, __u64 bytes, const struct packet *pkt,
+					   const struct verdict *v, __u64 now)
 {
 	count_verdict(v, bytes);
-	emit_event(ctx, ifindex, pkt, v, now);
+	emit_event(ifindex, pkt, v, now);
 }
 
 #endif /* ISOEBPF_STATS_H */

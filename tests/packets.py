@@ -2,7 +2,7 @@
 
 `build` turns a `Packet` into the bytes a wire would carry (IPv4 with options
 and fragments, IPv6 with extension headers, TCP/UDP/ICMP/ICMPv6, ICMP errors
-quoting a packet, one VLAN tag, truncation). `parse` reads a frame by the
+quoting a packet, VLAN tags, truncation). `parse` reads a frame by the
 datapath's rules (bpf/parse.h) and says which `Packet` the reference evaluator
 must be given for it; that is how a frame's expected verdict is known.
 `parse_reply` reads a REJECT answer back for checking. Pure Python (struct).
@@ -17,7 +17,7 @@ from typing import Any
 
 import netaddr
 
-from isoebpf.backends.ebpf.abi import IPV6_MAX_EXT_HEADERS
+from isoebpf.backends.ebpf.abi import IPV6_MAX_EXT_HEADERS, VLAN_MAX_TAGS
 from isoebpf.ir.evaluate import ICMP_ERRORS, IPPROTO_ICMPV6, Packet
 from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
@@ -26,6 +26,7 @@ ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 ETH_P_ARP = 0x0806
+VLAN_TPIDS = (ETH_P_8021Q, ETH_P_8021AD)  # the ethertypes that announce a VLAN tag
 
 IPPROTO_HOPOPTS = 0
 IPPROTO_ROUTING = 43
@@ -60,7 +61,7 @@ def _pseudo_header(src: netaddr.IPAddress, dst: netaddr.IPAddress, proto: int, l
 class Wire:
     """What a frame carries beyond the `Packet` the classifier reads."""
 
-    vlan: int | None = None  # 802.1Q TCI
+    tags: Sequence[tuple[int, int]] = ()  # VLAN tags before the ethertype, outermost first: (TPID, TCI)
     src_mac: bytes = CLIENT_MAC
     dst_mac: bytes = SERVER_MAC
     ip_options: bytes = b""  # IPv4 options, padded to 4 bytes
@@ -131,20 +132,29 @@ def ip_packet(pkt: Packet, wire: Wire = PLAIN) -> bytes:
     return header + extensions + l4
 
 
+def _frame(ethertype: int, payload: bytes, wire: Wire) -> bytes:
+    tags = b"".join(struct.pack("!HH", tpid, tci) for tpid, tci in wire.tags)
+    frame = wire.dst_mac + wire.src_mac + tags + struct.pack("!H", ethertype) + payload
+    return frame[: wire.cut] if wire.cut is not None else frame
+
+
 def build(pkt: Packet, wire: Wire = PLAIN) -> bytes:
     """The Ethernet frame carrying pkt."""
-    ethertype = ETH_P_IP if pkt.src.version == 4 else ETH_P_IPV6
-    link = wire.dst_mac + wire.src_mac
-    if wire.vlan is not None:
-        link += struct.pack("!HH", ETH_P_8021Q, wire.vlan)
-    frame = link + struct.pack("!H", ethertype) + ip_packet(pkt, wire)
-    return frame[: wire.cut] if wire.cut is not None else frame
+    return _frame(ETH_P_IP if pkt.src.version == 4 else ETH_P_IPV6, ip_packet(pkt, wire), wire)
 
 
 def build_other(ethertype: int, payload: bytes = bytes(46), wire: Wire = PLAIN) -> bytes:
     """A frame that is not IP (ARP and the like)."""
-    frame = wire.dst_mac + wire.src_mac + struct.pack("!H", ethertype) + payload
-    return frame[: wire.cut] if wire.cut is not None else frame
+    return _frame(ethertype, payload, wire)
+
+
+def vlan_tags(frame: bytes) -> tuple[tuple[int, int], ...]:
+    """The (TPID, TCI) of every VLAN tag a frame leads with, however many, as far as it holds them."""
+    tags, at = [], 12
+    while len(frame) >= at + 6 and struct.unpack("!H", frame[at : at + 2])[0] in VLAN_TPIDS:
+        tags.append(struct.unpack("!HH", frame[at : at + 4]))
+        at += 4
+    return tuple(tags)
 
 
 # -- reading frames as the datapath does ----------------------------------------
@@ -193,14 +203,17 @@ def _quoted(data: bytes, version: int) -> Packet | None:
 
 
 def parse(frame: bytes) -> Parsed:
+    """A link header that cannot be read (cut short, more than VLAN_MAX_TAGS tags) is
+    malformed; an ethertype other than IPv4/IPv6 after the tags is not IP."""
     if len(frame) < 14:
-        return Parsed("not-ip")
+        return Parsed("malformed")
     multicast = bool(frame[0] & 1)
     ethertype, at = struct.unpack("!H", frame[12:14])[0], 14
-    if ethertype in (ETH_P_8021Q, ETH_P_8021AD):
-        if len(frame) < 18:
-            return Parsed("not-ip")
-        ethertype, at = struct.unpack("!H", frame[16:18])[0], 18
+    tags = 0
+    while ethertype in VLAN_TPIDS:
+        if tags == VLAN_MAX_TAGS or len(frame) < at + 4:
+            return Parsed("malformed")
+        ethertype, at, tags = struct.unpack("!H", frame[at + 2 : at + 4])[0], at + 4, tags + 1
     if ethertype not in (ETH_P_IP, ETH_P_IPV6):
         return Parsed("not-ip")
     l3 = at
@@ -292,7 +305,7 @@ class Reply:
 
     src_mac: bytes
     dst_mac: bytes
-    vlan: int | None
+    tags: tuple[tuple[int, int], ...]  # VLAN tags, outermost first: (TPID, TCI)
     src: netaddr.IPAddress
     dst: netaddr.IPAddress
     ttl: int
@@ -307,11 +320,9 @@ class Reply:
 
 def parse_reply(frame: bytes) -> Reply:
     dst_mac, src_mac = frame[:6], frame[6:12]
-    ethertype, at = struct.unpack("!H", frame[12:14])[0], 14
-    vlan = None
-    if ethertype == ETH_P_8021Q:
-        vlan, ethertype = struct.unpack("!HH", frame[14:18])
-        at = 18
+    tags = vlan_tags(frame)
+    at = 14 + 4 * len(tags)
+    ethertype = struct.unpack("!H", frame[at - 2 : at])[0]
     data = frame[at:]
     notes: list[str] = []
     if ethertype == ETH_P_IP:
@@ -333,7 +344,7 @@ def parse_reply(frame: bytes) -> Reply:
     if len(data) != total:
         notes.append(f"frame carries {len(data)} IP bytes, header says {total}")
         ok = False
-    reply = Reply(src_mac, dst_mac, vlan, src, dst, ttl, proto, total, ok, notes=notes)
+    reply = Reply(src_mac, dst_mac, tags, src, dst, ttl, proto, total, ok, notes=notes)
     if proto == PROTO_TCP:
         sport, dport, seq, ack, _, flags = struct.unpack("!HHIIBB", body[:14])
         good = checksum(pseudo + body) == 0

@@ -17,18 +17,15 @@ from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_S
 from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.packets import (
     BROADCAST_MAC,
-    CLIENT_MAC,
+    ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_ARP,
-    ETH_P_IP,
     IPPROTO_DSTOPTS,
     IPPROTO_HOPOPTS,
     PLAIN,
-    SERVER_MAC,
     Wire,
     build,
     build_other,
-    ip_packet,
 )
 
 GRE = 47
@@ -121,10 +118,15 @@ class Case:
     fragment_timeout: float | None = None
 
 
-def qinq(pkt: Packet) -> bytes:
-    """pkt behind two 802.1Q tags."""
-    tags = (ETH_P_8021Q.to_bytes(2, "big") + (10).to_bytes(2, "big")) * 2
-    return SERVER_MAC + CLIENT_MAC + tags + ETH_P_IP.to_bytes(2, "big") + ip_packet(pkt)
+def tagged(*tpids: int, **more: object) -> Wire:
+    """A wire whose frames carry one VLAN tag per TPID, outermost first (VIDs 10, 20, ...)."""
+    return Wire(tags=tuple((tpid, 10 * (i + 1)) for i, tpid in enumerate(tpids)), **more)  # type: ignore[arg-type]
+
+
+# QinQ as 802.1ad means it (a service tag, then a customer tag), and as older switches stack it.
+QINQ = tagged(ETH_P_8021AD, ETH_P_8021Q)
+QINQ_OLD = tagged(ETH_P_8021Q, ETH_P_8021Q)
+THREE_TAGS = tagged(ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q)
 
 
 def step(pkt: Packet, verdict: str, rule: str, wire: Wire = PLAIN, **more: object) -> Step:
@@ -142,8 +144,25 @@ LATER_FRAGMENT = replace(FIRST_FRAGMENT, sport=0, dport=0, frag_offset=185, more
 CASES: tuple[Case, ...] = (
     Case("arp", "not IP: passes untouched", (
         Step(build_other(ETH_P_ARP), "pass", "unfiltered"),)),
-    Case("qinq", "two VLAN tags: only one is parsed, so this is not IP to us", (
-        Step(qinq(SYN_22), "pass", "unfiltered"),)),
+    Case("qinq", "two VLAN tags, either kind in either place, are parsed; the answer keeps both", (
+        step(SYN_80, "pass", "allow:0", QINQ),
+        step(reverse(SYN_80), "pass", "established", QINQ_OLD),
+        step(SYN_22, "tx", "default", QINQ),
+        step(udp(HR, IT, 53), "tx", "default", QINQ_OLD),
+        step(udp(HR6, IT6, 53), "tx", "default", tagged(ETH_P_8021AD, ETH_P_8021AD)),
+        step(tcp(HR6, IT6, 22), "tx", "default", tagged(ETH_P_8021Q, ETH_P_8021AD)),
+        step(echo(IT, LAB), "pass", "allow:2", QINQ),
+        step(tcp(OUTSIDE, IT, 22), "pass", "unfiltered", QINQ),
+        Step(build_other(ETH_P_ARP, wire=QINQ), "pass", "unfiltered"),)),
+    Case("unreadable-link-header", "tags, or the IP header behind them, that cannot be read: malformed", (
+        step(SYN_80, "drop", "malformed", THREE_TAGS),
+        step(tcp(OUTSIDE, IT, 22), "drop", "malformed", THREE_TAGS),
+        Step(build_other(ETH_P_ARP, wire=THREE_TAGS), "drop", "malformed"),
+        step(SYN_80, "drop", "malformed", tagged(ETH_P_8021Q, cut=14)),
+        step(SYN_80, "drop", "malformed", tagged(ETH_P_8021AD, cut=17)),
+        step(SYN_80, "drop", "malformed", tagged(ETH_P_8021AD, ETH_P_8021Q, cut=20)),
+        step(udp(HR6, IT6, 53), "drop", "malformed", tagged(ETH_P_8021Q, cut=18 + 30)),
+        step(udp(HR6, IT6, 53), "drop", "malformed", tagged(ETH_P_8021AD, ETH_P_8021Q, cut=22 + 30)),)),
     Case("neighbour-discovery", "ICMPv6 neighbour solicitation between overlays: unfiltered", (
         step(Packet(HR6, IT6, IPPROTO_ICMPV6, icmp_type=135), "pass", "unfiltered"),
         step(Packet(IT6, HR6, IPPROTO_ICMPV6, icmp_type=136), "pass", "unfiltered"),
@@ -201,10 +220,12 @@ CASES: tuple[Case, ...] = (
         step(tcp(HR6, IT6, 80), "pass", "allow:0", Wire(ext_headers=(IPPROTO_HOPOPTS, IPPROTO_DSTOPTS))),
         step(tcp(HR6, IT6, 22, sport=40001), "tx", "default", Wire(ext_headers=(IPPROTO_HOPOPTS,))),
         step(tcp(HR6, IT6, 80, sport=40002), "drop", "malformed", Wire(ext_headers=(IPPROTO_DSTOPTS,) * 9)),)),
-    Case("vlan", "one VLAN tag is parsed; the answer keeps it", (
-        step(SYN_80, "pass", "allow:0", Wire(vlan=42)),
-        step(SYN_22, "tx", "default", Wire(vlan=42)),
-        step(udp(HR, IT, 53), "tx", "default", Wire(vlan=42)),)),
+    Case("vlan", "one VLAN tag, 802.1Q or 802.1ad, is parsed; the answer keeps it", (
+        step(SYN_80, "pass", "allow:0", tagged(ETH_P_8021Q)),
+        step(SYN_22, "tx", "default", tagged(ETH_P_8021Q)),
+        step(udp(HR, IT, 53), "tx", "default", tagged(ETH_P_8021Q)),
+        step(tcp(HR, IT, 22, sport=40001), "tx", "default", tagged(ETH_P_8021AD)),
+        step(udp(HR6, IT6, 53), "tx", "default", tagged(ETH_P_8021AD, payload=bytes(range(256)) * 6)),)),
     Case("ipv4-options", "IPv4 options are skipped; an ICMP answer quotes them", (
         step(SYN_80, "pass", "allow:0", Wire(ip_options=b"\x94\x04\x00\x00" * 3)),
         step(udp(HR, IT, 53), "tx", "default", Wire(ip_options=b"\x94\x04\x00\x00")),

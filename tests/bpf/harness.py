@@ -18,7 +18,7 @@ from typing import Any
 from isoebpf.backends.ebpf import abi, bpfsys, entries, program
 from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Classifier, Conntrack
 from isoebpf.ir.tables import IR, PROTO_ICMP, PROTO_TCP, RULE_MALFORMED, RULE_UNFILTERED
-from tests.packets import Parsed, parse, parse_reply
+from tests.packets import Parsed, parse, parse_reply, vlan_tags
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 TC_ACT_UNSPEC, TC_ACT_SHOT, TC_ACT_REDIRECT = 0xFFFFFFFF, 2, 7
@@ -164,9 +164,8 @@ def reply_problems(sent: Parsed, frame_in: bytes, reply_frame: bytes) -> list[st
     problems = list(reply.notes)
     if (reply.src_mac, reply.dst_mac) != (frame_in[:6], frame_in[6:12]):
         problems.append("MAC addresses not swapped")
-    tagged = frame_in[12:14] == b"\x81\x00"
-    if reply.vlan != (int.from_bytes(frame_in[14:16], "big") if tagged else None):
-        problems.append(f"VLAN tag {reply.vlan} is not the request's")
+    if reply.tags != vlan_tags(frame_in):
+        problems.append(f"VLAN tags {reply.tags} are not the request's {vlan_tags(frame_in)}")
     if (reply.src, reply.dst) != (pkt.dst, pkt.src):
         problems.append(f"addressed {reply.src} -> {reply.dst}")
     if reply.ttl != abi.REPLY_HOP_LIMIT:

@@ -8,7 +8,8 @@ zero-length, overlong), IPv6 extension-header chains (long, repeated,
 unknown, cut), overlapping and tiny fragments (a first fragment too short for
 its ports, a second "first" fragment under the same id), forged ICMP errors
 (quoting a denied flow, someone else's connection, a quote cut short or
-nested), VLAN and QinQ tags, bit flips anywhere. Every frame is derived from
+nested), VLAN and QinQ tags (and tags the parser cannot read: a third, one
+cut short), bit flips anywhere. Every frame is derived from
 the episode's random generator, so a seed reproduces a run.
 """
 
@@ -22,15 +23,17 @@ from isoebpf.ir.evaluate import ICMP_ERRORS, IPPROTO_ICMPV6, TCP_ACK, TCP_SYN, P
 from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.bpf.test_differential import Episode
 from tests.packets import (
-    ETH_P_8021AD,
     ETH_P_8021Q,
+    ETH_P_ARP,
     ETH_P_IP,
     ETH_P_IPV6,
     EXTENSION_HEADERS,
     IPPROTO_FRAGMENT,
+    VLAN_TPIDS,
     Wire,
     build,
     transport,
+    vlan_tags,
 )
 from tests.policygen import GeneratedPolicy, random_first_packet
 
@@ -42,8 +45,8 @@ IPV4_OPTIONS = ((0, None), (1, None), (7, 7), (68, 12), (131, 11), (137, 7), (14
 # What each hostile frame is, by weight; "normal" keeps state (connections, fragments) coming.
 HOSTILE_KINDS = {
     "normal": 24, "random-bytes": 6, "cut": 12, "bad-ihl": 5, "ip-options": 6, "ext-chain": 8,
-    "overlap-fragment": 6, "tiny-fragment": 5, "forged-icmp": 12, "vlan": 4, "bit-flip": 10,
-    "ethertype-mismatch": 2,
+    "overlap-fragment": 6, "tiny-fragment": 5, "forged-icmp": 12, "vlan": 4, "vlan-unreadable": 3,
+    "bit-flip": 10, "ethertype-mismatch": 2,
 }
 
 
@@ -230,19 +233,31 @@ class HostileEpisode(Episode):
         return build(pkt, wire)
 
     def vlan(self) -> bytes:
-        """One tag (parsed), two tags (QinQ: not parsed, unfiltered), a tag and nothing after it."""
+        """One or two tags of either kind (parsed: judged by what they carry), in front
+        of an IP frame of the episode's or of ARP (not IP: unfiltered)."""
         rng = self.rng
+        inner = self._untagged() if rng.random() < 0.85 else bytes(12) + struct.pack("!H", ETH_P_ARP) + bytes(28)
+        return inner[:12] + self._tags(rng.choice([1, 2, 2])) + inner[12:]
+
+    def vlan_unreadable(self) -> bytes:
+        """Tags the parser cannot read, in front of anything: a third tag (or more), or a
+        tag cut short, after none, one or two whole ones. Dropped as malformed."""
+        rng = self.rng
+        frame = self._untagged()
+        if rng.random() < 0.5:
+            return frame[:12] + self._tags(rng.choice([3, 3, 4, 8])) + frame[12:]
+        whole = rng.randrange(3)
+        return (frame[:12] + self._tags(whole) + struct.pack("!H", rng.choice(VLAN_TPIDS))
+                + rng.randbytes(rng.randrange(3)))
+
+    def _untagged(self) -> bytes:
+        """A well-formed frame of the episode's flows, without the tags it may have had."""
         frame = self.some_frame()
-        if frame[12:14] == b"\x81\x00":
-            frame = frame[:12] + frame[16:]
-        tag = rng.randrange(65536).to_bytes(2, "big")
-        shape = rng.choice(["one", "qinq", "qinq", "cut"])
-        if shape == "one":
-            return frame[:12] + struct.pack("!H", ETH_P_8021Q) + tag + frame[12:]
-        if shape == "qinq":
-            outer = rng.choice([ETH_P_8021AD, ETH_P_8021Q])
-            return frame[:12] + struct.pack("!H", outer) + tag + struct.pack("!H", ETH_P_8021Q) + tag + frame[12:]
-        return frame[:12] + struct.pack("!H", ETH_P_8021Q) + tag[: rng.randrange(3)]
+        return frame[:12] + frame[_l3(frame) - 2 :]
+
+    def _tags(self, count: int) -> bytes:
+        rng = self.rng
+        return b"".join(struct.pack("!HH", rng.choice(VLAN_TPIDS), rng.randrange(65536)) for _ in range(count))
 
     def bit_flip(self) -> bytes:
         rng = self.rng
@@ -258,10 +273,11 @@ class HostileEpisode(Episode):
     def ethertype_mismatch(self) -> bytes:
         """An IPv6 header behind the IPv4 ethertype, or the other way round."""
         frame = self.some_frame()
-        ethertype = ETH_P_IP if frame[12:14] == struct.pack("!H", ETH_P_IPV6) else ETH_P_IPV6
-        return frame[:12] + struct.pack("!H", ethertype) + frame[14:]
+        at = _l3(frame) - 2
+        ethertype = ETH_P_IP if frame[at : at + 2] == struct.pack("!H", ETH_P_IPV6) else ETH_P_IPV6
+        return frame[:at] + struct.pack("!H", ethertype) + frame[at + 2 :]
 
 
 def _l3(frame: bytes) -> int:
-    """Where a frame's IP header starts: after one VLAN tag, if it has one."""
-    return 18 if frame[12:14] == b"\x81\x00" else 14
+    """Where a frame's IP header starts: after its VLAN tags."""
+    return 14 + 4 * len(vlan_tags(frame))

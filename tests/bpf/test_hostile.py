@@ -3,8 +3,9 @@
 Random policies (tests/policygen.py), one per episode of FRAMES_PER_EPISODE
 frames, each frame from tests/bpf/hostile.py: random bytes, cuts at every
 header boundary, bad IHL, IPv4 options, IPv6 extension chains, overlapping and
-tiny fragments, forged ICMP errors, VLAN and QinQ tags, bit flips, mixed with
-ordinary traffic so connections and fragments are tracked. Each frame goes
+tiny fragments, forged ICMP errors, VLAN and QinQ tags (and unreadable ones),
+bit flips, mixed with ordinary traffic so connections and fragments are
+tracked. Each frame goes
 through XDP or TC (at random; they share the state) and through
 `evaluate.Conntrack.step` on the Packet tests/packets.py reads from it. They
 must agree on the verdict of every frame; the program must return one of its
@@ -78,7 +79,9 @@ def run_hostile(datapath: Datapath, frames: int, seed: int) -> Counter[str]:
                 assert not problems, f"{prog}: bad reply {problems}\n{where()}"
             tally["frames"] += 1
             tally[f"kind {kind}"] += 1
-            tally[f"verdict {want.verdict}:{ir.rule(want.rule).name.split(':')[0]}"] += 1
+            verdict = f"{want.verdict}:{ir.rule(want.rule).name.split(':')[0]}"
+            tally[f"verdict {verdict}"] += 1
+            tally[f"{kind} -> {verdict}"] += 1
             tally[f"program {prog}"] += 1
         for rule in ir.rules:
             assert datapath.counter(rule.id)[0] == counts[rule.id], (
@@ -104,6 +107,10 @@ def check_coverage(tally: Counter[str]) -> None:
     for needed in ("pass:established", "pass:unfiltered", "pass:exception", "pass:hairpin", "pass:allow",
                    "tx:default", "drop:default", "drop:malformed", "drop:fragment"):
         assert tally[f"verdict {needed}"], f"no {needed} verdict in the whole run"
+    # Tagged frames are judged by what they carry (answers keep the tags); unreadable tags are not.
+    for kind, needed in (("vlan", "pass:allow"), ("vlan", "pass:unfiltered"), ("vlan", "tx:default"),
+                         ("vlan-unreadable", "drop:malformed")):
+        assert tally[f"{kind} -> {needed}"], f"no {kind} frame came to {needed}"
 
 
 def test_hostile_frames_agree_with_the_evaluator(datapath: Datapath) -> None:

@@ -13,12 +13,12 @@ import pytest
 
 from isoebpf import pipeline
 from isoebpf.backends import counts
-from isoebpf.backends.ebpf import abi, bpfsys, capacity, entries, program
+from isoebpf.backends.ebpf import abi, bpfsys, capacity, entries, program, ringbuf
 from isoebpf.backends.ebpf.backend import EarlyCompile
 from isoebpf.errors import BackendError, CapacityError
 from isoebpf.ir import evaluate
 from isoebpf.ir.compiler import Compiler
-from isoebpf.ir.evaluate import TCP_SYN
+from isoebpf.ir.evaluate import TCP_RST, TCP_SYN
 from isoebpf.ir.tables import IR
 from isoebpf.policy import parse
 from tests.bpf.cases import HR, HR5, IT, IT3, POLICY, SYN_22, SYN_80, tcp
@@ -58,31 +58,59 @@ def loaded(datapath: Datapath) -> Datapath:
 
 
 def test_events_are_rate_limited(loaded: Datapath, one_cpu: None) -> None:
-    seen: list[abi.VerdictEvent] = []
-
-    def collect(cpu: int, data: int, size: int) -> None:
-        seen.append(abi.VerdictEvent.from_buffer_copy(ctypes.string_at(data, size)))
-
-    bpf = loaded.compiled.bpf
-    bpf[b"events"].open_perf_buffer(collect)
+    """Through the reader `isoebpf trace` uses: libbpf's, on the ring buffer's map fd."""
+    ring = ringbuf.RingBuffer(loaded.maps["events"])
     try:
+        ring.drain()
+        suppressed, lost = program.undelivered_events(loaded.maps)
         program.set_event_rate(loaded.maps, 3)
         for sport in range(10):
             loaded.run("xdp", build(tcp(HR, IT, 80, sport=50000 + sport)))
         program.set_event_rate(loaded.maps, 0)
         for sport in range(10):
             loaded.run("xdp", build(tcp(HR, IT, 22, sport=50000 + sport)))
-        bpf.perf_buffer_poll(timeout=200)
+        seen = [abi.VerdictEvent.from_buffer_copy(raw) for raw in ring.poll(0.2)]
     finally:
-        program.set_event_rate(loaded.maps, 0)  # the perf buffer closes with the program
+        program.set_event_rate(loaded.maps, 0)
+        ring.close()
     assert len(seen) == 3
-    assert program.suppressed_events(loaded.maps) == 7, "not tracing: nothing is suppressed"
+    assert program.undelivered_events(loaded.maps) == (suppressed + 7, lost), (
+        "not tracing: nothing is suppressed; nothing lost")
     first = seen[0]
     assert program.address(first.family, first.src) == HR
     assert program.address(first.family, first.dst) == IT
-    assert (first.dport, first.proto, abi.ACTION_NAMES[first.action]) == (80, 6, "allow")
+    assert (first.dport, first.proto, abi.ACTION_NAMES[first.action], first.audit) == (80, 6, "allow", 0)
     names = {r.id: r.name for r in pipeline.loads(POLICY).ir.rules}
     assert names[first.rule] == "allow:0"
+    assert [e.sport for e in seen] == [50000, 50001, 50002], "in the order they were sent"
+
+
+def test_events_beyond_the_ring_are_counted_lost(loaded: Datapath, one_cpu: None) -> None:
+    """A ring nobody reads fills up; every event after that is counted, none half written."""
+    ring = ringbuf.RingBuffer(loaded.maps["events"])
+    # Each record: the event after the ring's 8-byte header, rounded up to 8 bytes.
+    record = (8 + ctypes.sizeof(abi.VerdictEvent) + 7) // 8 * 8
+    # The kernel keeps what is written below the ring's size (not up to it): one record less.
+    room = (bpfsys.map_info(loaded.maps["events"]).max_entries - 1) // record
+    sent = room + 1000
+    try:
+        ring.drain()
+        suppressed, lost = program.undelivered_events(loaded.maps)
+        # A billion tokens a second: a token a nanosecond, faster than the program runs.
+        program.set_event_rate(loaded.maps, 10**9)
+        # A reset is denied and not answered, so every repetition meets the same frame.
+        bpfsys.prog_test_run(loaded.compiled.prog_fds["xdp"], build(tcp(HR, IT, 22, flags=TCP_RST)),
+                             repeat=sent)
+        program.set_event_rate(loaded.maps, 0)
+        assert program.undelivered_events(loaded.maps) == (suppressed, lost + sent - room)
+        events = [abi.VerdictEvent.from_buffer_copy(raw) for raw in ring.poll(0.2)]
+        assert len(events) == room
+        default = {r.name: r.id for r in pipeline.loads(POLICY).ir.rules}["default"]
+        assert {(e.rule, e.dport, e.sport) for e in events} == {(default, 22, 40000)}
+        assert ring.drain() == 0 and list(ring.poll(0.01)) == [], "read once"
+    finally:
+        program.set_event_rate(loaded.maps, 0)
+        ring.close()
 
 
 def test_status_readers(loaded: Datapath) -> None:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from bench import policies
 from isoebpf import pipeline
 from isoebpf.backends.ebpf import bpfsys, capacity, program
-from isoebpf.backends.state import Scope
+from isoebpf.backends.state import LAYOUT, Scope
 from isoebpf.cli import main
 from isoebpf.errors import BackendError, ProgramRejected
 from isoebpf.lab.testbed import Testbed
@@ -146,7 +146,7 @@ def test_state_from_an_older_layout_is_torn_down_not_reused(testbed: Testbed) ->
         assert "removed older state (layout 0 state" in loaded.stdout
         assert "generation 1" in loaded.stdout
         status = json.loads(isoebpf("status", "--netns", testbed.router, "--json").stdout)
-        assert status["layout"] == 1 and status["programs"]["tc"] > 0
+        assert status["layout"] == LAYOUT and status["programs"]["tc"] > 0
         assert all(a["prog_id"] == status["programs"]["tc"] for a in status["attachments"])
         assert testbed.probe("it1", "tcp", "hr1", 80, timeout=1.0)["outcome"] == "refused"
     finally:

@@ -48,3 +48,22 @@ def test_the_kernel_limits_the_event_rate(loaded: Testbed) -> None:
     # Each CPU's bucket starts full (one second's worth) and refills at the rate.
     assert 0 < len(events) <= cpus * rate * (1 + seconds) + 1, len(events)
     assert suppressed(summary) >= 300 - len(events), summary
+
+
+def test_one_reader_at_a_time_and_no_events_left_from_a_killed_one(loaded: Testbed) -> None:
+    """The ring buffer has one reader: a second trace is refused while the first runs. A
+    trace killed with the rate still set leaves events in the ring; the next one drops
+    them before it shows anything."""
+    killed = Trace(loaded, "ebpf")
+    try:
+        second = isoebpf("trace", "--netns", loaded.router, "--timeout", "1", check=False)
+        assert second.returncode == 1 and "another isoebpf trace" in second.stderr, second.stderr
+        killed.process.kill()
+    finally:
+        killed.close()
+    assert loaded.probe("it1", "tcp", "hr1", 81, timeout=1.0)["outcome"] == "refused"  # into the ring
+    with Trace(loaded, "ebpf", "--timeout", "2") as tracing:
+        assert loaded.probe("it1", "tcp", "hr1", 82, timeout=1.0)["outcome"] == "refused"
+        events, _ = tracing.finish()
+    assert 82 in {e["dport"] for e in events}
+    assert 81 not in {e["dport"] for e in events}, "an event from before this trace was shown"

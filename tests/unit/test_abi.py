@@ -95,7 +95,7 @@ def test_every_mirror_is_in_the_header() -> None:
 def test_map_names_are_the_programs() -> None:
     maps_h = (BPF / "maps.h").read_text(encoding="utf-8")
     names = re.findall(r"^BPF_(?:F_TABLE|TABLE)\(\"\w+\",\s*[^,]+,\s*[^,]+,\s*(\w+)|"
-                       r"^BPF_(?:ARRAY|HASH|PERCPU_ARRAY|PERF_OUTPUT|PROG_ARRAY)\((\w+)", maps_h, re.MULTILINE)
+                       r"^BPF_(?:ARRAY|HASH|PERCPU_ARRAY|RINGBUF_OUTPUT|PROG_ARRAY)\((\w+)", maps_h, re.MULTILINE)
     in_order = [a or b for a, b in names]
     assert tuple(in_order) == abi.MAP_NAMES
     assert all(len(name) < 16 for name in abi.MAP_NAMES)  # BPF_OBJ_NAME_LEN

@@ -10,10 +10,14 @@ import pytest
 from isoebpf.ir.evaluate import IPPROTO_ICMPV6, TCP_ACK, TCP_SYN, Packet
 from isoebpf.ir.tables import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from tests.packets import (
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_ARP,
     IPPROTO_DSTOPTS,
     IPPROTO_HOPOPTS,
     Wire,
     build,
+    build_other,
     checksum,
     ip_packet,
     parse,
@@ -43,13 +47,13 @@ ROUND_TRIPS = [
 
 
 @pytest.mark.parametrize("pkt", ROUND_TRIPS, ids=range(len(ROUND_TRIPS)))
-@pytest.mark.parametrize("wire", [Wire(), Wire(vlan=7, ip_options=b"\x01" * 4,
+@pytest.mark.parametrize("wire", [Wire(), Wire(tags=((ETH_P_8021AD, 7), (ETH_P_8021Q, 8)), ip_options=b"\x01" * 4,
                                                ext_headers=(IPPROTO_HOPOPTS, IPPROTO_DSTOPTS))])
 def test_round_trip(pkt: Packet, wire: Wire) -> None:
     parsed = parse(build(pkt, wire))
     assert parsed.kind == "ip"
     assert parsed.packet == pkt
-    assert parsed.l3_off == (18 if wire.vlan is not None else 14)
+    assert parsed.l3_off == 14 + 4 * len(wire.tags)
 
 
 def test_checksums_are_right() -> None:
@@ -61,11 +65,24 @@ def test_checksums_are_right() -> None:
 
 def test_cut_frames() -> None:
     frame = build(SYN)
-    assert parse(frame[:13]).kind == "not-ip"
+    assert parse(frame[:13]).kind == "malformed"
     assert parse(frame[:14 + 19]).kind == "malformed"
     cut = parse(frame[:14 + 20 + 19]).packet
     assert cut == replace(SYN, sport=0, dport=0, tcp_flags=0, truncated=True)
     assert parse(frame[:14] + b"\x4f" + frame[15:]).kind == "malformed"  # IHL 60 > 40 bytes there
+
+
+def test_vlan_tags() -> None:
+    """Two tags of either kind are read; a third, or a tag cut short, is malformed."""
+    for outer in (ETH_P_8021AD, ETH_P_8021Q):
+        for inner in (ETH_P_8021AD, ETH_P_8021Q):
+            parsed = parse(build(SYN, Wire(tags=((outer, 1), (inner, 2)))))
+            assert (parsed.kind, parsed.packet, parsed.l3_off) == ("ip", SYN, 22)
+    assert parse(build(SYN, Wire(tags=((ETH_P_8021Q, 1),) * 3))).kind == "malformed"
+    assert parse(build_other(ETH_P_ARP, wire=Wire(tags=((ETH_P_8021Q, 1),) * 3))).kind == "malformed"
+    for cut in (14, 15, 17, 19, 21):
+        assert parse(build(SYN, Wire(tags=((ETH_P_8021AD, 1), (ETH_P_8021Q, 2)), cut=cut))).kind == "malformed"
+    assert parse(build_other(ETH_P_ARP, wire=Wire(tags=((ETH_P_8021AD, 1), (ETH_P_8021Q, 2))))).kind == "not-ip"
 
 
 def test_too_many_extension_headers() -> None:

@@ -45,6 +45,7 @@ FAMILY_IPV4 = 4
 FAMILY_IPV6 = 6
 
 IPV6_MAX_EXT_HEADERS = 8
+VLAN_MAX_TAGS = 2
 REPLY_MAX_IPV4 = 576
 REPLY_MAX_IPV6 = 1280
 REPLY_HOP_LIMIT = 64
@@ -153,7 +154,7 @@ class Counter(ctypes.Structure):
 
 
 class TokenBucket(ctypes.Structure):
-    _fields_ = [("refilled_ns", _u64), ("nanotokens", _u64), ("suppressed", _u64)]
+    _fields_ = [("refilled_ns", _u64), ("nanotokens", _u64), ("suppressed", _u64), ("lost", _u64)]
 
 
 class VerdictEvent(ctypes.Structure):

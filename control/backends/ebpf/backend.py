@@ -25,7 +25,7 @@ pins or attachments by name and removes them. A growth's new pins take the old
 ones' place in one rename; the next load completes or undoes one killed
 before or around it (_finish_growth).
 
-Its neighbours: `program` (the maps), `bpfsys` (bpf(2)), `perf` (events), `capacity`;
+Its neighbours: `program` (the maps), `bpfsys` (bpf(2)), `ringbuf` (events), `capacity`;
 the shared floor's `state`, `links`, `interface`, `counts` below, and
 `registry`/`enforcer` above.
 """
@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import marshal
 import os
@@ -56,7 +57,7 @@ from ...resource import Resource
 from .. import counts, docker_user, links
 from ..interface import Attachment, LoadReport, Verdict, state_record
 from ..state import LAYOUT, Scope, ensure_bpffs, make_private, private_dir, write_atomically
-from . import abi, bpfsys, capacity, entries, perf, program
+from . import abi, bpfsys, capacity, entries, program, ringbuf
 
 # Phases of a long load, for the CLI to show on a terminal (the "isoebpf" logger's INFO).
 _progress = logging.getLogger(__name__)
@@ -892,7 +893,9 @@ class Tracer(Resource):
 
     Opening sets the program's event rate (per CPU and second; beyond it the
     kernel counts verdicts as suppressed instead of sending them); closing sets
-    it back to 0, so the datapath sends nothing when nobody traces.
+    it back to 0, so the datapath sends nothing when nobody traces. Events that
+    found the ring buffer full are counted by the kernel too (`lost`). One
+    tracer per scope at a time: the ring has one reader.
     """
 
     def __init__(self, scope: Scope, per_second: int) -> None:
@@ -901,8 +904,9 @@ class Tracer(Resource):
         self.suppressed = 0
         self.lost = 0
         self._maps: dict[str, int] = {}
-        self._events: perf.PerfEventArray | None = None
-        self._suppressed_before = 0
+        self._events: ringbuf.RingBuffer | None = None
+        self._reader_lock = -1
+        self._before = (0, 0)
         self._rules: dict[int, tuple[str, str]] = {}
         self._ifnames: dict[int, str] = {}
 
@@ -911,24 +915,41 @@ class Tracer(Resource):
         if record is None or record.get("backend") != BACKEND:
             raise BackendError("no eBPF program is loaded here")
         self._learn(record)
+        self._lock_the_reader()
         self._maps = {name: bpfsys.obj_get(str(self.scope.pin_dir / name))
-                      for name in ("event_rate", "event_tokens")}
-        self._events = perf.PerfEventArray(str(self.scope.pin_dir / "events"))
-        self._suppressed_before = program.suppressed_events(self._maps)
+                      for name in ("events", "event_rate", "event_tokens")}
+        self._events = ringbuf.RingBuffer(self._maps["events"])
+        # What a trace killed before it could set the rate back left in the ring is not shown.
+        program.set_event_rate(self._maps, 0)
+        self._events.drain()
+        self._before = program.undelivered_events(self._maps)
         program.set_event_rate(self._maps, self.per_second)
+
+    def _lock_the_reader(self) -> None:
+        """flock the scope's pin directory: nothing else locks it, and it holds no lock file
+        that unload would have to remove."""
+        self._reader_lock = os.open(self.scope.pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._reader_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackendError("another isoebpf trace is reading this scope's verdicts; the "
+                               "events ring buffer has one reader: end that one first") from None
 
     def close(self) -> None:
         if "event_rate" in self._maps:
             program.set_event_rate(self._maps, 0)
         if "event_tokens" in self._maps:
-            self.suppressed = program.suppressed_events(self._maps) - self._suppressed_before
+            suppressed, lost = program.undelivered_events(self._maps)
+            self.suppressed, self.lost = suppressed - self._before[0], lost - self._before[1]
         if self._events is not None:
-            self.lost = self._events.lost
             self._events.close()
             self._events = None
         for fd in self._maps.values():
             os.close(fd)
         self._maps = {}
+        if self._reader_lock >= 0:
+            os.close(self._reader_lock)
+            self._reader_lock = -1
 
     def _learn(self, record: dict[str, Any]) -> None:
         """Rule names and interface names, from the state record (the agent keeps it current)."""

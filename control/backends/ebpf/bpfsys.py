@@ -8,7 +8,7 @@ use; the kernel accepts a prefix of each (it zero-fills the rest).
 
 Every errno becomes a BackendError that says what to do about it.
 
-Used by `program`, `perf` and `backend`; imports only `abi`'s map names.
+Used by `program`, `capacity` and `backend`; imports only `abi`'s map names.
 """
 
 from __future__ import annotations
@@ -411,16 +411,11 @@ def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
 @functools.cache
 def possible_cpus() -> int:
     """How many CPUs a per-CPU map holds a value for (the kernel's cpu_possible_mask,
-    fixed from boot: read once)."""
-    return len(cpu_list("possible"))
-
-
-def cpu_list(which: str) -> list[int]:
-    """The CPUs of /sys/devices/system/cpu/`which` ("possible", "online"): "0-3,8"."""
-    with open(f"/sys/devices/system/cpu/{which}", encoding="ascii") as f:
+    fixed from boot: read once), from /sys/devices/system/cpu/possible: "0-3,8"."""
+    with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
         text = f.read().strip()
-    cpus: list[int] = []
+    count = 0
     for part in text.split(","):
         low, _, high = part.partition("-")
-        cpus += range(int(low), int(high or low) + 1)
-    return cpus
+        count += int(high or low) - int(low) + 1
+    return count

@@ -541,9 +541,11 @@ def set_event_rate(maps: Maps, per_second: int) -> None:
     bpfsys.map_update(maps["event_rate"], ctypes.c_uint32(0), ctypes.c_uint32(per_second))
 
 
-def suppressed_events(maps: Maps) -> int:
-    """Verdicts the rate limit kept from being sent while tracing, summed over CPUs."""
-    return sum(b.suppressed for b in _percpu(maps, "event_tokens", 0, abi.TokenBucket))
+def undelivered_events(maps: Maps) -> tuple[int, int]:
+    """(suppressed, lost), summed over CPUs: verdicts the rate limit kept from being
+    sent while tracing, and events that found the ring buffer full."""
+    buckets = _percpu(maps, "event_tokens", 0, abi.TokenBucket)
+    return sum(b.suppressed for b in buckets), sum(b.lost for b in buckets)
 
 
 # -- reading state ------------------------------------------------------------
