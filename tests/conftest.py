@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 from types import FrameType
@@ -59,3 +60,12 @@ def require(capability: str, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{message} (CI=true: a missing capability is a failure)")
     pytest.skip(message)
+
+
+def require_program(name: str, package: str) -> str:
+    """The path of program `name`; a missing capability (see require) when it is not there."""
+    found = shutil.which(name)
+    if found is None:
+        require(name, f"not installed (scripts/setup.sh installs Debian's {package})")
+    assert found
+    return found

@@ -4,7 +4,6 @@ HTTP API has the per-rule counters the node has, and our alert rules evaluate cl
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from isoebpf.lab.testbed import Testbed
-from tests.conftest import require
+from tests.conftest import require_program
 from tests.integration.conftest import ROOT, SEED, WEB, AgentProcess, isoebpf, packets_by_rule
 
 ALERTS = ROOT / "deploy" / "isoebpf-alerts.yaml"
@@ -108,11 +107,7 @@ class Prometheus:
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        require("prometheus", "not installed (scripts/setup.sh installs Debian's prometheus)")
-    assert found
-    return found
+    return require_program("prometheus", "prometheus")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from isoebpf.cluster.follow import Incomplete
 from isoebpf.service.agent import Stats
 from isoebpf.service.cluster_agent import ClusterAgent
 from isoebpf.service.metrics import StatusCollector
-from tests.conftest import require
+from tests.conftest import require_program
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "isoebpf-alerts.yaml"
@@ -110,11 +109,7 @@ def test_a_cluster_node_says_the_newest_version_published_even_one_it_cannot_tak
 # -- the alert rules ------------------------------------------------------------------------
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        require("promtool", "not installed (scripts/setup.sh installs prometheus)")
-    assert found
-    return found
+    return require_program("promtool", "prometheus")
 
 
 def test_the_alert_rules_are_valid_and_fire_as_their_tests_say() -> None:
