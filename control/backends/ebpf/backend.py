@@ -395,8 +395,9 @@ def _grow(ir: IR, scope: Scope, record: dict[str, Any], old_maps: dict[str, int]
             for a in attached.now:
                 _switch_program(sock, a, compiled.prog_fds, old_progs)
                 switched.append(a)
-        # The old program runs nowhere now: what it counted is final, and the record
-        # carries it (the new maps count from 0).
+        # The old program is attached nowhere now; once its last runs have ended, what
+        # it counted is final, and the record carries it (the new maps count from 0).
+        bpfsys.wait_for_program_runs()
         old_rules = record["rules"]
         names = {int(rule_id): str(name) for rule_id, name, _ in old_rules}
         counted = {names[i]: count for i, count in program.read_counters(old_maps, names).items()

@@ -18,6 +18,7 @@ import errno
 import functools
 import os
 import platform
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,22 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     if ret < 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return ret
+
+
+_NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "ppc64le": 365, "s390x": 356}
+MEMBARRIER_CMD_GLOBAL = 1  # the kernel's synchronize_rcu() on behalf of the caller
+GRACE_FALLBACK_S = 0.05  # far longer than any one program run, where membarrier is refused
+
+
+def wait_for_program_runs() -> None:
+    """Return once every XDP and TC program run that had started has ended. Each runs
+    inside an RCU read-side section, and a NAPI poll keeps the XDP program it read at
+    its start for its whole batch, so a program just replaced can still be running (and
+    counting) on another CPU: an RCU grace period (membarrier(MEMBARRIER_CMD_GLOBAL))
+    waits it out."""
+    nr = syscall_number(_NR_MEMBARRIER, "membarrier(2)")
+    if int(LIBC.syscall(ctypes.c_long(nr), ctypes.c_int(MEMBARRIER_CMD_GLOBAL), ctypes.c_uint(0))) < 0:
+        time.sleep(GRACE_FALLBACK_S)  # refused (nohz_full CPUs): a pause outlasts any run too
 
 
 def permission_error(err: OSError, what: str) -> BackendError | None:
