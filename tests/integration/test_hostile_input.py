@@ -329,7 +329,7 @@ def test_a_policy_others_can_write_is_refused_unless_forced(
 
 STATUS_KEYS = {"backend", "netns", "digest", "policy", "loaded_at", "generation", "rules", "overlays",
                "on_failure", "failure", "attachments", "layout", "compile_seconds", "counters",
-               "connections", "maps", "programs", "ok", "problems", "carried"}
+               "connections", "maps", "programs", "ok", "problems", "carried", "audit"}
 
 
 def test_status_shows_the_policy_counters_and_our_objects_only(
