@@ -195,6 +195,12 @@ def report(etcd: Etcd, layout: Layout, status: NodeReport) -> None:
     etcd.put(layout.node_status(status.node), status.text())
 
 
+def reported(etcd: Etcd, layout: Layout, node: str) -> str | None:
+    """The text of `node`'s status as etcd holds it (None: none)."""
+    kv = etcd.get(layout.node_status(node))
+    return kv.value if kv is not None else None
+
+
 def heartbeat(etcd: Etcd, layout: Layout, node: str, lease: int) -> None:
     etcd.put(layout.node_alive(node), laid.canonical({"node": node, "at": round(time.time(), 3)}), lease)
 

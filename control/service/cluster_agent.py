@@ -169,7 +169,7 @@ class ClusterAgent(Agent):
 
     def _write_report(self, report: store.NodeReport) -> None:
         """Under _report_lock. A write that fails (a member that hangs can fail one while
-        the others answer) is tried again by the next heartbeat."""
+        the others answer) is tried again by the next heartbeat (see _check_report)."""
         try:
             store.report(self.client, self.layout, report)
             self._report_unwritten = False
@@ -183,11 +183,23 @@ class ClusterAgent(Agent):
         self.stats.etcd_connected = connected
         if connected:
             self.log("etcd_connected", endpoint=self.client.endpoint)
-            if self._report is not None:
-                self._say(replace(self._report, connected=True, updated=round(time.time(), 3)))
+            with self._report_lock:  # changed and written at once: never an older one over a newer
+                if self._report is not None:
+                    self._report = replace(self._report, connected=True, updated=round(time.time(), 3))
+                    self._write_report(self._report)
         else:
             self.log("etcd_unreachable", why=why, note="enforcing the last good version",
                      version=self._in_force.version if self._in_force else None)
+
+    def _check_report(self) -> None:
+        """Write the node's report again where etcd holds another: one whose write failed,
+        or an older one that landed late (a write that timed out against a hung member
+        is carried out when the member resumes, over the newer one written meanwhile)."""
+        with self._report_lock:
+            if self._report is not None and (
+                    self._report_unwritten
+                    or store.reported(self.client, self.layout, self.node) != self._report.text()):
+                self._write_report(self._report)
 
     def _heartbeats(self, stop: threading.Event) -> None:
         lease = 0
@@ -197,9 +209,7 @@ class ClusterAgent(Agent):
                     lease = self.client.grant(self.lease_ttl)
                     store.heartbeat(self.client, self.layout, self.node, lease)
                 self._connected(True)
-                with self._report_lock:
-                    if self._report_unwritten and self._report is not None:
-                        self._write_report(self._report)
+                self._check_report()
             except EtcdError as err:
                 self._connected(False, str(err))
             stop.wait(self.heartbeat_interval)
