@@ -12,6 +12,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "classify.h"
+#include "clock.h"
 
 #define ONE_SECOND_NS 1000000000ULL
 
@@ -34,12 +35,13 @@ static __always_inline void count_verdict(const struct verdict *v, __u64 bytes)
  * A token bucket of `rate` tokens per second holding at most one second's
  * worth, kept in billionths of a token so that refilling needs no division.
  */
-static __always_inline int event_budget_allows(__u64 now)
+static __always_inline int event_budget_allows(struct clock *clock)
 {
 	struct token_bucket *bucket;
 	__u32 *rate;
 	__u64 elapsed;
 	__u64 full;
+	__u64 now;
 	int index = 0;
 
 	rate = event_rate.lookup(&index);
@@ -48,6 +50,7 @@ static __always_inline int event_budget_allows(__u64 now)
 	bucket = event_tokens.lookup(&index);
 	if (!bucket)
 		return 0;
+	now = clock_now(clock);
 	full = *rate * ONE_SECOND_NS;
 	elapsed = now > bucket->refilled_ns ? now - bucket->refilled_ns : 0;
 	/* Capped, so that elapsed * rate cannot overflow 64 bits. */
@@ -66,10 +69,9 @@ static __always_inline int event_budget_allows(__u64 now)
 }
 
 static __always_inline void emit_event(void *ctx, __u32 ifindex, const struct packet *pkt,
-				       const struct verdict *v, __u64 now)
+				       const struct verdict *v, struct clock *clock)
 {
-	struct verdict_event event = { .timestamp_ns = now,
-				       .ifindex = ifindex,
+	struct verdict_event event = { .ifindex = ifindex,
 				       .rule = v->rule,
 				       .family = pkt->family,
 				       .proto = pkt->proto,
@@ -77,8 +79,9 @@ static __always_inline void emit_event(void *ctx, __u32 ifindex, const struct pa
 				       .audit = v->action != ACTION_ALLOW && v->audit };
 	struct flow_key flow = {};
 
-	if (!event_budget_allows(now))
+	if (!event_budget_allows(clock))
 		return;
+	event.timestamp_ns = clock_now(clock);
 	if (pkt->family && flow_key_of(pkt, &flow)) {
 		event.sport = flow.sport;
 		event.dport = flow.dport;
@@ -91,10 +94,10 @@ static __always_inline void emit_event(void *ctx, __u32 ifindex, const struct pa
 /* The one exit of both programs: count the verdict, and trace it if asked. */
 static __always_inline void record_verdict(void *ctx, __u32 ifindex, __u64 bytes,
 					   const struct packet *pkt, const struct verdict *v,
-					   __u64 now)
+					   struct clock *clock)
 {
 	count_verdict(v, bytes);
-	emit_event(ctx, ifindex, pkt, v, now);
+	emit_event(ctx, ifindex, pkt, v, clock);
 }
 
 #endif /* ISOEBPF_STATS_H */
