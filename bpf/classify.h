@@ -89,13 +89,17 @@ static __always_inline int between_overlays(__u32 gen, __u8 family, const __u8 *
 }
 
 /* The exception rule that leaves this pair unfiltered, or 0 (rule ids start at 16). */
-static __always_inline __u32 exception_rule(__u32 gen, const struct endpoints *ends)
+static __always_inline __u32 exception_rule(__u32 gen, const struct params *p,
+					    const struct endpoints *ends)
 {
 	struct exception_key key = { .slot = policy_slot(gen),
 				     .src_class = ends->src.class_id,
 				     .dst_class = ends->dst.class_id };
-	struct rule_value *rule = exceptions.lookup(&key);
+	struct rule_value *rule;
 
+	if (!p->has_exceptions)
+		return 0;
+	rule = exceptions.lookup(&key);
 	return rule ? rule->rule : 0;
 }
 
@@ -144,7 +148,7 @@ static __always_inline int first_packet_allowed(__u32 gen, const struct params *
 
 	if (!between_overlays(gen, key->family, src, dst, &ends))
 		return 1;
-	if (exception_rule(gen, &ends))
+	if (exception_rule(gen, p, &ends))
 		return 1;
 	judge_by_policy(gen, p, &ends, key->proto, by == FLOW_BY_SRC ? key->dport : key->sport, &v);
 	return v.action == ACTION_ALLOW;
@@ -332,7 +336,7 @@ static __always_inline void judge_ip(const struct packet *pkt, struct clock *clo
 		settle(v, ACTION_ALLOW, RULE_UNFILTERED);
 		return;
 	}
-	rule = exception_rule(v->gen, &ends);
+	rule = exception_rule(v->gen, p, &ends);
 	if (rule) {
 		if (!pkt->later_fragment)
 			track_exception_flow(pkt, v->gen, p, clock);

@@ -152,7 +152,7 @@ class Params(ctypes.Structure):
         ("tcp_timeout_ns", _u64), ("tcp_closing_timeout_ns", _u64), ("udp_timeout_ns", _u64),
         ("icmp_timeout_ns", _u64), ("fragment_timeout_ns", _u64),
         ("default_action", _u32), ("accept_mark", _u32),
-        ("audit", _u32), ("pad", _u32),
+        ("audit", _u32), ("has_exceptions", _u32),
     ]
 
 

@@ -202,6 +202,7 @@ def params_of(ir: IR, accept_mark: int = 0) -> abi.Params:
         default_action=abi.ACTIONS[ir.default_action],
         accept_mark=accept_mark,
         audit=int(ir.audit),
+        has_exceptions=int(bool(ir.exceptions)),
     )
 
 
