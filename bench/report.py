@@ -34,10 +34,13 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
            f"{m['load_average'][0]} / {m['load_average'][1]}",
            f"- Kernel {m['kernel']}, {m['os']}",
            f"- bcc {v['bcc']}, {v['iptables']}, {v['nft']}, {v['ipset']}, {v['trafgen']}, {v['iperf3']}, "
-           f"Python {v['python']}", ""]
+           + (f"{v['xdp-filter']}, " if "xdp-filter" in v else "") + f"Python {v['python']}", ""]
     for family, when in results.get("remeasured", {}).items():
-        out += [f"- **{family}** was measured again on {when}, after a change to the code it measures "
-                "(`python -m bench --only FAMILY --into JSON`); the other sections are from the run above.", ""]
+        load = results.get("remeasured_load", {}).get(family)
+        out += [f"- **{family}** was measured again on {when}"
+                + (f" (load average {load[0]} / {load[1]} at its start)" if load else "")
+                + ", after a change to the code it measures (`python -m bench --only FAMILY --into JSON`); "
+                "the other sections are from the run above.", ""]
     out += ["## Targets", "", "| target | bound | measured | met |", "|---|---|---|---|"]
     for t in evaluate(results):
         met = "not measured" if t.met is None else ("yes" if t.met else "**no**")
@@ -69,10 +72,11 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 out.append(f"| {e} | {fmt(row['processed_pps'])} | {fmt(row['answers_pps'])} | "
                            f"{fmt(row['cpu_ns_per_packet'])} | {fmt(row['generator_share'], 100)} % | "
                            f"{fmt(row.get('program_ns_per_packet'))} |")
-        out += ["", "`none` forwards the SYNs (the sink answers them); `xdp-drop` and `ebpf-xdp-drop` answer "
-                "nothing; the others answer each with a reset, which the generator's namespace receives on the "
-                "same CPU. The last column is the kernel's own account of the time the router's ingress programs "
-                "took per packet (bpf_stats, over a second, shorter window), where the enforcer is a BPF program.",
+        out += ["", "`none` forwards the SYNs (the sink answers them); `xdp-drop`, `ebpf-xdp-drop` and "
+                "`xdp-filter` answer nothing; the others answer each with a reset, which the generator's "
+                "namespace receives on the same CPU. The last column is the kernel's own account of the time "
+                "the router's ingress programs took per packet (bpf_stats, over a second, shorter window), where "
+                "the enforcer is a BPF program.",
                 "",
                 f"## B3: allowed traffic ({low} rules)", "",
                 "| enforcer | TCP Gbit/s (iperf3) | UDP 64-byte pps, one established flow | CPU ns per packet |",
