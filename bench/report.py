@@ -97,6 +97,17 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                              f"{fmt(denied_row['processed_pps'])} / {fmt(_get(tcp_scaled, 'gbit_s'), digits=2)}")
             if any(c != "-" for c in cells) and e not in ("none", "xdp-drop"):
                 out.append(f"| {e} | " + " | ".join(cells) + " |")
+        if traffic_row(results, "xdp-filter", "denied", low):
+            out += ["", "`xdp-filter` (xdp-tools) does not enforce the policy: it matches one field at a time "
+                    "(an exact IPv4/IPv6 address as source or destination, a TCP/UDP port, a MAC) against "
+                    "lists and drops what matches (or, under its deny policy, passes only that). It has no "
+                    "prefixes, so no overlay; no (source, destination, port) combination, so no allow rule "
+                    "between two overlays; no connection tracking, so no replies let back; no exceptions, "
+                    "hairpins or REJECT. What it can express here is what the traffic needs: drop TCP to "
+                    "the denied SYNs' port, pass the rest; beside that rule, one source-address entry per "
+                    "filler rule, which no benchmark packet matches, so that its lists grow with the rules "
+                    "as our tables do (hash lookups: its cost does not depend on their number). It is the "
+                    "floor of a useful XDP filter on this machine, not an equivalent of the policy."]
         if any(r["measure"] == "new" for r in results["traffic"]):
             out += ["", f"## B5: connection tracking ({low} rules; forwarded 64-byte UDP pps)", "",
                     "| enforcer | every packet a new connection | all packets of one established connection |",
