@@ -109,6 +109,13 @@ static __always_inline int flow_expired(__u8 proto, const struct flow_state *sta
 	return now > state->last_seen_ns && now - state->last_seen_ns > timeout;
 }
 
+static __always_inline void flow_open(struct flow_state *state, __u32 gen, __u64 now)
+{
+	state->last_seen_ns = now;
+	state->gen = gen;
+	state->flags = FLOW_OPEN;
+}
+
 /*
  * End `by` of the (canonical) key opens a connection: in the pair's entry
  * when it has one (`entry`, as looked up), else in a new one.
@@ -117,17 +124,21 @@ static __always_inline void flow_start(const struct flow_key *key, struct flow_e
 				       __u32 gen, __u64 now)
 {
 	struct flow_entry fresh = {};
-	struct flow_state *state;
 
-	if (entry)
-		state = &entry->opened[by & 1];
-	else
-		state = by == FLOW_BY_SRC ? &fresh.opened[FLOW_BY_SRC] : &fresh.opened[FLOW_BY_DST];
-	state->last_seen_ns = now;
-	state->gen = gen;
-	state->flags = FLOW_OPEN;
-	if (!entry)
-		conntrack.update((struct flow_key *)key, &fresh);
+	if (!entry) {
+		flow_open(by == FLOW_BY_SRC ? &fresh.opened[FLOW_BY_SRC] : &fresh.opened[FLOW_BY_DST],
+			  gen, now);
+		if (!conntrack.insert((struct flow_key *)key, &fresh))
+			return;
+		/*
+		 * Another CPU made the pair's entry since our lookup (its other end
+		 * opening at the same moment): join it rather than overwrite it.
+		 */
+		entry = conntrack.lookup((struct flow_key *)key);
+		if (!entry)
+			return;
+	}
+	flow_open(&entry->opened[by & 1], gen, now);
 }
 
 /*
