@@ -74,6 +74,11 @@ def main(argv: list[str]) -> int:
         results: dict[str, Any] = json.loads(args.into.read_text(encoding="utf-8"))
         results.setdefault("remeasured", {}).update(
             {family: time.strftime("%Y-%m-%d %H:%M:%S %Z") for family in only})
+        results.setdefault("remeasured_load", {}).update(
+            {family: [round(x, 2) for x in os.getloadavg()[:2]] for family in only})
+        # A tool the run before did not have (a new peer) is named with the version measured.
+        for tool, version in machine.describe()["versions"].items():
+            results["machine"]["versions"].setdefault(tool, version)
     else:
         results = {"command": "make bench-quick" if args.quick else "make bench", "quick": args.quick,
                    "rounds": rounds, "machine": machine.describe()}

@@ -16,15 +16,27 @@ table's policy with fillers), IPv4 only for the peers written here:
 - iptables-ipset: the same chain order with the fillers in one
   `hash:ip,port,net` set (this kernel lacks the guide's hash:net,port,net);
 - nft: an nftables table whose allow rules are one concatenated interval set
-  (saddr . daddr . protocol . port), the modern non-eBPF peer.
+  (saddr . daddr . protocol . port), the modern non-eBPF peer;
+- xdp-filter: the XDP project's own filter (xdp-tools), generic XDP on r-gen
+  as ours: the XDP baseline users would compare with. It matches single
+  fields (an exact address, a port, a MAC) against lists and drops or passes;
+  it has no prefixes, no (source, destination, port) combination, no
+  connection tracking and no REJECT, so no rule of it says "overlay A may
+  reach B on tcp/80". Its equivalent here is what the traffic needs: drop
+  TCP to the denied SYNs' port (everything else passes), and beside it one
+  source-address entry per filler rule, which no benchmark packet matches,
+  so that its lists grow with the policy as our tables do.
 
-All but ebpf-xdp-drop and xdp-drop reject denied TCP with a reset and the
-rest with ICMP admin-prohibited.
+All but ebpf-xdp-drop, xdp-drop and xdp-filter reject denied TCP with a reset
+and the rest with ICMP admin-prohibited.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,15 +46,21 @@ from pathlib import Path
 
 from bench import policies
 from bench.rulesets import ipset_rules, nft_ruleset
-from bench.topology import ROUTER_IFACES, Topology
+from bench.topology import ROUTER_IFACES, Topology, run
 from isoebpf.backends import registry
 from isoebpf.backends.ebpf import backend as ebpf
 from isoebpf.backends.ebpf import bpfsys
 from isoebpf.backends.state import Scope
 from isoebpf.ir.tables import IR, with_digest
 
-ALL = ("none", "xdp-drop", "ebpf-xdp-drop", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
-SCALING = ("ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset", "nft")
+ALL = ("none", "xdp-drop", "ebpf-xdp-drop", "xdp-filter", "ebpf-xdp", "ebpf-tc", "iptables", "iptables-ipset",
+       "nft")
+SCALING = ("ebpf-xdp", "ebpf-tc", "xdp-filter", "iptables", "iptables-ipset", "nft")
+
+# xdp-filter pins its maps under one directory whatever the namespace; its
+# address list's value is a bit set per CPU, the bit that says "source address".
+XDP_FILTER_PINS = "/sys/fs/bpf/xdp-filter"
+XDP_FILTER_SRC = 1
 
 @contextmanager
 def enforcing(name: str, topo: Topology, rules: int, ir: IR, xdp_drop: int) -> Iterator[float]:
@@ -66,6 +84,9 @@ def program_ids(name: str, topo: Topology, xdp_drop: int) -> list[int]:
     """Ids of the BPF programs enforcer `name` runs (none for the netfilter ones)."""
     if name == "xdp-drop":
         return [bpfsys.prog_info(xdp_drop).id]
+    if name == "xdp-filter":
+        link = json.loads(topo.exec(topo.router, "ip", "-j", "-d", "link", "show", "r-gen").stdout)[0]
+        return [int(link["xdp"]["prog"]["id"])]
     if not name.startswith("ebpf-"):
         return []
     return list(ebpf.program_ids(Scope(topo.router)).values())
@@ -151,6 +172,28 @@ def _nft(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], No
     return up, down
 
 
+def _xdp_filter(topo: Topology, rules: int, ir: IR, drop: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    def xdp_filter(*args: str, check: bool = True) -> None:
+        # nsenter, not `ip netns exec`: that mounts a sysfs of its own, without the bpffs.
+        run("nsenter", f"--net=/run/netns/{topo.router}", "xdp-filter", *args, check=check)
+
+    def up() -> None:
+        xdp_filter("load", "--mode", "skb", "--policy", "allow", "r-gen")
+        xdp_filter("port", "--mode", "dst", "--proto", "tcp", str(policies.DENIED_PORT))
+        # Written into its pinned list directly: a process per entry takes minutes at 10k.
+        fd = bpfsys.obj_get(f"{XDP_FILTER_PINS}/filter_ipv4")
+        try:
+            source = XDP_FILTER_SRC.to_bytes(8, sys.byteorder) * bpfsys.possible_cpus()
+            for f in policies.fillers(policies.filler_count(rules)):
+                bpfsys.map_update(fd, ipaddress.IPv4Address(f.src).packed, source)
+        finally:
+            os.close(fd)
+
+    def down() -> None:
+        xdp_filter("unload", "r-gen", check=False)
+    return up, down
+
+
 _SETUPS: dict[str, Setup] = {
     "none": _none,
     "xdp-drop": _xdp_drop,
@@ -160,4 +203,5 @@ _SETUPS: dict[str, Setup] = {
     "iptables": _isoebpf("iptables", "auto"),
     "iptables-ipset": _iptables_ipset,
     "nft": _nft,
+    "xdp-filter": _xdp_filter,
 }

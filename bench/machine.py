@@ -66,6 +66,7 @@ def describe() -> dict[str, Any]:
             "ipset": _first_line("ipset", "-v"),
             "trafgen": _first_line("trafgen", "-v"),
             "iperf3": _first_line("iperf3", "-v"),
+            "xdp-filter": _first_line("xdp-filter", "load", "--version"),
         },
         "taken_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

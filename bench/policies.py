@@ -24,6 +24,8 @@ from tests.bpf.cases import POLICY
 
 # The benchmark's own allowed traffic: iperf3's port, TCP and UDP, HR to IT.
 BENCH_PORT = 5201
+# The port of the denied SYNs (B2, B4): no rule allows it from HR to IT.
+DENIED_PORT = 22
 BENCH_RULE = f"  - {{from: hr, to: it, ports: [tcp/{BENCH_PORT}, udp/{BENCH_PORT}]}}"
 CASE_RULES = 3  # the allow rules POLICY brings
 

@@ -34,10 +34,13 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
            f"{m['load_average'][0]} / {m['load_average'][1]}",
            f"- Kernel {m['kernel']}, {m['os']}",
            f"- bcc {v['bcc']}, {v['iptables']}, {v['nft']}, {v['ipset']}, {v['trafgen']}, {v['iperf3']}, "
-           f"Python {v['python']}", ""]
+           + (f"{v['xdp-filter']}, " if "xdp-filter" in v else "") + f"Python {v['python']}", ""]
     for family, when in results.get("remeasured", {}).items():
-        out += [f"- **{family}** was measured again on {when}, after a change to the code it measures "
-                "(`python -m bench --only FAMILY --into JSON`); the other sections are from the run above.", ""]
+        load = results.get("remeasured_load", {}).get(family)
+        out += [f"- **{family}** was measured again on {when}"
+                + (f" (load average {load[0]} / {load[1]} at its start)" if load else "")
+                + ", after a change to the code it measures (`python -m bench --only FAMILY --into JSON`); "
+                "the other sections are from the run above.", ""]
     out += ["## Targets", "", "| target | bound | measured | met |", "|---|---|---|---|"]
     for t in evaluate(results):
         met = "not measured" if t.met is None else ("yes" if t.met else "**no**")
@@ -69,10 +72,11 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 out.append(f"| {e} | {fmt(row['processed_pps'])} | {fmt(row['answers_pps'])} | "
                            f"{fmt(row['cpu_ns_per_packet'])} | {fmt(row['generator_share'], 100)} % | "
                            f"{fmt(row.get('program_ns_per_packet'))} |")
-        out += ["", "`none` forwards the SYNs (the sink answers them); `xdp-drop` and `ebpf-xdp-drop` answer "
-                "nothing; the others answer each with a reset, which the generator's namespace receives on the "
-                "same CPU. The last column is the kernel's own account of the time the router's ingress programs "
-                "took per packet (bpf_stats, over a second, shorter window), where the enforcer is a BPF program.",
+        out += ["", "`none` forwards the SYNs (the sink answers them); `xdp-drop`, `ebpf-xdp-drop` and "
+                "`xdp-filter` answer nothing; the others answer each with a reset, which the generator's "
+                "namespace receives on the same CPU. The last column is the kernel's own account of the time "
+                "the router's ingress programs took per packet (bpf_stats, over a second, shorter window), where "
+                "the enforcer is a BPF program.",
                 "",
                 f"## B3: allowed traffic ({low} rules)", "",
                 "| enforcer | TCP Gbit/s (iperf3) | UDP 64-byte pps, one established flow | CPU ns per packet |",
@@ -93,6 +97,17 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                              f"{fmt(denied_row['processed_pps'])} / {fmt(_get(tcp_scaled, 'gbit_s'), digits=2)}")
             if any(c != "-" for c in cells) and e not in ("none", "xdp-drop"):
                 out.append(f"| {e} | " + " | ".join(cells) + " |")
+        if traffic_row(results, "xdp-filter", "denied", low):
+            out += ["", "`xdp-filter` (xdp-tools) does not enforce the policy: it matches one field at a time "
+                    "(an exact IPv4/IPv6 address as source or destination, a TCP/UDP port, a MAC) against "
+                    "lists and drops what matches (or, under its deny policy, passes only that). It has no "
+                    "prefixes, so no overlay; no (source, destination, port) combination, so no allow rule "
+                    "between two overlays; no connection tracking, so no replies let back; no exceptions, "
+                    "hairpins or REJECT. What it can express here is what the traffic needs: drop TCP to "
+                    "the denied SYNs' port, pass the rest; beside that rule, one source-address entry per "
+                    "filler rule, which no benchmark packet matches, so that its lists grow with the rules "
+                    "as our tables do (hash lookups: its cost does not depend on their number). It is the "
+                    "floor of a useful XDP filter on this machine, not an equivalent of the policy."]
         if any(r["measure"] == "new" for r in results["traffic"]):
             out += ["", f"## B5: connection tracking ({low} rules; forwarded 64-byte UDP pps)", "",
                     "| enforcer | every packet a new connection | all packets of one established connection |",

@@ -67,9 +67,15 @@ def discard(results: dict[str, Any]) -> list[Target]:
     ours = _median(traffic_row(results, "ebpf-xdp-drop", "denied"), "processed_pps")
     ceiling = _median(traffic_row(results, "xdp-drop", "denied"), "processed_pps")
     ipt = _median(traffic_row(results, "iptables", "denied"), "processed_pps")
+    ours_ns, bare_ns = (_median(r, "program_ns_per_packet") if r and "program_ns_per_packet" in r else None
+                        for r in (traffic_row(results, "ebpf-xdp-drop", "denied"),
+                                  traffic_row(results, "xdp-drop", "denied")))
     return [
         _at_least("B2: XDP discard (drop) >= 95 % of bare XDP_DROP", ">= 0.95", 0.95, ours, ceiling,
                   lambda o, b: f"{o / b:.2f} ({o:,.0f} vs {b:,.0f} pps)"),
+        # At most twice the time is at least half the speed: the same comparison, inverted.
+        _at_least("B2: XDP program time per denied packet <= 2 x bare XDP_DROP's (bpf_stats)", "<= 2.0", 0.5,
+                  bare_ns, ours_ns, lambda b, o: f"{o / b:.1f} x ({o:,.0f} vs {b:,.0f} ns)"),
         _at_least("B2: XDP discard (drop) >= 3 x iptables REJECT", ">= 3.0", 3, ours, ipt,
                   lambda o, b: f"{o / b:.2f} x ({o:,.0f} vs {b:,.0f} pps)"),
     ]

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 from isoebpf.backends import links
@@ -80,6 +81,12 @@ class Topology(Resource):
         server = subprocess.Popen(["ip", "netns", "exec", self.sink, "iperf3", "-s", "-p", "5201", "-A", str(SINK_CPU)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         self._servers.append(server)
+        # Listening before the first client: on a busy machine that came after it (no result).
+        deadline = time.monotonic() + 10
+        while not self.exec(self.sink, "ss", "-Hltn", "sport = :5201").stdout.strip():
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("iperf3's server in the sink is not listening")
+            time.sleep(0.05)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """rx/tx packets of every interface on the path, by '<netns role>:<dev>'."""

@@ -66,7 +66,7 @@ def trafgen_config(kind: str, macs: dict[str, str], topo: Topology) -> str:
     eth = f"eth(da={macs['r-gen']}, sa={macs[topo.gen]})"
     ip = f"ipv4(sa={GEN_ADDR}, da={SINK_ADDR}, ttl=64)"
     if kind == "denied":
-        transport = "tcp(sp=drnd(), dp=22, syn), fill(0x00, 6)"
+        transport = f"tcp(sp=drnd(), dp={policies.DENIED_PORT}, syn), fill(0x00, 6)"
     elif kind == "flow":
         transport = f"udp(sp={FLOW_SPORT}, dp={policies.BENCH_PORT}), fill(0x41, 18)"
     else:

@@ -80,6 +80,11 @@
 #define FLOW_FIN_ORIG  1 /* the connection's opener sent FIN */
 #define FLOW_FIN_REPLY 2 /* the other side sent FIN */
 #define FLOW_CLOSING   4 /* RST seen, or FIN both ways: alive for tcp_closing only */
+#define FLOW_OPEN      8 /* this end opened a connection (flow_entry.opened) */
+
+/* flow_entry.opened's index: which end of the key opened the connection. */
+#define FLOW_BY_SRC 0
+#define FLOW_BY_DST 1
 
 /* classes_v4: prefixlen = CLASS_FIXED_BITS + the network's prefix length. */
 struct class_v4_key {
@@ -132,9 +137,11 @@ struct rule_value {
 };
 
 /*
- * A connection, as its first packet saw it: src is the opener. IPv4
- * addresses fill the first 4 bytes, the other 12 are zero. TCP and UDP carry
- * their ports, ICMP echo its identifier as both ports, other protocols zeros.
+ * A pair of endpoints, in the datapath's canonical order (conntrack.h's
+ * flow_canonical), so that both directions of a connection find it with one
+ * lookup; which end opened it is in the value (flow_entry). IPv4 addresses
+ * fill the first 4 bytes, the other 12 are zero. TCP and UDP carry their
+ * ports, ICMP echo its identifier as both ports, other protocols zeros.
  * proto is the IP protocol (ICMPv6 is 58 here, not PROTO_ICMP).
  */
 struct flow_key {
@@ -152,6 +159,16 @@ struct flow_state {
 	__u32 gen; /* the generation that last allowed the connection */
 	__u8 flags;
 	__u8 pad[3];
+};
+
+/*
+ * conntrack's value: the connection each end of the key opened, if it did
+ * (FLOW_OPEN). Almost always one end; both only when each opened its own,
+ * as an exception's traffic may beside a connection the other way. Each is
+ * judged, refreshed and cut on its own, as two entries would be.
+ */
+struct flow_entry {
+	struct flow_state opened[2]; /* index FLOW_BY_SRC, FLOW_BY_DST */
 };
 
 /* A datagram's fragments: IPv4 ids are 16 bits, IPv6 ids 32. */
@@ -191,7 +208,11 @@ struct params {
 	 * that their replies are not counted as denials too.
 	 */
 	__u32 audit;
-	__u32 pad;
+	/*
+	 * 1 when the generation has exceptions; 0 spares every packet between
+	 * overlays the exception lookup (a hash of a class pair, ~5-10 ns).
+	 */
+	__u32 has_exceptions;
 };
 
 struct counter {

@@ -17,6 +17,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "conntrack.h"
+#include "clock.h"
 
 struct verdict {
 	__u32 gen; /* the generation that judged the packet */
@@ -88,13 +89,17 @@ static __always_inline int between_overlays(__u32 gen, __u8 family, const __u8 *
 }
 
 /* The exception rule that leaves this pair unfiltered, or 0 (rule ids start at 16). */
-static __always_inline __u32 exception_rule(__u32 gen, const struct endpoints *ends)
+static __always_inline __u32 exception_rule(__u32 gen, const struct params *p,
+					    const struct endpoints *ends)
 {
 	struct exception_key key = { .slot = policy_slot(gen),
 				     .src_class = ends->src.class_id,
 				     .dst_class = ends->dst.class_id };
-	struct rule_value *rule = exceptions.lookup(&key);
+	struct rule_value *rule;
 
+	if (!p->has_exceptions)
+		return 0;
+	rule = exceptions.lookup(&key);
 	return rule ? rule->rule : 0;
 }
 
@@ -129,42 +134,48 @@ static __always_inline void judge_by_policy(__u32 gen, const struct params *p,
 }
 
 /*
- * Would the active policy allow this connection's first packet (a TCP SYN,
- * an echo request)? evaluate.Conntrack.revalidate asks the same.
+ * Would the active policy allow the first packet (a TCP SYN, an echo
+ * request) of the connection end `by` of the key opened?
+ * evaluate.Conntrack.revalidate asks the same.
  */
 static __always_inline int first_packet_allowed(__u32 gen, const struct params *p,
-						const struct flow_key *key)
+						const struct flow_key *key, int by)
 {
+	const __u8 *src = by == FLOW_BY_SRC ? key->src : key->dst;
+	const __u8 *dst = by == FLOW_BY_SRC ? key->dst : key->src;
 	struct endpoints ends;
 	struct verdict v;
 
-	if (!between_overlays(gen, key->family, key->src, key->dst, &ends))
+	if (!between_overlays(gen, key->family, src, dst, &ends))
 		return 1;
-	if (exception_rule(gen, &ends))
+	if (exception_rule(gen, p, &ends))
 		return 1;
-	judge_by_policy(gen, p, &ends, key->proto, key->dport, &v);
+	judge_by_policy(gen, p, &ends, key->proto, by == FLOW_BY_SRC ? key->dport : key->sport, &v);
 	return v.action == ACTION_ALLOW;
 }
 
 /*
- * A tracked connection that is alive and still allowed, or NULL.
+ * The connection end `by` of the key opened, if it is alive and still
+ * allowed; else NULL.
  *
- * Lazy revocation: an entry remembers the generation that last allowed it.
- * Under a newer one its first packet is judged again; if the new policy
- * would not allow it, the entry goes and the packet is judged afresh.
+ * Lazy revocation: a connection remembers the generation that last allowed
+ * it. Under a newer one its first packet is judged again; if the new policy
+ * would not allow it, it is closed (the entry stays for the other end's, or
+ * for the LRU or the next sweep to take) and the packet is judged afresh.
  * (program.activate also sweeps the table after a flip, so a connection cut
  * by one policy stays cut even if no packet of it passed until the next.)
  */
-static __always_inline struct flow_state *flow_live(struct flow_key *key, __u32 gen,
-						    const struct params *p, __u64 now)
+static __always_inline struct flow_state *flow_live(struct flow_entry *entry, int by,
+						    const struct flow_key *key, __u32 gen,
+						    const struct params *p, struct clock *clock)
 {
-	struct flow_state *state = conntrack.lookup(key);
+	struct flow_state *state = &entry->opened[by & 1];
 
-	if (!state || flow_expired(key, state, p, now))
+	if (!(state->flags & FLOW_OPEN) || flow_expired(key->proto, state, p, clock_now(clock)))
 		return NULL;
 	if (state->gen != gen) {
-		if (!first_packet_allowed(gen, p, key)) {
-			conntrack.delete(key);
+		if (!first_packet_allowed(gen, p, key, by)) {
+			state->flags = 0;
 			return NULL;
 		}
 		state->gen = gen;
@@ -174,29 +185,35 @@ static __always_inline struct flow_state *flow_live(struct flow_key *key, __u32 
 
 /*
  * An exception's traffic is not filtered but is tracked, so that its
- * replies (which the exception may not cover) pass as established.
+ * replies (which the exception may not cover) pass as established. Only a
+ * connection this end opened counts (evaluate.decide), not one the other did.
  */
 static __always_inline void track_exception_flow(const struct packet *pkt, __u32 gen,
-						 const struct params *p, __u64 now)
+						 const struct params *p, struct clock *clock)
 {
+	struct flow_state *state = NULL;
+	struct flow_entry *entry;
 	struct flow_key key = {};
-	struct flow_state *state;
+	int by;
 
 	if (!flow_key_of(pkt, &key))
 		return;
-	state = flow_live(&key, gen, p, now);
+	by = flow_canonical(&key);
+	entry = conntrack.lookup(&key);
+	if (entry)
+		state = flow_live(entry, by, &key, gen, p, clock);
 	if (state)
-		flow_advance(state, key.proto, pkt, 1, now);
+		flow_advance(state, key.proto, pkt, 1, clock_now(clock));
 	else
-		flow_start(&key, gen, now);
+		flow_start(&key, entry, by, gen, clock_now(clock));
 }
 
 /* Contract 5: a later fragment follows its first fragment; without one it is dropped. */
 static __always_inline void follow_first_fragment(const struct packet *pkt,
-						  const struct params *p, __u64 now,
+						  const struct params *p, struct clock *clock,
 						  struct verdict *v)
 {
-	struct fragment_verdict *first = fragment_recall(pkt, p, now);
+	struct fragment_verdict *first = fragment_recall(pkt, p, clock_now(clock));
 
 	if (!first) {
 		settle(v, ACTION_DROP, RULE_FRAGMENT);
@@ -232,32 +249,45 @@ static __always_inline int flow_to_look_up(const struct packet *pkt, struct flow
 
 /* Contract step 2 for a filtered packet that is not a later fragment. */
 static __always_inline void judge_filtered(const struct packet *pkt, const struct endpoints *ends,
-					   __u32 gen, const struct params *p, __u64 now,
+					   __u32 gen, const struct params *p, struct clock *clock,
 					   struct verdict *v)
 {
-	struct flow_key candidates[2] = {};
+	int icmp_error = is_icmp_error_about_flow(pkt->proto, pkt->icmp_type);
+	struct flow_entry *entry = NULL;
+	struct flow_key key = {};
 	struct flow_state *state;
-	int from_opener;
+	int by = FLOW_BY_SRC;
+	int tracked;
 	int i;
 
 	if (pkt->truncated) {
 		settle(v, ACTION_DROP, RULE_MALFORMED);
 		return;
 	}
-	/* Contract 2a: a tracked connection in either direction, or an ICMP error about one. */
-	if (flow_to_look_up(pkt, &candidates[0])) {
-		flow_reverse(&candidates[0], &candidates[1]);
-		/* Not unrolled: one copy of flow_live (and its policy lookups) keeps the stack small. */
+	/*
+	 * Contract 2a: a tracked connection in either direction, or an ICMP error
+	 * about one. Both directions share one entry: one lookup, and each packet
+	 * that finds none (every denied one) costs one miss, not two.
+	 */
+	tracked = flow_to_look_up(pkt, &key);
+	if (tracked) {
+		by = flow_canonical(&key);
+		entry = conntrack.lookup(&key);
+	}
+	if (entry) {
+		/*
+		 * The connection this end opened first, then the one the other end
+		 * did, as evaluate.decide tries (key, reverse(key)). Not unrolled: one
+		 * copy of flow_live (and its policy lookups) keeps the stack small.
+		 */
 #pragma clang loop unroll(disable)
 		for (i = 0; i < 2; i++) {
-			state = flow_live(&candidates[i], gen, p, now);
+			state = flow_live(entry, by ^ i, &key, gen, p, clock);
 			if (!state)
 				continue;
 			/* An ICMP error passes but does not count as the connection's traffic. */
-			if (!is_icmp_error_about_flow(pkt->proto, pkt->icmp_type)) {
-				from_opener = i == 0;
-				flow_advance(state, candidates[i].proto, pkt, from_opener, now);
-			}
+			if (!icmp_error)
+				flow_advance(state, key.proto, pkt, i == 0, clock_now(clock));
 			settle(v, ACTION_ALLOW, RULE_ESTABLISHED);
 			return;
 		}
@@ -265,12 +295,13 @@ static __always_inline void judge_filtered(const struct packet *pkt, const struc
 	judge_by_policy(gen, p, ends, pkt->proto, pkt->dport, v);
 	/*
 	 * Contract 3: allowed packets open connections, except a TCP reset, which
-	 * ends one. In audit mode so do denied ones, which pass: their replies are
-	 * then not counted as denials. A switch to enforcing re-judges them.
+	 * ends one, and an ICMP error (key is then the quoted packet's). In audit
+	 * mode so do denied ones, which pass: their replies are then not counted
+	 * as denials. A switch to enforcing re-judges them.
 	 */
-	if ((v->action == ACTION_ALLOW || p->audit) && flow_key_of(pkt, &candidates[0]) &&
+	if ((v->action == ACTION_ALLOW || p->audit) && tracked && !icmp_error &&
 	    !(pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAGS_RST)))
-		flow_start(&candidates[0], gen, now);
+		flow_start(&key, entry, by, gen, clock_now(clock));
 }
 
 /*
@@ -284,7 +315,8 @@ static __always_inline int is_neighbour_discovery(const struct packet *pkt)
 }
 
 /* The verdict for a parsed IP packet. */
-static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct verdict *v)
+static __always_inline void judge_ip(const struct packet *pkt, struct clock *clock,
+				     struct verdict *v)
 {
 	struct endpoints ends;
 	struct params *p;
@@ -304,10 +336,10 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 		settle(v, ACTION_ALLOW, RULE_UNFILTERED);
 		return;
 	}
-	rule = exception_rule(v->gen, &ends);
+	rule = exception_rule(v->gen, p, &ends);
 	if (rule) {
 		if (!pkt->later_fragment)
-			track_exception_flow(pkt, v->gen, p, now);
+			track_exception_flow(pkt, v->gen, p, clock);
 		settle(v, ACTION_ALLOW, rule);
 		return;
 	}
@@ -316,10 +348,10 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
 	v->audit = p->audit;
 	v->between_overlays = ends.src.overlay_id != ends.dst.overlay_id;
 	if (pkt->later_fragment) {
-		follow_first_fragment(pkt, p, now, v);
+		follow_first_fragment(pkt, p, clock, v);
 		return;
 	}
-	judge_filtered(pkt, &ends, v->gen, p, now, v);
+	judge_filtered(pkt, &ends, v->gen, p, clock, v);
 }
 
 /*
@@ -327,19 +359,20 @@ static __always_inline void judge_ip(const struct packet *pkt, __u64 now, struct
  * new policy filters the pair before the later fragments arrive, they still
  * follow their first fragment, so no datagram is judged half by each policy.
  */
-static __always_inline void classify_ip(const struct packet *pkt, __u64 now, struct verdict *v)
+static __always_inline void classify_ip(const struct packet *pkt, struct clock *clock,
+					struct verdict *v)
 {
-	judge_ip(pkt, now, v);
+	judge_ip(pkt, clock, v);
 	if (pkt->first_fragment)
-		fragment_remember(pkt, v->action, v->rule, now);
+		fragment_remember(pkt, v->action, v->rule, clock_now(clock));
 }
 
 /* The verdict for a frame that parse_frame() returned `frame` for. */
-static __always_inline void classify(int frame, const struct packet *pkt, __u64 now,
+static __always_inline void classify(int frame, const struct packet *pkt, struct clock *clock,
 				     struct verdict *v)
 {
 	if (frame == FRAME_IP) {
-		classify_ip(pkt, now, v);
+		classify_ip(pkt, clock, v);
 		return;
 	}
 	v->gen = active_generation();

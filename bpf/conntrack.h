@@ -64,27 +64,44 @@ static __always_inline int quoted_flow_key(const struct packet *pkt, struct flow
 	return 1;
 }
 
-static __always_inline void flow_reverse(const struct flow_key *key, struct flow_key *rev)
+/*
+ * Put the key's endpoints in canonical order: the lower (address, port)
+ * first, comparing the address as two 64-bit words in host order and then
+ * the port as stored (any total order serves; the control plane never
+ * builds a key, it reads which end opened from the value). Returns the end
+ * the key's sender is now: FLOW_BY_SRC, or FLOW_BY_DST when they were swapped.
+ */
+static __always_inline int flow_canonical(struct flow_key *key)
 {
-	rev->family = key->family;
-	rev->proto = key->proto;
-	rev->sport = key->dport;
-	rev->dport = key->sport;
-	__builtin_memcpy(rev->src, key->dst, 16);
-	__builtin_memcpy(rev->dst, key->src, 16);
+	/* The addresses are 8-byte aligned (abi.h): read them a word at a time. */
+	__u64 *src = (__u64 *)key->src;
+	__u64 *dst = (__u64 *)key->dst;
+	__u64 src0 = src[0], src1 = src[1];
+	__be16 port = key->sport;
+
+	if (src0 < dst[0] || (src0 == dst[0] && (src1 < dst[1] ||
+						 (src1 == dst[1] && port <= key->dport))))
+		return FLOW_BY_SRC;
+	src[0] = dst[0];
+	src[1] = dst[1];
+	dst[0] = src0;
+	dst[1] = src1;
+	key->sport = key->dport;
+	key->dport = port;
+	return FLOW_BY_DST;
 }
 
 /* evaluate.Conntrack._expired: idle longer than the timeout for its state. */
-static __always_inline int flow_expired(const struct flow_key *key, const struct flow_state *state,
+static __always_inline int flow_expired(__u8 proto, const struct flow_state *state,
 					const struct params *p, __u64 now)
 {
 	__u64 timeout;
 
 	if (state->flags & FLOW_CLOSING)
 		timeout = p->tcp_closing_timeout_ns;
-	else if (key->proto == IPPROTO_TCP)
+	else if (proto == IPPROTO_TCP)
 		timeout = p->tcp_timeout_ns;
-	else if (is_icmp(key->proto))
+	else if (is_icmp(proto))
 		timeout = p->icmp_timeout_ns;
 	else
 		timeout = p->udp_timeout_ns;
@@ -92,11 +109,36 @@ static __always_inline int flow_expired(const struct flow_key *key, const struct
 	return now > state->last_seen_ns && now - state->last_seen_ns > timeout;
 }
 
-static __always_inline void flow_start(const struct flow_key *key, __u32 gen, __u64 now)
+static __always_inline void flow_open(struct flow_state *state, __u32 gen, __u64 now)
 {
-	struct flow_state state = { .last_seen_ns = now, .gen = gen };
+	state->last_seen_ns = now;
+	state->gen = gen;
+	state->flags = FLOW_OPEN;
+}
 
-	conntrack.update((struct flow_key *)key, &state);
+/*
+ * End `by` of the (canonical) key opens a connection: in the pair's entry
+ * when it has one (`entry`, as looked up), else in a new one.
+ */
+static __always_inline void flow_start(const struct flow_key *key, struct flow_entry *entry, int by,
+				       __u32 gen, __u64 now)
+{
+	struct flow_entry fresh = {};
+
+	if (!entry) {
+		flow_open(by == FLOW_BY_SRC ? &fresh.opened[FLOW_BY_SRC] : &fresh.opened[FLOW_BY_DST],
+			  gen, now);
+		if (!conntrack.insert((struct flow_key *)key, &fresh))
+			return;
+		/*
+		 * Another CPU made the pair's entry since our lookup (its other end
+		 * opening at the same moment): join it rather than overwrite it.
+		 */
+		entry = conntrack.lookup((struct flow_key *)key);
+		if (!entry)
+			return;
+	}
+	flow_open(&entry->opened[by & 1], gen, now);
 }
 
 /*

@@ -20,6 +20,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "conntrack.h"
+#include "clock.h"
 #include "classify.h"
 #include "reject.h"
 #include "route.h"
@@ -28,27 +29,37 @@
 /* Headers a TC parse may need linear: Ethernet, VLAN tags, IPv6 and extensions, a quote. */
 #define TC_PARSE_BYTES 256
 
-int xdp_isoebpf(struct xdp_md *ctx)
+/* XDP's verdict on the frame, parsed into the CPU's scratch pkt. */
+static __always_inline int xdp_judge(struct xdp_md *ctx, struct packet *pkt)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 frame_len = data_end - data;
-	__u64 now = bpf_ktime_get_ns();
-	struct packet pkt = {};
+	struct clock clock = {};
 	struct verdict v = {};
 	int frame;
 	int ret;
 
-	frame = parse_frame(data, data_end, &pkt);
-	classify(frame, &pkt, now, &v);
+	__builtin_memset(pkt, 0, sizeof(*pkt));
+	frame = parse_frame(data, data_end, pkt);
+	classify(frame, pkt, &clock, &v);
 	if (v.action == ACTION_ALLOW || v.audit)
 		ret = XDP_PASS;
-	else if (v.action == ACTION_REJECT && !xdp_reply(ctx, &pkt, frame_len))
+	else if (v.action == ACTION_REJECT && !xdp_reply(ctx, pkt, frame_len))
 		ret = XDP_TX;
 	else
 		ret = XDP_DROP;
-	record_verdict(ctx->ingress_ifindex, frame_len, &pkt, &v, now);
+	record_verdict(ctx->ingress_ifindex, frame_len, pkt, &v, &clock);
 	return ret;
+}
+
+int xdp_isoebpf(struct xdp_md *ctx)
+{
+	int scratch = 0;
+	struct packet *pkt = packets.lookup(&scratch);
+
+	/* The lookup cannot fail (index 0 of a one-entry array); the verifier wants the check. */
+	return pkt ? xdp_judge(ctx, pkt) : XDP_DROP;
 }
 
 /* TC's verdict on skb, parsed into the CPU's scratch pkt. */
@@ -57,7 +68,7 @@ static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u32 skb_len = skb->len;
-	__u64 now = bpf_ktime_get_ns();
+	struct clock clock = {};
 	struct verdict v = {};
 	int forward = 0;
 	int frame;
@@ -77,7 +88,7 @@ static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 		__builtin_memset(pkt, 0, sizeof(*pkt));
 		frame = parse_frame(data, data_end, pkt);
 	}
-	classify(frame, pkt, now, &v);
+	classify(frame, pkt, &clock, &v);
 	/*
 	 * UNSPEC rather than OK for "allow": filters of other tools after ours on
 	 * the same hook still get their say. The mark tells a firewall further on
@@ -95,7 +106,7 @@ static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 		ret = bpf_redirect(skb->ifindex, 0);
 	else
 		ret = TC_ACT_SHOT;
-	record_verdict(skb->ifindex, skb_len, pkt, &v, now);
+	record_verdict(skb->ifindex, skb_len, pkt, &v, &clock);
 	if (forward)
 		forwarders.call(skb, FORWARDER); /* returns only if the forwarder is missing */
 	return ret;
@@ -104,7 +115,7 @@ static __always_inline int tc_judge(struct __sk_buff *skb, struct packet *pkt)
 int tc_isoebpf(struct __sk_buff *skb)
 {
 	int scratch = 0;
-	struct packet *pkt = tc_packets.lookup(&scratch);
+	struct packet *pkt = packets.lookup(&scratch);
 
 	/* The lookup cannot fail (index 0 of a one-entry array); the verifier wants the check. */
 	return pkt ? tc_judge(skb, pkt) : TC_ACT_SHOT;

@@ -17,7 +17,7 @@
 #define ISOEBPF_MAPS_H
 
 #include "abi.h"
-#include "parse.h" /* struct packet, for tc_packets */
+#include "parse.h" /* struct packet, for packets */
 
 #ifndef ISOEBPF_MAX_CLASSES
 #define ISOEBPF_MAX_CLASSES 16384
@@ -94,12 +94,13 @@ BPF_F_TABLE("lpm_trie", struct allow_key, struct rule_value, allowed, ISOEBPF_MA
 	    BPF_F_NO_PREALLOC);
 
 /*
- * Tracked connections, under their first packet's flow. Written by the
- * program (new connection, refresh, FIN/RST, lazy revocation) and by
- * program.activate (deletes connections a new policy forbids); read per
- * filtered packet. LRU: when full, the longest idle connection goes first,
- * and its next packet is judged afresh (fails closed). Size: concurrent
- * connections between overlays.
+ * Tracked connections, under their endpoints in canonical order: one lookup
+ * per filtered packet, whichever way it travels (the value says which end
+ * opened). Written by the program (new connection, refresh, FIN/RST, lazy
+ * revocation) and by program.activate (cuts connections a new policy
+ * forbids). LRU: when full, the longest idle pair goes first, and its next
+ * packet is judged afresh (fails closed). Size: concurrent pairs of
+ * endpoints between overlays.
  *
  * A policy that outgrows the maps in force moves to a program compiled anew
  * with larger ones; that program shares this table (and `fragments`) with
@@ -107,10 +108,10 @@ BPF_F_TABLE("lpm_trie", struct allow_key, struct rule_value, allowed, ISOEBPF_MA
  * no connection is forgotten when each interface switches programs.
  */
 #ifdef ISOEBPF_CONNTRACK_PIN
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_state, conntrack, ISOEBPF_MAX_CONNECTIONS,
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conntrack, ISOEBPF_MAX_CONNECTIONS,
 		 ISOEBPF_CONNTRACK_PIN);
 #else
-BPF_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, ISOEBPF_MAX_CONNECTIONS);
+BPF_TABLE("lru_hash", struct flow_key, struct flow_entry, conntrack, ISOEBPF_MAX_CONNECTIONS);
 #endif
 
 /*
@@ -171,10 +172,11 @@ BPF_PERCPU_ARRAY(event_tokens, struct token_bucket, 1);
 BPF_PROG_ARRAY(forwarders, 1);
 
 /*
- * Each CPU's parsed packet for tc_isoebpf, index 0: the TC program's stack
- * (REJECT answers, the tail call) has no room for it. The program's own scratch.
+ * Each CPU's parsed packet, index 0, for both programs: their stacks (the
+ * classifier's keys, REJECT answers, the tail call) have no room for it. A
+ * CPU runs one program at a time to its end. The programs' own scratch.
  */
-BPF_PERCPU_ARRAY(tc_packets, struct packet, 1);
+BPF_PERCPU_ARRAY(packets, struct packet, 1);
 
 /* Each CPU's route lookup for tc_forward, index 0. The program's own scratch. */
 BPF_PERCPU_ARRAY(route_lookup, struct bpf_fib_lookup, 1);

@@ -13,6 +13,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "classify.h"
+#include "clock.h"
 
 #define ONE_SECOND_NS 1000000000ULL
 
@@ -36,12 +37,13 @@ static __always_inline void count_verdict(const struct verdict *v, __u64 bytes)
  * worth, kept in billionths of a token so that refilling needs no division.
  * Returns the CPU's bucket when it allows an event, else NULL.
  */
-static __always_inline struct token_bucket *event_budget_allows(__u64 now)
+static __always_inline struct token_bucket *event_budget_allows(struct clock *clock)
 {
 	struct token_bucket *bucket;
 	__u32 *rate;
 	__u64 elapsed;
 	__u64 full;
+	__u64 now;
 	int index = 0;
 
 	rate = event_rate.lookup(&index);
@@ -50,6 +52,7 @@ static __always_inline struct token_bucket *event_budget_allows(__u64 now)
 	bucket = event_tokens.lookup(&index);
 	if (!bucket)
 		return NULL;
+	now = clock_now(clock);
 	full = *rate * ONE_SECOND_NS;
 	elapsed = now > bucket->refilled_ns ? now - bucket->refilled_ns : 0;
 	/* Capped, so that elapsed * rate cannot overflow 64 bits. */
@@ -73,9 +76,9 @@ static __always_inline struct token_bucket *event_budget_allows(__u64 now)
  * fails only when the ring is full (the reader is behind): counted as lost.
  */
 static __always_inline void emit_event(__u32 ifindex, const struct packet *pkt,
-				       const struct verdict *v, __u64 now)
+				       const struct verdict *v, struct clock *clock)
 {
-	struct token_bucket *bucket = event_budget_allows(now);
+	struct token_bucket *bucket = event_budget_allows(clock);
 	struct verdict_event *event;
 	struct flow_key flow = {};
 
@@ -86,7 +89,7 @@ static __always_inline void emit_event(__u32 ifindex, const struct packet *pkt,
 		bucket->lost++; /* per-CPU: no other CPU writes this bucket */
 		return;
 	}
-	event->timestamp_ns = now;
+	event->timestamp_ns = clock_now(clock);
 	event->ifindex = ifindex;
 	event->rule = v->rule;
 	event->family = pkt->family;
@@ -106,10 +109,10 @@ static __always_inline void emit_event(__u32 ifindex, const struct packet *pkt,
 
 /* The one exit of both programs: count the verdict, and trace it if asked. */
 static __always_inline void record_verdict(__u32 ifindex, __u64 bytes, const struct packet *pkt,
-					   const struct verdict *v, __u64 now)
+					   const struct verdict *v, struct clock *clock)
 {
 	count_verdict(v, bytes);
-	emit_event(ifindex, pkt, v, now);
+	emit_event(ifindex, pkt, v, clock);
 }
 
 #endif /* ISOEBPF_STATS_H */

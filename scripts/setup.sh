@@ -22,6 +22,7 @@ fi
 #   conntrack           inspecting and cutting connection-tracking entries
 #   iperf3 socat        real traffic in the integration tests and benchmarks
 #   netsniff-ng         trafgen: the benchmarks' packet generator (one pinned process)
+#   xdp-tools           xdp-filter: the XDP project's own filter, the benchmarks' XDP peer
 #   python3-matplotlib  the benchmarks' plots (the venv sees system site-packages)
 #   vagrant             `vagrant validate` keeps vagrant/Vagrantfile valid
 #   graphviz            `make architecture` draws docs/architecture.svg with dot
@@ -39,7 +40,7 @@ fi
 #   chromium            the live page's test opens it in a real headless browser (Playwright
 #                       drives this one; it never downloads a browser of its own)
 packages=(python3-bpfcc python3-venv linux-headers-amd64 iproute2 ethtool
-          iptables ipset nftables conntrack iperf3 socat netsniff-ng python3-matplotlib vagrant
+          iptables ipset nftables conntrack iperf3 socat netsniff-ng xdp-tools python3-matplotlib vagrant
           graphviz etcd-server etcd-client openssl docker.io busybox-static prometheus chromium)
 missing=()
 for p in "${packages[@]}"; do

@@ -24,7 +24,7 @@ C_TYPES = {"__u8": (1, False), "__u16": (2, False), "__be16": (2, True), "__u32"
            "__be32": (4, True), "__u64": (8, False)}
 DEFINE = re.compile(r"^#define\s+([A-Z_0-9]+)\s+(\d+)\b", re.MULTILINE)
 STRUCT = re.compile(r"^struct\s+(\w+)\s*\{(.*?)^\};", re.MULTILINE | re.DOTALL)
-FIELD = re.compile(r"^\s*(\w+)\s+(\w+)(?:\[(\d+)\])?;", re.MULTILINE)
+FIELD = re.compile(r"^\s*((?:struct\s+)?\w+)\s+(\w+)(?:\[(\d+)\])?;", re.MULTILINE)
 
 
 def header_constants() -> dict[str, int]:
@@ -38,14 +38,20 @@ def header_structs() -> dict[str, list[tuple[str, str, int]]]:
 
 
 def c_layout(fields: list[tuple[str, str, int]]) -> tuple[list[tuple[str, int, int, bool]], int]:
-    """(field, offset, size, big-endian) with natural alignment, and the struct size."""
+    """(field, offset, size, big-endian) with natural alignment, and the struct size.
+    A field of an earlier struct of the header takes that struct's size and alignment."""
     offset, align, layout = 0, 1, []
     for ctype, name, count in fields:
-        size, big = C_TYPES[ctype]
-        offset = (offset + size - 1) // size * size
+        if ctype.startswith("struct"):
+            inner = header_structs()[ctype.split()[1]]
+            size, big = c_layout(inner)[1], False
+            field_align = max(C_TYPES[t][0] for t, _, _ in inner)
+        else:
+            (size, big), field_align = C_TYPES[ctype], C_TYPES[ctype][0]
+        offset = (offset + field_align - 1) // field_align * field_align
         layout.append((name, offset, size * count, big))
         offset += size * count
-        align = max(align, size)
+        align = max(align, field_align)
     return layout, (offset + align - 1) // align * align
 
 

@@ -23,12 +23,13 @@ def traffic(rules: int, enforcer: str, measure: str, **metrics: float) -> dict[s
 
 
 def results(ebpf_xdp: float = 400e3, ebpf_tc: float = 400e3, iptables: float = 150e3,
-            at_high: float = 390e3, iptables_high: float = 5e3) -> dict[str, Any]:
+            at_high: float = 390e3, iptables_high: float = 5e3, ebpf_xdp_ns: float = 35) -> dict[str, Any]:
     return {
         "b1": [{"rules": n, "prog": "xdp", "path": "denied", "ns": s(ns)} for n, ns in ((10, 200), (100000, 380))],
         "traffic": [
-            traffic(10, "xdp-drop", "denied", processed_pps=410e3, answers_pps=0),
-            traffic(10, "ebpf-xdp-drop", "denied", processed_pps=ebpf_xdp, answers_pps=0),
+            traffic(10, "xdp-drop", "denied", processed_pps=410e3, answers_pps=0, program_ns_per_packet=20),
+            traffic(10, "ebpf-xdp-drop", "denied", processed_pps=ebpf_xdp, answers_pps=0,
+                    program_ns_per_packet=ebpf_xdp_ns),
             traffic(10, "ebpf-tc", "denied", processed_pps=ebpf_tc, answers_pps=ebpf_tc),
             traffic(10, "iptables", "denied", processed_pps=iptables, answers_pps=iptables),
             traffic(10, "none", "tcp", gbit_s=10.0),
@@ -86,7 +87,7 @@ def verdicts(doc: dict[str, Any]) -> dict[str, bool | None]:
 
 def test_every_target_judged_from_a_full_document() -> None:
     got = verdicts(results())
-    assert len(got) == 18
+    assert len(got) == 19
     assert [name for name, met in got.items() if not met] == [
         "B2: XDP discard (drop) >= 3 x iptables REJECT",
         "B2: REJECT answers by the program (auto mode) >= 3 x iptables REJECT",
@@ -106,8 +107,9 @@ def test_every_target_judged_from_a_full_document() -> None:
 
 
 def test_targets_move_with_the_numbers() -> None:
-    got = verdicts(results(ebpf_xdp=380e3, iptables=50e3, at_high=300e3, iptables_high=10e3))
+    got = verdicts(results(ebpf_xdp=380e3, iptables=50e3, at_high=300e3, iptables_high=10e3, ebpf_xdp_ns=209))
     assert got["B2: XDP discard (drop) >= 95 % of bare XDP_DROP"] is False  # 380k < 0.95 x 410k
+    assert got["B2: XDP program time per denied packet <= 2 x bare XDP_DROP's (bpf_stats)"] is False  # 209 > 2 x 20
     assert got["B2: XDP discard (drop) >= 3 x iptables REJECT"] is True
     assert got["B4: eBPF (auto) discard at the most rules >= 90 % of 10 rules"] is False
     assert got["B4: eBPF (auto) discard at the most rules >= 50 x iptables plain rules"] is False

@@ -172,7 +172,7 @@ def test_maps_taken_over_from_the_running_program_cost_no_new_memory() -> None:
     whole = capacity.map_bytes(sizes, {"classes_v4": 10}, cpus=2)
     shared = capacity.map_bytes(sizes, {"classes_v4": 10}, cpus=2, shared=("conntrack", "fragments"))
     connections = sizes["ISOEBPF_MAX_CONNECTIONS"] * (ctypes.sizeof(abi.FlowKey)
-                                                      + ctypes.sizeof(abi.FlowState) + 64)
+                                                      + ctypes.sizeof(abi.FlowEntry) + 64)
     fragments = sizes["ISOEBPF_MAX_FRAGMENTS"] * (ctypes.sizeof(abi.FragmentKey)
                                                   + ctypes.sizeof(abi.FragmentVerdict) + 64)
     assert whole - shared == connections + fragments

@@ -56,13 +56,17 @@ ALLOW_FIXED_BITS = 96
 FLOW_FIN_ORIG = 1
 FLOW_FIN_REPLY = 2
 FLOW_CLOSING = 4
+FLOW_OPEN = 8
+
+FLOW_BY_SRC = 0
+FLOW_BY_DST = 1
 
 # Every map the program declares (bpf/maps.h), in declaration order: what the
 # backend pins and opens.
 MAP_NAMES = (
     "config", "params", "classes_v4", "classes_v6", "exceptions", "hairpins", "allowed",
     "conntrack", "fragments", "counters", "events", "event_rate", "event_tokens", "forwarders",
-    "tc_packets", "route_lookup",
+    "packets", "route_lookup",
 )
 
 # The compile-time constant that sizes each map, for messages that say what to raise.
@@ -129,6 +133,10 @@ class FlowState(ctypes.Structure):
     _fields_ = [("last_seen_ns", _u64), ("gen", _u32), ("flags", _u8), ("pad", _u8 * 3)]
 
 
+class FlowEntry(ctypes.Structure):
+    _fields_ = [("opened", FlowState * 2)]
+
+
 class FragmentKey(ctypes.Structure):
     _fields_ = [
         ("family", _u8), ("proto", _u8), ("pad", _u16), ("id", _u32),
@@ -145,7 +153,7 @@ class Params(ctypes.Structure):
         ("tcp_timeout_ns", _u64), ("tcp_closing_timeout_ns", _u64), ("udp_timeout_ns", _u64),
         ("icmp_timeout_ns", _u64), ("fragment_timeout_ns", _u64),
         ("default_action", _u32), ("accept_mark", _u32),
-        ("audit", _u32), ("pad", _u32),
+        ("audit", _u32), ("has_exceptions", _u32),
     ]
 
 
@@ -176,6 +184,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rule_value": RuleValue,
     "flow_key": FlowKey,
     "flow_state": FlowState,
+    "flow_entry": FlowEntry,
     "fragment_key": FragmentKey,
     "fragment_verdict": FragmentVerdict,
     "params": Params,

@@ -158,7 +158,7 @@ def map_bytes(sizes: Mapping[str, int], needed: Mapping[str, int], cpus: int,
     hashes = (sizes["ISOEBPF_MAX_EXCEPTIONS"] * entry(abi.ExceptionKey, abi.RuleValue, 72)
               + sizes["ISOEBPF_MAX_HAIRPINS"] * entry(abi.HairpinKey, abi.RuleValue, 72)
               + ("conntrack" not in shared)
-              * sizes["ISOEBPF_MAX_CONNECTIONS"] * entry(abi.FlowKey, abi.FlowState, 64)
+              * sizes["ISOEBPF_MAX_CONNECTIONS"] * entry(abi.FlowKey, abi.FlowEntry, 64)
               + ("fragments" not in shared)
               * sizes["ISOEBPF_MAX_FRAGMENTS"] * entry(abi.FragmentKey, abi.FragmentVerdict, 64))
     counters = sizes["ISOEBPF_MAX_RULES"] * (ctypes.sizeof(abi.Counter) * cpus + 8)

@@ -202,6 +202,7 @@ def params_of(ir: IR, accept_mark: int = 0) -> abi.Params:
         default_action=abi.ACTIONS[ir.default_action],
         accept_mark=accept_mark,
         audit=int(ir.audit),
+        has_exceptions=int(bool(ir.exceptions)),
     )
 
 
@@ -484,15 +485,30 @@ def activate(maps: Maps, ir: IR, gen: int, sweep: bool = True) -> None:
     classifier: Classifier | None = None  # built only when there is a connection to judge
     allowed: dict[bytes, bool] = {}  # by what the verdict depends on: never the source port
     forbidden: list[bytes] = []
-    for raw in bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey)):
-        verdict_key = _verdict_key(raw)
-        if verdict_key not in allowed:
-            classifier = classifier or Classifier(ir)
-            first = evaluate.first_packet(flow_of(abi.FlowKey.from_buffer_copy(raw)))
-            allowed[verdict_key] = classifier.judge(first).action == "allow"
-        if not allowed[verdict_key]:
+    # Pairs where one end's connection is cut and the other's kept: written back
+    # without the first (a refresh of the other the datapath makes meanwhile is lost:
+    # at worst that connection expires a little early, and only in this rare case).
+    narrowed: list[tuple[bytes, abi.FlowEntry]] = []
+    for raw, entry in _entries(maps):
+        kept = cut = False
+        for by, opener_first, _ in _opened(raw, entry):
+            verdict_key = _verdict_key(opener_first)
+            if verdict_key not in allowed:
+                classifier = classifier or Classifier(ir)
+                first = evaluate.first_packet(flow_of(abi.FlowKey.from_buffer_copy(opener_first)))
+                allowed[verdict_key] = classifier.judge(first).action == "allow"
+            if allowed[verdict_key]:
+                kept = True
+            else:
+                entry.opened[by].flags = 0
+                cut = True
+        if not kept:  # also a pair whose connections the datapath closed itself
             forbidden.append(raw)
+        elif cut:
+            narrowed.append((raw, entry))
     bpfsys.map_delete_many(maps["conntrack"], forbidden)
+    for raw, entry in narrowed:
+        bpfsys.map_update(maps["conntrack"], raw, entry)
 
 
 def set_active(maps: Maps, gen: int) -> None:
@@ -501,8 +517,37 @@ def set_active(maps: Maps, gen: int) -> None:
 
 
 _SPORT = slice(abi.FlowKey.sport.offset, abi.FlowKey.sport.offset + abi.FlowKey.sport.size)
+_DPORT = slice(abi.FlowKey.dport.offset, abi.FlowKey.dport.offset + abi.FlowKey.dport.size)
 _PORTS = slice(abi.FlowKey.sport.offset, abi.FlowKey.dport.offset + abi.FlowKey.dport.size)
+_SRC = slice(abi.FlowKey.src.offset, abi.FlowKey.src.offset + abi.FlowKey.src.size)
+_DST = slice(abi.FlowKey.dst.offset, abi.FlowKey.dst.offset + abi.FlowKey.dst.size)
 _PROTO = abi.FlowKey.proto.offset
+
+
+def _reversed(raw: bytes) -> bytes:
+    """A conntrack key with its ends swapped: addresses and ports."""
+    key = bytearray(raw)
+    key[_SPORT], key[_DPORT] = raw[_DPORT], raw[_SPORT]
+    key[_SRC], key[_DST] = raw[_DST], raw[_SRC]
+    return bytes(key)
+
+
+def _entries(maps: Maps) -> Iterator[tuple[bytes, abi.FlowEntry]]:
+    """Every conntrack entry: (its key, the connections its ends opened)."""
+    fd = maps["conntrack"]
+    for raw in bpfsys.map_keys(fd, ctypes.sizeof(abi.FlowKey)):
+        value = bpfsys.map_lookup(fd, raw, ctypes.sizeof(abi.FlowEntry))
+        if value is not None:
+            yield raw, abi.FlowEntry.from_buffer_copy(value)
+
+
+def _opened(raw: bytes, entry: abi.FlowEntry) -> Iterator[tuple[int, bytes, abi.FlowState]]:
+    """The connections an entry holds (bpf/abi.h struct flow_entry): for each end that
+    opened one, (that end, the key with it as source, the connection's state)."""
+    for by in (abi.FLOW_BY_SRC, abi.FLOW_BY_DST):
+        state = entry.opened[by]
+        if state.flags & abi.FLOW_OPEN:
+            yield by, raw if by == abi.FLOW_BY_SRC else _reversed(raw), state
 
 
 def _verdict_key(raw: bytes) -> bytes:
@@ -627,15 +672,16 @@ def counters_across(maps: Maps, rules: Sequence[Sequence[Any]], carried: Mapping
 
 
 def connections(maps: Maps) -> Iterator[tuple[abi.FlowKey, abi.FlowState]]:
-    """Every conntrack entry, expired ones included (the datapath ignores those)."""
-    fd = maps["conntrack"]
-    for raw in bpfsys.map_keys(fd, ctypes.sizeof(abi.FlowKey)):
-        value = bpfsys.map_lookup(fd, raw, ctypes.sizeof(abi.FlowState))
-        if value is not None:
-            yield abi.FlowKey.from_buffer_copy(raw), abi.FlowState.from_buffer_copy(value)
+    """Every tracked connection, its opener as the key's source; expired ones included
+    (the datapath ignores those)."""
+    for raw, entry in _entries(maps):
+        for _, opener_first, state in _opened(raw, entry):
+            yield abi.FlowKey.from_buffer_copy(opener_first), state
 
 
 def count_connections(maps: Maps) -> int:
+    """Pairs of endpoints tracked (one entry each, whichever end opened): status reads
+    this for tables of 100k entries, so it counts keys and reads no value."""
     return sum(1 for _ in bpfsys.map_keys(maps["conntrack"], ctypes.sizeof(abi.FlowKey)))
 
 
