@@ -126,8 +126,7 @@ static __always_inline void flow_start(const struct flow_key *key, struct flow_e
 	struct flow_entry fresh = {};
 
 	if (!entry) {
-		flow_open(by == FLOW_BY_SRC ? &fresh.opened[FLOW_BY_SRC] : &fresh.opened[FLOW_BY_DST],
-			  gen, now);
+		flow_open(&fresh.opened[by & 1], gen, now);
 		if (!conntrack.insert((struct flow_key *)key, &fresh))
 			return;
 		/*

@@ -24,8 +24,8 @@
 #include <uapi/linux/pkt_cls.h>
 
 #include "maps.h"
+#include "parse.h"
 
-#define ETH_HEADER_LEN 14
 #define ADDRESS_FAMILY_INET  2  /* AF_INET, which is not UAPI */
 #define ADDRESS_FAMILY_INET6 10 /* AF_INET6 */
 
@@ -36,38 +36,25 @@
 static long (*redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
 			      __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 
-/* Route lookup for the IP packet after an untagged Ethernet header; 0 when it has no route. */
-static __always_inline int next_hop_device(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
+/*
+ * The route lookup for the packet tc_isoebpf parsed (the CPU's `packets`
+ * entry: a tail call goes on in the same run); 0 when it has no route.
+ */
+static __always_inline int next_hop_device(struct __sk_buff *skb, const struct packet *pkt,
+					   struct bpf_fib_lookup *fib)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->ifindex = skb->ingress_ifindex;
+	fib->l4_protocol = pkt->proto;
 	/* tot_len 0: the kernel checks the skb against the device's MTU, GSO aware. */
-	if ((void *)(eth + 1) > data_end)
-		return 0;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
-
-		if ((void *)(ip + 1) > data_end)
-			return 0;
+	if (pkt->family == FAMILY_IPV4) {
 		fib->family = ADDRESS_FAMILY_INET;
-		fib->l4_protocol = ip->protocol;
-		fib->ipv4_src = ip->saddr;
-		fib->ipv4_dst = ip->daddr;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
-
-		if ((void *)(ip6 + 1) > data_end)
-			return 0;
-		fib->family = ADDRESS_FAMILY_INET6;
-		fib->l4_protocol = ip6->nexthdr;
-		__builtin_memcpy(fib->ipv6_src, &ip6->saddr, 16);
-		__builtin_memcpy(fib->ipv6_dst, &ip6->daddr, 16);
+		__builtin_memcpy(&fib->ipv4_src, pkt->src, 4);
+		__builtin_memcpy(&fib->ipv4_dst, pkt->dst, 4);
 	} else {
-		return 0;
+		fib->family = ADDRESS_FAMILY_INET6;
+		__builtin_memcpy(fib->ipv6_src, pkt->src, 16);
+		__builtin_memcpy(fib->ipv6_dst, pkt->dst, 16);
 	}
 	switch (bpf_fib_lookup(skb, fib, sizeof(*fib), 0)) {
 	case BPF_FIB_LKUP_RET_SUCCESS:
@@ -84,18 +71,18 @@ static __always_inline int take_one_hop(struct __sk_buff *skb, __u8 family)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 
-	if (family == ADDRESS_FAMILY_INET) {
-		struct iphdr *ip = data + ETH_HEADER_LEN;
+	if (family == FAMILY_IPV4) {
+		struct iphdr *ip = data + ETH_HLEN;
 		__be16 before;
 
 		if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
 			return 0;
 		before = *(__be16 *)&ip->ttl; /* TTL and protocol: one checksummed word */
 		ip->ttl--;
-		bpf_l3_csum_replace(skb, ETH_HEADER_LEN + offsetof(struct iphdr, check), before,
+		bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), before,
 				    *(__be16 *)&ip->ttl, sizeof(__be16));
 	} else {
-		struct ipv6hdr *ip6 = data + ETH_HEADER_LEN;
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
 
 		if ((void *)(ip6 + 1) > data_end || ip6->hop_limit <= 1)
 			return 0;
@@ -107,18 +94,20 @@ static __always_inline int take_one_hop(struct __sk_buff *skb, __u8 family)
 /*
  * The forwarder: tc_isoebpf tail-calls it (the classifier leaves no stack
  * for a route lookup) with a packet it allowed between two overlays, where
- * Docker runs. Redirected to the next hop, or left to FORWARD (UNSPEC).
+ * Docker runs. Redirected to the next hop, or left to FORWARD (UNSPEC): so
+ * is a VLAN-tagged frame, which redirect_neigh cannot send as it is.
  */
 int tc_forward(struct __sk_buff *skb)
 {
 	int index = 0;
+	struct packet *pkt = packets.lookup(&index);
 	struct bpf_fib_lookup *fib = route_lookup.lookup(&index);
 	int ifindex = 0;
 	int ret = TC_ACT_UNSPEC;
 
-	if (fib)
-		ifindex = next_hop_device(skb, fib);
-	if (ifindex && take_one_hop(skb, fib->family))
+	if (pkt && fib && pkt->l3_off == ETH_HLEN)
+		ifindex = next_hop_device(skb, pkt, fib);
+	if (ifindex && take_one_hop(skb, pkt->family))
 		ret = redirect_neigh(ifindex, NULL, 0, 0);
 	return ret;
 }

@@ -22,7 +22,7 @@ judge: they carry no mark and go on to Docker's rules untouched.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..errors import BackendError
 
@@ -49,41 +49,44 @@ def _run(netns: str | None, tool: str, *args: str) -> subprocess.CompletedProces
         raise BackendError(f"{tool} is not installed: {err}") from err
 
 
-def families(netns: str | None) -> list[str]:
-    """The iptables tools ("iptables", "ip6tables") whose filter table has Docker's
-    DOCKER-USER chain in `netns`: where Docker runs."""
-    found = []
+# Each of Docker's chains where we come first -> its first rule ("" when it has none,
+# None when there is no such chain), in one iptables tool's filter table.
+Firsts = dict[str, str | None]
+
+
+def chains(netns: str | None) -> dict[str, Firsts]:
+    """For each iptables tool ("iptables", "ip6tables") whose filter table has Docker's
+    DOCKER-USER chain in `netns` (where Docker runs): the first rule of each chain we
+    come first in. One listing of the table per tool: a load beside Docker (also the
+    one that enforces a new container's veth) reads no more."""
+    found: dict[str, Firsts] = {}
     for tool in TOOLS:
         try:
-            if _run(netns, tool, "-S", CHAIN).returncode == 0:
-                found.append(tool)
+            listed = _run(netns, tool, "-S")
         except BackendError:
             continue
+        lines = listed.stdout.splitlines() if listed.returncode == 0 else []
+        if f"-N {CHAIN}" not in lines:
+            continue
+        found[tool] = {chain: next((line for line in lines if line.startswith(f"-A {chain} ")), "")
+                       if f"-N {chain}" in lines else None for chain in RULES}
     return found
 
 
-def _first(netns: str | None, tool: str, chain: str) -> str | None:
-    """`chain`'s first rule ("" when it has none); None when there is no such chain."""
-    done = _run(netns, tool, "-S", chain)
-    if done.returncode != 0:
-        return None
-    return next((line for line in done.stdout.splitlines() if line.startswith(f"-A {chain} ")), "")
-
-
-def accepting(netns: str | None, tool: str) -> bool:
-    """Whether `tool`'s Docker chains start with our rules (DOCKER-USER must exist; the
+def accepting(firsts: Firsts) -> bool:
+    """Whether a tool's Docker chains start with our rules (DOCKER-USER must exist; the
     isolation chain only where it does)."""
-    firsts = {chain: _first(netns, tool, chain) for chain in RULES}
-    return all(COMMENT in first if first is not None else chain != CHAIN for chain, first in firsts.items())
+    return all(COMMENT in first if first is not None else chain != CHAIN
+               for chain in RULES for first in [firsts.get(chain)])
 
 
-def ensure(netns: str | None, tools: Sequence[str]) -> list[str]:
-    """Put our rules first in DOCKER-USER and DOCKER-ISOLATION-STAGE-1 of each of
-    `tools` (once); what it did."""
+def ensure(netns: str | None, found: Mapping[str, Firsts]) -> list[str]:
+    """Put our rules first in DOCKER-USER and DOCKER-ISOLATION-STAGE-1 of each tool of
+    `found` (`chains`: what is first there now), once; what it did."""
     done = []
-    for tool in tools:
+    for tool, firsts in found.items():
         for chain, rule in RULES.items():
-            first = _first(netns, tool, chain)
+            first = firsts.get(chain)
             if first is None or COMMENT in first:
                 continue
             while _run(netns, tool, "-D", chain, *rule).returncode == 0:

@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import StateError
 
 # Bumped whenever pins or the record change shape; older state is torn down, never reused.
-LAYOUT = 2  # 2: the events map is a ring buffer, event_tokens counts lost events
+LAYOUT = 2  # 2: events is a ring buffer, event_tokens counts lost events, conntrack holds flow_entry
 BPFFS = Path(os.environ.get("ISOEBPF_BPFFS", "/sys/fs/bpf/isoebpf"))
 RUN_DIR = Path(os.environ.get("ISOEBPF_RUN_DIR", "/run/isoebpf"))
 NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")

@@ -219,18 +219,19 @@ class _Checker:
         rules = self.rules(top, index)
         interfaces = self.interfaces(top)
         timeouts = self.timeouts(top)
-        audit = self.flag(top, "audit")
+        audit = self.flag(top, (), "audit")
         if self._errors:
             return None
         assert version is not None
         return Policy(self.path, version, default, deny_action, tuple(overlays), tuple(exceptions),
                       tuple(rules), interfaces, timeouts, audit)
 
-    def flag(self, top: dict[str, Any], key: str) -> bool:
-        value = top.get(key, False)
+    def flag(self, fields: dict[str, Any], at: Path, key: str) -> bool:
+        """`fields[key]`, true or false (false when it is not there)."""
+        value = fields.get(key, False)
         if type(value) is bool:
             return value
-        self.error((key,), f"'{key}' must be true or false, not {kind(value)}")
+        self.error((*at, key), f"'{key}' must be true or false, not {kind(value)}")
         return False
 
     def version(self, top: dict[str, Any]) -> int | None:
@@ -282,13 +283,7 @@ class _Checker:
             subnets = self.overlay_subnets(fields, at, name, name_place, needed="docker_network" not in fields)
             from_docker = self.network_subnets(network, (*at, "docker_network"), name) if network else []
             subnets += from_docker
-            isolated = False
-            if "isolated" in fields:
-                flag = fields["isolated"]
-                if type(flag) is bool:
-                    isolated = flag
-                else:
-                    self.error((*at, "isolated"), f"'isolated' must be true or false, not {kind(flag)}")
+            isolated = self.flag(fields, at, "isolated")
             overlays.append(Overlay(name, tuple(s for s, _ in subnets), isolated, name_place, network,
                                     tuple(s for s, _ in from_docker)))
             self._subnets.extend((s, name, p) for s, p in subnets)

@@ -283,7 +283,6 @@ class Agent:
             except IsoebpfError as err:
                 self.log("attach_failed", ifname=ifname, error=str(err))
 
-
     def _follow_networks(self, stop: threading.Event, engine: Engine) -> None:
         """Read the policy again when a Docker network it names is created, removed or
         changed, and each time the engine's event stream is (re)opened (what happened

@@ -40,6 +40,7 @@ from ..backends import registry
 from ..backends.interface import Tracer, Verdict
 from ..backends.state import PRIVATE_FILE, Scope
 from ..errors import IsoebpfError
+from .trace import clock_offset
 
 BUCKET_SECONDS = 10.0
 # The log is rotated once past this, to one older file beside it: at most twice this on disk.
@@ -385,11 +386,6 @@ def tracing_turn(scope: Scope) -> Iterator[None]:
         turn.release()
 
 
-def _wall_clock_offset() -> float:
-    """Wall clock minus the monotonic clock the datapath stamps events with."""
-    return time.time() - time.monotonic()
-
-
 Log = Callable[..., None]
 
 
@@ -459,7 +455,7 @@ class Recorder:
             tracer = registry.get(backend).tracer(self.scope, self.per_second)
             with tracer:
                 self._log("flows_recording", backend=backend, per_second=self.per_second, log=str(self.path))
-                offset = _wall_clock_offset()
+                offset = clock_offset()
                 heard = time.monotonic()
                 while not stop.is_set():
                     for verdict in tracer.verdicts(0.5):
@@ -508,7 +504,7 @@ def listen(scope: Scope, seconds: float, per_second: int, bucket_seconds: float 
     with tracing_turn(scope):
         tracer = registry.get(str(record["backend"])).tracer(scope, per_second)
         with tracer:
-            offset = _wall_clock_offset()
+            offset = clock_offset()
             deadline = time.monotonic() + seconds
             while (left := deadline - time.monotonic()) > 0:
                 for verdict in tracer.verdicts(min(left, 0.5)):

@@ -195,8 +195,8 @@ def load(ir: IR, scope: Scope, globs: Sequence[str], mode: str, policy_path: str
 def _beside_docker(scope: Scope, report: LoadReport) -> LoadReport:
     """Where Docker runs, mark what the program allows between overlays and accept it in
     DOCKER-USER (backends.docker_user); where it does not (any more), mark nothing."""
-    tools = docker_user.families(scope.netns)
-    mark = docker_user.MARK if tools else 0
+    found = docker_user.chains(scope.netns)
+    mark = docker_user.MARK if found else 0
     maps = _open_maps(scope)
     try:
         if program.accept_mark(maps) != mark:
@@ -204,9 +204,9 @@ def _beside_docker(scope: Scope, report: LoadReport) -> LoadReport:
     finally:
         for fd in maps.values():
             os.close(fd)
-    if not tools:
+    if not found:
         return report
-    docker_user.ensure(scope.netns, tools)
+    docker_user.ensure(scope.netns, found)
     unmarked = [a.ifname for a in report.attachments if a.mode != "tc"]
     if not unmarked:
         return report
@@ -824,7 +824,7 @@ def drift(scope: Scope, ir: IR) -> list[str]:
                 found.append(f"detached:{a['ifname']}")
     # Docker started (or restarted with its rules flushed) beside us: our accept rule.
     found += [f"docker:{tool} {docker_user.CHAIN} does not accept what the program allowed"
-              for tool in docker_user.families(scope.netns) if not docker_user.accepting(scope.netns, tool)]
+              for tool, firsts in docker_user.chains(scope.netns).items() if not docker_user.accepting(firsts)]
     return found
 
 

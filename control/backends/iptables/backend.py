@@ -626,6 +626,15 @@ def numbering(scope: Scope) -> None:
     return None
 
 
+def _first_rule(tools: _Tools, version: int, chain: str) -> str:
+    """`chain`'s first rule as `-S` writes it; "" when it has none (or there is no such
+    chain, or no filter table)."""
+    try:
+        return tools.run([tools.tool(version), "-w", LOCK_WAIT_SECONDS, "-S", chain, "1"]).strip()
+    except BackendError:
+        return ""
+
+
 def canary(scope: Scope) -> list[str]:
     """The cheap check the agent makes between read-backs ('<kind>: <what>'; [] if fine).
 
@@ -640,16 +649,9 @@ def canary(scope: Scope) -> list[str]:
     tools = _Tools(scope.netns, str(record["flavour"]))
     found = []
     for version, tool in IP_VERSIONS.items():
-        host = "FORWARD"
-        first = ""  # no rule at all, or no filter table
-        for _ in HOSTS:
-            try:
-                first = tools.run([tools.tool(version), "-w", LOCK_WAIT_SECONDS, "-S", host, "1"]).strip()
-            except BackendError:
-                break
-            if host != "FORWARD" or first != f"-A FORWARD -j {docker_user.CHAIN}":
-                break
-            host = docker_user.CHAIN  # Docker runs: ours belong first in DOCKER-USER
+        host, first = "FORWARD", _first_rule(tools, version, "FORWARD")
+        if first == f"-A FORWARD -j {docker_user.CHAIN}":  # Docker runs: ours belong first there
+            host, first = docker_user.CHAIN, _first_rule(tools, version, docker_user.CHAIN)
         if _tag(first) != FORWARDED:
             found.append(f"jump: {tool} {host} does not start with our rules")
     return found
